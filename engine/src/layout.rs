@@ -1,0 +1,266 @@
+//! Shape, strides and offset of a tensor view over its storage. Views
+//! (transpose, permute, narrow, broadcast) only rewrite a `Layout`; strides
+//! are in elements, and a stride of 0 marks a broadcast dimension.
+
+use anyhow::{bail, ensure, Result};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    offset: usize,
+}
+
+/// Row-major strides of a contiguous tensor of `shape`.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; shape.len()];
+    let mut s = 1usize;
+    for i in (0..shape.len()).rev() {
+        strides[i] = s;
+        s = s.saturating_mul(shape[i].max(1));
+    }
+    strides
+}
+
+/// Number of elements of `shape`, or an error if it overflows.
+pub fn checked_numel(shape: &[usize]) -> Result<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| {
+        acc.checked_mul(d)
+            .ok_or_else(|| anyhow::anyhow!("shape {shape:?} has too many elements"))
+    })
+}
+
+impl Layout {
+    pub fn contiguous(shape: &[usize]) -> Self {
+        Layout {
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            offset: 0,
+        }
+    }
+
+    pub fn new(shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Result<Self> {
+        ensure!(
+            shape.len() == strides.len(),
+            "layout: shape {shape:?} and strides {strides:?} differ in rank"
+        );
+        Ok(Layout {
+            shape,
+            strides,
+            offset,
+        })
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True when the elements are laid out row-major without gaps from `offset`.
+    pub fn is_contiguous(&self) -> bool {
+        let mut expect = 1usize;
+        for i in (0..self.shape.len()).rev() {
+            if self.shape[i] != 1 && self.strides[i] != expect {
+                return false;
+            }
+            expect *= self.shape[i];
+        }
+        true
+    }
+
+    /// One past the largest storage index this view can touch (0 if empty).
+    pub fn storage_extent(&self) -> usize {
+        if self.numel() == 0 {
+            return self.offset;
+        }
+        self.offset
+            + self
+                .shape
+                .iter()
+                .zip(&self.strides)
+                .map(|(&d, &s)| (d - 1) * s)
+                .sum::<usize>()
+            + 1
+    }
+
+    fn check_dim(&self, dim: usize, what: &str) -> Result<()> {
+        ensure!(
+            dim < self.rank(),
+            "{what}: dimension {dim} out of range for shape {:?}",
+            self.shape
+        );
+        Ok(())
+    }
+
+    pub fn transpose(&self, d0: usize, d1: usize) -> Result<Self> {
+        self.check_dim(d0, "transpose")?;
+        self.check_dim(d1, "transpose")?;
+        let mut l = self.clone();
+        l.shape.swap(d0, d1);
+        l.strides.swap(d0, d1);
+        Ok(l)
+    }
+
+    pub fn permute(&self, perm: &[usize]) -> Result<Self> {
+        ensure!(
+            perm.len() == self.rank(),
+            "permute: {perm:?} has rank {} but the shape {:?} has rank {}",
+            perm.len(),
+            self.shape,
+            self.rank()
+        );
+        let mut seen = vec![false; perm.len()];
+        for &p in perm {
+            ensure!(
+                p < perm.len() && !seen[p],
+                "permute: {perm:?} is not a permutation"
+            );
+            seen[p] = true;
+        }
+        Ok(Layout {
+            shape: perm.iter().map(|&p| self.shape[p]).collect(),
+            strides: perm.iter().map(|&p| self.strides[p]).collect(),
+            offset: self.offset,
+        })
+    }
+
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Self> {
+        self.check_dim(dim, "narrow")?;
+        ensure!(
+            start.checked_add(len).is_some_and(|e| e <= self.shape[dim]),
+            "narrow: range {start}..{} out of bounds for dimension {dim} of shape {:?}",
+            start.saturating_add(len),
+            self.shape
+        );
+        let mut l = self.clone();
+        l.shape[dim] = len;
+        if len > 0 {
+            l.offset += start * self.strides[dim];
+        }
+        Ok(l)
+    }
+
+    /// Broadcast to `shape` (numpy rules: leading dims added, size-1 dims stretched).
+    pub fn broadcast_as(&self, shape: &[usize]) -> Result<Self> {
+        ensure!(
+            shape.len() >= self.rank(),
+            "broadcast: cannot broadcast shape {:?} to lower rank {shape:?}",
+            self.shape
+        );
+        let lead = shape.len() - self.rank();
+        let mut strides = vec![0; shape.len()];
+        for (i, &d) in shape.iter().enumerate() {
+            if i < lead {
+                continue;
+            }
+            let src = self.shape[i - lead];
+            if src == d {
+                strides[i] = self.strides[i - lead];
+            } else if src == 1 {
+                strides[i] = 0;
+            } else {
+                bail!(
+                    "broadcast: cannot broadcast shape {:?} to {shape:?}",
+                    self.shape
+                );
+            }
+        }
+        Ok(Layout {
+            shape: shape.to_vec(),
+            strides,
+            offset: self.offset,
+        })
+    }
+
+    /// Calls `f(storage_index)` for every element in row-major logical order.
+    pub fn for_each_index(&self, mut f: impl FnMut(usize)) {
+        let n = self.numel();
+        if n == 0 {
+            return;
+        }
+        let rank = self.rank();
+        if rank == 0 {
+            f(self.offset);
+            return;
+        }
+        let inner = self.shape[rank - 1];
+        let inner_stride = self.strides[rank - 1];
+        let mut idx = vec![0usize; rank];
+        let mut base = self.offset;
+        loop {
+            for j in 0..inner {
+                f(base + j * inner_stride);
+            }
+            // advance the outer multi-index
+            let mut d = rank - 1;
+            loop {
+                if d == 0 {
+                    return;
+                }
+                d -= 1;
+                idx[d] += 1;
+                base += self.strides[d];
+                if idx[d] < self.shape[d] {
+                    break;
+                }
+                base -= idx[d] * self.strides[d];
+                idx[d] = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn indices(l: &Layout) -> Vec<usize> {
+        let mut v = vec![];
+        l.for_each_index(|i| v.push(i));
+        v
+    }
+
+    #[test]
+    fn contiguous_iterates_in_order() {
+        let l = Layout::contiguous(&[2, 3, 4]);
+        assert!(l.is_contiguous());
+        assert_eq!(indices(&l), (0..24).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn transpose_and_narrow() {
+        let l = Layout::contiguous(&[2, 3]).transpose(0, 1).unwrap();
+        assert!(!l.is_contiguous());
+        assert_eq!(indices(&l), vec![0, 3, 1, 4, 2, 5]);
+        let n = Layout::contiguous(&[3, 4]).narrow(1, 1, 2).unwrap();
+        assert_eq!(indices(&n), vec![1, 2, 5, 6, 9, 10]);
+        assert!(Layout::contiguous(&[3, 4]).narrow(1, 3, 2).is_err());
+    }
+
+    #[test]
+    fn broadcast_strides() {
+        let l = Layout::contiguous(&[3, 1])
+            .broadcast_as(&[2, 3, 2])
+            .unwrap();
+        assert_eq!(indices(&l), vec![0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2]);
+        assert!(Layout::contiguous(&[3]).broadcast_as(&[2]).is_err());
+    }
+
+    #[test]
+    fn permute_rejects_non_permutations() {
+        let l = Layout::contiguous(&[2, 3, 4]);
+        assert!(l.permute(&[0, 0, 1]).is_err());
+        assert_eq!(l.permute(&[2, 0, 1]).unwrap().shape(), &[4, 2, 3]);
+    }
+}

@@ -1,0 +1,18 @@
+//! kf-engine: tensors and devices for kfrun. Dtypes, layouts (views without
+//! copies), storage (owned or memory-mapped), the autograd tape, the Philox
+//! counter-based RNG and safetensors I/O. Nothing here knows about
+//! transformers; the ops live in `kf-ops`.
+
+pub mod autograd;
+pub mod device;
+pub mod dtype;
+pub mod layout;
+pub mod rng;
+pub mod storage;
+pub mod tensor;
+
+pub use autograd::{no_grad, BackwardOp, GradStore};
+pub use device::Device;
+pub use dtype::{DType, Element, Float};
+pub use layout::Layout;
+pub use tensor::{Tensor, TensorId};

@@ -1,0 +1,1 @@
+//! kf-tests: shared helpers of the cross-crate tests.
