@@ -6,8 +6,11 @@
 pub mod autograd;
 pub mod device;
 pub mod dtype;
+pub mod io;
 pub mod layout;
+pub mod outbuf;
 pub mod rng;
+pub mod safetensors;
 pub mod storage;
 pub mod tensor;
 
@@ -15,4 +18,5 @@ pub use autograd::{no_grad, BackwardOp, GradStore};
 pub use device::Device;
 pub use dtype::{DType, Element, Float};
 pub use layout::Layout;
+pub use outbuf::OutBuf;
 pub use tensor::{Tensor, TensorId};

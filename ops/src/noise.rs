@@ -1,0 +1,1 @@
+//! (not yet written: owned by a helper)
