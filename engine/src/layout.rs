@@ -69,6 +69,9 @@ impl Layout {
 
     /// True when the elements are laid out row-major without gaps from `offset`.
     pub fn is_contiguous(&self) -> bool {
+        if self.numel() == 0 {
+            return true; // nothing to lay out
+        }
         let mut expect = 1usize;
         for i in (0..self.shape.len()).rev() {
             if self.shape[i] != 1 && self.strides[i] != expect {
@@ -255,6 +258,16 @@ mod tests {
             .unwrap();
         assert_eq!(indices(&l), vec![0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2]);
         assert!(Layout::contiguous(&[3]).broadcast_as(&[2]).is_err());
+    }
+
+    #[test]
+    fn empty_shapes_are_contiguous() {
+        assert!(Layout::contiguous(&[2, 0]).is_contiguous());
+        assert!(Layout::contiguous(&[0, 3])
+            .transpose(0, 1)
+            .unwrap()
+            .is_contiguous());
+        assert!(indices(&Layout::contiguous(&[2, 0])).is_empty());
     }
 
     #[test]

@@ -1,1 +1,221 @@
-//! (not yet written: owned by a helper)
+//! Fused cross-entropy: log-softmax + negative log-likelihood of `logits [N, V]`
+//! against `targets u32 [N]`, averaged over the rows that are not ignored.
+//! One pass per row computes max and log-sum-exp (no `[N, V]` log-probability
+//! copy); the backward writes `(softmax - onehot) * g / count` per row.
+//! Letters: N rows (positions), V vocabulary.
+
+use crate::dispatch_float;
+use crate::softmax::{for_each_row, row_max_sumexp, FirstBadRow, PAR_MIN_ELEMS};
+use crate::util::{expect_rank, expect_shape, float_dtype};
+use anyhow::{bail, ensure, Result};
+use kf_engine::autograd::should_record;
+use kf_engine::{BackwardOp, DType, Float, OutBuf, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Returns `(mean loss [], per-row losses [N])`. Rows whose target equals
+/// `ignore_index` contribute 0 and are not counted; if every row is ignored the
+/// loss is 0 with a zero gradient. A target `>= V` that is not the ignore
+/// index is an error naming the row. The per-row losses are not
+/// differentiable (gradients flow through the mean loss only).
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: Option<u32>,
+) -> Result<(Tensor, Tensor)> {
+    let op = "cross_entropy";
+    let dt = float_dtype(op, &[logits])?;
+    expect_rank(op, "logits", logits, 2)?;
+    let (n, v) = (logits.shape()[0], logits.shape()[1]);
+    ensure!(
+        targets.dtype() == DType::U32,
+        "{op}: targets must be u32, got {}",
+        targets.dtype()
+    );
+    expect_shape(op, "targets", targets, &[n])?;
+    let tv = targets.to_vec::<u32>()?;
+    for (i, &t) in tv.iter().enumerate() {
+        if Some(t) != ignore_index && t as usize >= v {
+            bail!(
+                "{op}: target {t} of row {i} is out of range for vocabulary size {v} (logits {:?})",
+                logits.shape()
+            );
+        }
+    }
+    dispatch_float!(
+        op,
+        dt,
+        cross_entropy_t::<T>(logits, targets, &tv, ignore_index)
+    )
+}
+
+fn cross_entropy_t<T: Float>(
+    logits: &Tensor,
+    targets: &Tensor,
+    tv: &[u32],
+    ignore: Option<u32>,
+) -> Result<(Tensor, Tensor)> {
+    let (n, v) = (logits.shape()[0], logits.shape()[1]);
+    let xc = logits.contiguous()?;
+    let xs = xc.cpu_data::<T>()?;
+    let mut per = OutBuf::<T>::uninit(n);
+    let mut lse = vec![T::ZERO; n];
+    let count = tv.iter().filter(|&&t| Some(t) != ignore).count();
+    if n > 0 {
+        // (loss, lse) per row; an ignored row costs nothing
+        let bad = FirstBadRow::new();
+        let row = |i: usize| -> (T, T) {
+            if Some(tv[i]) == ignore {
+                return (T::ZERO, T::ZERO);
+            }
+            let r = &xs[i * v..(i + 1) * v];
+            match row_max_sumexp(r) {
+                Some((m, s)) => {
+                    let l = m + s.ln();
+                    (l - r[tv[i] as usize], l)
+                }
+                None => {
+                    bad.mark(i);
+                    (T::ZERO, T::ZERO)
+                }
+            }
+        };
+        let res: Vec<(T, T)> = if n * v >= PAR_MIN_ELEMS {
+            let min_rows = (PAR_MIN_ELEMS / 2).div_ceil(v.max(1)).max(1);
+            (0..n)
+                .into_par_iter()
+                .with_min_len(min_rows)
+                .map(row)
+                .collect()
+        } else {
+            (0..n).map(row).collect()
+        };
+        if let Some(r) = bad.get() {
+            bail!(
+                "cross_entropy: row {r} of logits {:?} has no entry above -inf",
+                logits.shape()
+            );
+        }
+        for (i, (l, s)) in res.into_iter().enumerate() {
+            per.as_mut_slice()[i] = l;
+            lse[i] = s;
+        }
+    }
+    drop(xs);
+    // the mean over counted rows, accumulated in f64 (N values, cheap)
+    let total: f64 = per.as_mut_slice().iter().map(|&l| l.to_f64()).sum();
+    let mean = if count == 0 {
+        0.0
+    } else {
+        total / count as f64
+    };
+    let node = should_record(&[logits]).then(|| {
+        Arc::new(CrossEntropyBackward::<T> {
+            logits: logits.clone(),
+            targets: targets.clone(),
+            ignore,
+            lse,
+            count,
+        }) as Arc<dyn BackwardOp>
+    });
+    let mut lb = OutBuf::<T>::uninit(1);
+    lb.as_mut_slice()[0] = T::from_f64(mean);
+    Ok((lb.finish(&[], node)?, per.finish(&[n], None)?))
+}
+
+/// `dlogits[i, v] = (exp(x[i, v] - lse[i]) - [v == target[i]]) * g / count`,
+/// zero rows where the target is ignored.
+struct CrossEntropyBackward<T> {
+    logits: Tensor,
+    targets: Tensor,
+    ignore: Option<u32>,
+    lse: Vec<T>,
+    count: usize,
+}
+
+impl<T: Float> BackwardOp for CrossEntropyBackward<T> {
+    fn name(&self) -> &'static str {
+        "cross_entropy"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        vec![self.logits.clone(), self.targets.clone()]
+    }
+    fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        ensure!(
+            g.numel() == 1,
+            "cross_entropy backward: gradient of the scalar loss has shape {:?}",
+            g.shape()
+        );
+        let (n, v) = (self.logits.shape()[0], self.logits.shape()[1]);
+        let gv = g.to_vec::<T>()?[0];
+        let scale = if self.count == 0 {
+            T::ZERO
+        } else {
+            gv / T::from_usize(self.count)
+        };
+        let tv = self.targets.to_vec::<u32>()?;
+        let xc = self.logits.contiguous()?;
+        let xs = xc.cpu_data::<T>()?;
+        let mut dx = OutBuf::<T>::uninit(n * v);
+        if v > 0 {
+            let ignore = self.ignore;
+            for_each_row(dx.as_mut_slice(), v, |i, d| {
+                if Some(tv[i]) == ignore || self.count == 0 {
+                    d.fill(T::ZERO);
+                    return;
+                }
+                let (r, l) = (&xs[i * v..(i + 1) * v], self.lse[i]);
+                for (d, &a) in d.iter_mut().zip(r) {
+                    *d = (a - l).exp() * scale;
+                }
+                d[tv[i] as usize] -= scale;
+            });
+        }
+        Ok(vec![Some(dx.finish(&[n, v], None)?), None])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kf_engine::Device;
+
+    fn logits(n: usize, v: usize) -> Tensor {
+        let d: Vec<f64> = (0..n * v).map(|i| (i as f64 * 0.7).sin()).collect();
+        Tensor::from_vec(d, &[n, v], Device::Cpu).unwrap()
+    }
+    fn tg(t: &[u32]) -> Tensor {
+        Tensor::from_slice(t, &[t.len()], Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn bad_targets_are_errors_naming_the_row() {
+        let x = logits(3, 5);
+        let e = cross_entropy(&x, &tg(&[0, 4, 5]), None).unwrap_err();
+        assert!(e.to_string().contains("row 2"), "{e}");
+        // the ignore index may lie outside the vocabulary
+        assert!(cross_entropy(&x, &tg(&[0, 4, 99]), Some(99)).is_ok());
+        assert!(cross_entropy(&x, &tg(&[0, 4]), None).is_err());
+        let tf = Tensor::zeros(&[3], DType::F64, Device::Cpu).unwrap();
+        assert!(cross_entropy(&x, &tf, None).is_err());
+        assert!(cross_entropy(&logits(1, 15).reshape(&[15]).unwrap(), &tg(&[0]), None).is_err());
+        let masked = Tensor::full(&[1, 3], f64::NEG_INFINITY, DType::F64, Device::Cpu).unwrap();
+        assert!(cross_entropy(&masked, &tg(&[1]), None).is_err());
+    }
+
+    #[test]
+    fn all_ignored_gives_zero_loss_and_gradient() {
+        let x = logits(2, 4).var();
+        let (l, per) = cross_entropy(&x, &tg(&[7, 7]), Some(7)).unwrap();
+        assert_eq!(l.to_scalar_f64().unwrap(), 0.0);
+        assert_eq!(per.to_vec::<f64>().unwrap(), vec![0.0, 0.0]);
+        let g = l.backward().unwrap();
+        assert!(g
+            .get(&x)
+            .unwrap()
+            .to_vec::<f64>()
+            .unwrap()
+            .iter()
+            .all(|&a| a == 0.0));
+    }
+}

@@ -1,1 +1,259 @@
-//! (not yet written: owned by a helper)
+//! Softmax and log-softmax over the last dimension (max-subtracted, one task
+//! per row), plus the row helpers the other row-wise ops of this family share
+//! (layer norm, rope, cross-entropy). Letters: V the softmax dimension.
+//! `-inf` entries get probability 0; a row with no finite entry is an error.
+
+use crate::dispatch_float;
+use crate::util::float_dtype;
+use anyhow::{bail, ensure, Result};
+use kf_engine::autograd::should_record;
+use kf_engine::{BackwardOp, Float, OutBuf, Tensor};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Below this many elements a row-wise op runs on the calling thread (rayon's
+/// fork/join costs a few microseconds, more than such a kernel).
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 14;
+
+/// Call `f(row_index, row)` for every `d`-element row of `out`, in parallel
+/// when `out` is large. `d` must be > 0.
+pub(crate) fn for_each_row<T: Send>(out: &mut [T], d: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    debug_assert!(d > 0);
+    if out.len() >= PAR_MIN_ELEMS {
+        // at least ~PAR_MIN_ELEMS/2 elements per task
+        let min_rows = (PAR_MIN_ELEMS / 2).div_ceil(d).max(1);
+        out.par_chunks_mut(d)
+            .with_min_len(min_rows)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        out.chunks_mut(d).enumerate().for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// Sum of `f(v)` over `row`, with 8 independent accumulators (vectorisable,
+/// and the rounding error grows with len/8 instead of len).
+#[inline]
+pub(crate) fn sum_map<T: Float>(row: &[T], f: impl Fn(T) -> T) -> T {
+    let mut acc = [T::ZERO; 8];
+    let chunks = row.chunks_exact(8);
+    let rem = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += f(c[k]);
+        }
+    }
+    let mut tail = T::ZERO;
+    for &v in rem {
+        tail += f(v);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// Maximum of a row (NaN entries are skipped; `-inf` for an empty row).
+#[inline]
+pub(crate) fn row_max<T: Float>(row: &[T]) -> T {
+    row.iter().fold(T::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// `(max, sum_j exp(x_j - max))` of a row; `None` when the row has no entry
+/// above `-inf` (a fully masked row).
+#[inline]
+pub(crate) fn row_max_sumexp<T: Float>(row: &[T]) -> Option<(T, T)> {
+    let m = row_max(row);
+    if m == T::NEG_INFINITY {
+        return None;
+    }
+    Some((m, sum_map(row, |v| (v - m).exp())))
+}
+
+/// Records the smallest failing row index seen by parallel tasks.
+pub(crate) struct FirstBadRow(AtomicUsize);
+
+impl FirstBadRow {
+    pub(crate) fn new() -> Self {
+        FirstBadRow(AtomicUsize::new(usize::MAX))
+    }
+    pub(crate) fn mark(&self, row: usize) {
+        self.0.fetch_min(row, Ordering::Relaxed);
+    }
+    pub(crate) fn get(&self) -> Option<usize> {
+        let r = self.0.load(Ordering::Relaxed);
+        (r != usize::MAX).then_some(r)
+    }
+}
+
+/// Row length (last dimension) of a softmax-like op's input; errors on rank 0.
+fn last_dim(op: &str, x: &Tensor) -> Result<usize> {
+    ensure!(
+        x.rank() >= 1,
+        "{op}: input must have at least one dimension, got a scalar"
+    );
+    Ok(x.shape()[x.rank() - 1])
+}
+
+fn masked_row_error(op: &str, shape: &[usize], row: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{op}: row {row} of input {shape:?} has no entry above -inf (a fully masked row)"
+    )
+}
+
+/// Softmax over the last dimension of `x [..., V]`.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let d = float_dtype("softmax", &[x])?;
+    dispatch_float!("softmax", d, softmax_t::<T>(x, false))
+}
+
+/// Log-softmax over the last dimension of `x [..., V]` (`-inf` stays `-inf`).
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let d = float_dtype("log_softmax", &[x])?;
+    dispatch_float!("log_softmax", d, softmax_t::<T>(x, true))
+}
+
+fn softmax_t<T: Float>(x: &Tensor, log: bool) -> Result<Tensor> {
+    let op = if log { "log_softmax" } else { "softmax" };
+    let v = last_dim(op, x)?;
+    let xc = x.contiguous()?;
+    let xs = xc.cpu_data::<T>()?;
+    let mut out = OutBuf::<T>::uninit(xs.len());
+    if v > 0 {
+        let bad = FirstBadRow::new();
+        for_each_row(out.as_mut_slice(), v, |i, o| {
+            let row = &xs[i * v..(i + 1) * v];
+            let m = row_max(row);
+            if m == T::NEG_INFINITY {
+                bad.mark(i);
+                o.fill(T::ZERO);
+                return;
+            }
+            if log {
+                let lse = m + sum_map(row, |a| (a - m).exp()).ln();
+                for (o, &a) in o.iter_mut().zip(row) {
+                    *o = a - lse;
+                }
+            } else {
+                // exponentials written once, then scaled by 1/sum
+                for (o, &a) in o.iter_mut().zip(row) {
+                    *o = (a - m).exp();
+                }
+                let inv = T::ONE / sum_map(o, |e| e);
+                for o in o.iter_mut() {
+                    *o *= inv;
+                }
+            }
+        });
+        if let Some(r) = bad.get() {
+            return Err(masked_row_error(op, x.shape(), r));
+        }
+    }
+    drop(xs);
+    let node = should_record(&[x]).then(|| {
+        Arc::new(SoftmaxBackward::<T> {
+            x: x.clone(),
+            log,
+            _t: std::marker::PhantomData,
+        }) as Arc<dyn BackwardOp>
+    });
+    out.finish(x.shape(), node)
+}
+
+/// Backward of softmax (`dx = y * (g - sum(g * y))`) and of log-softmax
+/// (`dx = g - exp(y) * sum(g)`), both from the saved output `y`.
+struct SoftmaxBackward<T> {
+    x: Tensor,
+    log: bool,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: Float> BackwardOp for SoftmaxBackward<T> {
+    fn name(&self) -> &'static str {
+        if self.log {
+            "log_softmax"
+        } else {
+            "softmax"
+        }
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        vec![self.x.clone()]
+    }
+    fn backward(&self, out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let v = last_dim(self.name(), out)?;
+        let (yc, gc) = (out.contiguous()?, g.contiguous()?);
+        let (ys, gs) = (yc.cpu_data::<T>()?, gc.cpu_data::<T>()?);
+        if ys.len() != gs.len() {
+            bail!(
+                "{} backward: gradient {:?} does not match output {:?}",
+                self.name(),
+                g.shape(),
+                out.shape()
+            );
+        }
+        let mut dx = OutBuf::<T>::uninit(ys.len());
+        if v > 0 {
+            let log = self.log;
+            for_each_row(dx.as_mut_slice(), v, |i, d| {
+                let y = &ys[i * v..(i + 1) * v];
+                let gr = &gs[i * v..(i + 1) * v];
+                if log {
+                    let sg = sum_map(gr, |a| a);
+                    for ((d, &yy), &gg) in d.iter_mut().zip(y).zip(gr) {
+                        *d = gg - yy.exp() * sg;
+                    }
+                } else {
+                    let mut dot = T::ZERO;
+                    for (&yy, &gg) in y.iter().zip(gr) {
+                        dot += yy * gg;
+                    }
+                    for ((d, &yy), &gg) in d.iter_mut().zip(y).zip(gr) {
+                        *d = yy * (gg - dot);
+                    }
+                }
+            });
+        }
+        Ok(vec![Some(dx.finish(self.x.shape(), None)?)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kf_engine::{DType, Device};
+
+    fn t(v: &[f64], s: &[usize]) -> Tensor {
+        Tensor::from_slice(v, s, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn masked_entries_and_rows() {
+        let ninf = f64::NEG_INFINITY;
+        let y = softmax(&t(&[0.0, ninf, 0.0], &[1, 3])).unwrap();
+        assert_eq!(y.to_vec::<f64>().unwrap(), vec![0.5, 0.0, 0.5]);
+        let l = log_softmax(&t(&[0.0, ninf], &[2])).unwrap();
+        assert_eq!(l.to_vec::<f64>().unwrap(), vec![0.0, ninf]);
+        let e = softmax(&t(&[1.0, 2.0, ninf, ninf], &[2, 2])).unwrap_err();
+        assert!(e.to_string().contains("row 1"), "{e}");
+        assert!(log_softmax(&t(&[ninf], &[1])).is_err());
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        assert!(softmax(&Tensor::scalar(1.0f64, Device::Cpu).unwrap()).is_err());
+        let u = Tensor::zeros(&[2, 3], DType::U32, Device::Cpu).unwrap();
+        assert!(softmax(&u).is_err());
+    }
+
+    #[test]
+    fn large_rows_sum_to_one_f32() {
+        let n = 50257;
+        let v: Vec<f32> = (0..2 * n)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.02)
+            .collect();
+        let x = Tensor::from_vec(v, &[2, n], Device::Cpu).unwrap();
+        let y = softmax(&x).unwrap().to_vec::<f32>().unwrap();
+        for r in 0..2 {
+            let s: f64 = y[r * n..(r + 1) * n].iter().map(|&a| a as f64).sum();
+            assert!((s - 1.0).abs() < 1e-5, "row {r} sums to {s}");
+        }
+    }
+}
