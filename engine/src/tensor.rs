@@ -449,16 +449,40 @@ impl Tensor {
         Ok(self.view(layout, self.view_node(ViewKind::Broadcast)))
     }
 
-    /// Insert a size-1 dimension at `dim`.
+    /// Insert a size-1 dimension at `dim` (a view, never a copy).
     pub fn unsqueeze(&self, dim: usize) -> Result<Tensor> {
         ensure!(
             dim <= self.rank(),
             "unsqueeze: dimension {dim} out of range for shape {:?}",
             self.shape()
         );
-        let mut s = self.shape().to_vec();
-        s.insert(dim, 1);
-        self.reshape(&s)
+        let mut shape = self.shape().to_vec();
+        let mut strides = self.strides().to_vec();
+        shape.insert(dim, 1);
+        strides.insert(dim, 0);
+        let layout = Layout::new(shape, strides, self.0.layout.offset())?;
+        Ok(self.view(
+            layout,
+            self.view_node(ViewKind::Reshape(self.shape().to_vec())),
+        ))
+    }
+
+    /// Remove the size-1 dimension `dim` (a view, never a copy).
+    pub fn squeeze(&self, dim: usize) -> Result<Tensor> {
+        ensure!(
+            self.shape().get(dim) == Some(&1),
+            "squeeze: dimension {dim} of shape {:?} is not of size 1",
+            self.shape()
+        );
+        let mut shape = self.shape().to_vec();
+        let mut strides = self.strides().to_vec();
+        shape.remove(dim);
+        strides.remove(dim);
+        let layout = Layout::new(shape, strides, self.0.layout.offset())?;
+        Ok(self.view(
+            layout,
+            self.view_node(ViewKind::Reshape(self.shape().to_vec())),
+        ))
     }
 
     /// A contiguous tensor with the same values (self when already contiguous).
@@ -747,6 +771,25 @@ mod tests {
             assert!(!a.transpose(0, 0).unwrap().grad_node().is_some());
         }
         assert!(a.transpose(0, 0).unwrap().grad_node().is_some());
+    }
+
+    #[test]
+    fn squeeze_and_unsqueeze_are_views() {
+        let a = t(&[0., 1., 2., 3., 4., 5.], &[1, 2, 3]).var();
+        let qkv = a.narrow(2, 1, 1).unwrap(); // [1, 2, 1], strided
+        let s = qkv.squeeze(2).unwrap();
+        assert!(s.same_storage(&a));
+        assert_eq!(s.shape(), &[1, 2]);
+        assert_eq!(s.to_vec::<f64>().unwrap(), vec![1., 4.]);
+        let u = s.unsqueeze(0).unwrap();
+        assert!(u.same_storage(&a));
+        assert_eq!(u.shape(), &[1, 1, 2]);
+        let g = u.backward_with(t(&[5., 7.], &[1, 1, 2])).unwrap();
+        assert_eq!(
+            g.get(&a).unwrap().to_vec::<f64>().unwrap(),
+            vec![0., 5., 0., 0., 7., 0.]
+        );
+        assert!(a.squeeze(1).is_err());
     }
 
     #[test]
