@@ -1,1 +1,509 @@
-//! (not yet written: owned by a helper)
+//! Matrix products on the CPU GEMM: `matmul` (batched, or a right operand shared
+//! by every batch) and `linear` (x·Wᵀ + b, W as [OUT, IN]), with backward rules.
+//! Letters: A [.., M, K] · B [.., K, N]; a linear input has R rows of IN features.
+//! Strided views reach the GEMM as strides; only a matrix with no unit stride is copied.
+
+use crate::dispatch_float;
+use crate::elementwise::{sum_rows, with_raw};
+use crate::gemm::{gemm, GemmElem};
+use crate::util::{expect_rank, expect_shape, float_dtype};
+use anyhow::{ensure, Result};
+use kf_engine::autograd::{should_record, BackwardOp};
+use kf_engine::{Float, OutBuf, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Batches whose single product has fewer multiply-adds than this run in
+/// parallel over the batch (each GEMM on one thread); larger ones run one after
+/// another, each GEMM using all threads.
+const PAR_BATCH_MAX_MACS: usize = 1 << 18;
+
+#[cfg(test)]
+thread_local! {
+    /// Operand copies made by `prepare` on this thread (tests check views are not copied).
+    static OPERAND_COPIES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Strides the GEMM can take for a `rows x cols` matrix with strides `(rs, cs)`:
+/// one unit stride and the other at least the extent along it (the BLAS
+/// leading-dimension rule, so rows never overlap). Size-1 dims get a canonical
+/// stride. `None`: the operand has to be copied first.
+fn gemm_strides(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<(usize, usize)> {
+    match (rows <= 1, cols <= 1) {
+        (true, true) => Some((1, 1)),
+        (true, false) => match cs {
+            0 => None,
+            1 => Some((cols, 1)),
+            _ => Some((1, cs)),
+        },
+        (false, true) => match rs {
+            0 => None,
+            1 => Some((1, rows)),
+            _ => Some((rs, 1)),
+        },
+        (false, false) => {
+            if cs == 1 && rs >= cols {
+                Some((rs, 1))
+            } else if rs == 1 && cs >= rows {
+                Some((1, cs))
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Collapse all dims but the last into one row dim: `(rows, row stride)` when
+/// their strides chain (a contiguous tensor or a strided 2-D view always do).
+fn collapse_rows(shape: &[usize], strides: &[usize]) -> Option<(usize, usize)> {
+    let r = shape.len();
+    let kept: Vec<usize> = (0..r.saturating_sub(1))
+        .filter(|&i| shape[i] != 1)
+        .collect();
+    let rows: usize = shape[..r.saturating_sub(1)].iter().product();
+    for w in kept.windows(2) {
+        if strides[w[0]] != strides[w[1]] * shape[w[1]] {
+            return None;
+        }
+    }
+    Some((rows, kept.last().map_or(0, |&i| strides[i])))
+}
+
+/// A matrix operand: the tensor to read (the input, or a contiguous copy of
+/// it), and the GEMM strides of its last two dims.
+struct Operand {
+    t: Tensor,
+    rs: usize,
+    cs: usize,
+}
+
+/// The operand of `t`'s last two dims, copied only when the GEMM cannot take
+/// its strides.
+fn prepare(t: &Tensor) -> Result<Operand> {
+    let r = t.rank();
+    let (rows, cols) = (t.shape()[r - 2], t.shape()[r - 1]);
+    let (rs, cs) = (t.strides()[r - 2], t.strides()[r - 1]);
+    if let Some((rs, cs)) = gemm_strides(rows, cols, rs, cs) {
+        return Ok(Operand {
+            t: t.clone(),
+            rs,
+            cs,
+        });
+    }
+    #[cfg(test)]
+    OPERAND_COPIES.with(|c| c.set(c.get() + 1));
+    let t = t.contiguous()?;
+    let (rs, cs) = gemm_strides(rows, cols, cols, 1).unwrap_or((cols.max(1), 1));
+    Ok(Operand { t, rs, cs })
+}
+
+/// As `prepare`, for `t` seen as one [rows, last] matrix over all leading dims
+/// (copied when the leading dims do not collapse or the strides do not suit).
+fn prepare_rows(t: &Tensor) -> Result<Operand> {
+    let cols = t.shape()[t.rank() - 1];
+    let cs = t.strides()[t.rank() - 1];
+    if let Some((rows, rs)) = collapse_rows(t.shape(), t.strides()) {
+        if let Some((rs, cs)) = gemm_strides(rows, cols, rs, cs) {
+            return Ok(Operand {
+                t: t.clone(),
+                rs,
+                cs,
+            });
+        }
+    }
+    #[cfg(test)]
+    OPERAND_COPIES.with(|c| c.set(c.get() + 1));
+    let t = t.contiguous()?;
+    let rows = t.numel() / cols.max(1);
+    let (rs, cs) = gemm_strides(rows, cols, cols, 1).unwrap_or((cols.max(1), 1));
+    Ok(Operand { t, rs, cs })
+}
+
+/// Storage offsets of every matrix of `t` (row-major over the batch dims).
+fn batch_offsets(t: &Tensor) -> Vec<usize> {
+    let r = t.rank();
+    let (shape, strides) = (&t.shape()[..r - 2], &t.strides()[..r - 2]);
+    let n: usize = shape.iter().product();
+    (0..n)
+        .map(|mut i| {
+            let mut off = t.layout().offset();
+            for d in (0..shape.len()).rev() {
+                off += (i % shape[d]) * strides[d];
+                i /= shape[d];
+            }
+            off
+        })
+        .collect()
+}
+
+/// `a [.., M, K] · b [.., K, N] -> [.., M, N]`. The batch dims of `a` and `b`
+/// are equal, or `b` has rank 2 and is shared by every batch.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let d = float_dtype("matmul", &[a, b])?;
+    ensure!(
+        a.rank() >= 2 && b.rank() >= 2,
+        "matmul: operands need rank >= 2, got {:?} and {:?}",
+        a.shape(),
+        b.shape()
+    );
+    let (ra, rb) = (a.rank(), b.rank());
+    let (m, k) = (a.shape()[ra - 2], a.shape()[ra - 1]);
+    let (k2, n) = (b.shape()[rb - 2], b.shape()[rb - 1]);
+    ensure!(
+        k == k2 && (rb == 2 || a.shape()[..ra - 2] == b.shape()[..rb - 2]),
+        "matmul: cannot multiply {:?} by {:?} (need [.., M, K] · [.., K, N] with equal batch dims, or a rank-2 right operand)",
+        a.shape(),
+        b.shape()
+    );
+    let mut shape = a.shape()[..ra - 2].to_vec();
+    shape.extend([m, n]);
+    let node = should_record(&[a, b]).then(|| {
+        Arc::new(MatmulBackward {
+            a: a.clone(),
+            b: b.clone(),
+        }) as Arc<dyn BackwardOp>
+    });
+    dispatch_float!("matmul", d, matmul_t::<T>(a, b, (m, k, n), &shape, node))
+}
+
+fn matmul_t<T: Float + GemmElem>(
+    a: &Tensor,
+    b: &Tensor,
+    (m, k, n): (usize, usize, usize),
+    shape: &[usize],
+    node: Option<Arc<dyn BackwardOp>>,
+) -> Result<Tensor> {
+    let numel: usize = shape.iter().product();
+    let batches = numel.checked_div(m * n).unwrap_or(0);
+    let mut out = if k == 0 {
+        OutBuf::<T>::zeros(numel)
+    } else {
+        OutBuf::<T>::uninit(numel)
+    };
+    if numel == 0 || k == 0 {
+        return out.finish(shape, node);
+    }
+    let shared = b.rank() == 2;
+    let ob = prepare(b)?;
+    // A shared right operand and row-collapsible batches: one GEMM of batches*M rows.
+    if shared && batches > 1 && collapse_rows(a.shape(), a.strides()).is_some() {
+        let oa = prepare_rows(a)?;
+        let (a_off, b_off) = (oa.t.layout().offset(), ob.t.layout().offset());
+        with_raw::<T, _>(&oa.t, |xa| {
+            with_raw::<T, _>(&ob.t, |xb| {
+                gemm(
+                    batches * m,
+                    n,
+                    k,
+                    &xa[a_off..],
+                    oa.rs,
+                    oa.cs,
+                    &xb[b_off..],
+                    ob.rs,
+                    ob.cs,
+                    out.as_mut_slice(),
+                    n,
+                    1,
+                    false,
+                )
+            })
+        })???;
+        return out.finish(shape, node);
+    }
+    let oa = prepare(a)?;
+    let a_offs = batch_offsets(&oa.t);
+    let b_offs = batch_offsets(&ob.t);
+    with_raw::<T, _>(&oa.t, |xa| {
+        with_raw::<T, _>(&ob.t, |xb| {
+            let one = |(i, c): (usize, &mut [T])| {
+                let b_off = if shared { b_offs[0] } else { b_offs[i] };
+                gemm(
+                    m,
+                    n,
+                    k,
+                    &xa[a_offs[i]..],
+                    oa.rs,
+                    oa.cs,
+                    &xb[b_off..],
+                    ob.rs,
+                    ob.cs,
+                    c,
+                    n,
+                    1,
+                    false,
+                )
+            };
+            let mut chunks = out.as_mut_slice().chunks_mut(m * n).enumerate();
+            if batches > 1 && m * n * k < PAR_BATCH_MAX_MACS {
+                chunks.collect::<Vec<_>>().into_par_iter().try_for_each(one)
+            } else {
+                chunks.try_for_each(one)
+            }
+        })
+    })???;
+    out.finish(shape, node)
+}
+
+struct MatmulBackward {
+    a: Tensor,
+    b: Tensor,
+}
+
+impl BackwardOp for MatmulBackward {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        vec![self.a.clone(), self.b.clone()]
+    }
+    fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (a, b) = (&self.a, &self.b);
+        let (ra, rb) = (a.rank(), b.rank());
+        // dA = dC · Bᵀ (Bᵀ is a view: the GEMM reads it through strides)
+        let ga = if a.tracks_grad() {
+            Some(matmul(g, &b.transpose(rb - 2, rb - 1)?)?)
+        } else {
+            None
+        };
+        // dB = Aᵀ · dC, summed over the batch when B was shared: then the batch
+        // and M dims fold into the GEMM's K, so the sum is free.
+        let gb = if b.tracks_grad() {
+            Some(if rb == 2 && ra > 2 {
+                let (k, n) = (a.shape()[ra - 1], b.shape()[1]);
+                let rows: usize = a.shape()[..ra - 1].iter().product();
+                let a2 = a.reshape(&[rows, k])?;
+                let g2 = g.reshape(&[rows, n])?;
+                matmul(&a2.transpose(0, 1)?, &g2)?
+            } else {
+                matmul(&a.transpose(ra - 2, ra - 1)?, g)?
+            })
+        } else {
+            None
+        };
+        Ok(vec![ga, gb])
+    }
+}
+
+/// `x [.., IN] · wᵀ + b -> [.., OUT]` with `w [OUT, IN]` (PyTorch layout) and
+/// an optional bias `b [OUT]`: one GEMM over all R leading rows, W read in
+/// place as the transposed right operand, the bias preloaded into the output
+/// that the GEMM accumulates into.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let mut ts = vec![x, w];
+    ts.extend(b);
+    let d = float_dtype("linear", &ts)?;
+    expect_rank("linear", "weight", w, 2)?;
+    ensure!(x.rank() >= 1, "linear: x must have rank >= 1, got shape []");
+    let (out_f, in_f) = (w.shape()[0], w.shape()[1]);
+    ensure!(
+        x.shape()[x.rank() - 1] == in_f,
+        "linear: x of shape {:?} does not end in IN = {in_f} of weight {:?}",
+        x.shape(),
+        w.shape()
+    );
+    if let Some(b) = b {
+        expect_shape("linear", "bias", b, &[out_f])?;
+    }
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = out_f;
+    let node = should_record(&ts).then(|| {
+        Arc::new(LinearBackward {
+            x: x.clone(),
+            w: w.clone(),
+            b: b.cloned(),
+        }) as Arc<dyn BackwardOp>
+    });
+    dispatch_float!("linear", d, linear_t::<T>(x, w, b, &shape, node))
+}
+
+fn linear_t<T: Float + GemmElem>(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    shape: &[usize],
+    node: Option<Arc<dyn BackwardOp>>,
+) -> Result<Tensor> {
+    let (out_f, in_f) = (w.shape()[0], w.shape()[1]);
+    let rows: usize = x.shape()[..x.rank() - 1].iter().product();
+    let mut out = OutBuf::<T>::uninit(rows * out_f);
+    if rows * out_f == 0 {
+        return out.finish(shape, node);
+    }
+    let o = out.as_mut_slice();
+    match b {
+        Some(b) => {
+            let bc = b.contiguous()?;
+            let bs = bc.cpu_data::<T>()?;
+            if o.len() >= 1 << 14 {
+                o.par_chunks_mut(out_f)
+                    .with_min_len((4096 / out_f).max(1))
+                    .for_each(|r| r.copy_from_slice(&bs));
+            } else {
+                o.chunks_mut(out_f).for_each(|r| r.copy_from_slice(&bs));
+            }
+        }
+        None if in_f == 0 => o.fill(T::ZERO),
+        None => {}
+    }
+    if in_f > 0 {
+        let ox = prepare_rows(x)?;
+        // Wᵀ [IN, OUT] is w with its strides swapped: no copy.
+        let wt = w.transpose(0, 1)?;
+        let ow = prepare(&wt)?;
+        let (x_off, w_off) = (ox.t.layout().offset(), ow.t.layout().offset());
+        with_raw::<T, _>(&ox.t, |xx| {
+            with_raw::<T, _>(&ow.t, |xw| {
+                gemm(
+                    rows,
+                    out_f,
+                    in_f,
+                    &xx[x_off..],
+                    ox.rs,
+                    ox.cs,
+                    &xw[w_off..],
+                    ow.rs,
+                    ow.cs,
+                    o,
+                    out_f,
+                    1,
+                    b.is_some(),
+                )
+            })
+        })???;
+    }
+    out.finish(shape, node)
+}
+
+struct LinearBackward {
+    x: Tensor,
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl BackwardOp for LinearBackward {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        let mut v = vec![self.x.clone(), self.w.clone()];
+        v.extend(self.b.clone());
+        v
+    }
+    fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (x, w) = (&self.x, &self.w);
+        let (out_f, in_f) = (w.shape()[0], w.shape()[1]);
+        let rows: usize = x.shape()[..x.rank() - 1].iter().product();
+        // g as [R, OUT] (a view when g is contiguous)
+        let g2 = if g.rank() == 2 {
+            g.clone()
+        } else {
+            g.reshape(&[rows, out_f])?
+        };
+        // dx = g · W: W [OUT, IN] is the right operand as stored
+        let gx = if x.tracks_grad() {
+            Some(matmul(&g2, w)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        // dW = gᵀ · x: gᵀ is a view, x read as [R, IN]
+        let gw = if w.tracks_grad() {
+            let x2 = if x.rank() == 2 {
+                x.clone()
+            } else {
+                x.reshape(&[rows, in_f])?
+            };
+            Some(matmul(&g2.transpose(0, 1)?, &x2)?)
+        } else {
+            None
+        };
+        let mut grads = vec![gx, gw];
+        if let Some(b) = &self.b {
+            grads.push(if b.tracks_grad() {
+                Some(sum_rows(&g2, out_f)?)
+            } else {
+                None
+            });
+        }
+        Ok(grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kf_engine::{DType, Device};
+
+    fn randn(shape: &[usize], stream: u64) -> Tensor {
+        Tensor::rand_normal(shape, DType::F64, 7, stream, Device::Cpu).unwrap()
+    }
+
+    fn copies() -> usize {
+        OPERAND_COPIES.with(|c| c.get())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.shape(), b.shape());
+        let (a, b) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+        a.iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn transposed_views_reach_the_gemm_without_a_copy() {
+        let a = randn(&[17, 33], 1); // used as Aᵀ: [33, 17]
+        let b = randn(&[65, 17], 2); // used as Bᵀ: [17, 65]
+        let at = a.transpose(0, 1).unwrap();
+        let bt = b.transpose(0, 1).unwrap();
+        let before = copies();
+        let c = matmul(&at, &bt).unwrap();
+        // batched views with a strided batch dim: [M, B, K] permuted to [B, M, K]
+        let p = randn(&[5, 3, 17], 3).permute(&[1, 0, 2]).unwrap();
+        let cp = matmul(&p, &bt).unwrap();
+        let w = randn(&[17, 65], 4).transpose(0, 1).unwrap(); // [65, 17] view
+        let lin = linear(&at, &w, None).unwrap();
+        assert_eq!(copies(), before, "a transposed or strided view was copied");
+        let want = matmul(&at.contiguous().unwrap(), &bt.contiguous().unwrap()).unwrap();
+        assert!(max_diff(&c, &want) < 1e-12);
+        let want = matmul(&p.contiguous().unwrap(), &bt.contiguous().unwrap()).unwrap();
+        assert!(max_diff(&cp, &want) < 1e-12);
+        let want = linear(&at.contiguous().unwrap(), &w.contiguous().unwrap(), None).unwrap();
+        assert!(max_diff(&lin, &want) < 1e-12);
+        // a layout with no unit stride is copied (and still right)
+        let s = randn(&[4, 6, 2], 5).narrow(2, 1, 1).unwrap(); // strides [12, 2, 1]
+        let s = s.permute(&[2, 0, 1]).unwrap(); // [1, 4, 6], matrix strides (12, 2)
+        let before = copies();
+        let r = matmul(&s, &randn(&[6, 3], 6)).unwrap();
+        assert_eq!(copies(), before + 1);
+        assert_eq!(r.shape(), &[1, 4, 3]);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let a = randn(&[2, 3], 1);
+        let e = matmul(&a, &randn(&[4, 5], 2)).unwrap_err().to_string();
+        assert!(e.contains("[2, 3]") && e.contains("[4, 5]"), "{e}");
+        assert!(matmul(&randn(&[3], 1), &a).is_err());
+        assert!(matmul(&randn(&[2, 2, 3], 1), &randn(&[3, 3, 5], 2)).is_err());
+        assert!(matmul(&randn(&[2, 3], 1), &randn(&[2, 3, 5], 2)).is_err());
+        let f = Tensor::zeros(&[3, 2], DType::F32, Device::Cpu).unwrap();
+        assert!(matmul(&a, &f).is_err());
+        let w = randn(&[4, 3], 3);
+        assert!(linear(&randn(&[2, 4], 1), &w, None).is_err());
+        assert!(linear(&a, &w, Some(&randn(&[3], 2))).is_err());
+        assert!(linear(&a, &randn(&[4, 3, 1], 2), None).is_err());
+        assert!(linear(&a, &w, Some(&randn(&[4], 2))).is_ok());
+    }
+
+    #[test]
+    fn empty_dims() {
+        let c = matmul(&randn(&[2, 3, 0], 1), &randn(&[0, 4], 2)).unwrap();
+        assert_eq!(c.to_vec::<f64>().unwrap(), vec![0.0; 24]);
+        let c = matmul(&randn(&[0, 3], 1), &randn(&[3, 4], 2)).unwrap();
+        assert_eq!(c.shape(), &[0, 4]);
+        let b = Tensor::from_vec(vec![1.0, 2.0], &[2], Device::Cpu).unwrap();
+        let l = linear(&randn(&[3, 0], 1), &randn(&[2, 0], 2), Some(&b)).unwrap();
+        assert_eq!(l.to_vec::<f64>().unwrap(), vec![1., 2., 1., 2., 1., 2.]);
+    }
+}
