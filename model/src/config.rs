@@ -1,0 +1,214 @@
+//! The DDiT architecture of KFORCING.md section 2 as a config (what `config.json` of a
+//! model directory holds), its size presets and validation.
+//! Letters: L layers, d model width, H heads, D = d / H head dim, V vocabulary.
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+fn default_rope_base() -> f64 {
+    10000.0
+}
+
+fn default_ln_eps() -> f64 {
+    1e-5
+}
+
+/// Architecture of the backbone (teacher and student share it). `config.json` of a model
+/// directory is this struct as JSON; unknown keys are an error (a typo must not silently
+/// fall back to a default), `rope_base` and `ln_eps` default to 10000 and 1e-5, the
+/// optional ids to none.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DditConfig {
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub vocab_size: usize,
+    /// Longest sequence (positions 0..max_seq_len) the model is trained and run on.
+    pub max_seq_len: usize,
+    #[serde(default = "default_rope_base")]
+    pub rope_base: f64,
+    #[serde(default = "default_ln_eps")]
+    pub ln_eps: f64,
+    /// The reserved (mask) token: its logit is forced to -1000, so it is never sampled.
+    #[serde(default)]
+    pub mask_token_id: Option<u32>,
+    /// End of sequence: generation stops a sequence when it samples this id.
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    /// Tokens per forward pass of a PFLM student; `None` for the AR teacher.
+    #[serde(default)]
+    pub k: Option<usize>,
+}
+
+impl DditConfig {
+    /// Size presets. `vocab_size` (and the ids) are defaults that a trainer replaces with
+    /// its tokenizer's.
+    /// - `tiny`: 2 layers, d 64, 4 heads, V 512, seq 128 — tests, seconds;
+    /// - `small`: 4 layers, d 256, 4 heads, V 8192, seq 256 — the shipped teacher (about
+    ///   7.4 M parameters, 3.2 M of them outside the embedding and head), sized for
+    ///   teacher + distillation in a few hours on a 2-core CPU;
+    /// - `paper`: 12 layers, d 768, 12 heads, V 30522, seq 1024 — the reference's size
+    ///   (LM1B's BERT vocabulary), for benchmarks.
+    pub fn preset(name: &str) -> Result<DditConfig> {
+        let (n_layers, d_model, n_heads, vocab_size, max_seq_len) = match name {
+            "tiny" => (2, 64, 4, 512, 128),
+            "small" => (4, 256, 4, 8192, 256),
+            "paper" => (12, 768, 12, 30522, 1024),
+            other => bail!("unknown model preset \"{other}\" (expected tiny, small or paper)"),
+        };
+        Ok(DditConfig {
+            n_layers,
+            d_model,
+            n_heads,
+            vocab_size,
+            max_seq_len,
+            rope_base: default_rope_base(),
+            ln_eps: default_ln_eps(),
+            mask_token_id: None,
+            eos_token_id: None,
+            k: None,
+        })
+    }
+
+    /// Head dimension D = d / H.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads.max(1)
+    }
+
+    /// Errors name the field and the rule it breaks.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.n_layers >= 1, "n_layers must be at least 1, got 0");
+        ensure!(self.n_heads >= 1, "n_heads must be at least 1, got 0");
+        ensure!(
+            self.d_model >= 2 && self.d_model.is_multiple_of(self.n_heads),
+            "d_model = {} must be a positive multiple of n_heads = {}",
+            self.d_model,
+            self.n_heads
+        );
+        ensure!(
+            self.head_dim().is_multiple_of(2),
+            "the head dim d_model / n_heads = {} must be even (rotate-half RoPE)",
+            self.head_dim()
+        );
+        ensure!(
+            self.vocab_size >= 2 && self.vocab_size <= u32::MAX as usize,
+            "vocab_size must be in 2..=2^32-1, got {}",
+            self.vocab_size
+        );
+        ensure!(
+            self.max_seq_len >= 1 && self.max_seq_len <= u32::MAX as usize,
+            "max_seq_len must be in 1..=2^32-1, got {}",
+            self.max_seq_len
+        );
+        ensure!(
+            self.rope_base.is_finite() && self.rope_base > 1.0,
+            "rope_base must be finite and > 1, got {}",
+            self.rope_base
+        );
+        ensure!(
+            self.ln_eps.is_finite() && self.ln_eps >= 0.0,
+            "ln_eps must be finite and >= 0, got {}",
+            self.ln_eps
+        );
+        for (what, id) in [
+            ("mask_token_id", self.mask_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ] {
+            if let Some(id) = id {
+                ensure!(
+                    (id as usize) < self.vocab_size,
+                    "{what} = {id} is outside the vocabulary of {}",
+                    self.vocab_size
+                );
+            }
+        }
+        if let (Some(m), Some(e)) = (self.mask_token_id, self.eos_token_id) {
+            ensure!(
+                m != e,
+                "mask_token_id and eos_token_id are both {m}: the mask token can never be sampled"
+            );
+        }
+        if let Some(k) = self.k {
+            ensure!(
+                k >= 1,
+                "k must be at least 1 for a student (omit it for the AR teacher)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Parameters of the backbone: embedding, blocks, final layer (the student's noise
+    /// encoder is not counted here).
+    pub fn n_params(&self) -> usize {
+        let (d, v) = (self.d_model, self.vocab_size);
+        let block = d + 3 * d * d + d * d + d + (4 * d * d + 4 * d) + (4 * d * d + d);
+        v * d + self.n_layers * block + d + v * d + v
+    }
+
+    /// Reads and validates `config.json`; every failure names the file.
+    pub fn from_file(path: &Path) -> Result<DditConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let cfg: DditConfig = serde_json::from_str(&text)
+            .with_context(|| format!("malformed model config {}", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("invalid model config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Pretty JSON of this config (what `config.json` holds).
+    pub fn to_json(&self) -> Result<String> {
+        Ok(serde_json::to_string_pretty(self)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate_and_count() {
+        for name in ["tiny", "small", "paper"] {
+            DditConfig::preset(name).unwrap().validate().unwrap();
+        }
+        let p = DditConfig::preset("paper").unwrap();
+        // 12 * 7.08 M in the blocks + 2 * 23.4 M embedding/head + small vectors
+        assert_eq!(p.n_params(), 131_912_250);
+        assert!(DditConfig::preset("huge").is_err());
+    }
+
+    #[test]
+    fn json_round_trip_defaults_and_errors() {
+        let c = DditConfig::preset("tiny").unwrap();
+        let back: DditConfig = serde_json::from_str(&c.to_json().unwrap()).unwrap();
+        assert_eq!(back, c);
+        let minimal = r#"{"n_layers":1,"d_model":8,"n_heads":2,"vocab_size":10,"max_seq_len":4}"#;
+        let m: DditConfig = serde_json::from_str(minimal).unwrap();
+        assert_eq!((m.rope_base, m.ln_eps, m.k), (10000.0, 1e-5, None));
+        let typo = r#"{"n_layers":1,"d_model":8,"n_heads":2,"vocab_size":10,"max_seq_len":4,"ropebase":3}"#;
+        assert!(serde_json::from_str::<DditConfig>(typo).is_err());
+        let mut bad = m.clone();
+        bad.n_heads = 3;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of n_heads"));
+        let mut bad = m.clone();
+        bad.d_model = 6; // head dim 3: odd
+        assert!(bad.validate().unwrap_err().to_string().contains("even"));
+        let mut bad = m.clone();
+        bad.mask_token_id = Some(10);
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("mask_token_id"));
+        let mut bad = m;
+        bad.mask_token_id = Some(3);
+        bad.eos_token_id = Some(3);
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,755 @@
+//! The DDiT backbone of KFORCING.md section 2: a pre-norm causal Transformer shared by the
+//! AR teacher and the PFLM student, built from `kf_ops` on the autograd tape.
+//!
+//! ```text
+//! h = embed[ids]                                   (untied from the head)
+//! per block i:  x = LN1(h)                          (weight only, eps 1e-5)
+//!               [q|k|v] = x W_qkvᵀ  -> view [B, T, 3, H, D]    (no bias; zero-copy split)
+//!               h += W_o · Attn(RoPE(q), RoPE(k), v)           (rotate-half, base 10000,
+//!                                                    scale 1/sqrt(D), no bias)
+//!               h += W_2 · gelu_tanh(W_0 · LN2(h) + b_0) + b_2
+//! logits = LN_f(h) W_outᵀ + b_out;  logits[.., mask] = -1000 exactly (gradient 0 there)
+//! ```
+//! Letters: B batch, T time, d model width, H heads, D = d / H, V vocabulary.
+//!
+//! Parameters are kept in checkpoint order (`param_specs`), under the reference's
+//! state-dict names. The compute dtype is the parameters' dtype: f32 normally, f64 for
+//! gradient checks (`to_dtype`).
+
+use crate::checkpoint::{self, WEIGHTS_FILE, WEIGHTS_FORMAT};
+use crate::config::DditConfig;
+use crate::kv_cache::KvCache;
+use anyhow::{bail, ensure, Context, Result};
+use kf_engine::autograd::{grad_enabled, should_record, BackwardOp};
+use kf_engine::{io, DType, Device, Float, Tensor};
+use kf_ops::attention::{attention, AttnParams, AttnPattern};
+use kf_ops::elementwise::add;
+use kf_ops::embedding::embedding;
+use kf_ops::gelu::gelu_tanh;
+use kf_ops::layernorm::layer_norm;
+use kf_ops::matmul::linear;
+use kf_ops::rope::rope;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Standard deviation of the normal init of every linear and embedding weight.
+pub const INIT_STD: f64 = 0.02;
+/// The logit of the reserved (mask) token.
+pub const MASK_LOGIT: f64 = -1000.0;
+
+/// How a parameter starts (see [`Ddit::init`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// `N(0, std²)`.
+    Normal(f64),
+    Ones,
+    Zeros,
+}
+
+/// Name, shape and init of one parameter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+/// Parameters per block, in this order: norm1, attn_qkv, attn_out, norm2, mlp.0.weight,
+/// mlp.0.bias, mlp.2.weight, mlp.2.bias.
+const PER_BLOCK: usize = 8;
+const NORM1: usize = 0;
+const QKV: usize = 1;
+const OUT: usize = 2;
+const NORM2: usize = 3;
+const MLP0_W: usize = 4;
+const MLP0_B: usize = 5;
+const MLP2_W: usize = 6;
+const MLP2_B: usize = 7;
+
+/// The parameters of a config in checkpoint order: `vocab_embed.embedding`, the blocks,
+/// `output_layer.norm_final.weight`, `output_layer.linear.weight|bias` (the same order as
+/// `kfrun init-weights`, so equal seeds give equal tensors).
+pub fn param_specs(cfg: &DditConfig) -> Vec<ParamSpec> {
+    let (d, v) = (cfg.d_model, cfg.vocab_size);
+    let w = Init::Normal(INIT_STD);
+    let mut s = vec![ParamSpec {
+        name: "vocab_embed.embedding".into(),
+        shape: vec![v, d],
+        init: w,
+    }];
+    let mut push =
+        |name: String, shape: Vec<usize>, init: Init| s.push(ParamSpec { name, shape, init });
+    for i in 0..cfg.n_layers {
+        let p = format!("blocks.{i}");
+        push(format!("{p}.norm1.weight"), vec![d], Init::Ones);
+        push(format!("{p}.attn_qkv.weight"), vec![3 * d, d], w);
+        push(format!("{p}.attn_out.weight"), vec![d, d], w);
+        push(format!("{p}.norm2.weight"), vec![d], Init::Ones);
+        push(format!("{p}.mlp.0.weight"), vec![4 * d, d], w);
+        push(format!("{p}.mlp.0.bias"), vec![4 * d], Init::Zeros);
+        push(format!("{p}.mlp.2.weight"), vec![d, 4 * d], w);
+        push(format!("{p}.mlp.2.bias"), vec![d], Init::Zeros);
+    }
+    push("output_layer.norm_final.weight".into(), vec![d], Init::Ones);
+    push("output_layer.linear.weight".into(), vec![v, d], w);
+    push("output_layer.linear.bias".into(), vec![v], Init::Zeros);
+    s
+}
+
+/// The DDiT model: config plus named parameters in checkpoint order.
+pub struct Ddit {
+    pub cfg: DditConfig,
+    params: Vec<(String, Tensor)>,
+    trainable: bool,
+}
+
+impl std::fmt::Debug for Ddit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Ddit[{} layers, d {}, {} heads, V {}, {}{}]",
+            self.cfg.n_layers,
+            self.cfg.d_model,
+            self.cfg.n_heads,
+            self.cfg.vocab_size,
+            self.dtype(),
+            if self.trainable { ", trainable" } else { "" }
+        )
+    }
+}
+
+impl Ddit {
+    /// Fresh f32 weights from Philox: parameter number `i` of [`param_specs`] draws from
+    /// stream `i` of `seed` (normals in f64, `Philox::normal_f64` element order, times the
+    /// std, then rounded to f32). Linear and embedding weights `N(0, 0.02²)`, LayerNorm
+    /// weights 1, biases 0.
+    pub fn init(cfg: &DditConfig, seed: u64) -> Result<Ddit> {
+        cfg.validate()?;
+        let mut params = Vec::new();
+        for (stream, spec) in param_specs(cfg).into_iter().enumerate() {
+            let t = match spec.init {
+                Init::Ones => Tensor::ones(&spec.shape, DType::F32, Device::Cpu)?,
+                Init::Zeros => Tensor::zeros(&spec.shape, DType::F32, Device::Cpu)?,
+                Init::Normal(std) => {
+                    let n = Tensor::rand_normal(
+                        &spec.shape,
+                        DType::F64,
+                        seed,
+                        stream as u64,
+                        Device::Cpu,
+                    )?;
+                    let v: Vec<f64> = n.to_vec::<f64>()?.iter().map(|x| x * std).collect();
+                    Tensor::from_vec(v, &spec.shape, Device::Cpu)?.to_dtype(DType::F32)?
+                }
+            };
+            params.push((spec.name, t));
+        }
+        Ok(Ddit {
+            cfg: cfg.clone(),
+            params,
+            trainable: false,
+        })
+    }
+
+    /// A model from named tensors (any order; f32 or f64, all the same dtype). Every
+    /// parameter of the config must be present with its shape, and nothing else.
+    pub fn from_params(cfg: &DditConfig, named: Vec<(String, Tensor)>) -> Result<Ddit> {
+        cfg.validate()?;
+        let mut by_name: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (n, t) in named {
+            ensure!(
+                by_name.insert(n.clone(), t).is_none(),
+                "tensor \"{n}\" appears twice"
+            );
+        }
+        let mut params = Vec::new();
+        let mut dtype = None;
+        for spec in param_specs(cfg) {
+            let t = by_name.remove(&spec.name).with_context(|| {
+                format!(
+                    "missing tensor \"{}\" (shape {:?}) required by the config",
+                    spec.name, spec.shape
+                )
+            })?;
+            ensure!(
+                t.shape() == spec.shape,
+                "tensor \"{}\" has shape {:?}, the config needs {:?}",
+                spec.name,
+                t.shape(),
+                spec.shape
+            );
+            ensure!(
+                t.dtype() == DType::F32 || t.dtype() == DType::F64,
+                "tensor \"{}\" is {}; the model computes in f32 or f64",
+                spec.name,
+                t.dtype()
+            );
+            let d = *dtype.get_or_insert(t.dtype());
+            ensure!(
+                t.dtype() == d,
+                "tensor \"{}\" is {} but the others are {d}",
+                spec.name,
+                t.dtype()
+            );
+            params.push((spec.name, t));
+        }
+        if !by_name.is_empty() {
+            let extra: Vec<&str> = by_name.keys().map(|s| s.as_str()).take(5).collect();
+            bail!(
+                "{} unexpected tensor(s) that are not DDiT parameters of this config: {}",
+                by_name.len(),
+                extra.join(", ")
+            );
+        }
+        Ok(Ddit {
+            cfg: cfg.clone(),
+            params,
+            trainable: false,
+        })
+    }
+
+    /// Loads a model directory (`config.json` + `model.safetensors`; the tokenizer is read
+    /// by the caller, see `checkpoint::read_tokenizer`). Weights of any float dtype are
+    /// converted to f32 (f32 ones stay memory-mapped, no copy). A student directory
+    /// (config `k` set) may also hold `noise_encoder.*` tensors, which are skipped here.
+    pub fn load(dir: &Path) -> Result<Ddit> {
+        let cfg = checkpoint::read_config(dir)?;
+        let path = checkpoint::model_file(dir, WEIGHTS_FILE)?;
+        let loaded = io::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
+        let mut named = Vec::with_capacity(loaded.tensors.len());
+        for (name, t) in loaded.tensors {
+            if cfg.k.is_some() && name.starts_with("noise_encoder.") {
+                continue;
+            }
+            ensure!(
+                t.dtype().is_float(),
+                "{}: tensor \"{name}\" is {}, expected a float dtype",
+                path.display(),
+                t.dtype()
+            );
+            let t = t.to_dtype(DType::F32)?;
+            named.push((name, t));
+        }
+        Ddit::from_params(&cfg, named).with_context(|| {
+            format!(
+                "{} does not match {}",
+                path.display(),
+                dir.join(checkpoint::CONFIG_FILE).display()
+            )
+        })
+    }
+
+    /// Writes `config.json` and `model.safetensors` (parameters cast to `dtype`) into `dir`
+    /// (created if needed), each atomically through a temporary file and a rename.
+    pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
+        ensure!(
+            dtype.is_float(),
+            "cannot save model weights as {dtype} (expected f32, f16, bf16 or f64)"
+        );
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create model directory {}", dir.display()))?;
+        let cast: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|(_, t)| t.detach().to_dtype(dtype))
+            .collect::<Result<_>>()?;
+        let refs: Vec<(&str, &Tensor)> = self
+            .params
+            .iter()
+            .zip(&cast)
+            .map(|((n, _), t)| (n.as_str(), t))
+            .collect();
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), WEIGHTS_FORMAT.to_string());
+        meta.insert("n_params".to_string(), self.cfg.n_params().to_string());
+        let path = dir.join(WEIGHTS_FILE);
+        io::save(&path, &refs, &meta)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        checkpoint::write_config(dir, &self.cfg)
+    }
+
+    /// The parameters in checkpoint order, under their checkpoint names.
+    pub fn params(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// One parameter by checkpoint name.
+    pub fn param(&self, name: &str) -> Option<&Tensor> {
+        self.params.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// The compute dtype (that of the parameters).
+    pub fn dtype(&self) -> DType {
+        self.params[0].1.dtype()
+    }
+
+    pub fn is_trainable(&self) -> bool {
+        self.trainable
+    }
+
+    /// `on`: every parameter becomes a fresh `Tensor::var()` leaf sharing its storage (so
+    /// in-place optimiser updates are seen by the model); `off`: plain tensors.
+    pub fn set_trainable(&mut self, on: bool) {
+        for (_, t) in &mut self.params {
+            *t = if on { t.var() } else { t.detach() };
+        }
+        self.trainable = on;
+    }
+
+    /// A copy with every parameter converted to `dtype` (f32 or f64; f64 for gradient
+    /// checks). The trainable flag is kept (new leaves).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Ddit> {
+        ensure!(
+            dtype == DType::F32 || dtype == DType::F64,
+            "the model computes in f32 or f64, not {dtype}"
+        );
+        let params = self
+            .params
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.detach().to_dtype(dtype)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut m = Ddit {
+            cfg: self.cfg.clone(),
+            params,
+            trainable: false,
+        };
+        if self.trainable {
+            m.set_trainable(true);
+        }
+        Ok(m)
+    }
+
+    fn p(&self, i: usize) -> &Tensor {
+        &self.params[i].1
+    }
+    fn block(&self, layer: usize, which: usize) -> &Tensor {
+        self.p(1 + layer * PER_BLOCK + which)
+    }
+    fn final_idx(&self) -> usize {
+        1 + self.cfg.n_layers * PER_BLOCK
+    }
+
+    /// Causal attention parameters of this model: scale 1/sqrt(D), queries at absolute rows
+    /// `q_start..`, and per-sequence leading keys to ignore (empty = none).
+    pub fn attn_params(&self, q_start: usize, key_skip: Vec<usize>) -> AttnParams {
+        AttnParams {
+            pattern: AttnPattern::Causal,
+            q_start,
+            scale: 1.0 / (self.cfg.head_dim() as f64).sqrt(),
+            key_skip,
+        }
+    }
+
+    /// Token embeddings `[B, T, d]` of u32 ids `[B, T]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        ensure!(
+            ids.dtype() == DType::U32 && ids.rank() == 2,
+            "token ids must be u32 [B, T], got {} {:?}",
+            ids.dtype(),
+            ids.shape()
+        );
+        embedding(ids, self.p(0))
+    }
+
+    /// The teacher's training forward: logits `[B, T, V]` of ids `[B, T]` at positions
+    /// `0..T`, causal (on the tape when the model is trainable and grad is enabled).
+    pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
+        let t = ids.dim(1).context("token ids must be [B, T]")?;
+        ensure!(
+            t >= 1 && t <= self.cfg.max_seq_len,
+            "sequence length {t} must be in 1..={} (max_seq_len)",
+            self.cfg.max_seq_len
+        );
+        let h0 = self.embed(ids)?;
+        let pos = positions(t)?;
+        self.backbone(&h0, &pos, &self.attn_params(0, vec![]), None)
+    }
+
+    /// The backbone on given input embeddings `h0 [B, T, d]` (the student replaces some rows
+    /// by its noise encoder's output): u32 positions `[T]` or `[B, T]` for RoPE, attention
+    /// parameters (pattern, `q_start`, scale, `key_skip`), and an optional KV cache (then
+    /// `attn.q_start` must equal the cache's committed length; this step's K/V are written
+    /// after it and attended together with the cached rows; commit with `KvCache::commit`).
+    /// Returns logits `[B, T, V]`.
+    pub fn backbone(
+        &self,
+        h0: &Tensor,
+        pos: &Tensor,
+        attn: &AttnParams,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let h = self.backbone_hidden(h0, pos, attn, cache)?;
+        self.head(&h)
+    }
+
+    /// [`Ddit::backbone`] without the final layer: the residual stream `[B, T, d]` after the
+    /// last block (so a caller can apply [`Ddit::head`] to the rows it needs only).
+    pub fn backbone_hidden(
+        &self,
+        h0: &Tensor,
+        pos: &Tensor,
+        attn: &AttnParams,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (d, nh, hd) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
+        ensure!(
+            h0.rank() == 3 && h0.shape()[2] == d,
+            "backbone: input embeddings must be [B, T, d = {d}], got {:?}",
+            h0.shape()
+        );
+        ensure!(
+            h0.dtype() == self.dtype(),
+            "backbone: input embeddings are {} but the model computes in {}",
+            h0.dtype(),
+            self.dtype()
+        );
+        let (b, t) = (h0.shape()[0], h0.shape()[1]);
+        ensure!(
+            pos.dtype() == DType::U32 && (pos.shape() == [t] || pos.shape() == [b, t]),
+            "backbone: positions must be u32 [T] or [B, T] = [{b}, {t}], got {} {:?}",
+            pos.dtype(),
+            pos.shape()
+        );
+        if let Some(&mx) = pos.to_vec::<u32>()?.iter().max() {
+            ensure!(
+                (mx as usize) < cfg.max_seq_len,
+                "backbone: position {mx} is beyond the model's max_seq_len {}",
+                cfg.max_seq_len
+            );
+        }
+        if let Some(c) = cache.as_deref() {
+            ensure!(
+                !(grad_enabled() && (self.trainable || h0.tracks_grad())),
+                "backbone: a KV-cached pass is inference only (run it under no_grad())"
+            );
+            ensure!(
+                c.n_layers() == cfg.n_layers && c.batch() == b && c.dtype() == self.dtype(),
+                "backbone: {c:?} does not fit this model ({} layers) and batch {b} ({})",
+                cfg.n_layers,
+                self.dtype()
+            );
+            ensure!(
+                attn.q_start == c.len(),
+                "backbone: with a KV cache the queries start at its committed length {}, not at q_start {}",
+                c.len(),
+                attn.q_start
+            );
+            ensure!(
+                c.pending() == 0,
+                "backbone: the KV cache holds {} uncommitted rows of the previous step (commit first)",
+                c.pending()
+            );
+        }
+        let eps = cfg.ln_eps;
+        let mut h = h0.clone();
+        for layer in 0..cfg.n_layers {
+            let x = layer_norm(&h, self.block(layer, NORM1), None, eps)?;
+            // [B, T, 3d] viewed as (three, heads, head_dim): q, k, v are strided views
+            let qkv = linear(&x, self.block(layer, QKV), None)?.reshape(&[b, t, 3, nh, hd])?;
+            let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
+            let q = rope(&part(0)?, pos, cfg.rope_base)?;
+            let k = rope(&part(1)?, pos, cfg.rope_base)?;
+            let v = part(2)?;
+            let a = match cache.as_deref_mut() {
+                Some(c) => {
+                    let (kc, vc) = c.write(layer, &k, &v)?;
+                    attention(&q, &kc, &vc, attn)?
+                }
+                None => attention(&q, &k, &v, attn)?,
+            }
+            .reshape(&[b, t, d])?;
+            h = add(&h, &linear(&a, self.block(layer, OUT), None)?)?;
+            let x = layer_norm(&h, self.block(layer, NORM2), None, eps)?;
+            let m = linear(
+                &x,
+                self.block(layer, MLP0_W),
+                Some(self.block(layer, MLP0_B)),
+            )?;
+            let m = linear(
+                &gelu_tanh(&m)?,
+                self.block(layer, MLP2_W),
+                Some(self.block(layer, MLP2_B)),
+            )?;
+            h = add(&h, &m)?;
+        }
+        Ok(h)
+    }
+
+    /// The final layer on a residual stream `h [.., d]`: LN_f (weight only), then
+    /// `Linear(d, V, bias)`, then the reserved token's logit set to -1000.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let f = self.final_idx();
+        let x = layer_norm(h, self.p(f), None, self.cfg.ln_eps)?;
+        let logits = linear(&x, self.p(f + 1), Some(self.p(f + 2)))?;
+        mask_logit(logits, self.cfg.mask_token_id)
+    }
+}
+
+/// Positions `0..t` as u32 `[T]`.
+pub fn positions(t: usize) -> Result<Tensor> {
+    let v: Vec<u32> = (0..t as u32).collect();
+    Tensor::from_vec(v, &[t], Device::Cpu)
+}
+
+/// Sets column `id` of `logits [.., V]` to exactly [`MASK_LOGIT`]. Off the tape this
+/// writes in place (the logits are a fresh buffer of the head's linear); on the tape it
+/// is an op whose output is a copy and whose gradient is `g` with that column zeroed (the
+/// logit is a constant, so nothing flows into the head from it).
+fn mask_logit(logits: Tensor, id: Option<u32>) -> Result<Tensor> {
+    let Some(id) = id else { return Ok(logits) };
+    let col = id as usize;
+    let v = logits.dim(logits.rank() - 1)?;
+    ensure!(col < v, "mask token {id} outside the {v} logits");
+    fn set_col<T: Float>(x: &mut [T], v: usize, col: usize) {
+        for row in x.chunks_exact_mut(v) {
+            row[col] = T::from_f64(MASK_LOGIT);
+        }
+    }
+    fn go<T: Float>(logits: Tensor, v: usize, col: usize) -> Result<Tensor> {
+        if should_record(&[&logits]) {
+            let mut data = logits.contiguous()?.to_vec::<T>()?;
+            set_col(&mut data, v, col);
+            let node: Arc<dyn BackwardOp> = Arc::new(MaskLogitBackward {
+                x: logits.clone(),
+                col,
+            });
+            return Tensor::from_cpu_op(data, logits.shape(), Some(node));
+        }
+        let logits = logits.contiguous()?;
+        logits.with_cpu_data_mut::<T, _>(|x| set_col(x, v, col))?;
+        Ok(logits)
+    }
+    match logits.dtype() {
+        DType::F32 => go::<f32>(logits, v, col),
+        DType::F64 => go::<f64>(logits, v, col),
+        other => bail!("mask_logit: unsupported dtype {other}"),
+    }
+}
+
+struct MaskLogitBackward {
+    x: Tensor,
+    col: usize,
+}
+
+impl BackwardOp for MaskLogitBackward {
+    fn name(&self) -> &'static str {
+        "mask_logit"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        vec![self.x.clone()]
+    }
+    fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        fn go<T: Float>(g: &Tensor, col: usize) -> Result<Tensor> {
+            let v = g.dim(g.rank() - 1)?;
+            let mut d = g.contiguous()?.to_vec::<T>()?;
+            d.chunks_exact_mut(v).for_each(|r| r[col] = T::ZERO);
+            Tensor::from_vec(d, g.shape(), Device::Cpu)
+        }
+        let gz = match g.dtype() {
+            DType::F32 => go::<f32>(g, self.col)?,
+            DType::F64 => go::<f64>(g, self.col)?,
+            other => bail!("mask_logit backward: unsupported dtype {other}"),
+        };
+        Ok(vec![Some(gz)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> DditConfig {
+        let mut c = DditConfig::preset("tiny").unwrap();
+        c.n_layers = 1;
+        c.vocab_size = 40;
+        c.mask_token_id = Some(2);
+        c
+    }
+
+    fn tmp(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("kf-ddit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn init_is_deterministic_and_counts_match() {
+        let c = cfg();
+        let (a, b) = (Ddit::init(&c, 1).unwrap(), Ddit::init(&c, 1).unwrap());
+        let n: usize = a.params().iter().map(|(_, t)| t.numel()).sum();
+        assert_eq!(n, c.n_params());
+        assert_eq!(a.params().len(), param_specs(&c).len());
+        for ((na, ta), (nb, tb)) in a.params().iter().zip(b.params()) {
+            assert_eq!(na, nb);
+            assert_eq!(ta.to_vec::<f32>().unwrap(), tb.to_vec::<f32>().unwrap());
+        }
+        let w = a
+            .param("blocks.0.attn_qkv.weight")
+            .unwrap()
+            .to_vec_f64()
+            .unwrap();
+        let sd = (w.iter().map(|x| x * x).sum::<f64>() / w.len() as f64).sqrt();
+        assert!((sd - INIT_STD).abs() < 0.002, "std {sd}");
+        assert!(a
+            .param("blocks.0.norm1.weight")
+            .unwrap()
+            .to_vec_f64()
+            .unwrap()
+            .iter()
+            .all(|&x| x == 1.0));
+        assert!(a
+            .param("output_layer.linear.bias")
+            .unwrap()
+            .to_vec_f64()
+            .unwrap()
+            .iter()
+            .all(|&x| x == 0.0));
+        let c2 = Ddit::init(&c, 2).unwrap();
+        assert_ne!(
+            a.params()[0].1.to_vec::<f32>().unwrap(),
+            c2.params()[0].1.to_vec::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn save_load_round_trip_in_each_dtype() {
+        let c = cfg();
+        let m = Ddit::init(&c, 3).unwrap();
+        let dir = tmp("rt");
+        m.save(&dir, DType::F32).unwrap();
+        let l = Ddit::load(&dir).unwrap();
+        assert_eq!(l.cfg, c);
+        assert!(
+            l.params()[0].1.is_mapped().unwrap(),
+            "f32 weights load zero-copy"
+        );
+        for ((_, a), (_, b)) in m.params().iter().zip(l.params()) {
+            assert_eq!(a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+        }
+        m.save(&dir, DType::BF16).unwrap();
+        let l = Ddit::load(&dir).unwrap();
+        assert_eq!(l.dtype(), DType::F32);
+        let (a, b) = (
+            m.params()[0].1.to_vec_f64().unwrap(),
+            l.params()[0].1.to_vec_f64().unwrap(),
+        );
+        assert!(a
+            .iter()
+            .zip(&b)
+            .all(|(x, y)| (x - y).abs() <= 0.004 * x.abs() + 1e-30));
+        assert!(m.save(&dir, DType::U32).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn weights_that_do_not_fit_the_config_are_named() {
+        let c = cfg();
+        let m = Ddit::init(&c, 3).unwrap();
+        let dir = tmp("bad");
+        m.save(&dir, DType::F32).unwrap();
+        // config says 2 layers, file has 1
+        let mut c2 = c.clone();
+        c2.n_layers = 2;
+        checkpoint::write_config(&dir, &c2).unwrap();
+        let e = format!("{:#}", Ddit::load(&dir).unwrap_err());
+        assert!(
+            e.contains("missing tensor \"blocks.1.norm1.weight\""),
+            "{e}"
+        );
+        // wider model in the config
+        let mut c3 = c.clone();
+        c3.vocab_size = 41;
+        checkpoint::write_config(&dir, &c3).unwrap();
+        let e = format!("{:#}", Ddit::load(&dir).unwrap_err());
+        assert!(
+            e.contains("vocab_embed.embedding") && e.contains("[41, 64]"),
+            "{e}"
+        );
+        // an extra tensor
+        let mut named: Vec<(String, Tensor)> = m.params().to_vec();
+        named.push((
+            "blocks.0.attn_qkv.bias".into(),
+            Tensor::zeros(&[3], DType::F32, Device::Cpu).unwrap(),
+        ));
+        let e = Ddit::from_params(&c, named).unwrap_err().to_string();
+        assert!(
+            e.contains("unexpected") && e.contains("attn_qkv.bias"),
+            "{e}"
+        );
+        // a truncated weights file
+        checkpoint::write_config(&dir, &c).unwrap();
+        let w = dir.join(WEIGHTS_FILE);
+        let bytes = std::fs::read(&w).unwrap();
+        std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+        let e = format!("{:#}", Ddit::load(&dir).unwrap_err());
+        assert!(e.contains("model.safetensors"), "{e}");
+        std::fs::remove_file(&w).unwrap();
+        let e = format!("{:#}", Ddit::load(&dir).unwrap_err());
+        assert!(e.contains("has no model.safetensors"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mask_logit_is_exact_on_and_off_the_tape() {
+        let c = cfg();
+        let mut m = Ddit::init(&c, 4).unwrap();
+        let x = Tensor::from_vec(vec![1u32, 2, 3, 4, 5, 6], &[2, 3], Device::Cpu).unwrap();
+        let off = m.forward_train(&x).unwrap();
+        m.set_trainable(true);
+        let on = m.forward_train(&x).unwrap();
+        assert!(on.tracks_grad() && !off.tracks_grad());
+        let (a, b) = (off.to_vec::<f32>().unwrap(), on.to_vec::<f32>().unwrap());
+        assert_eq!(a, b);
+        assert!(a.chunks(40).all(|r| r[2] == -1000.0));
+        let g = on.backward().unwrap();
+        let gb = g
+            .get(m.param("output_layer.linear.bias").unwrap())
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(gb[2], 0.0);
+        assert_eq!(gb[3], 6.0); // d(sum logits)/d bias = number of rows
+    }
+
+    #[test]
+    fn forward_rejects_bad_inputs() {
+        let c = cfg();
+        let m = Ddit::init(&c, 4).unwrap();
+        let long = Tensor::zeros(&[1, c.max_seq_len + 1], DType::U32, Device::Cpu).unwrap();
+        assert!(m
+            .forward_train(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("max_seq_len"));
+        let oov = Tensor::from_vec(vec![40u32], &[1, 1], Device::Cpu).unwrap();
+        assert!(m
+            .forward_train(&oov)
+            .unwrap_err()
+            .to_string()
+            .contains("out of range"));
+        let f = Tensor::zeros(&[1, 2], DType::F32, Device::Cpu).unwrap();
+        assert!(m.forward_train(&f).is_err());
+        let h0 = Tensor::zeros(&[1, 2, 64], DType::F32, Device::Cpu).unwrap();
+        let far = Tensor::from_vec(vec![0u32, c.max_seq_len as u32], &[2], Device::Cpu).unwrap();
+        let e = m
+            .backbone(&h0, &far, &m.attn_params(0, vec![]), None)
+            .unwrap_err();
+        assert!(e.to_string().contains("beyond"), "{e}");
+        let mut cache = KvCache::new(&c, 1, 8, DType::F32).unwrap();
+        let pos = positions(2).unwrap();
+        let e = m
+            .backbone(&h0, &pos, &m.attn_params(1, vec![]), Some(&mut cache))
+            .unwrap_err();
+        assert!(e.to_string().contains("committed length 0"), "{e}");
+        let mut t = m.to_dtype(DType::F64).unwrap();
+        t.set_trainable(true);
+        let h64 = h0.to_dtype(DType::F64).unwrap();
+        let mut c64 = KvCache::new(&c, 1, 8, DType::F64).unwrap();
+        let e = t
+            .backbone(&h64, &pos, &t.attn_params(0, vec![]), Some(&mut c64))
+            .unwrap_err();
+        assert!(e.to_string().contains("no_grad"), "{e}");
+    }
+}

@@ -1,0 +1,297 @@
+//! Autoregressive generation with the teacher (KFORCING.md section 7, AR case): prefill the
+//! prompts into the KV cache, then one token per step per sequence through the one
+//! inverse-CDF map (`kf_ops::sampling::sample_inverse_cdf`), stopping a sequence at EOS.
+//! Letters: B sequences, L_b prompt lengths, Lmax = max L_b, V vocabulary.
+//!
+//! # The noise (shared with the student and the evaluation)
+//!
+//! The uniform for sequence `s` at generated position `j` (0-based: `j = 0` is the first
+//! token after the prompt) is
+//!
+//! ```text
+//! u(s, j) = Philox(seed, stream = s).uniform_f64(j)        // see kf_engine::rng
+//! ```
+//!
+//! where `s = first_stream + b` for row `b` of the batch. The token is
+//! `inverse_cdf(softmax(logits / tau), u(s, j))`. Because `u` depends on the sequence's
+//! stream and position only (never on the batch it ran in or on the other sequences), a
+//! sequence generates the same tokens alone or in any batch, cached or not, and a PFLM
+//! student fed `u(s, j..j+k)` as hints reproduces the teacher's rollout for the same `u`.
+//!
+//! # Batching prompts of different lengths
+//!
+//! Prompts are left-padded to Lmax; `key_skip[b] = Lmax - L_b` hides the padding keys
+//! (padding query rows output zeros), and RoPE positions restart at 0 on each sequence's
+//! first real token, so row `b` computes exactly what it would alone. A finished sequence
+//! stays in the batch (fed its last token, its samples ignored) until every sequence has
+//! stopped or `max_new` tokens were generated.
+
+use crate::ddit::Ddit;
+use crate::kv_cache::KvCache;
+use anyhow::{ensure, Result};
+use kf_engine::autograd::no_grad;
+use kf_engine::rng::Philox;
+use kf_engine::{DType, Device, Float, Tensor};
+use kf_ops::sampling::sample_inverse_cdf;
+use std::time::Instant;
+
+/// Options of [`generate`].
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    /// Tokens to generate per sequence at most (>= 1).
+    pub max_new: usize,
+    /// Temperature (> 0; 0 is greedy).
+    pub tau: f64,
+    /// Philox seed of the noise.
+    pub seed: u64,
+    /// Row `b` uses Philox stream `first_stream + b` (so a sequence generated alone with
+    /// `first_stream = s` equals row `b` of a batch with `first_stream + b = s`).
+    pub first_stream: u64,
+    /// Stop token; `None` runs every sequence to `max_new`.
+    pub eos: Option<u32>,
+    /// `true`: prefill + KV cache; `false`: recompute the whole sequence every step (the
+    /// reference the cached path is tested against).
+    pub use_cache: bool,
+    /// Ids `>= vocab_limit` are never sampled (their logits are set to -inf before the
+    /// map): for a model whose vocabulary is padded past its tokenizer's. `None`: all V.
+    pub vocab_limit: Option<usize>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new: 64,
+            tau: 1.0,
+            seed: 0,
+            first_stream: 0,
+            eos: None,
+            use_cache: true,
+            vocab_limit: None,
+        }
+    }
+}
+
+/// What [`generate`] produced.
+#[derive(Clone, Debug, Default)]
+pub struct Generated {
+    /// Generated ids per sequence (prompt excluded), ending with EOS when it stopped there.
+    pub tokens: Vec<Vec<u32>>,
+    /// Whether each sequence stopped at EOS.
+    pub stopped_at_eos: Vec<bool>,
+    /// Forward passes run (prefill included).
+    pub passes: usize,
+    /// Seconds in the prefill pass (with the cache; 0 without).
+    pub prefill_secs: f64,
+    /// Seconds in the decode steps.
+    pub decode_secs: f64,
+}
+
+impl Generated {
+    /// Tokens generated over all sequences.
+    pub fn n_tokens(&self) -> usize {
+        self.tokens.iter().map(|t| t.len()).sum()
+    }
+}
+
+/// The uniform of sequence stream `stream` at generated position `j` (module docs).
+pub fn noise_u(seed: u64, stream: u64, j: u64) -> f64 {
+    Philox::new(seed, stream).uniform_f64(j)
+}
+
+/// Generates a continuation of each prompt (token ids, each non-empty and below V).
+/// `on_token(b, token)` is called for every token as soon as it is sampled, in sequence
+/// order within a step (EOS included); an error from it stops generation.
+pub fn generate(
+    model: &Ddit,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<Generated> {
+    let cfg = &model.cfg;
+    ensure!(!prompts.is_empty(), "generate: no prompts");
+    ensure!(opts.max_new >= 1, "generate: max_new must be at least 1");
+    ensure!(
+        opts.tau.is_finite() && opts.tau >= 0.0,
+        "generate: tau must be finite and >= 0, got {}",
+        opts.tau
+    );
+    for (b, p) in prompts.iter().enumerate() {
+        ensure!(!p.is_empty(), "generate: prompt {b} has no tokens");
+        if let Some(&bad) = p.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            anyhow::bail!(
+                "generate: prompt {b} holds token id {bad}, outside the model's vocabulary of {}",
+                cfg.vocab_size
+            );
+        }
+        ensure!(
+            p.len() + opts.max_new <= cfg.max_seq_len,
+            "generate: prompt {b} has {} tokens; with max_new {} that is {} positions, more than the model's max_seq_len {}",
+            p.len(),
+            opts.max_new,
+            p.len() + opts.max_new,
+            cfg.max_seq_len
+        );
+    }
+    if let Some(l) = opts.vocab_limit {
+        ensure!(
+            l >= 1 && l <= cfg.vocab_size,
+            "generate: vocab_limit {l} must be in 1..={}",
+            cfg.vocab_size
+        );
+    }
+    if let Some(e) = opts.eos {
+        ensure!(
+            (e as usize) < cfg.vocab_size,
+            "generate: EOS id {e} is outside the vocabulary of {}",
+            cfg.vocab_size
+        );
+    }
+    let _ng = no_grad();
+    let nb = prompts.len();
+    let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    let lmax = *lens.iter().max().expect("non-empty");
+    let skips: Vec<usize> = lens.iter().map(|&l| lmax - l).collect();
+    let key_skip = if skips.iter().any(|&s| s > 0) {
+        skips.clone()
+    } else {
+        vec![]
+    };
+    // rows[b]: the padded sequence so far (padding repeats the first prompt token)
+    let mut rows: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&skips)
+        .map(|(p, &s)| {
+            let mut r = vec![p[0]; s];
+            r.extend_from_slice(p);
+            r
+        })
+        .collect();
+    let mut out = Generated {
+        tokens: vec![Vec::new(); nb],
+        stopped_at_eos: vec![false; nb],
+        ..Default::default()
+    };
+    let mut done = vec![false; nb];
+    let mut cache = if opts.use_cache {
+        Some(KvCache::new(
+            cfg,
+            nb,
+            lmax + opts.max_new - 1,
+            model.dtype(),
+        )?)
+    } else {
+        None
+    };
+    let mut u = vec![0f64; nb];
+    let mut logits;
+    // prefill (or, without a cache, the first full pass)
+    {
+        let t0 = Instant::now();
+        logits = full_pass(model, &rows, &skips, &key_skip, cache.as_mut())?;
+        out.passes += 1;
+        let dt = t0.elapsed().as_secs_f64();
+        if opts.use_cache {
+            out.prefill_secs = dt;
+        } else {
+            out.decode_secs += dt;
+        }
+    }
+    let t_dec = Instant::now();
+    for j in 0..opts.max_new {
+        for (b, ub) in u.iter_mut().enumerate() {
+            *ub = noise_u(opts.seed, opts.first_stream + b as u64, j as u64);
+        }
+        if let Some(l) = opts.vocab_limit.filter(|&l| l < cfg.vocab_size) {
+            logits = forbid_tail(logits, l)?;
+        }
+        let ut = Tensor::from_slice(&u, &[nb], Device::Cpu)?;
+        let toks = sample_inverse_cdf(&logits, &ut, opts.tau)?.to_vec::<u32>()?;
+        for b in 0..nb {
+            if done[b] {
+                continue;
+            }
+            out.tokens[b].push(toks[b]);
+            on_token(b, toks[b])?;
+            if Some(toks[b]) == opts.eos {
+                done[b] = true;
+                out.stopped_at_eos[b] = true;
+            }
+        }
+        if j + 1 == opts.max_new || done.iter().all(|&d| d) {
+            break;
+        }
+        // feed the sampled token (a finished sequence repeats its last one; ignored)
+        for (b, r) in rows.iter_mut().enumerate() {
+            let last = *out.tokens[b].last().expect("a token per step until done");
+            r.push(last);
+        }
+        logits = match cache.as_mut() {
+            Some(c) => {
+                let ids: Vec<u32> = rows.iter().map(|r| *r.last().expect("non-empty")).collect();
+                let pos: Vec<u32> = lens.iter().map(|&l| (l + j) as u32).collect();
+                let ids = Tensor::from_vec(ids, &[nb, 1], Device::Cpu)?;
+                let pos = Tensor::from_vec(pos, &[nb, 1], Device::Cpu)?;
+                let attn = model.attn_params(c.len(), key_skip.clone());
+                let h = model.backbone_hidden(&model.embed(&ids)?, &pos, &attn, Some(&mut *c))?;
+                c.commit(1)?;
+                model.head(&h)?.reshape(&[nb, cfg.vocab_size])?
+            }
+            None => full_pass(model, &rows, &skips, &key_skip, None)?,
+        };
+        out.passes += 1;
+    }
+    out.decode_secs += t_dec.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// One pass over the whole (left-padded) rows; logits `[B, V]` of the last row. With a
+/// cache (empty), this is the prefill and commits every row.
+fn full_pass(
+    model: &Ddit,
+    rows: &[Vec<u32>],
+    skips: &[usize],
+    key_skip: &[usize],
+    cache: Option<&mut KvCache>,
+) -> Result<Tensor> {
+    let (nb, t) = (rows.len(), rows[0].len());
+    let ids: Vec<u32> = rows.iter().flatten().copied().collect();
+    let pos: Vec<u32> = skips
+        .iter()
+        .flat_map(|&s| (0..t).map(move |i| i.saturating_sub(s) as u32))
+        .collect();
+    let ids = Tensor::from_vec(ids, &[nb, t], Device::Cpu)?;
+    let pos = Tensor::from_vec(pos, &[nb, t], Device::Cpu)?;
+    let q_start = cache.as_ref().map_or(0, |c| c.len());
+    let attn = model.attn_params(q_start, key_skip.to_vec());
+    let h0 = model.embed(&ids)?;
+    let (h, cache) = match cache {
+        Some(c) => {
+            let h = model.backbone_hidden(&h0, &pos, &attn, Some(&mut *c))?;
+            (h, Some(c))
+        }
+        None => (model.backbone_hidden(&h0, &pos, &attn, None)?, None),
+    };
+    if let Some(c) = cache {
+        c.commit(t)?;
+    }
+    // only the last row's logits are needed
+    let last = h.narrow(1, t - 1, 1)?;
+    model.head(&last)?.reshape(&[nb, model.cfg.vocab_size])
+}
+
+/// `logits [B, V]` with columns `l..V` set to -inf (in place: the logits are our own buffer).
+fn forbid_tail(logits: Tensor, l: usize) -> Result<Tensor> {
+    fn go<T: Float>(x: &Tensor, l: usize) -> Result<()> {
+        let v = x.dim(1)?;
+        x.with_cpu_data_mut::<T, _>(|d| {
+            d.chunks_exact_mut(v)
+                .for_each(|r| r[l..].fill(T::NEG_INFINITY))
+        })
+    }
+    let x = logits.contiguous()?;
+    match x.dtype() {
+        DType::F32 => go::<f32>(&x, l)?,
+        _ => go::<f64>(&x, l)?,
+    }
+    Ok(x)
+}

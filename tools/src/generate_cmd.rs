@@ -1,0 +1,227 @@
+//! `kfrun generate`: AR sampling from a model directory (config.json + model.safetensors +
+//! tokenizer.json). Prefill + KV cache, the inverse-CDF sampler with Philox noise (see
+//! kf_model::generate for the exact noise of each sequence), stop at EOS.
+//!
+//! Sequences: the prompts, repeated in order up to `--batch` sequences when more are asked
+//! for than given (`--batch 4 --prompt x` samples x four times, with four noise streams);
+//! they run `--batch` at a time. Sequence `s` (0-based, over the whole run) uses noise
+//! stream `s`, so its text does not depend on the batch size. With a batch of 1 the text is
+//! streamed to stdout token by token; with more, each sequence is printed as `[s] text`
+//! when it finishes. Progress and timing go to stderr.
+
+use anyhow::{bail, ensure, Context, Result};
+use kf_engine::Device;
+use kf_model::checkpoint;
+use kf_model::generate::{generate, GenerateOptions};
+use kf_model::tokenizer::Tokenizer;
+use kf_model::Ddit;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory: config.json, model.safetensors, tokenizer.json.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text (repeat the flag for several prompts).
+    #[arg(long = "prompt", required = true)]
+    prompts: Vec<String>,
+    /// Sequences decoded together (default: the number of prompts).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Tokens to generate per sequence at most [default: 64, or fewer where the longest
+    /// prompt leaves less room in the model's max_seq_len].
+    #[arg(long)]
+    max_new: Option<usize>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 1.0)]
+    tau: f64,
+    /// Philox seed of the sampling noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Device: cpu (cuda when built with it).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Recompute the whole sequence every step instead of using the KV cache (slow; a
+    /// reference for the cached path).
+    #[arg(long)]
+    no_cache: bool,
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    let _device = Device::parse(&a.device)?;
+    ensure!(a.max_new != Some(0), "--max-new must be at least 1");
+    ensure!(
+        a.tau.is_finite() && a.tau >= 0.0,
+        "--tau must be finite and >= 0 (0 = greedy), got {}",
+        a.tau
+    );
+    if a.batch == Some(0) {
+        bail!("--batch must be at least 1");
+    }
+    let t_load = Instant::now();
+    let model = Ddit::load(&a.model)?;
+    let cfg = &model.cfg;
+    let tok = checkpoint::read_tokenizer(&a.model, cfg)?;
+    if let Some(n) = a.max_new {
+        ensure!(
+            n < cfg.max_seq_len,
+            "--max-new {n} leaves no room for a prompt: the model's max_seq_len is {}",
+            cfg.max_seq_len
+        );
+    }
+    let mut encoded = Vec::with_capacity(a.prompts.len());
+    for (i, p) in a.prompts.iter().enumerate() {
+        let ids = tok
+            .encode(p)
+            .with_context(|| format!("cannot tokenise prompt {i}"))?;
+        ensure!(
+            !ids.is_empty(),
+            "prompt {i} ({p:?}) is empty after tokenisation"
+        );
+        ensure!(
+            ids.len() < cfg.max_seq_len,
+            "prompt {i} has {} tokens, which leaves no room in the model's max_seq_len {}",
+            ids.len(),
+            cfg.max_seq_len
+        );
+        encoded.push(ids);
+    }
+    let longest = encoded.iter().map(|e| e.len()).max().unwrap_or(0);
+    let max_new = a.max_new.unwrap_or(64.min(cfg.max_seq_len - longest));
+    for (i, ids) in encoded.iter().enumerate() {
+        ensure!(
+            ids.len() + max_new <= cfg.max_seq_len,
+            "prompt {i} has {} tokens; with --max-new {max_new} that is {} positions, more than the model's max_seq_len {} (shorten the prompt or lower --max-new)",
+            ids.len(),
+            ids.len() + max_new,
+            cfg.max_seq_len
+        );
+    }
+    let eos = cfg.eos_token_id.or(tok.eos_id());
+    let batch = a.batch.unwrap_or(encoded.len());
+    let n_seq = batch.max(encoded.len());
+    eprintln!(
+        "kfrun generate: {} ({} layers, d {}, V {}, {:.1} M parameters) loaded in {:.2} s; {n_seq} sequence(s), batch {batch}, max {} new tokens, tau {}, seed {}, {}{}",
+        a.model.display(),
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.vocab_size,
+        cfg.n_params() as f64 / 1e6,
+        t_load.elapsed().as_secs_f64(),
+        max_new,
+        a.tau,
+        a.seed,
+        if a.no_cache { "no KV cache" } else { "KV cache" },
+        match eos {
+            Some(e) => format!(", EOS id {e}"),
+            None => ", no EOS token".to_string(),
+        }
+    );
+    let (mut total_tokens, mut total_decode) = (0usize, 0f64);
+    let mut start = 0;
+    while start < n_seq {
+        let end = (start + batch).min(n_seq);
+        let idx: Vec<usize> = (start..end).collect();
+        let prompts: Vec<Vec<u32>> = idx
+            .iter()
+            .map(|&s| encoded[s % encoded.len()].clone())
+            .collect();
+        let texts: Vec<&str> = idx
+            .iter()
+            .map(|&s| a.prompts[s % a.prompts.len()].as_str())
+            .collect();
+        let opts = GenerateOptions {
+            max_new,
+            tau: a.tau,
+            seed: a.seed,
+            first_stream: start as u64,
+            eos,
+            use_cache: !a.no_cache,
+            // a vocabulary padded past the tokenizer's: never sample an id it cannot decode
+            vocab_limit: Some(tok.vocab_size()),
+        };
+        let g = run_chunk(&model, &tok, &prompts, &texts, start, &opts)?;
+        let n = g.0;
+        eprintln!(
+            "  sequences {start}..{end}: prefill {:.1} ms, {n} tokens in {:.2} s = {:.1} tokens/s ({} passes)",
+            g.1 * 1e3,
+            g.2,
+            n as f64 / g.2.max(1e-9),
+            g.3
+        );
+        total_tokens += n;
+        total_decode += g.1 + g.2;
+        start = end;
+    }
+    eprintln!(
+        "kfrun generate: {total_tokens} tokens in {total_decode:.2} s (prefill included) = {:.1} tokens/s",
+        total_tokens as f64 / total_decode.max(1e-9)
+    );
+    Ok(())
+}
+
+/// One batch: returns (tokens generated, prefill s, decode s, passes).
+fn run_chunk(
+    model: &Ddit,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    texts: &[&str],
+    first: usize,
+    opts: &GenerateOptions,
+) -> Result<(usize, f64, f64, usize)> {
+    let out = std::io::stdout();
+    let nb = prompts.len();
+    let g = if nb == 1 {
+        // stream: the prompt, then each token's text as soon as it is complete
+        let mut dec = tok.stream_decoder();
+        {
+            let mut o = out.lock();
+            write!(o, "{}", texts[0])?;
+            o.flush()?;
+        }
+        let g = generate(model, prompts, opts, |_, t| {
+            if Some(t) == opts.eos {
+                return Ok(());
+            }
+            let s = dec.push(t)?;
+            if !s.is_empty() {
+                let mut o = out.lock();
+                write!(o, "{s}")?;
+                o.flush()?;
+            }
+            Ok(())
+        })?;
+        let mut o = out.lock();
+        writeln!(o, "{}", dec.finish()?)?;
+        o.flush()?;
+        g
+    } else {
+        // print each sequence when it finishes (at EOS, or all at the end)
+        let mut printed = vec![false; nb];
+        let mut acc: Vec<Vec<u32>> = vec![Vec::new(); nb];
+        let print = |b: usize, ids: &[u32]| -> Result<()> {
+            let text = tok.decode(ids)?;
+            let mut o = out.lock();
+            writeln!(o, "[{}] {}{}", first + b, texts[b], text)?;
+            o.flush()?;
+            Ok(())
+        };
+        let g = generate(model, prompts, opts, |b, t| {
+            if Some(t) == opts.eos {
+                printed[b] = true;
+                return print(b, &acc[b]);
+            }
+            acc[b].push(t);
+            Ok(())
+        })?;
+        for b in 0..nb {
+            if !printed[b] {
+                print(b, &acc[b])?;
+            }
+        }
+        g
+    };
+    Ok((g.n_tokens(), g.prefill_secs, g.decode_secs, g.passes))
+}
