@@ -5,8 +5,8 @@
 //! Letters: N rows (positions), V vocabulary.
 
 use crate::dispatch_float;
-use crate::softmax::{for_each_row, row_max_sumexp, FirstBadRow, PAR_MIN_ELEMS};
 use crate::util::{expect_rank, expect_shape, float_dtype};
+use crate::util::{for_each_row, row_max_sumexp, FirstBadRow, PAR_MIN_ELEMS};
 use anyhow::{bail, ensure, Result};
 use kf_engine::autograd::should_record;
 use kf_engine::{BackwardOp, DType, Float, OutBuf, Tensor};

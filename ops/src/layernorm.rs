@@ -4,8 +4,8 @@
 //! for the backward. Letters: R rows (product of the leading dims), D features.
 
 use crate::dispatch_float;
-use crate::softmax::{for_each_row, sum_map};
 use crate::util::{expect_shape, float_dtype};
+use crate::util::{for_each_row, sum_map};
 use anyhow::{ensure, Result};
 use kf_engine::autograd::should_record;
 use kf_engine::{BackwardOp, Float, OutBuf, Tensor};
@@ -65,7 +65,7 @@ fn layer_norm_t<T: Float>(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) 
     if d > 0 {
         let epst = T::from_f64(eps);
         // stats first (cheap, rows-sized), then the normalised rows
-        let stats: Vec<(T, T)> = if xs.len() >= crate::softmax::PAR_MIN_ELEMS {
+        let stats: Vec<(T, T)> = if xs.len() >= crate::util::PAR_MIN_ELEMS {
             xs.par_chunks(d).map(|r| row_stats(r, epst)).collect()
         } else {
             xs.chunks(d).map(|r| row_stats(r, epst)).collect()
@@ -172,7 +172,7 @@ impl<T: Float> BackwardOp for LayerNormBackward<T> {
                 }
                 (pdw, pdb)
             };
-            let parts: Vec<(Vec<T>, Vec<T>)> = if xs.len() >= crate::softmax::PAR_MIN_ELEMS {
+            let parts: Vec<(Vec<T>, Vec<T>)> = if xs.len() >= crate::util::PAR_MIN_ELEMS {
                 dx.as_mut_slice()
                     .par_chunks_mut(BWD_ROWS * d)
                     .enumerate()

@@ -5,8 +5,8 @@
 //! Letters: B batch, T time, H heads, D head dim (even), D/2 frequencies.
 
 use crate::dispatch_float;
-use crate::softmax::for_each_row;
 use crate::util::float_dtype;
+use crate::util::for_each_row;
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::should_record;
 use kf_engine::storage::Storage;

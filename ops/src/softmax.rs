@@ -1,88 +1,13 @@
 //! Softmax and log-softmax over the last dimension (max-subtracted, one task
-//! per row), plus the row helpers the other row-wise ops of this family share
-//! (layer norm, rope, cross-entropy). Letters: V the softmax dimension.
+//! per row). Letters: V the softmax dimension.
 //! `-inf` entries get probability 0; a row with no finite entry is an error.
 
 use crate::dispatch_float;
-use crate::util::float_dtype;
+use crate::util::{float_dtype, for_each_row, row_max, sum_map, FirstBadRow};
 use anyhow::{bail, ensure, Result};
 use kf_engine::autograd::should_record;
 use kf_engine::{BackwardOp, Float, OutBuf, Tensor};
-use rayon::prelude::*;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-/// Below this many elements a row-wise op runs on the calling thread (rayon's
-/// fork/join costs a few microseconds, more than such a kernel).
-pub(crate) const PAR_MIN_ELEMS: usize = 1 << 14;
-
-/// Call `f(row_index, row)` for every `d`-element row of `out`, in parallel
-/// when `out` is large. `d` must be > 0.
-pub(crate) fn for_each_row<T: Send>(out: &mut [T], d: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    debug_assert!(d > 0);
-    if out.len() >= PAR_MIN_ELEMS {
-        // at least ~PAR_MIN_ELEMS/2 elements per task
-        let min_rows = (PAR_MIN_ELEMS / 2).div_ceil(d).max(1);
-        out.par_chunks_mut(d)
-            .with_min_len(min_rows)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
-    } else {
-        out.chunks_mut(d).enumerate().for_each(|(i, r)| f(i, r));
-    }
-}
-
-/// Sum of `f(v)` over `row`, with 8 independent accumulators (vectorisable,
-/// and the rounding error grows with len/8 instead of len).
-#[inline]
-pub(crate) fn sum_map<T: Float>(row: &[T], f: impl Fn(T) -> T) -> T {
-    let mut acc = [T::ZERO; 8];
-    let chunks = row.chunks_exact(8);
-    let rem = chunks.remainder();
-    for c in chunks {
-        for k in 0..8 {
-            acc[k] += f(c[k]);
-        }
-    }
-    let mut tail = T::ZERO;
-    for &v in rem {
-        tail += f(v);
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// Maximum of a row (NaN entries are skipped; `-inf` for an empty row).
-#[inline]
-pub(crate) fn row_max<T: Float>(row: &[T]) -> T {
-    row.iter().fold(T::NEG_INFINITY, |m, &v| m.max(v))
-}
-
-/// `(max, sum_j exp(x_j - max))` of a row; `None` when the row has no entry
-/// above `-inf` (a fully masked row).
-#[inline]
-pub(crate) fn row_max_sumexp<T: Float>(row: &[T]) -> Option<(T, T)> {
-    let m = row_max(row);
-    if m == T::NEG_INFINITY {
-        return None;
-    }
-    Some((m, sum_map(row, |v| (v - m).exp())))
-}
-
-/// Records the smallest failing row index seen by parallel tasks.
-pub(crate) struct FirstBadRow(AtomicUsize);
-
-impl FirstBadRow {
-    pub(crate) fn new() -> Self {
-        FirstBadRow(AtomicUsize::new(usize::MAX))
-    }
-    pub(crate) fn mark(&self, row: usize) {
-        self.0.fetch_min(row, Ordering::Relaxed);
-    }
-    pub(crate) fn get(&self) -> Option<usize> {
-        let r = self.0.load(Ordering::Relaxed);
-        (r != usize::MAX).then_some(r)
-    }
-}
 
 /// Row length (last dimension) of a softmax-like op's input; errors on rank 0.
 fn last_dim(op: &str, x: &Tensor) -> Result<usize> {
