@@ -8,6 +8,7 @@ pub mod data;
 pub mod ddit;
 pub mod generate;
 pub mod kv_cache;
+pub mod pflm;
 pub mod tokenizer;
 pub mod train;
 
