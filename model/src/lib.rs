@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod ddit;
+pub mod distill;
 pub mod generate;
 pub mod kv_cache;
 pub mod pflm;
