@@ -2,12 +2,14 @@
 //! `data fetch` / `data prepare` and `tokenizer train` (corpus, shards, BPE; data_cmd.rs),
 //! `inspect` (list the tensors of a safetensors file), `init-weights` (random
 //! DDiT-shaped weights with the checkpoint names of KFORCING.md section 2) and
-//! `bench gemm` (CPU GEMM against numpy/OpenBLAS), `generate` (AR sampling from a model
+//! `bench gemm` (CPU GEMM against numpy/OpenBLAS), `bench train` (training tokens/s
+//! against JAX; bench_train.rs), `generate` (AR sampling from a model
 //! directory; generate_cmd.rs), `train` (the AR teacher: checkpoints, exact resume,
 //! metrics; train_cmd.rs). Errors print one line and
 //! exit non-zero; usage errors exit 2.
 
 mod bench_gemm;
+mod bench_train;
 mod data_cmd;
 mod generate_cmd;
 mod init_weights;
@@ -74,6 +76,8 @@ enum BenchCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Training throughput (tokens/s) of our DDiT step next to the same model in JAX (jit, CPU).
+    Train(bench_train::TrainBenchArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -97,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Train(a) => train_cmd::run(&a),
         Cmd::Bench { which } => match which {
             BenchCmd::Gemm { json } => bench_gemm::run(threads, json.as_deref()),
+            BenchCmd::Train(a) => bench_train::run(threads, &a),
         },
     }
 }
