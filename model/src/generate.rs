@@ -148,24 +148,13 @@ pub fn generate(
     }
     let _ng = no_grad();
     let nb = prompts.len();
+    let LeftPadded {
+        lmax,
+        skips,
+        key_skip,
+        mut rows,
+    } = left_pad(prompts);
     let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-    let lmax = *lens.iter().max().expect("non-empty");
-    let skips: Vec<usize> = lens.iter().map(|&l| lmax - l).collect();
-    let key_skip = if skips.iter().any(|&s| s > 0) {
-        skips.clone()
-    } else {
-        vec![]
-    };
-    // rows[b]: the padded sequence so far (padding repeats the first prompt token)
-    let mut rows: Vec<Vec<u32>> = prompts
-        .iter()
-        .zip(&skips)
-        .map(|(p, &s)| {
-            let mut r = vec![p[0]; s];
-            r.extend_from_slice(p);
-            r
-        })
-        .collect();
     let mut out = Generated {
         tokens: vec![Vec::new(); nb],
         stopped_at_eos: vec![false; nb],
@@ -280,9 +269,9 @@ fn full_pass(
 }
 
 /// `logits [B, V]` with columns `l..V` set to -inf (in place: the logits are our own buffer).
-fn forbid_tail(logits: Tensor, l: usize) -> Result<Tensor> {
+pub(crate) fn forbid_tail(logits: Tensor, l: usize) -> Result<Tensor> {
     fn go<T: Float>(x: &Tensor, l: usize) -> Result<()> {
-        let v = x.dim(1)?;
+        let v = x.dim(x.rank() - 1)?;
         x.with_cpu_data_mut::<T, _>(|d| {
             d.chunks_exact_mut(v)
                 .for_each(|r| r[l..].fill(T::NEG_INFINITY))
@@ -291,7 +280,46 @@ fn forbid_tail(logits: Tensor, l: usize) -> Result<Tensor> {
     let x = logits.contiguous()?;
     match x.dtype() {
         DType::F32 => go::<f32>(&x, l)?,
-        _ => go::<f64>(&x, l)?,
+        DType::F64 => go::<f64>(&x, l)?,
+        other => anyhow::bail!("forbid_tail: unsupported dtype {other}"),
     }
     Ok(x)
+}
+
+/// A batch of prompts left-padded to a common length.
+pub(crate) struct LeftPadded {
+    /// Longest prompt length.
+    pub lmax: usize,
+    /// Padding rows per sequence (`lmax - len`).
+    pub skips: Vec<usize>,
+    /// `skips` for the attention's `key_skip`, or empty when nothing is padded.
+    pub key_skip: Vec<usize>,
+    /// The padded sequences (padding repeats the first prompt token).
+    pub rows: Vec<Vec<u32>>,
+}
+
+/// Left-pad non-empty `prompts` to the longest one.
+pub(crate) fn left_pad(prompts: &[Vec<u32>]) -> LeftPadded {
+    let lmax = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let skips: Vec<usize> = prompts.iter().map(|p| lmax - p.len()).collect();
+    let key_skip = if skips.iter().any(|&s| s > 0) {
+        skips.clone()
+    } else {
+        vec![]
+    };
+    let rows = prompts
+        .iter()
+        .zip(&skips)
+        .map(|(p, &s)| {
+            let mut r = vec![p[0]; s];
+            r.extend_from_slice(p);
+            r
+        })
+        .collect();
+    LeftPadded {
+        lmax,
+        skips,
+        key_skip,
+        rows,
+    }
 }

@@ -46,7 +46,7 @@
 use crate::checkpoint::{self, WEIGHTS_FILE};
 use crate::config::DditConfig;
 use crate::ddit::{Ddit, Init, ParamSpec, INIT_STD};
-use crate::generate::{noise_u, GenerateOptions, Generated};
+use crate::generate::{forbid_tail, left_pad, noise_u, GenerateOptions, Generated, LeftPadded};
 use crate::kv_cache::KvCache;
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::{no_grad, should_record, BackwardOp};
@@ -770,24 +770,13 @@ pub fn generate_pflm(
     };
     let tau = [o.tau];
     let nb = prompts.len();
+    let LeftPadded {
+        lmax,
+        skips,
+        key_skip,
+        mut rows,
+    } = left_pad(prompts);
     let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-    let lmax = *lens.iter().max().expect("non-empty");
-    let skips: Vec<usize> = lens.iter().map(|&l| lmax - l).collect();
-    let key_skip = if skips.iter().any(|&s| s > 0) {
-        skips.clone()
-    } else {
-        vec![]
-    };
-    // rows[b]: the padded sequence so far (padding repeats the first prompt token)
-    let mut rows: Vec<Vec<u32>> = prompts
-        .iter()
-        .zip(&skips)
-        .map(|(p, &s)| {
-            let mut r = vec![p[0]; s];
-            r.extend_from_slice(p);
-            r
-        })
-        .collect();
     let mut out = Generated {
         tokens: vec![Vec::new(); nb],
         stopped_at_eos: vec![false; nb],
@@ -915,20 +904,6 @@ fn uncached_logits(
 }
 
 /// `logits [.., V]` with columns `l..V` set to -inf (a copy; as generate.rs's private helper).
-fn forbid_tail(logits: Tensor, l: usize) -> Result<Tensor> {
-    fn go<T: Float>(x: &Tensor, l: usize) -> Result<Tensor> {
-        let v = x.dim(x.rank() - 1)?;
-        let mut d = x.contiguous()?.to_vec::<T>()?;
-        d.chunks_exact_mut(v)
-            .for_each(|r| r[l..].fill(T::NEG_INFINITY));
-        Tensor::from_vec(d, x.shape(), Device::Cpu)
-    }
-    match logits.dtype() {
-        DType::F32 => go::<f32>(&logits, l),
-        DType::F64 => go::<f64>(&logits, l),
-        other => bail!("forbid_tail: unsupported dtype {other}"),
-    }
-}
 
 // ------------------------------------------------------------ concat on the tape
 
