@@ -35,22 +35,31 @@
 //! [`TauDist`] is the configured distribution of `tau` (only `Const` for now; default 1);
 //! `tau` is fed to the student's noise encoder and divides the AR teacher's logits.
 //!
-//! # Not here yet
-//! Resume of a stage (`--resume`), the noise-inversion variant (6.3), and the CLI
-//! (`kfrun distill`) that chains stages AR -> 1 -> 2 -> 4.
+//! # Noise-inversion variant (6.3)
+//! [`Variant::Inversion`]: the teacher is always the AR teacher; the targets are the real
+//! next k tokens `x_{t+1..t+k}` of the window and the noises are the teacher's inverse of
+//! them (`u = CDF(x-1) + (CDF(x) - CDF(x-1)) r`, `r` from the noise stream), each on the true
+//! prefix — one teacher pass over `N + k - 1` tokens. Where a real token's probability is
+//! too small for the f64 running sum to give it an interval (no `u` samples it), the pair
+//! becomes `(r, token(p, r))` instead, so every (u, target) pair stays consistent with the map.
+//!
+//! # Resume
+//! A stage's checkpoint records its config and the SHA-256 of the teacher's weights; a
+//! resumed stage must see the same config, data and teacher. The chain of stages
+//! (AR -> 1 -> 2 -> 4) is [`crate::distill_chain`].
 
 use crate::checkpoint;
 use crate::data::{SequentialWindows, TokenData, TokenShard, WindowBatch, WindowSampler};
 use crate::ddit::Ddit;
 use crate::pflm::{stage1_targets, Pflm};
-use crate::train::{
-    drive, DataId, Event, Extras, OptimConfig, Outcome, RunSpec, TrainTask, Trainer,
-};
+use crate::train::checkpoint::TrainerState;
+use crate::train::{drive, Event, Extras, OptimConfig, Outcome, RunSpec, TrainTask, Trainer};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::rng::Philox;
 use kf_engine::{DType, Device, Tensor};
 use kf_ops::argmax::argmax_penalty;
 use kf_ops::cross_entropy::cross_entropy;
+use kf_ops::sampling::{inverse_cdf_noise_row, inverse_cdf_row};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -89,6 +98,27 @@ impl TauDist {
     }
 }
 
+/// Where a stage's targets come from (module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    /// Stage 1 from the AR teacher's inverse CDF, then k -> 2k from the previous student's
+    /// own two-step rollout (KFORCING.md 6.1-6.2).
+    #[default]
+    Rollout,
+    /// Real next tokens with the AR teacher's inverse noises (6.3).
+    Inversion,
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Variant::Rollout => "rollout",
+            Variant::Inversion => "inversion",
+        })
+    }
+}
+
 /// One distillation stage's hyper-parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DistillConfig {
@@ -106,6 +136,8 @@ pub struct DistillConfig {
     pub seed: u64,
     #[serde(default)]
     pub tau: TauDist,
+    #[serde(default)]
+    pub variant: Variant,
 }
 
 /// The teacher of a stage.
@@ -114,14 +146,63 @@ pub enum DistillTeacher {
     Ar(Ddit),
     /// Stage k -> 2k: the previous stage's student, a separate copy (student k = 2 teacher k).
     Pflm(Pflm),
+    /// The noise-inversion variant: the AR teacher inverts the real next tokens (any k).
+    Inversion(Ddit),
 }
 
 impl DistillTeacher {
-    /// Targets u32 `[B, N, k_student]` for contexts `[B, N]` and noises `[B, N, k_student]`.
+    /// Extra tokens a window needs past its `N` context tokens (the inversion variant reads
+    /// the real next `k` tokens; the others need none).
+    pub fn lookahead(&self, k: usize) -> usize {
+        match self {
+            DistillTeacher::Inversion(_) => k,
+            _ => 0,
+        }
+    }
+
+    /// A training batch from `rows` windows of `w >= N + lookahead` tokens each (`tokens`,
+    /// row major) and uniforms `noise [B, N, k]`: (context u32 `[B, N]`, the student's
+    /// noises `[B, N, k]` f64, targets u32 `[B, N, k]`).
+    pub fn batch(
+        &self,
+        tokens: &[u32],
+        rows: usize,
+        w: usize,
+        n: usize,
+        noise: &Tensor,
+        tau: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let k = noise.dim(2)?;
+        ensure!(
+            w >= n + self.lookahead(k) && tokens.len() == rows * w,
+            "distillation batch: {} tokens for {rows} windows of {w} (N {n}, k {k})",
+            tokens.len()
+        );
+        let ctx: Vec<u32> = (0..rows)
+            .flat_map(|r| tokens[r * w..r * w + n].iter().copied())
+            .collect();
+        let ctx = Tensor::from_vec(ctx, &[rows, n], Device::Cpu)?;
+        match self {
+            DistillTeacher::Inversion(t) => {
+                let (u, tg) = inversion_pairs(t, tokens, rows, w, n, k, noise, tau)?;
+                Ok((ctx, u, tg))
+            }
+            _ => {
+                let tg = self.targets(&ctx, noise, tau)?;
+                Ok((ctx, noise.clone(), tg))
+            }
+        }
+    }
+
+    /// Targets u32 `[B, N, k_student]` for contexts `[B, N]` and noises `[B, N, k_student]`
+    /// (the rollout variant; the inversion variant makes its pairs in [`Self::batch`]).
     pub fn targets(&self, ctx: &Tensor, u: &Tensor, tau: f64) -> Result<Tensor> {
         let _ng = kf_engine::no_grad();
         let (b, n, kk) = (u.dim(0)?, u.dim(1)?, u.dim(2)?);
         match self {
+            DistillTeacher::Inversion(_) => {
+                bail!("the inversion variant's targets are the real tokens: use batch()")
+            }
             DistillTeacher::Ar(t) => {
                 ensure!(
                     kk == 1,
@@ -140,6 +221,62 @@ impl DistillTeacher {
             }
         }
     }
+}
+
+/// The noise-inversion pairs (module docs): windows of `w >= N + k` real tokens, uniforms
+/// `r [B, N, k]` -> (u f64 `[B, N, k]`, targets u32 `[B, N, k]`). Target (t, i) (i = 1..k) is
+/// token `t + i` of the window; its `u` inverts it under the teacher's `p(· | x_<=t+i-1)`.
+#[allow(clippy::too_many_arguments)]
+fn inversion_pairs(
+    teacher: &Ddit,
+    tokens: &[u32],
+    rows: usize,
+    w: usize,
+    n: usize,
+    k: usize,
+    r: &Tensor,
+    tau: f64,
+) -> Result<(Tensor, Tensor)> {
+    let _ng = kf_engine::no_grad();
+    let m = n + k - 1; // teacher positions 0..n+k-2
+    let seq: Vec<u32> = (0..rows)
+        .flat_map(|b| tokens[b * w..b * w + m].iter().copied())
+        .collect();
+    let logits = teacher
+        .forward_train(&Tensor::from_vec(seq, &[rows, m], Device::Cpu)?)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let v = teacher.cfg.vocab_size;
+    let lg = logits.cpu_data::<f32>()?;
+    let rv = r.to_vec_f64()?;
+    let (mut u, mut tg) = (vec![0f64; rows * n * k], vec![0u32; rows * n * k]);
+    for b in 0..rows {
+        for t in 0..n {
+            for i in 0..k {
+                let j = t + i; // the teacher row predicting token t + i + 1
+                let row = &lg[(b * m + j) * v..(b * m + j + 1) * v];
+                let x = tokens[b * w + j + 1];
+                let at = (b * n + t) * k + i;
+                let ri = rv[at];
+                match inverse_cdf_noise_row(row, x, ri, tau) {
+                    Ok(ui) => {
+                        u[at] = ui;
+                        tg[at] = x;
+                    }
+                    Err(_) => {
+                        // no u maps to x: keep the pair consistent with the map instead
+                        let ui = ri.clamp(f64::MIN_POSITIVE, 1.0 - f64::EPSILON);
+                        u[at] = ui;
+                        tg[at] = inverse_cdf_row(row, ui, tau)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(u, &[rows, n, k], Device::Cpu)?,
+        Tensor::from_vec(tg, &[rows, n, k], Device::Cpu)?,
+    ))
 }
 
 /// Agreement and loss of the student against its teacher's targets.
@@ -248,7 +385,14 @@ impl DistillTask {
                     "teacher and student vocabularies differ"
                 );
             }
+            DistillTeacher::Inversion(t) => {
+                ensure!(
+                    t.cfg.vocab_size == student.cfg().vocab_size,
+                    "teacher and student vocabularies differ"
+                );
+            }
         }
+        let look = teacher.lookahead(k);
         ensure!(
             cfg.batch_size > 0 && cfg.ctx_len > 0,
             "batch_size and ctx_len must be positive"
@@ -261,18 +405,19 @@ impl DistillTask {
             cfg.ctx_len
         );
         cfg.optim.validate()?;
+        // windows of N + lookahead + 1 tokens (the last one is unused)
         let sampler = WindowSampler::new(
             data.train.clone(),
-            cfg.ctx_len,
+            cfg.ctx_len + look,
             cfg.batch_size * cfg.optim.grad_accum,
             cfg.seed,
         )?;
         ensure!(
-            data.val.len() > cfg.ctx_len,
-            "validation shard {} holds {} tokens, too few for one context of {} (+1)",
+            data.val.len() > cfg.ctx_len + look,
+            "validation shard {} holds {} tokens, too few for one window of {} (+1)",
             data.val.path().display(),
             data.val.len(),
-            cfg.ctx_len
+            cfg.ctx_len + look
         );
         Ok(DistillTask {
             student,
@@ -297,15 +442,20 @@ impl DistillTask {
         Tensor::from_vec(v, &[rows, n, k], Device::Cpu)
     }
 
-    /// Loss on the tape plus per-target losses and hits for contexts `ctx [B, N]`.
+    /// Loss on the tape plus per-target losses and hits for `rows` windows of `w` tokens
+    /// (row major) with uniforms `noise [B, N, k]`.
     fn window_loss(
         &self,
-        ctx: &Tensor,
-        u: &Tensor,
+        tokens: &[u32],
+        rows: usize,
+        w: usize,
+        noise: &Tensor,
         tau: f64,
     ) -> Result<(Tensor, Vec<f64>, Vec<bool>)> {
-        let (b, n, k) = (u.dim(0)?, u.dim(1)?, u.dim(2)?);
-        let targets = self.teacher.targets(ctx, u, tau)?;
+        let (b, n, k) = (noise.dim(0)?, noise.dim(1)?, noise.dim(2)?);
+        ensure!(b == rows, "distillation: {rows} windows but noises for {b}");
+        let (ctx, u, targets) = self.teacher.batch(tokens, rows, w, n, noise, tau)?;
+        let (ctx, u) = (&ctx, &u);
         let logits = self.student.forward_staircase(ctx, u, &[tau])?;
         let v = self.student.cfg().vocab_size;
         let m = b * n * k;
@@ -327,15 +477,15 @@ impl DistillTask {
         let tau = self.cfg.tau.eval_value();
         let mut sums = Sums::new(self.student.k);
         let mut w0 = 0u64;
+        let look = self.teacher.lookahead(self.student.k);
         for wb in SequentialWindows::new(
             self.val.clone(),
-            self.cfg.ctx_len,
+            self.cfg.ctx_len + look,
             self.cfg.batch_size,
             Some(self.cfg.eval_windows),
         )? {
-            let ctx = Tensor::from_vec(wb.inputs(), &[wb.rows, wb.seq_len], Device::Cpu)?;
             let u = self.noises(EVAL_NOISE_STREAM, w0, wb.rows)?;
-            let (_, rl, hits) = self.window_loss(&ctx, &u, tau)?;
+            let (_, rl, hits) = self.window_loss(&wb.tokens, wb.rows, wb.seq_len + 1, &u, tau)?;
             sums.add(&rl, &hits);
             w0 += wb.rows as u64;
         }
@@ -349,18 +499,13 @@ impl TrainTask for DistillTask {
             self.cached = Some((step, self.sampler.batch(step)));
         }
         let all = &self.cached.as_ref().unwrap().1;
-        let (bs, n) = (self.cfg.batch_size, self.cfg.ctx_len);
-        let w = n + 1;
-        let rows = WindowBatch {
-            rows: bs,
-            seq_len: n,
-            tokens: all.tokens[micro * bs * w..(micro + 1) * bs * w].to_vec(),
-        };
-        let ctx = Tensor::from_vec(rows.inputs(), &[bs, n], Device::Cpu)?;
+        let bs = self.cfg.batch_size;
+        let w = all.seq_len + 1;
+        let tokens = all.tokens[micro * bs * w..(micro + 1) * bs * w].to_vec();
         let row0 = step * self.sampler.batch_size() as u64 + (micro * bs) as u64;
         let u = self.noises(NOISE_STREAM, row0, bs)?;
         let tau = self.cfg.tau.sample(self.cfg.seed, step, micro * bs);
-        let (loss, rl, hits) = self.window_loss(&ctx, &u, tau)?;
+        let (loss, rl, hits) = self.window_loss(&tokens, bs, w, &u, tau)?;
         let mut s = Sums::new(self.student.k);
         s.add(&rl, &hits);
         let m = s.finish();
@@ -394,21 +539,39 @@ impl TrainTask for DistillTask {
     fn tokens_per_step(&self) -> u64 {
         (self.sampler.batch_size() * self.cfg.ctx_len * self.student.k) as u64
     }
+
+    fn eval_extras(&self) -> Extras {
+        let Some(m) = &self.last_eval else {
+            return Vec::new();
+        };
+        let mut ex: Extras = vec![("acc".into(), m.acc), ("acc_window".into(), m.acc_window)];
+        for (i, a) in m.acc_per_offset.iter().enumerate() {
+            ex.push((format!("acc_o{}", i + 1), *a));
+        }
+        ex
+    }
 }
 
 /// Options of [`distill_stage`].
 #[derive(Clone, Debug)]
 pub struct StageOptions {
-    /// The teacher's model directory: an AR teacher (no `k` in config.json: stage 1) or a
-    /// PFLM student (`k`: stage k -> 2k).
+    /// The teacher's model directory: an AR teacher (no `k` in config.json: stage 1, or
+    /// any stage of the inversion variant) or a PFLM student (`k`: stage k -> 2k).
     pub teacher: PathBuf,
+    /// The student starts from this model directory [default: the teacher]: an AR model
+    /// (the backbone plus a fresh noise encoder) or a PFLM (every tensor, `k` replaced).
+    pub init: Option<PathBuf>,
+    /// The student's window k.
+    pub k: usize,
     /// A prepared data directory (meta.json, train.bin, val.bin).
     pub data: PathBuf,
     /// Copied into every model directory (default: `DATA/tokenizer.json` when it exists).
     pub tokenizer: Option<PathBuf>,
-    /// Run directory (ckpt/, final/, metrics.jsonl, loss.svg, summary.json).
+    /// Run directory (ckpt/, final/, metrics.jsonl, loss.svg, summary.json, distill.json).
     pub out: PathBuf,
     pub config: DistillConfig,
+    /// Continue from OUT's checkpoint (fresh when there is none).
+    pub resume: bool,
     pub max_steps: Option<u64>,
     pub stop: Option<Arc<AtomicBool>>,
 }
@@ -421,10 +584,22 @@ pub struct StageResult {
     pub metrics: Option<DistillMetrics>,
 }
 
-/// Runs one distillation stage with [`drive`] (fresh runs only; resume is not here yet).
-/// The teacher is loaded from disk on its own, so it shares no storage with the student:
-/// stage 1 starts the student from the AR teacher's backbone plus a fresh noise encoder
-/// (from `config.seed`); stage k -> 2k starts it from every tensor of the k-student.
+/// Validation metrics of a finished stage, next to its summary.json.
+pub const STAGE_METRICS_FILE: &str = "distill.json";
+
+/// The student a fresh stage starts from: an AR directory gives its backbone plus a new
+/// noise encoder (from `seed`); a PFLM directory gives every tensor with `k` replaced.
+fn init_student(dir: &Path, k: usize, seed: u64) -> Result<Pflm> {
+    let cfg = checkpoint::read_config(dir)?;
+    let s = match cfg.k {
+        None => Pflm::from_teacher(Ddit::load(dir)?, k, seed)?,
+        Some(_) => Pflm::load(dir)?.with_k(k)?,
+    };
+    Ok(s)
+}
+
+/// Runs (or resumes) one distillation stage with [`drive`]. The teacher is loaded from
+/// disk on its own, so it shares no storage with the student.
 pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> Result<StageResult> {
     let data = TokenData::open(&opts.data)?;
     let tok = opts.tokenizer.clone().or_else(|| {
@@ -434,26 +609,105 @@ pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> R
     if let Some(t) = &tok {
         data.check_tokenizer(t)?;
     }
-    if let Some(f) = crate::train::checkpoint::find(&opts.out) {
+    let k = opts.k;
+    ensure!(k >= 1, "the student's k must be at least 1");
+    let found = crate::train::checkpoint::find(&opts.out);
+    if let (Some(f), false) = (&found, opts.resume) {
         bail!(
-            "{} already holds a checkpoint ({}); resuming a distillation stage is not supported yet: choose another --out",
+            "{} already holds a checkpoint ({}): pass --resume to continue it, or choose another --out",
             opts.out.display(),
             f.display()
         );
     }
-    let tcfg = checkpoint::read_config(&opts.teacher)?;
-    let (teacher, mut student, kind) = match tcfg.k {
-        None => {
-            let t = Ddit::load(&opts.teacher)
-                .with_context(|| format!("teacher {}", opts.teacher.display()))?;
-            let s = Pflm::from_teacher(Ddit::load(&opts.teacher)?, 1, opts.config.seed)?;
-            (DistillTeacher::Ar(t), s, "distill-k1".to_string())
+    let tcfg = checkpoint::read_config(&opts.teacher)
+        .with_context(|| format!("teacher {}", opts.teacher.display()))?;
+    let teacher = match (opts.config.variant, tcfg.k) {
+        (Variant::Inversion, None) => DistillTeacher::Inversion(
+            Ddit::load(&opts.teacher)
+                .with_context(|| format!("teacher {}", opts.teacher.display()))?,
+        ),
+        (Variant::Inversion, Some(tk)) => bail!(
+            "the inversion variant needs the AR teacher, but {} is a k = {tk} student",
+            opts.teacher.display()
+        ),
+        (Variant::Rollout, None) => {
+            ensure!(
+                k == 1,
+                "an AR teacher ({}) distils a k = 1 student (stage 1), not k = {k}",
+                opts.teacher.display()
+            );
+            DistillTeacher::Ar(
+                Ddit::load(&opts.teacher)
+                    .with_context(|| format!("teacher {}", opts.teacher.display()))?,
+            )
         }
-        Some(k) => {
-            let t = Pflm::load(&opts.teacher)
-                .with_context(|| format!("teacher {}", opts.teacher.display()))?;
-            let s = Pflm::load(&opts.teacher)?.with_k(2 * k)?;
-            (DistillTeacher::Pflm(t), s, format!("distill-k{}", 2 * k))
+        (Variant::Rollout, Some(tk)) => {
+            ensure!(
+                k == 2 * tk,
+                "a k = {tk} teacher ({}) distils a k = {} student, not k = {k}",
+                opts.teacher.display(),
+                2 * tk
+            );
+            DistillTeacher::Pflm(
+                Pflm::load(&opts.teacher)
+                    .with_context(|| format!("teacher {}", opts.teacher.display()))?,
+            )
+        }
+    };
+    let teacher_sha = crate::data::file_sha256(&opts.teacher.join("model.safetensors"))?;
+    let kind = format!("distill-k{k}");
+    let config = serde_json::json!({
+        "stage": serde_json::to_value(&opts.config)?,
+        "k": k,
+        "teacher_sha256": teacher_sha,
+    });
+    let resume = if opts.resume { found } else { None };
+    let (mut student, state) = match &resume {
+        Some(dir) => {
+            let st = TrainerState::read(dir)?;
+            let tj = dir.join(crate::train::checkpoint::TRAINER_FILE);
+            ensure!(
+                st.kind == kind,
+                "checkpoint {}: kind {:?}, but this stage is {kind:?}",
+                tj.display(),
+                st.kind
+            );
+            let mut diff = Vec::new();
+            crate::train::json_diff(&config, &st.config, "", &mut diff);
+            ensure!(
+                diff.is_empty(),
+                "checkpoint {} was written by a stage with another configuration or teacher (differs in: {}); use another --out or the same settings",
+                tj.display(),
+                diff.join(", ")
+            );
+            ensure!(
+                st.data == crate::train::data_id(&data),
+                "checkpoint {} was trained on other data than {} (tokenizer, corpus or token counts differ)",
+                tj.display(),
+                opts.data.display()
+            );
+            crate::train::checkpoint::check_files(
+                dir,
+                &[
+                    "config.json",
+                    "model.safetensors",
+                    crate::train::checkpoint::OPTIMIZER_FILE,
+                ],
+            )?;
+            let s = Pflm::load(dir).with_context(|| format!("checkpoint {}", dir.display()))?;
+            ensure!(
+                s.k == k,
+                "checkpoint {}: the student has k = {}, this stage trains k = {k}",
+                dir.display(),
+                s.k
+            );
+            (s, Some(st))
+        }
+        None => {
+            let init = opts.init.as_deref().unwrap_or(&opts.teacher);
+            let s = init_student(init, k, opts.config.seed)
+                .with_context(|| format!("student init {}", init.display()))?;
+            (s, None)
         }
     };
     ensure!(
@@ -466,8 +720,19 @@ pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> R
     );
     student.set_trainable(true);
     let mut trainer = Trainer::new(&student.params(), opts.config.optim.clone())?;
+    if let (Some(dir), Some(st)) = (&resume, &state) {
+        trainer.load_optimizer(&dir.join(crate::train::checkpoint::OPTIMIZER_FILE), st.step)?;
+        ensure!(
+            st.step <= opts.config.optim.total_steps,
+            "checkpoint {}: step {} is past total_steps {}",
+            dir.display(),
+            st.step,
+            opts.config.optim.total_steps
+        );
+    }
     let title = format!(
-        "{kind}: {} layers, d {}, V {}, N {}",
+        "{kind} ({}): {} layers, d {}, V {}, N {}",
+        opts.config.variant,
         student.cfg().n_layers,
         student.cfg().d_model,
         student.cfg().vocab_size,
@@ -478,21 +743,30 @@ pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> R
         out: opts.out.clone(),
         kind,
         title,
-        config: serde_json::to_value(&opts.config)?,
+        config,
         seed: opts.config.seed,
-        data: DataId {
-            tokenizer_sha256: data.meta.tokenizer_sha256.clone(),
-            corpus_sha256: data.meta.corpus_sha256.clone(),
-            train_tokens: data.meta.train.tokens,
-            val_tokens: data.meta.val.tokens,
-        },
+        data: crate::train::data_id(&data),
         eval_every: opts.config.eval_every,
         checkpoint_every: opts.config.checkpoint_every,
         max_steps: opts.max_steps,
         stop: opts.stop.clone(),
     };
-    let outcome = drive(&mut trainer, &mut task, &spec, None, on_event)?;
-    let metrics = task.last_eval.take();
+    let resumed = match (&resume, &state) {
+        (Some(d), Some(s)) => Some((s, d.as_path())),
+        _ => None,
+    };
+    let outcome = drive(&mut trainer, &mut task, &spec, resumed, on_event)?;
+    let mut metrics = task.last_eval.take();
+    if let Outcome::Finished { .. } = outcome {
+        if metrics.is_none() {
+            // a finished run resumed: evaluate the final student once more
+            metrics = Some(task.evaluate()?);
+        }
+        crate::data::write_atomic(
+            &opts.out.join(STAGE_METRICS_FILE),
+            serde_json::to_string_pretty(metrics.as_ref().unwrap())?.as_bytes(),
+        )?;
+    }
     let mut student = task.student;
     student.set_trainable(false);
     Ok(StageResult {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod ddit;
 pub mod distill;
+pub mod distill_chain;
 pub mod generate;
 pub mod kv_cache;
 pub mod pflm;

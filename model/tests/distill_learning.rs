@@ -2,7 +2,7 @@
 //! the committed excerpt, stage 1 (AR -> k = 1) must agree with the teacher's inverse-CDF
 //! map on held-out (context, u), and stage 2 (k = 1 -> 2) with the k = 1 student's own
 //! two-step rollout. The step counts can be overridden for measurement (KF_DT_TEACHER,
-//! KF_DT_S1, KF_DT_S2, KF_DT_LR1E4); the thresholds hold for the defaults. Agreement = the task's validation accuracy: validation contexts of
+//! KF_DT_S1, KF_DT_S2, KF_DT_LR1E4, KF_DT_TAU); the thresholds hold for the defaults. Agreement = the task's validation accuracy: validation contexts of
 //! the held-out shard, noises from the fixed evaluation stream (never trained on).
 
 use kf_model::data::{self, read_corpus, PrepareOptions};
@@ -110,7 +110,13 @@ fn stage_cfg(steps: u64, lr: f64, seed: u64) -> DistillConfig {
         eval_every: 0,
         checkpoint_every: 0,
         seed,
-        tau: TauDist::Const(1.0),
+        tau: TauDist::Const(
+            std::env::var("KF_DT_TAU")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1.0),
+        ),
+        variant: Default::default(),
     }
 }
 
@@ -119,15 +125,19 @@ fn stage(
     data: &Path,
     out: PathBuf,
     cfg: DistillConfig,
+    k: usize,
 ) -> (PathBuf, distill::DistillMetrics, f64) {
     let t0 = Instant::now();
     let r = distill::distill_stage(
         &StageOptions {
             teacher: teacher.to_path_buf(),
+            init: None,
+            k,
             data: data.to_path_buf(),
             tokenizer: None,
             out,
             config: cfg,
+            resume: false,
             max_steps: None,
             stop: None,
         },
@@ -155,10 +165,11 @@ fn stage1_then_stage2_learn_their_teachers() {
         &data,
         root.join("k1"),
         stage_cfg(s1, env_u64("KF_DT_LR1E4", 30) as f64 * 1e-4, 7),
+        1,
     );
     eprintln!("stage 1: {s1} steps in {dt1:.1}s: {m1:?}");
     let s2 = env_u64("KF_DT_S2", 300);
-    let (k2, m2, dt2) = stage(&k1, &data, root.join("k2"), stage_cfg(s2, 2e-3, 8));
+    let (k2, m2, dt2) = stage(&k1, &data, root.join("k2"), stage_cfg(s2, 2e-3, 8), 2);
     eprintln!("stage 2: {s2} steps in {dt2:.1}s: {m2:?}");
     assert!(k2.join("model.safetensors").is_file());
     // Measured (2 loaded cores, teacher 400 steps at val loss 3.89, lr 3e-3, seeds above):
@@ -200,8 +211,8 @@ fn a_stage_is_deterministic() {
     let root = scratch("det");
     let data = data_dir(&root);
     let tdir = teacher(&root, &data, 12);
-    let (_, a, _) = stage(&tdir, &data, root.join("a"), stage_cfg(12, 3e-3, 3));
-    let (_, b, _) = stage(&tdir, &data, root.join("b"), stage_cfg(12, 3e-3, 3));
+    let (_, a, _) = stage(&tdir, &data, root.join("a"), stage_cfg(12, 3e-3, 3), 1);
+    let (_, b, _) = stage(&tdir, &data, root.join("b"), stage_cfg(12, 3e-3, 3), 1);
     assert_eq!(a, b);
     let lines = |d: &str| std::fs::read_to_string(root.join(d).join("metrics.jsonl")).unwrap();
     let strip = |t: String| -> Vec<Value> {

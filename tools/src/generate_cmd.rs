@@ -1,6 +1,8 @@
-//! `kfrun generate`: AR sampling from a model directory (config.json + model.safetensors +
-//! tokenizer.json). Prefill + KV cache, the inverse-CDF sampler with Philox noise (see
-//! kf_model::generate for the exact noise of each sequence), stop at EOS.
+//! `kfrun generate`: text from a model directory (config.json + model.safetensors +
+//! tokenizer.json). An AR teacher samples one token per pass (prefill + KV cache, the
+//! inverse-CDF sampler with Philox noise; kf_model::generate); a PFLM student (config `k`)
+//! emits `--k` tokens per pass (argmax at each hint, optional frequency penalty;
+//! kf_model::pflm::generate_pflm). Both stop at EOS.
 //!
 //! Sequences: the prompts, repeated in order up to `--batch` sequences when more are asked
 //! for than given (`--batch 4 --prompt x` samples x four times, with four noise streams);
@@ -12,9 +14,10 @@
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::Device;
 use kf_model::checkpoint;
-use kf_model::generate::{generate, GenerateOptions};
+use kf_model::generate::{generate, GenerateOptions, Generated};
+use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
 use kf_model::tokenizer::Tokenizer;
-use kf_model::Ddit;
+use kf_model::{Ddit, DditConfig};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -47,6 +50,29 @@ pub struct Args {
     /// reference for the cached path).
     #[arg(long)]
     no_cache: bool,
+    /// Tokens per forward pass, 1..=the student's trained k [default: its k]. Only for a
+    /// PFLM student (a model whose config.json has "k").
+    #[arg(long)]
+    k: Option<usize>,
+    /// Frequency penalty of a PFLM student: subtract P * (times the token was generated so
+    /// far) from its logits before the argmax.
+    #[arg(long, default_value_t = 0.0)]
+    freq_penalty: f64,
+}
+
+/// The loaded model: AR teacher or k-token student.
+enum Model {
+    Ar(Ddit),
+    Pflm(Pflm),
+}
+
+impl Model {
+    fn cfg(&self) -> &DditConfig {
+        match self {
+            Model::Ar(m) => &m.cfg,
+            Model::Pflm(m) => m.cfg(),
+        }
+    }
 }
 
 pub fn run(a: &Args) -> Result<()> {
@@ -60,9 +86,42 @@ pub fn run(a: &Args) -> Result<()> {
     if a.batch == Some(0) {
         bail!("--batch must be at least 1");
     }
+    ensure!(
+        a.freq_penalty.is_finite(),
+        "--freq-penalty must be finite, got {}",
+        a.freq_penalty
+    );
     let t_load = Instant::now();
-    let model = Ddit::load(&a.model)?;
-    let cfg = &model.cfg;
+    let model = match checkpoint::read_config(&a.model)?.k {
+        None => {
+            ensure!(
+                a.k.is_none(),
+                "--k: {} is an AR model (one token per pass; its config.json has no \"k\"); --k needs a PFLM student",
+                a.model.display()
+            );
+            ensure!(
+                a.freq_penalty == 0.0,
+                "--freq-penalty applies to a PFLM student's argmax; {} is an AR model (sampling)",
+                a.model.display()
+            );
+            Model::Ar(Ddit::load(&a.model)?)
+        }
+        Some(trained) => {
+            if let Some(k) = a.k {
+                ensure!(
+                    k >= 1 && k <= trained,
+                    "--k {k}: the student {} was trained with k = {trained}; choose 1..={trained}",
+                    a.model.display()
+                );
+            }
+            Model::Pflm(Pflm::load(&a.model)?)
+        }
+    };
+    let k = match &model {
+        Model::Ar(_) => 1,
+        Model::Pflm(m) => a.k.unwrap_or(m.k),
+    };
+    let cfg = model.cfg();
     let tok = checkpoint::read_tokenizer(&a.model, cfg)?;
     if let Some(n) = a.max_new {
         ensure!(
@@ -103,8 +162,20 @@ pub fn run(a: &Args) -> Result<()> {
     let batch = a.batch.unwrap_or(encoded.len());
     let n_seq = batch.max(encoded.len());
     eprintln!(
-        "kfrun generate: {} ({} layers, d {}, V {}, {:.1} M parameters) loaded in {:.2} s; {n_seq} sequence(s), batch {batch}, max {} new tokens, tau {}, seed {}, {}{}",
+        "kfrun generate: {} ({}, {} layers, d {}, V {}, {:.1} M parameters) loaded in {:.2} s; {n_seq} sequence(s), batch {batch}, max {} new tokens, tau {}, seed {}, {}{}",
         a.model.display(),
+        match &model {
+            Model::Ar(_) => "AR, 1 token per pass".to_string(),
+            Model::Pflm(m) => format!(
+                "PFLM trained k = {}, {k} tokens per pass{}",
+                m.k,
+                if a.freq_penalty != 0.0 {
+                    format!(", frequency penalty {}", a.freq_penalty)
+                } else {
+                    String::new()
+                }
+            ),
+        },
         cfg.n_layers,
         cfg.d_model,
         cfg.vocab_size,
@@ -142,7 +213,12 @@ pub fn run(a: &Args) -> Result<()> {
             // a vocabulary padded past the tokenizer's: never sample an id it cannot decode
             vocab_limit: Some(tok.vocab_size()),
         };
-        let g = run_chunk(&model, &tok, &prompts, &texts, start, &opts)?;
+        let popts = PflmGenerateOptions {
+            base: opts,
+            k,
+            freq_penalty: a.freq_penalty,
+        };
+        let g = run_chunk(&model, &tok, &prompts, &texts, start, &popts)?;
         let n = g.0;
         eprintln!(
             "  sequences {start}..{end}: prefill {:.1} ms, {n} tokens in {:.2} s = {:.1} tokens/s ({} passes)",
@@ -162,15 +238,29 @@ pub fn run(a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Runs the model's generator with `on_token(b, token)`.
+fn gen(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    opts: &PflmGenerateOptions,
+    on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<Generated> {
+    match model {
+        Model::Ar(m) => generate(m, prompts, &opts.base, on_token),
+        Model::Pflm(m) => generate_pflm(m, prompts, opts, on_token),
+    }
+}
+
 /// One batch: returns (tokens generated, prefill s, decode s, passes).
 fn run_chunk(
-    model: &Ddit,
+    model: &Model,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
     texts: &[&str],
     first: usize,
-    opts: &GenerateOptions,
+    popts: &PflmGenerateOptions,
 ) -> Result<(usize, f64, f64, usize)> {
+    let opts = &popts.base;
     let out = std::io::stdout();
     let nb = prompts.len();
     let g = if nb == 1 {
@@ -181,7 +271,7 @@ fn run_chunk(
             write!(o, "{}", texts[0])?;
             o.flush()?;
         }
-        let g = generate(model, prompts, opts, |_, t| {
+        let g = gen(model, prompts, popts, |_, t| {
             if Some(t) == opts.eos {
                 return Ok(());
             }
@@ -208,7 +298,7 @@ fn run_chunk(
             o.flush()?;
             Ok(())
         };
-        let g = generate(model, prompts, opts, |b, t| {
+        let g = gen(model, prompts, popts, |b, t| {
             if Some(t) == opts.eos {
                 printed[b] = true;
                 return print(b, &acc[b]);

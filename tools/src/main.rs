@@ -5,15 +5,18 @@
 //! `bench gemm` (CPU GEMM against numpy/OpenBLAS), `bench train` (training tokens/s
 //! against JAX; bench_train.rs), `generate` (AR sampling from a model
 //! directory; generate_cmd.rs), `train` (the AR teacher: checkpoints, exact resume,
-//! metrics; train_cmd.rs). Errors print one line and
+//! metrics; train_cmd.rs), `distill` (AR teacher -> k-token student, stage by stage;
+//! distill_cmd.rs). Errors print one line and
 //! exit non-zero; usage errors exit 2.
 
 mod bench_gemm;
 mod bench_train;
 mod data_cmd;
+mod distill_cmd;
 mod generate_cmd;
 mod init_weights;
 mod inspect;
+mod progress;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -57,10 +60,12 @@ enum Cmd {
         #[command(subcommand)]
         which: data_cmd::TokenizerCmd,
     },
-    /// Generate text with an AR model directory (prefill + KV cache, inverse-CDF sampling).
+    /// Generate text: an AR model (prefill + KV cache, inverse-CDF sampling) or a k-token student.
     Generate(generate_cmd::Args),
     /// Train the AR teacher: AdamW, warmup + cosine, checkpoints, exact resume, metrics.
     Train(train_cmd::TrainArgs),
+    /// Distil the AR teacher into a k-token student (stages AR -> 1 -> 2 -> 4, resumable).
+    Distill(distill_cmd::DistillArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -99,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Tokenizer { which } => data_cmd::run_tokenizer(&which),
         Cmd::Generate(a) => generate_cmd::run(&a),
         Cmd::Train(a) => train_cmd::run(&a),
+        Cmd::Distill(a) => distill_cmd::run(&a),
         Cmd::Bench { which } => match which {
             BenchCmd::Gemm { json } => bench_gemm::run(threads, json.as_deref()),
             BenchCmd::Train(a) => bench_train::run(threads, &a),

@@ -389,7 +389,12 @@ impl TrainTask for TeacherTask {
 }
 
 /// The keys whose values differ between two JSON objects (dotted paths).
-fn json_diff(a: &serde_json::Value, b: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+pub(crate) fn json_diff(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    prefix: &str,
+    out: &mut Vec<String>,
+) {
     match (a, b) {
         (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
@@ -410,7 +415,7 @@ fn json_diff(a: &serde_json::Value, b: &serde_json::Value, prefix: &str, out: &m
     }
 }
 
-fn data_id(data: &TokenData) -> DataId {
+pub(crate) fn data_id(data: &TokenData) -> DataId {
     DataId {
         tokenizer_sha256: data.meta.tokenizer_sha256.clone(),
         corpus_sha256: data.meta.corpus_sha256.clone(),

@@ -36,6 +36,10 @@ pub trait TrainTask {
     fn save_model(&self, dir: &Path) -> Result<()>;
     /// Tokens one update consumes (for tokens/s).
     fn tokens_per_step(&self) -> u64;
+    /// Extra validation metrics of the last [`TrainTask::eval`], logged as `val_<name>`.
+    fn eval_extras(&self) -> Extras {
+        Vec::new()
+    }
 }
 
 /// Where and how a run goes.
@@ -264,6 +268,14 @@ pub fn drive(
         } else {
             None
         };
+        let mut extras = stats.extras;
+        if val_loss.is_some() {
+            extras.extend(
+                task.eval_extras()
+                    .into_iter()
+                    .map(|(k, v)| (format!("val_{k}"), v)),
+            );
+        }
         let rec = StepRecord {
             step: s,
             loss: stats.loss,
@@ -273,7 +285,7 @@ pub fn drive(
             tokens_per_s: tps as f64 / dt.max(1e-9),
             elapsed_s: d.elapsed(),
             val_loss,
-            extras: stats.extras,
+            extras,
         };
         d.log.append(&rec)?;
         d.curves.push(&rec);
