@@ -173,11 +173,14 @@ fn stage1_then_stage2_learn_their_teachers() {
     eprintln!("stage 2: {s2} steps in {dt2:.1}s: {m2:?}");
     assert!(k2.join("model.safetensors").is_file());
     // Measured (2 loaded cores, teacher 400 steps at val loss 3.89, lr 3e-3, seeds above):
-    // stage 1 after 1500 steps: agreement 0.487 (0.10 after 60 steps; lr 8e-3 gives 0.491).
-    // The target is >= 0.95; it is NOT reached in a CI-sized budget (the curve is
-    // still rising slowly: learning a V = 512, tau = 1 inverse CDF from smooth sinusoidal
-    // u-features with a 2-layer d = 64 model). We assert what we reach, with margin, and
-    // report the gap rather than pretending.
+    // stage 1 after 1500 steps: agreement 0.487 (0.10 after 60 steps; lr 8e-3 gives 0.491;
+    // 5000 steps: 0.570). The target is >= 0.95; it is NOT reached in a CI-sized
+    // budget, and the measurements say why: the hint row must re-derive the teacher's
+    // p(. | x_<=t) from context it sees only through attention (2 layers, d = 64), and the
+    // index-order inverse CDF turns any mismatch in an early token's probability into a
+    // shift of every later interval. Sharpening p helps (tau 0.7: 0.594, tau 0.5: 0.714 at
+    // 1500 steps); richer u-features do not (u scaled x1000 inside the sinusoids: 0.505).
+    // We assert what we reach, with margin, and report the gap rather than pretending.
     assert!(
         m1.acc >= 0.40,
         "stage 1: agreement with the teacher's inverse CDF {:.3} < 0.40 (measured 0.487)",

@@ -3,7 +3,8 @@
 //! b. the double-staircase rollout equals two consecutive inference steps;
 //! c. K < k at inference gives the first K tokens of the K = k window;
 //! d. KV-cached PFLM generation equals recomputing everything without a cache;
-//! e. stage-1 targets equal AR sampling with the same u.
+//! e. stage-1 targets equal AR sampling with the same u;
+//! f. the noise-inversion variant's (u, target) pairs invert the real tokens.
 //! Plus: save/load round trip and gradients through the staircase pass.
 
 mod common;
@@ -438,4 +439,66 @@ fn save_load_and_gradients() {
         .get(s.backbone.param("vocab_embed.embedding").unwrap())
         .expect("embedding grad");
     assert!(ge.to_vec_f64().unwrap().iter().any(|&x| x != 0.0));
+}
+
+/// The noise-inversion variant (KFORCING.md 6.3): each pair (u, target) of a window is
+/// consistent with the one inverse-CDF map on the true prefix — `token(p_T(· | x_<=t+i-1), u)
+/// == target` through the public sampler — and the target is the real next token wherever
+/// the teacher gives it an interval.
+#[test]
+fn f_noise_inversion_pairs_invert_the_real_tokens() {
+    use kf_model::distill::DistillTeacher;
+    let cfg = small_cfg();
+    let (b, n, k) = (2usize, 7usize, 3usize);
+    let w = n + k + 1;
+    let tokens = ids(b, w, cfg.vocab_size, 41);
+    for tau in [1.0, 0.8] {
+        let teacher = DistillTeacher::Inversion(random_model(&cfg, 9));
+        let r = uniforms(&[b, n, k], 5);
+        let (ctx, u, tg) = teacher.batch(&tokens, b, w, n, &r, tau).unwrap();
+        let ctx = ctx.to_vec::<u32>().unwrap();
+        for row in 0..b {
+            assert_eq!(&ctx[row * n..(row + 1) * n], &tokens[row * w..row * w + n]);
+        }
+        let (u, tg) = (u.to_vec::<f64>().unwrap(), tg.to_vec::<u32>().unwrap());
+        let DistillTeacher::Inversion(t) = &teacher else {
+            unreachable!()
+        };
+        let m = n + k - 1;
+        let mut real = 0;
+        for i in 0..k {
+            // hint i of window t predicts token t + i + 1 from teacher row t + i
+            for row in 0..b {
+                let seq =
+                    Tensor::from_vec(tokens[row * w..row * w + m].to_vec(), &[1, m], Device::Cpu)
+                        .unwrap();
+                let urow: Vec<f64> = (0..m)
+                    .map(|j| {
+                        if j >= i && j - i < n {
+                            u[(row * n + j - i) * k + i]
+                        } else {
+                            0.5
+                        }
+                    })
+                    .collect();
+                let urow = Tensor::from_vec(urow, &[1, m], Device::Cpu).unwrap();
+                let back = stage1_targets(t, &seq, &urow, tau)
+                    .unwrap()
+                    .to_vec::<u32>()
+                    .unwrap();
+                for tt in 0..n {
+                    let at = (row * n + tt) * k + i;
+                    assert_eq!(back[tt + i], tg[at], "tau {tau} row {row} t {tt} i {i}");
+                    real += (tg[at] == tokens[row * w + tt + i + 1]) as usize;
+                }
+            }
+        }
+        // a random unit-scale teacher leaves some real tokens without an f64 interval
+        // (probability below ~1e-16); the rest must be the real tokens
+        assert!(
+            real * 2 > b * n * k,
+            "only {real} of {} targets are the real tokens",
+            b * n * k
+        );
+    }
 }

