@@ -235,7 +235,7 @@ pub fn generate(
 
 /// One pass over the whole (left-padded) rows; logits `[B, V]` of the last row. With a
 /// cache (empty), this is the prefill and commits every row.
-fn full_pass(
+pub(crate) fn full_pass(
     model: &Ddit,
     rows: &[Vec<u32>],
     skips: &[usize],

@@ -8,6 +8,7 @@ pub mod data;
 pub mod ddit;
 pub mod distill;
 pub mod distill_chain;
+pub mod eval;
 pub mod generate;
 pub mod kv_cache;
 pub mod pflm;

@@ -6,13 +6,14 @@
 //! against JAX; bench_train.rs), `generate` (AR sampling from a model
 //! directory; generate_cmd.rs), `train` (the AR teacher: checkpoints, exact resume,
 //! metrics; train_cmd.rs), `distill` (AR teacher -> k-token student, stage by stage;
-//! distill_cmd.rs), `export` (f16 model directories). Errors print one line and
+//! distill_cmd.rs), `export` (f16 model directories), `eval` (quality; eval_cmd.rs). Errors print one line and
 //! exit non-zero; usage errors exit 2.
 
 mod bench_gemm;
 mod bench_train;
 mod data_cmd;
 mod distill_cmd;
+mod eval_cmd;
 mod export_cmd;
 mod generate_cmd;
 mod init_weights;
@@ -69,6 +70,8 @@ enum Cmd {
     Distill(distill_cmd::DistillArgs),
     /// Rewrite a model directory with f16 (or bf16/f32) weights, e.g. for shipping.
     Export(export_cmd::Args),
+    /// Quality of a teacher/student pair: generative perplexity, entropy, agreement.
+    Eval(eval_cmd::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -109,6 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Train(a) => train_cmd::run(&a),
         Cmd::Distill(a) => distill_cmd::run(&a),
         Cmd::Export(a) => export_cmd::run(&a),
+        Cmd::Eval(a) => eval_cmd::run(&a),
         Cmd::Bench { which } => match which {
             BenchCmd::Gemm { json } => bench_gemm::run(threads, json.as_deref()),
             BenchCmd::Train(a) => bench_train::run(threads, &a),

@@ -197,6 +197,51 @@ fn distill_chain_resumes_and_the_student_generates() {
         "is an AR model",
     );
 
+    // kfrun eval: AR plus K = 1..4 x 2 penalties, a table and JSON rows
+    let ev = root.join("eval.json");
+    let (table, _) = ok(&kfrun(&[
+        "eval",
+        "--teacher",
+        s(&teacher),
+        "--student",
+        s(&student),
+        "--data",
+        s(&shards),
+        "--prompts",
+        "4",
+        "--max-new",
+        "8",
+        "--penalties",
+        "0,1",
+        "--json",
+        s(&ev),
+    ]));
+    assert!(table.contains("| pflm | 4 | 1 |"), "{table}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ev).unwrap()).unwrap();
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1 + 4 * 2);
+    assert_eq!(rows[0]["mode"], "ar");
+    for r in &rows[1..] {
+        let a = r["agree_tokens"].as_f64().unwrap();
+        let w = r["agree_windows"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a) && (0.0..=1.0).contains(&w), "{r}");
+        assert!(r["gen_ppl"].as_f64().unwrap() >= 1.0, "{r}");
+        assert_eq!(r["tokens"], 32);
+    }
+    one_clear_error(
+        &kfrun(&[
+            "eval",
+            "--teacher",
+            s(&student),
+            "--student",
+            s(&student),
+            "--data",
+            s(&shards),
+        ]),
+        "pass the AR teacher",
+    );
+
     // the inversion variant runs the same chain from the AR teacher
     let c = root.join("c");
     let (table, _) = ok(&distill(&c, &["--variant", "inversion"]));

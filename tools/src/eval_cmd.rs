@@ -1,0 +1,142 @@
+//! `kfrun eval`: quality of a teacher / student pair on held-out prompts (kf_model::eval):
+//! generative perplexity under the teacher, unigram entropy per sample, push-forward
+//! agreement, for AR and the student at K = 1..k with a frequency-penalty sweep. A Markdown
+//! table on stdout, JSON (options + rows) to `--json`.
+
+use anyhow::{ensure, Context, Result};
+use kf_model::checkpoint;
+use kf_model::data::TokenData;
+use kf_model::eval::{document_prompts, evaluate, markdown, EvalOptions};
+use kf_model::pflm::Pflm;
+use kf_model::Ddit;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The AR teacher's model directory.
+    #[arg(long)]
+    teacher: PathBuf,
+    /// The PFLM student's model directory.
+    #[arg(long)]
+    student: PathBuf,
+    /// Prepared token shards: prompts come from the validation split (val.bin).
+    #[arg(long)]
+    data: PathBuf,
+    /// Prompts (validation documents, in order).
+    #[arg(long, default_value_t = 64)]
+    prompts: usize,
+    /// Tokens of each prompt (the start of its document).
+    #[arg(long, default_value_t = 6)]
+    prompt_len: usize,
+    /// Tokens generated per prompt (fixed: no EOS stop).
+    #[arg(long, default_value_t = 48)]
+    max_new: usize,
+    /// Frequency penalties of the student sweep, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.5,1,2")]
+    penalties: Vec<f64>,
+    /// Student windows K to evaluate, comma-separated [default: 1..=k].
+    #[arg(long, value_delimiter = ',')]
+    ks: Option<Vec<usize>>,
+    /// Temperature (AR sampling; the student's noise encoder; the teacher's rollout).
+    #[arg(long, default_value_t = 1.0)]
+    tau: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the options and rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    ensure!(
+        a.tau.is_finite() && a.tau > 0.0,
+        "--tau must be finite and > 0, got {}",
+        a.tau
+    );
+    ensure!(a.max_new >= 1, "--max-new must be at least 1");
+    for p in &a.penalties {
+        ensure!(p.is_finite(), "--penalties: {p} is not finite");
+    }
+    let teacher = Ddit::load(&a.teacher)?;
+    ensure!(
+        teacher.cfg.k.is_none(),
+        "--teacher {} is a k = {} student; pass the AR teacher",
+        a.teacher.display(),
+        teacher.cfg.k.unwrap_or(0)
+    );
+    let scfg = checkpoint::read_config(&a.student)?;
+    ensure!(
+        scfg.k.is_some(),
+        "--student {} is an AR model (its config.json has no \"k\"); pass a PFLM student",
+        a.student.display()
+    );
+    let student = Pflm::load(&a.student)?;
+    let tok = checkpoint::read_tokenizer(&a.teacher, &teacher.cfg)?;
+    let data = TokenData::open(&a.data)?;
+    ensure!(
+        data.meta.vocab_size == teacher.cfg.vocab_size,
+        "--data {} has a vocabulary of {} but the teacher's is {}",
+        a.data.display(),
+        data.meta.vocab_size,
+        teacher.cfg.vocab_size
+    );
+    let prompts = document_prompts(&data.val, data.meta.eos_id, a.prompts, a.prompt_len)?;
+    ensure!(
+        a.prompt_len + a.max_new <= teacher.cfg.max_seq_len,
+        "--prompt-len {} + --max-new {} exceeds the models' max_seq_len {}",
+        a.prompt_len,
+        a.max_new,
+        teacher.cfg.max_seq_len
+    );
+    let opts = EvalOptions {
+        n_prompts: prompts.len(),
+        prompt_len: a.prompt_len,
+        max_new: a.max_new,
+        seed: a.seed,
+        tau: a.tau,
+        penalties: a.penalties.clone(),
+        vocab_limit: Some(tok.vocab_size()),
+        ks: a.ks.clone(),
+    };
+    eprintln!(
+        "kfrun eval: {} prompts of {} tokens from {}, {} new tokens each, tau {}, seed {}; student k = {}",
+        prompts.len(),
+        a.prompt_len,
+        data.val.path().display(),
+        a.max_new,
+        a.tau,
+        a.seed,
+        student.k
+    );
+    let rows = evaluate(&teacher, &student, &prompts, &opts, &mut |r| {
+        eprintln!(
+            "  {} K={} penalty {}: gen. ppl {:.2}, entropy {:.3}{} ({:.1} s)",
+            r.mode,
+            r.k,
+            r.freq_penalty,
+            r.gen_ppl,
+            r.entropy_mean,
+            r.agree_tokens
+                .map_or(String::new(), |t| format!(", agreement {t:.3}")),
+            r.gen_secs
+        )
+    })?;
+    print!("{}", markdown(&rows));
+    if let Some(p) = &a.json {
+        let j = serde_json::json!({
+            "teacher": a.teacher,
+            "student": a.student,
+            "data": a.data,
+            "prompts": prompts.len(),
+            "prompt_len": a.prompt_len,
+            "max_new": a.max_new,
+            "tau": a.tau,
+            "seed": a.seed,
+            "rows": rows,
+        });
+        kf_model::data::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())
+            .with_context(|| format!("--json {}", p.display()))?;
+        eprintln!("kfrun eval: wrote {}", p.display());
+    }
+    Ok(())
+}
