@@ -10,6 +10,7 @@
 //! exit non-zero; usage errors exit 2.
 
 mod bench_gemm;
+mod bench_gen;
 mod bench_train;
 mod data_cmd;
 mod distill_cmd;
@@ -72,10 +73,14 @@ enum Cmd {
     Export(export_cmd::Args),
     /// Quality of a teacher/student pair: generative perplexity, entropy, agreement.
     Eval(eval_cmd::Args),
-    /// Benchmarks.
+    /// Benchmarks: with no subcommand, generation throughput (AR vs PFLM K = 1..k across
+    /// batch sizes, with a roofline prediction); `gemm` and `train` compare with peers.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
         #[command(subcommand)]
-        which: BenchCmd,
+        which: Option<BenchCmd>,
+        #[command(flatten)]
+        gen: bench_gen::Args,
     },
 }
 
@@ -113,9 +118,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Distill(a) => distill_cmd::run(&a),
         Cmd::Export(a) => export_cmd::run(&a),
         Cmd::Eval(a) => eval_cmd::run(&a),
-        Cmd::Bench { which } => match which {
-            BenchCmd::Gemm { json } => bench_gemm::run(threads, json.as_deref()),
-            BenchCmd::Train(a) => bench_train::run(threads, &a),
+        Cmd::Bench { which, gen } => match which {
+            None => bench_gen::run(threads, &gen),
+            Some(BenchCmd::Gemm { json }) => bench_gemm::run(threads, json.as_deref()),
+            Some(BenchCmd::Train(a)) => bench_train::run(threads, &a),
         },
     }
 }

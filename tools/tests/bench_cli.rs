@@ -1,0 +1,74 @@
+//! `kfrun bench` (generation throughput) end to end on the tiny architecture: every
+//! (mode, K, batch) row is present in the JSON with consistent fields, the plot is written,
+//! and bad flags give one clear error.
+
+use std::process::Command;
+
+fn kfrun(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kfrun"))
+        .args(["--threads", "1"])
+        .args(args)
+        .output()
+        .expect("kfrun runs")
+}
+
+#[test]
+fn generation_bench_rows_and_plot() {
+    let dir = std::env::temp_dir().join(format!("kfrun-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("b.json"), dir.join("b.svg"));
+    let o = kfrun(&[
+        "bench",
+        "--arch",
+        "tiny",
+        "--k",
+        "2",
+        "--batches",
+        "1,3",
+        "--runs",
+        "1",
+        "--max-new",
+        "5",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("batch-1 AR decode reads the weights"), "{out}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2 * 3, "AR + K = 1, 2 at two batch sizes");
+    for r in rows {
+        let tps = r["tokens_per_s"].as_f64().unwrap();
+        assert!(tps > 0.0, "{r}");
+        let b = r["batch"].as_u64().unwrap();
+        let med = r["median_s"].as_f64().unwrap();
+        assert!((tps * med - (b * 5) as f64).abs() < 1e-6 * tps * med, "{r}");
+        match r["mode"].as_str().unwrap() {
+            "ar" => assert!(r["speedup"].is_null()),
+            _ => {
+                assert!(r["speedup"].as_f64().unwrap() > 0.0);
+                let p = r["predicted_speedup"].as_f64().unwrap();
+                let k = r["k"].as_f64().unwrap();
+                assert!(p > 0.0 && p <= k + 1e-9, "{r}");
+                // K = 2 needs fewer passes per token than AR
+                if k == 2.0 {
+                    assert!(r["passes_per_token"].as_f64().unwrap() <= 0.8, "{r}");
+                }
+            }
+        }
+    }
+    assert!(j["machine"]["copy_gb_s"].as_f64().unwrap() > 0.0);
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("K = 2"));
+    let bad = kfrun(&["bench"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--arch"));
+    let bad = kfrun(&["bench", "--arch", "huge", "--runs", "1"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown model preset"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
