@@ -2,7 +2,7 @@
 //! the committed excerpt, stage 1 (AR -> k = 1) must agree with the teacher's inverse-CDF
 //! map on held-out (context, u), and stage 2 (k = 1 -> 2) with the k = 1 student's own
 //! two-step rollout. The step counts can be overridden for measurement (KF_DT_TEACHER,
-//! KF_DT_S1, KF_DT_S2, KF_DT_LR1E4, KF_DT_TAU); the thresholds hold for the defaults. Agreement = the task's validation accuracy: validation contexts of
+//! KF_DT_S1, KF_DT_S2, KF_DT_LR1E4, KF_DT_TAU, KF_DT_LAYERS); the thresholds hold for the defaults. Agreement = the task's validation accuracy: validation contexts of
 //! the held-out shard, noises from the fixed evaluation stream (never trained on).
 
 use kf_model::data::{self, read_corpus, PrepareOptions};
@@ -59,6 +59,9 @@ fn teacher(root: &Path, data: &Path, steps: u64) -> PathBuf {
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny.json");
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(base).unwrap()).unwrap();
     v["total_steps"] = steps.into();
+    if let Ok(l) = std::env::var("KF_DT_LAYERS") {
+        v["model"]["n_layers"] = l.parse::<u64>().unwrap().into();
+    }
     v["eval_every"] = 0.into();
     v["checkpoint_every"] = 0.into();
     let cfg = root.join("teacher.json");
