@@ -22,10 +22,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// The default model directory, relative to the repository root.
+const DEFAULT_MODEL: &str = "models/default/student";
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory: config.json, model.safetensors, tokenizer.json.
-    #[arg(long)]
+    /// Model directory: config.json, model.safetensors, tokenizer.json (an AR teacher or a
+    /// PFLM student) [default: the shipped student, models/default/student].
+    #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// Prompt text (repeat the flag for several prompts).
     #[arg(long = "prompt", required = true)]
@@ -92,6 +96,11 @@ pub fn run(a: &Args) -> Result<()> {
         a.freq_penalty
     );
     let t_load = Instant::now();
+    if a.model == std::path::Path::new(DEFAULT_MODEL) && !a.model.is_dir() {
+        bail!(
+            "no --model given and the default model {DEFAULT_MODEL} is not here: run from the repository root (it ships there), or pass --model DIR"
+        );
+    }
     let model = match checkpoint::read_config(&a.model)?.k {
         None => {
             ensure!(
