@@ -1,0 +1,116 @@
+// selftest.cu: kernels that test the emulator itself (not shipped as PTX):
+// a shuffle-based block reduction, a tiled shared-memory transpose, warp votes,
+// atomics, dynamic shared memory, and three planted faults that the emulator
+// must report (a shared-memory race, an out-of-bounds write, a divergent barrier).
+// Letters: n elements, R x C matrices, T threads per block.
+#include "common.cuh"  // kernels/, on the include path of NVRTC and of the emulator
+
+// out[block] = sum of x over the block's grid-stride share (any T that is a multiple of 32).
+extern "C" __global__ void selftest_block_sum(const float* __restrict__ x, float* __restrict__ out, unsigned n) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) s += x[i];
+    s = kf_block_sum(s, scratch);
+    if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+// out [C, R] = in [R, C]ᵀ through a 32 x 33 tile (padded: no bank conflicts), blocks of 32 x 8.
+extern "C" __global__ void selftest_transpose(const float* __restrict__ in, float* __restrict__ out, int rows,
+                                              int cols) {
+    __shared__ float tile[32][33];
+    const int bx = blockIdx.x * 32, by = blockIdx.y * 32;
+    for (int k = threadIdx.y; k < 32; k += blockDim.y) {
+        const int r = by + k, c = bx + threadIdx.x;
+        if (r < rows && c < cols) tile[k][threadIdx.x] = in[(size_t)r * cols + c];
+    }
+    __syncthreads();
+    for (int k = threadIdx.y; k < 32; k += blockDim.y) {
+        const int r = bx + k, c = by + threadIdx.x;  // out row r = in column r
+        if (r < cols && c < rows) out[(size_t)r * rows + c] = tile[threadIdx.x][k];
+    }
+}
+
+// Per thread t of one block: out[4t..4t+4] = ballot, any, all of pred, then the
+// inclusive warp prefix sum of pred by __shfl_up_sync; out2[t] = lane 0's value
+// (__shfl_sync) and __syncthreads_count(pred) (T a multiple of 32).
+extern "C" __global__ void selftest_warp_votes(const int* __restrict__ pred, unsigned* __restrict__ out,
+                                               unsigned* __restrict__ out2) {
+    const unsigned t = threadIdx.x, lane = t & 31;
+    const int p = pred[t];
+    unsigned scan = p;
+    for (int o = 1; o < 32; o <<= 1) {
+        const unsigned v = __shfl_up_sync(KF_FULL_MASK, scan, o);
+        if ((int)lane >= o) scan += v;
+    }
+    out[4 * t + 0] = __ballot_sync(KF_FULL_MASK, p);
+    out[4 * t + 1] = __any_sync(KF_FULL_MASK, p);
+    out[4 * t + 2] = __all_sync(KF_FULL_MASK, p);
+    out[4 * t + 3] = scan;
+    const unsigned first = __shfl_sync(KF_FULL_MASK, (unsigned)(p * 1000 + t), 0);
+    const int cnt = __syncthreads_count(p);
+    out2[2 * t] = first;
+    out2[2 * t + 1] = (unsigned)cnt;
+}
+
+// sum += x[i], max = max(bits), count = number of elements; a CAS loop adds 1 to cas_sum per element.
+extern "C" __global__ void selftest_atomics(const float* __restrict__ x, float* sum, int* maxv, unsigned* count,
+                                            unsigned* cas_sum, unsigned n) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x) {
+        atomicAdd(sum, x[i]);
+        atomicMax(maxv, (int)(x[i] * 1000.0f));
+        atomicAdd(count, 1u);
+        unsigned old = *cas_sum, seen;
+        do {
+            seen = old;
+            old = atomicCAS(cas_sum, seen, seen + 1u);
+        } while (old != seen);
+    }
+}
+
+// Reverses each block's chunk of T elements through dynamic shared memory (T floats).
+extern "C" __global__ void selftest_dyn_reverse(const float* __restrict__ x, float* __restrict__ out, unsigned n) {
+    extern __shared__ float dyn[];
+    const unsigned t = threadIdx.x, i = blockIdx.x * blockDim.x + t;
+    dyn[t] = i < n ? x[i] : 0.0f;
+    __syncthreads();
+    const unsigned j = blockIdx.x * blockDim.x + (blockDim.x - 1 - t);
+    if (j < n) out[j] = dyn[t];
+}
+
+// ---------------------------------------------------------------- planted faults
+
+// Race: each thread writes its slot and reads its neighbour's with no barrier between.
+extern "C" __global__ void fault_race(float* out) {
+    __shared__ float s[256];
+    s[threadIdx.x] = (float)threadIdx.x;
+    out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+// Out of bounds: `<=` writes one element past the end of out [n].
+extern "C" __global__ void fault_oob_write(float* out, unsigned n) {
+    const unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) out[i] = 1.0f;
+}
+
+// Divergent barrier: only the first half of the block reaches __syncthreads().
+extern "C" __global__ void fault_divergent_barrier(float* out) {
+    if (threadIdx.x < blockDim.x / 2) {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 1.0f;
+}
+
+// Divergent warp collective: a shuffle inside a branch that half of the warp skips.
+extern "C" __global__ void fault_divergent_shuffle(float* out) {
+    float v = (float)threadIdx.x;
+    if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(KF_FULL_MASK, v, 1);
+    out[threadIdx.x] = v;
+}
+
+// Dynamic shared memory read beyond the bytes given at launch (T floats given, 2T read).
+extern "C" __global__ void fault_dyn_smem_overrun(float* out) {
+    extern __shared__ float dyn[];
+    dyn[threadIdx.x] = 1.0f;
+    __syncthreads();
+    out[threadIdx.x] = dyn[threadIdx.x + blockDim.x];
+}

@@ -1,0 +1,313 @@
+//! Emulated-kernel parity: the elementwise and LayerNorm-forward kernels of
+//! kernels/*.cu, run by the CPU emulator with the launch shapes of kf-kernels,
+//! against the CPU ops of kf-ops (the specification) on ragged shapes, with the
+//! parity harness's comparison and tolerances. f16/bf16 storage kernels are
+//! compared with the f32 CPU op on the same rounded inputs, rounded once.
+//! Letters: n elements, R rows, D features.
+
+use half::{bf16, f16};
+use kf_engine::{no_grad, Device, Tensor};
+use kf_kernels::{elementwise, layernorm};
+use kf_kernels_emu::{launch, Arg, DeviceBuffer};
+use kf_tests::harness::{compare, Gen, Tol};
+
+/// Element sizes (n) of the elementwise cases: 1, odd, one off a block
+/// (256) either way, several blocks with a tail, and more than the grid cap
+/// (1024 blocks of 256) so the grid-stride loop runs twice.
+const SIZES: &[usize] = &[1, 7, 33, 255, 257, 1000, 4097];
+const BIG: usize = 300_001;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum St {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl St {
+    fn suffix(self) -> &'static str {
+        match self {
+            St::F32 => "f32",
+            St::F16 => "f16",
+            St::Bf16 => "bf16",
+        }
+    }
+    /// The value after a round trip through the storage dtype.
+    fn round(self, v: f32) -> f32 {
+        match self {
+            St::F32 => v,
+            St::F16 => f16::from_f32(v).to_f32(),
+            St::Bf16 => bf16::from_f32(v).to_f32(),
+        }
+    }
+    fn upload(self, v: &[f32]) -> DeviceBuffer {
+        match self {
+            St::F32 => DeviceBuffer::from_slice(v),
+            St::F16 => DeviceBuffer::from_slice(
+                &v.iter()
+                    .map(|&x| f16::from_f32(x).to_bits())
+                    .collect::<Vec<u16>>(),
+            ),
+            St::Bf16 => DeviceBuffer::from_slice(
+                &v.iter()
+                    .map(|&x| bf16::from_f32(x).to_bits())
+                    .collect::<Vec<u16>>(),
+            ),
+        }
+    }
+    fn alloc(self, n: usize) -> DeviceBuffer {
+        DeviceBuffer::uninit(n * if self == St::F32 { 4 } else { 2 })
+    }
+    fn download(self, b: &DeviceBuffer) -> Vec<f64> {
+        match self {
+            St::F32 => b.to_vec::<f32>().iter().map(|&x| x as f64).collect(),
+            St::F16 => b
+                .to_vec::<u16>()
+                .iter()
+                .map(|&x| f16::from_bits(x).to_f64())
+                .collect(),
+            St::Bf16 => b
+                .to_vec::<u16>()
+                .iter()
+                .map(|&x| bf16::from_bits(x).to_f64())
+                .collect(),
+        }
+    }
+    /// Kernel output vs the f32 CPU op's output rounded to this dtype.
+    fn tol(self) -> Tol {
+        match self {
+            St::F32 => Tol::F32,
+            // both sides round an f32 value to storage once; the f32 values
+            // differ by a few f32 ulps, which can flip one rounding: 1 ulp of
+            // the storage dtype (f16: 2^-10 relative, bf16: 2^-7), plus an
+            // absolute term for results near zero
+            St::F16 => Tol::new(1e-3, 1.0 / 1024.0),
+            St::Bf16 => Tol::new(1e-2, 1.0 / 128.0),
+        }
+    }
+}
+
+const ALL: [St; 3] = [St::F32, St::F16, St::Bf16];
+
+fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, Device::Cpu).unwrap()
+}
+
+/// The CPU op's f32 output, rounded through the storage dtype.
+fn cpu_out(t: Tensor, st: St) -> Vec<f64> {
+    t.to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| st.round(v) as f64)
+        .collect()
+}
+
+fn inputs(n: usize, seed: u64, st: St, lo: f64, hi: f64) -> Vec<f32> {
+    let mut g = Gen::new(seed);
+    g.vec(n, lo, hi)
+        .iter()
+        .map(|&v| st.round(v as f32))
+        .collect()
+}
+
+#[test]
+fn elementwise_binary_ops_match_the_cpu_ops() {
+    let _g = no_grad();
+    type CpuOp = fn(&Tensor, &Tensor) -> anyhow::Result<Tensor>;
+    let ops: [(&str, CpuOp); 3] = [
+        ("add", kf_ops::elementwise::add),
+        ("sub", kf_ops::elementwise::sub),
+        ("mul", kf_ops::elementwise::mul),
+    ];
+    for st in ALL {
+        for (op, cpu) in ops {
+            for &n in SIZES
+                .iter()
+                .chain(if op == "add" { &[BIG][..] } else { &[] })
+            {
+                let a = inputs(n, n as u64, st, -2.0, 2.0);
+                let b = inputs(n, n as u64 + 1, st, -2.0, 2.0);
+                let (ab, bb, out) = (st.upload(&a), st.upload(&b), st.alloc(n));
+                let kernel = format!("{op}_{}", st.suffix());
+                launch(
+                    &kernel,
+                    elementwise::config(n),
+                    &[
+                        Arg::Buf(&ab),
+                        Arg::Buf(&bb),
+                        Arg::Buf(&out),
+                        Arg::U64(n as u64),
+                    ],
+                )
+                .unwrap();
+                let want = cpu_out(cpu(&tensor(&a, &[n]), &tensor(&b, &[n])).unwrap(), st);
+                compare(
+                    &format!("{kernel} n={n}"),
+                    &st.download(&out),
+                    &want,
+                    st.tol(),
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn elementwise_unary_and_bias_ops_match_the_cpu_ops() {
+    let _g = no_grad();
+    for st in ALL {
+        for &n in SIZES {
+            let x = inputs(n, 7 * n as u64, st, -6.0, 6.0);
+            let (xb, out) = (st.upload(&x), st.alloc(n));
+            let cfg = elementwise::config(n);
+            let sfx = st.suffix();
+
+            launch(
+                &format!("scale_{sfx}"),
+                cfg,
+                &[
+                    Arg::Buf(&xb),
+                    Arg::Buf(&out),
+                    Arg::F32(-0.75),
+                    Arg::U64(n as u64),
+                ],
+            )
+            .unwrap();
+            let want = cpu_out(
+                kf_ops::elementwise::scale(&tensor(&x, &[n]), -0.75).unwrap(),
+                st,
+            );
+            compare(
+                &format!("scale_{sfx} n={n}"),
+                &st.download(&out),
+                &want,
+                st.tol(),
+            )
+            .unwrap();
+
+            launch(
+                &format!("gelu_tanh_{sfx}"),
+                cfg,
+                &[Arg::Buf(&xb), Arg::Buf(&out), Arg::U64(n as u64)],
+            )
+            .unwrap();
+            let want = cpu_out(kf_ops::gelu::gelu_tanh(&tensor(&x, &[n])).unwrap(), st);
+            compare(
+                &format!("gelu_tanh_{sfx} n={n}"),
+                &st.download(&out),
+                &want,
+                st.tol(),
+            )
+            .unwrap();
+
+            // bias_add over rows of `cols` (n = rows * cols for a few splits)
+            for cols in [1, 7, n].into_iter().filter(|c| n % c == 0) {
+                let b = inputs(cols, 3 * cols as u64, st, -1.0, 1.0);
+                let bb = st.upload(&b);
+                launch(
+                    &format!("bias_add_{sfx}"),
+                    cfg,
+                    &[
+                        Arg::Buf(&xb),
+                        Arg::Buf(&bb),
+                        Arg::Buf(&out),
+                        Arg::U64(n as u64),
+                        Arg::U64(cols as u64),
+                    ],
+                )
+                .unwrap();
+                let cpu = kf_ops::elementwise::bias_add(
+                    &tensor(&x, &[n / cols, cols]),
+                    &tensor(&b, &[cols]),
+                )
+                .unwrap();
+                compare(
+                    &format!("bias_add_{sfx} n={n} cols={cols}"),
+                    &st.download(&out),
+                    &cpu_out(cpu, st),
+                    st.tol(),
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
+/// (R, D): one row and one feature, odd D below a warp and just above it, D
+/// not a multiple of the block (256), and D above the shared-memory cache
+/// limit (`layernorm::MAX_CACHED_D`) so the uncached path runs too.
+const LN_SHAPES: &[(usize, usize)] = &[
+    (1, 1),
+    (3, 7),
+    (2, 33),
+    (5, 256),
+    (2, 1000),
+    (3, 4097),
+    (2, 13_001),
+];
+
+#[test]
+fn layernorm_forward_matches_the_cpu_op() {
+    let _g = no_grad();
+    const EPS: f32 = 1e-5;
+    for st in ALL {
+        for &(rows, d) in LN_SHAPES {
+            for bias in [false, true] {
+                let seed = (rows * 100_000 + d) as u64;
+                // an offset of 3 as in the CPU op's cases: the shifted two-pass must hold up
+                let x = inputs(rows * d, seed, st, 2.0, 4.0);
+                let w = inputs(d, seed + 1, st, -1.5, 1.5);
+                let b = inputs(d, seed + 2, st, -1.0, 1.0);
+                let (xb, wb, bb) = (st.upload(&x), st.upload(&w), st.upload(&b));
+                let out = st.alloc(rows * d);
+                let (mean, rstd) = (
+                    DeviceBuffer::uninit(4 * rows),
+                    DeviceBuffer::uninit(4 * rows),
+                );
+                let (cfg, cached) = layernorm::config(rows, d);
+                let kernel = format!("layernorm_fwd_{}", st.suffix());
+                launch(
+                    &kernel,
+                    cfg,
+                    &[
+                        Arg::Buf(&xb),
+                        Arg::Buf(&wb),
+                        if bias { Arg::Buf(&bb) } else { Arg::Null },
+                        Arg::Buf(&out),
+                        Arg::Buf(&mean),
+                        Arg::Buf(&rstd),
+                        Arg::U32(rows as u32),
+                        Arg::U32(d as u32),
+                        Arg::F32(EPS),
+                        Arg::I32(cached as i32),
+                    ],
+                )
+                .unwrap();
+                let bt = tensor(&b, &[d]);
+                let cpu = kf_ops::layernorm::layer_norm(
+                    &tensor(&x, &[rows, d]),
+                    &tensor(&w, &[d]),
+                    bias.then_some(&bt),
+                    EPS as f64,
+                )
+                .unwrap();
+                let name = format!("{kernel} {rows}x{d} bias={bias}");
+                compare(&name, &st.download(&out), &cpu_out(cpu, st), st.tol()).unwrap();
+                // the saved statistics, against f64
+                let (mut wm, mut wr) = (vec![], vec![]);
+                for row in x.chunks(d) {
+                    let m = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                    let var = row.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / d as f64;
+                    wm.push(m);
+                    wr.push(1.0 / (var + EPS as f64).sqrt());
+                }
+                let got_m: Vec<f64> = mean.to_vec::<f32>().iter().map(|&v| v as f64).collect();
+                let got_r: Vec<f64> = rstd.to_vec::<f32>().iter().map(|&v| v as f64).collect();
+                compare(&format!("{name} mean"), &got_m, &wm, Tol::F32).unwrap();
+                // 1/std amplifies the f32 error of the variance when var is small (D = 1: var = 0, rstd = 1/sqrt(eps))
+                compare(&format!("{name} rstd"), &got_r, &wr, Tol::new(1e-4, 1e-3)).unwrap();
+            }
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The committed ptx/ is what the pinned NVRTC makes of kernels/*.cu, every
+//! source compiles, and no hot kernel spills. Needs the pinned wheels
+//! (kernels/requirements.txt): without them the test prints why and passes,
+//! unless KF_REQUIRE_NVRTC=1 (set by .ci/run, which installs them).
+
+use kf_ptxgen::{differences, generate, locate, repo_root};
+
+#[test]
+fn committed_ptx_is_fresh() {
+    let root = repo_root();
+    let tc = match locate(&root) {
+        Ok(tc) => tc,
+        Err(e) if std::env::var("KF_REQUIRE_NVRTC").as_deref() != Ok("1") => {
+            eprintln!("skipped: the pinned NVRTC is not available ({e:#})");
+            return;
+        }
+        Err(e) => panic!("KF_REQUIRE_NVRTC=1 but the pinned NVRTC is not available: {e:#}"),
+    };
+    let g = generate(&root, &tc).unwrap_or_else(|e| panic!("{e:#}"));
+    let bad = differences(&root, &g);
+    assert!(
+        bad.is_empty(),
+        "run `cargo run --release -p kf-ptxgen` and commit:\n  {}",
+        bad.join("\n  ")
+    );
+    assert!(
+        g.hot_spills.is_empty(),
+        "hot kernels spill: {:?}",
+        g.hot_spills
+    );
+    // every hot kernel of the report is there for each architecture
+    assert!(g
+        .resources
+        .iter()
+        .any(|r| r.kernel == "layernorm_fwd_f32" && r.arch == "sm_90"));
+}
+
+#[test]
+fn pins_are_read() {
+    let p = kf_ptxgen::pins(&repo_root()).unwrap();
+    assert!(p
+        .iter()
+        .any(|(n, v)| n == "nvidia-cuda-nvrtc-cu12" && v == "12.4.127"));
+    assert_eq!(p.len(), 3);
+}
