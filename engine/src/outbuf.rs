@@ -39,6 +39,15 @@ pub struct OutBuf<T> {
 impl<T: Element> OutBuf<T> {
     fn alloc(n: usize, body: u8) -> Self {
         let pad = if canary_mode() { CANARY_ELEMS } else { 0 };
+        if pad == 0 {
+            // a recycled buffer (see storage::pool): stale values for uninit, cleared for zeros
+            if let Some(mut v) = crate::storage::pool::take::<T>(n) {
+                if body == 0 {
+                    v.fill(T::zeroed());
+                }
+                return OutBuf { v, pad, n };
+            }
+        }
         let mut v: Vec<T> = vec![T::zeroed(); n + 2 * pad];
         if pad > 0 {
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut v);
@@ -50,8 +59,8 @@ impl<T: Element> OutBuf<T> {
         OutBuf { v, pad, n }
     }
 
-    /// A buffer the kernel must write completely (NaN-filled in canary mode,
-    /// zeros otherwise).
+    /// A buffer the kernel must write completely (NaN-filled in canary mode; otherwise
+    /// zeros, or the stale values of a recycled buffer when it is large).
     pub fn uninit(n: usize) -> Self {
         Self::alloc(n, 0xFF)
     }

@@ -367,6 +367,20 @@ impl Tensor {
     pub fn is_var(&self) -> bool {
         self.0.is_var
     }
+
+    /// Whether this handle is the only one on its storage: no clone, view, `var` or `detach`
+    /// shares it, so writing into it changes nothing another tensor can see (an op may then
+    /// write its result into this buffer instead of a copy).
+    pub fn is_sole_owner(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.0.storage) == 1
+    }
+
+    /// The same storage and layout under a new id, with `node` as its backward node: for ops
+    /// that wrote their result into the buffer of an input they solely own
+    /// ([`Tensor::is_sole_owner`]).
+    pub fn rewrap(&self, node: Option<Arc<dyn BackwardOp>>) -> Tensor {
+        self.view(self.0.layout.clone(), node)
+    }
     /// True for variables and for results of recorded ops.
     pub fn tracks_grad(&self) -> bool {
         self.0.is_var || self.0.node.is_some()

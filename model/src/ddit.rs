@@ -22,7 +22,7 @@ use crate::kv_cache::KvCache;
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::{grad_enabled, should_record, BackwardOp};
 use kf_engine::{io, DType, Device, Float, Tensor};
-use kf_ops::attention::{attention, AttnParams, AttnPattern};
+use kf_ops::attention::{attention, rope_attention, AttnParams, AttnPattern};
 use kf_ops::elementwise::add;
 use kf_ops::embedding::embedding;
 use kf_ops::gelu::gelu_tanh;
@@ -448,16 +448,18 @@ impl Ddit {
             let x = layer_norm(&h, self.block(layer, NORM1), None, eps)?;
             // [B, T, 3d] viewed as (three, heads, head_dim): q, k, v are strided views
             let qkv = linear(&x, self.block(layer, QKV), None)?.reshape(&[b, t, 3, nh, hd])?;
-            let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
-            let q = rope(&part(0)?, pos, cfg.rope_base)?;
-            let k = rope(&part(1)?, pos, cfg.rope_base)?;
-            let v = part(2)?;
             let a = match cache.as_deref_mut() {
                 Some(c) => {
-                    let (kc, vc) = c.write(layer, &k, &v)?;
+                    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
+                    let q = rope(&part(0)?, pos, cfg.rope_base)?;
+                    let k = rope(&part(1)?, pos, cfg.rope_base)?;
+                    let (kc, vc) = c.write(layer, &k, &part(2)?)?;
                     attention(&q, &kc, &vc, attn)?
                 }
-                None => attention(&q, &k, &v, attn)?,
+                // the fused op: same values as rope + attention on the q, k, v views, but
+                // its backward writes one [B, T, 3, H, D] gradient (no zero-padded
+                // per-part gradients summed on the tape)
+                None => rope_attention(&qkv, pos, cfg.rope_base, attn)?,
             }
             .reshape(&[b, t, d])?;
             h = add(&h, &linear(&a, self.block(layer, OUT), None)?)?;
@@ -508,6 +510,17 @@ fn mask_logit(logits: Tensor, id: Option<u32>) -> Result<Tensor> {
         }
     }
     fn go<T: Float>(logits: Tensor, v: usize, col: usize) -> Result<Tensor> {
+        if should_record(&[&logits]) && logits.is_contiguous() && logits.is_sole_owner() {
+            // the head's fresh output, held by nobody else (its linear's backward does not
+            // read it): write the column in place and re-wrap the buffer with this op's node,
+            // instead of copying [N, V] logits
+            logits.with_cpu_data_mut::<T, _>(|x| set_col(x, v, col))?;
+            let node: Arc<dyn BackwardOp> = Arc::new(MaskLogitBackward {
+                x: logits.clone(),
+                col,
+            });
+            return Ok(logits.rewrap(Some(node)));
+        }
         if should_record(&[&logits]) {
             let mut data = logits.contiguous()?.to_vec::<T>()?;
             set_col(&mut data, v, col);
@@ -543,6 +556,14 @@ impl BackwardOp for MaskLogitBackward {
     fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         fn go<T: Float>(g: &Tensor, col: usize) -> Result<Tensor> {
             let v = g.dim(g.rank() - 1)?;
+            if g.is_contiguous() && g.is_sole_owner() {
+                // the tape's only handle on this gradient (the cross-entropy's fresh
+                // [N, V] buffer): zero the column in place instead of copying it
+                g.with_cpu_data_mut::<T, _>(|d| {
+                    d.chunks_exact_mut(v).for_each(|r| r[col] = T::ZERO)
+                })?;
+                return Ok(g.clone());
+            }
             let mut d = g.contiguous()?.to_vec::<T>()?;
             d.chunks_exact_mut(v).for_each(|r| r[col] = T::ZERO);
             Tensor::from_vec(d, g.shape(), Device::Cpu)

@@ -845,6 +845,36 @@ fn forward_t<T: Kern>(
         h: nh,
         d,
     } = dims;
+    let (out, lse) = forward_raw::<T>(q, k, v, p, dims, simd)?;
+    let node = should_record(&[q, k, v]).then(|| {
+        Arc::new(AttentionBackward {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            lse: lse.clone(),
+            params: p.clone(),
+        }) as Arc<dyn BackwardOp>
+    });
+    Ok((out.finish(&[nb, tq, nh, d], node)?, lse))
+}
+
+/// The forward's output buffer [B, Tq, H, D] (not yet a tensor, so callers attach their own
+/// backward node) and lse [B, H, Tq].
+fn forward_raw<T: Kern>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &AttnParams,
+    dims: Dims,
+    simd: bool,
+) -> Result<(OutBuf<T>, Tensor)> {
+    let Dims {
+        b: nb,
+        tq,
+        tk: _,
+        h: nh,
+        d,
+    } = dims;
     let (qc, kc, vc) = (readable(q)?, readable(k)?, readable(v)?);
     let (gq, gk, gv) = (qc.storage()?, kc.storage()?, vc.storage()?);
     let parallel = work(dims) >= PAR_MIN_WORK;
@@ -883,17 +913,7 @@ fn forward_t<T: Kern>(
                 }
             });
     }
-    let lse = lse.finish(&[nb, nh, tq], None)?;
-    let node = should_record(&[q, k, v]).then(|| {
-        Arc::new(AttentionBackward {
-            q: q.clone(),
-            k: k.clone(),
-            v: v.clone(),
-            lse: lse.clone(),
-            params: p.clone(),
-        }) as Arc<dyn BackwardOp>
-    });
-    Ok((out.finish(&[nb, tq, nh, d], node)?, lse))
+    Ok((out, lse.finish(&[nb, nh, tq], None)?))
 }
 
 /// K [B, Tk, H, D] (strided) -> panels [B, H, Tk/BC, D, BC]: each block of BC keys transposed
@@ -1151,6 +1171,44 @@ fn backward_t<T: Kern>(
         h: nh,
         d,
     } = dims;
+    let heads = backward_heads::<T>(q, k, v, out, lse, g, p, dims, simd)?;
+    let scatter = |t: usize, pick: &(dyn Fn(&HeadGrads<T>) -> &Vec<T> + Sync)| -> Result<Tensor> {
+        let mut buf = OutBuf::<T>::uninit(nb * t * nh * d);
+        if nh * d > 0 && t > 0 {
+            buf.as_mut_slice()
+                .par_chunks_mut(nh * d)
+                .enumerate()
+                .for_each(|(bt, chunk)| {
+                    let (b, row) = (bt / t, bt % t);
+                    for h in 0..nh {
+                        let src = pick(&heads[b * nh + h]);
+                        chunk[h * d..(h + 1) * d].copy_from_slice(&src[row * d..(row + 1) * d]);
+                    }
+                });
+        }
+        buf.finish(&[nb, t, nh, d], None)
+    };
+    Ok((
+        scatter(tq, &|x| &x.dq)?,
+        scatter(tk, &|x| &x.dk)?,
+        scatter(tk, &|x| &x.dv)?,
+    ))
+}
+
+/// The per-head gradients (dq [Tq, D], dk and dv [Tk, D] of each (b, h), index b * H + h).
+#[allow(clippy::too_many_arguments)]
+fn backward_heads<T: Kern>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    p: &AttnParams,
+    dims: Dims,
+    simd: bool,
+) -> Result<Vec<HeadGrads<T>>> {
+    let nh = dims.h;
     let (qc, kc, vc, oc, gc) = (
         readable(q)?,
         readable(k)?,
@@ -1178,30 +1236,9 @@ fn backward_t<T: Kern>(
         dims,
     };
     let parallel = work(dims) >= PAR_MIN_WORK;
-    let heads = map_tasks(nb * nh, parallel, |bh| {
+    Ok(map_tasks(dims.b * nh, parallel, |bh| {
         bwd_head(&cx, bh / nh, bh % nh, simd)
-    });
-    let scatter = |t: usize, pick: &(dyn Fn(&HeadGrads<T>) -> &Vec<T> + Sync)| -> Result<Tensor> {
-        let mut buf = OutBuf::<T>::uninit(nb * t * nh * d);
-        if nh * d > 0 && t > 0 {
-            buf.as_mut_slice()
-                .par_chunks_mut(nh * d)
-                .enumerate()
-                .for_each(|(bt, chunk)| {
-                    let (b, row) = (bt / t, bt % t);
-                    for h in 0..nh {
-                        let src = pick(&heads[b * nh + h]);
-                        chunk[h * d..(h + 1) * d].copy_from_slice(&src[row * d..(row + 1) * d]);
-                    }
-                });
-        }
-        buf.finish(&[nb, t, nh, d], None)
-    };
-    Ok((
-        scatter(tq, &|x| &x.dq)?,
-        scatter(tk, &|x| &x.dk)?,
-        scatter(tk, &|x| &x.dv)?,
-    ))
+    }))
 }
 
 fn bwd_head<T: Kern>(cx: &BwdCx<T>, b: usize, h: usize, simd: bool) -> HeadGrads<T> {
@@ -1353,9 +1390,203 @@ fn bwd_head_impl<T: Kern, const F: bool>(cx: &BwdCx<T>, b: usize, h: usize) -> H
     HeadGrads { dq, dk, dv }
 }
 
+// ------------------------------------------------- fused qkv + RoPE + attention
+
+/// Attention straight from a fused projection: `qkv [B, T, 3, H, D]` (q | k | v, the layout of
+/// the model's QKV linear viewed 5-d; any strides with a unit last one), RoPE (rotate-half,
+/// `rope_base`) applied to q and k at positions `pos` (u32 `[T]` or `[B, T]`), then
+/// `attention(rope(q), rope(k), v, p)` -> out [B, T, H, D]. The same values as the composed ops;
+/// the difference is the backward: it writes dq, dk (rotated back) and dv into ONE
+/// [B, T, 3, H, D] gradient, where the composed ops pay two rope backwards and three
+/// zero-filled narrow gradients [B, T, 3, H, D] summed by the tape.
+pub fn rope_attention(
+    qkv: &Tensor,
+    pos: &Tensor,
+    rope_base: f64,
+    p: &AttnParams,
+) -> Result<Tensor> {
+    let dt = float_dtype("rope_attention", &[qkv])?;
+    ensure!(
+        qkv.rank() == 5 && qkv.shape()[2] == 3,
+        "rope_attention: qkv must be [B, T, 3, H, D], got {:?}",
+        qkv.shape()
+    );
+    let (q, k, v) = {
+        let _g = kf_engine::autograd::no_grad();
+        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
+        (
+            crate::rope::rope(&part(0)?, pos, rope_base)?,
+            crate::rope::rope(&part(1)?, pos, rope_base)?,
+            part(2)?,
+        )
+    };
+    let dims = validate(&q, &k, &v, p)?;
+    crate::dispatch_float!(
+        "rope_attention",
+        dt,
+        rope_attention_t::<T>(qkv, pos, rope_base, p, (q, k, v), dims)
+    )
+}
+
+fn rope_attention_t<T: Kern>(
+    qkv: &Tensor,
+    pos: &Tensor,
+    rope_base: f64,
+    p: &AttnParams,
+    (q, k, v): (Tensor, Tensor, Tensor),
+    dims: Dims,
+) -> Result<Tensor> {
+    let (out, lse) = forward_raw::<T>(&q, &k, &v, p, dims, simd_ok())?;
+    let node = should_record(&[qkv]).then(|| {
+        Arc::new(RopeAttentionBackward {
+            qkv: qkv.clone(),
+            q,
+            k,
+            lse,
+            pos: pos.clone(),
+            rope_base,
+            params: p.clone(),
+        }) as Arc<dyn BackwardOp>
+    });
+    out.finish(&[dims.b, dims.tq, dims.h, dims.d], node)
+}
+
+/// Saves the rotated q and k (v is read from qkv) and the lse.
+struct RopeAttentionBackward {
+    qkv: Tensor,
+    q: Tensor,
+    k: Tensor,
+    lse: Tensor,
+    pos: Tensor,
+    rope_base: f64,
+    params: AttnParams,
+}
+
+impl BackwardOp for RopeAttentionBackward {
+    fn name(&self) -> &'static str {
+        "rope_attention"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        vec![self.qkv.clone()]
+    }
+    fn backward(&self, out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let v = self.qkv.narrow(2, 2, 1)?.squeeze(2)?;
+        let dims = validate(&self.q, &self.k, &v, &self.params)?;
+        ensure!(
+            out.shape() == self.q.shape() && g.shape() == self.q.shape(),
+            "rope_attention backward: out {:?} and grad {:?} must be [B, T, H, D] = {:?}",
+            out.shape(),
+            g.shape(),
+            self.q.shape()
+        );
+        let dt = float_dtype("rope_attention backward", &[&self.q, out, g])?;
+        let d = crate::dispatch_float!(
+            "rope_attention backward",
+            dt,
+            rope_attention_bwd::<T>(self, &v, out, g, dims)
+        )?;
+        Ok(vec![Some(d)])
+    }
+}
+
+fn rope_attention_bwd<T: Kern>(
+    s: &RopeAttentionBackward,
+    v: &Tensor,
+    out: &Tensor,
+    g: &Tensor,
+    dims: Dims,
+) -> Result<Tensor> {
+    let Dims {
+        b: nb,
+        tq,
+        tk,
+        h: nh,
+        d,
+    } = dims;
+    ensure!(
+        tq == tk,
+        "rope_attention backward: {tq} query rows but {tk} keys"
+    );
+    let heads = backward_heads::<T>(&s.q, &s.k, v, out, &s.lse, g, &s.params, dims, simd_ok())?;
+    // the inverse rotation (negated angles) of every position row
+    let (cos, sin) = crate::rope::tables_t::<T>(&s.pos, d, s.rope_base, true)?;
+    let batched = s.pos.rank() == 2;
+    let half = d / 2;
+    let row = nh * d;
+    let mut buf = OutBuf::<T>::uninit(nb * tq * 3 * row);
+    if row > 0 && tq > 0 {
+        buf.as_mut_slice()
+            .par_chunks_mut(3 * row)
+            .enumerate()
+            .for_each(|(bt, chunk)| {
+                let (b, t) = (bt / tq, bt % tq);
+                let pr = if batched { bt } else { t };
+                let (c, sn) = (
+                    &cos[pr * half..(pr + 1) * half],
+                    &sin[pr * half..(pr + 1) * half],
+                );
+                let (cq, rest) = chunk.split_at_mut(row);
+                let (ck, cv) = rest.split_at_mut(row);
+                for h in 0..nh {
+                    let hg = &heads[b * nh + h];
+                    let r = t * d..(t + 1) * d;
+                    let o = h * d..(h + 1) * d;
+                    crate::rope::rotate_row(&hg.dq[r.clone()], &mut cq[o.clone()], c, sn);
+                    crate::rope::rotate_row(&hg.dk[r.clone()], &mut ck[o.clone()], c, sn);
+                    cv[o].copy_from_slice(&hg.dv[r]);
+                }
+            });
+    }
+    buf.finish(&[nb, tq, 3, nh, d], None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rope_attention_matches_the_composed_ops_bit_for_bit() {
+        use crate::rope::rope;
+        use kf_engine::{DType, Device};
+        let (b, t, h, d) = (2, 37, 2, 8);
+        let n = b * t * 3 * h * d;
+        let vals: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin()).collect();
+        let pos = Tensor::from_vec((0..t as u32).collect::<Vec<_>>(), &[t], Device::Cpu).unwrap();
+        let p = AttnParams {
+            pattern: AttnPattern::Causal,
+            q_start: 0,
+            scale: 0.3,
+            key_skip: vec![],
+        };
+        for dt in [DType::F32, DType::F64] {
+            let x = Tensor::from_vec(vals.clone(), &[b, t, 3, h, d], Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap()
+                .var();
+            let seed: Vec<f64> = (0..b * t * h * d)
+                .map(|i| (i as f64 * 0.11).cos())
+                .collect();
+            let seed = Tensor::from_vec(seed, &[b, t, h, d], Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let fused = rope_attention(&x, &pos, 1e4, &p).unwrap();
+            let part = |i: usize| x.narrow(2, i, 1).unwrap().squeeze(2).unwrap();
+            let q = rope(&part(0), &pos, 1e4).unwrap();
+            let k = rope(&part(1), &pos, 1e4).unwrap();
+            let composed = attention(&q, &k, &part(2), &p).unwrap();
+            assert_eq!(fused.to_vec_f64().unwrap(), composed.to_vec_f64().unwrap());
+            let gf = fused.backward_with(seed.clone()).unwrap();
+            let gc = composed.backward_with(seed).unwrap();
+            assert_eq!(
+                gf.get(&x).unwrap().to_vec_f64().unwrap(),
+                gc.get(&x).unwrap().to_vec_f64().unwrap()
+            );
+        }
+        let bad = Tensor::zeros(&[1, 2, 2, 1, 4], DType::F32, Device::Cpu).unwrap();
+        assert!(rope_attention(&bad, &pos, 1e4, &p).is_err());
+    }
     use kf_engine::{DType, Device};
 
     fn params(pattern: AttnPattern) -> AttnParams {

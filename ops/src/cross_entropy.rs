@@ -6,7 +6,7 @@
 
 use crate::dispatch_float;
 use crate::util::{expect_rank, expect_shape, float_dtype};
-use crate::util::{for_each_row, row_max_sumexp, FirstBadRow, PAR_MIN_ELEMS};
+use crate::util::{fast_exp, for_each_row, has_avx2, row_max_sumexp, FirstBadRow, PAR_MIN_ELEMS};
 use anyhow::{bail, ensure, Result};
 use kf_engine::autograd::should_record;
 use kf_engine::{BackwardOp, DType, Float, OutBuf, Tensor};
@@ -64,12 +64,13 @@ fn cross_entropy_t<T: Float>(
     if n > 0 {
         // (loss, lse) per row; an ignored row costs nothing
         let bad = FirstBadRow::new();
+        let simd = has_avx2();
         let row = |i: usize| -> (T, T) {
             if Some(tv[i]) == ignore {
                 return (T::ZERO, T::ZERO);
             }
             let r = &xs[i * v..(i + 1) * v];
-            match row_max_sumexp(r) {
+            match max_sumexp(r, simd) {
                 Some((m, s)) => {
                     let l = m + s.ln();
                     (l - r[tv[i] as usize], l)
@@ -159,20 +160,63 @@ impl<T: Float> BackwardOp for CrossEntropyBackward<T> {
         let mut dx = OutBuf::<T>::uninit(n * v);
         if v > 0 {
             let ignore = self.ignore;
+            let simd = has_avx2();
             for_each_row(dx.as_mut_slice(), v, |i, d| {
                 if Some(tv[i]) == ignore || self.count == 0 {
                     d.fill(T::ZERO);
                     return;
                 }
-                let (r, l) = (&xs[i * v..(i + 1) * v], self.lse[i]);
-                for (d, &a) in d.iter_mut().zip(r) {
-                    *d = (a - l).exp() * scale;
-                }
+                grad_row(d, &xs[i * v..(i + 1) * v], self.lse[i], scale, simd);
                 d[tv[i] as usize] -= scale;
             });
         }
         Ok(vec![Some(dx.finish(&[n, v], None)?), None])
     }
+}
+
+/// `(max, sum exp(x - max))` of a row (None when fully masked), in AVX2 when `simd`.
+#[inline]
+fn max_sumexp<T: Float>(r: &[T], simd: bool) -> Option<(T, T)> {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: simd is has_avx2().
+        return unsafe { max_sumexp_avx2(r) };
+    }
+    let _ = simd;
+    row_max_sumexp(r)
+}
+
+/// SAFETY (caller): the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn max_sumexp_avx2<T: Float>(r: &[T]) -> Option<(T, T)> {
+    row_max_sumexp(r)
+}
+
+/// `d[j] = exp(x[j] - lse) * scale`, in AVX2 when `simd`.
+#[inline]
+fn grad_row<T: Float>(d: &mut [T], x: &[T], lse: T, scale: T, simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: simd is has_avx2().
+        return unsafe { grad_row_avx2(d, x, lse, scale) };
+    }
+    let _ = simd;
+    grad_row_impl(d, x, lse, scale)
+}
+
+#[inline(always)]
+fn grad_row_impl<T: Float>(d: &mut [T], x: &[T], lse: T, scale: T) {
+    for (d, &a) in d.iter_mut().zip(x) {
+        *d = fast_exp(a - lse) * scale;
+    }
+}
+
+/// SAFETY (caller): the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn grad_row_avx2<T: Float>(d: &mut [T], x: &[T], lse: T, scale: T) {
+    grad_row_impl(d, x, lse, scale)
 }
 
 #[cfg(test)]

@@ -70,7 +70,7 @@ pub fn rope(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
 }
 
 /// Tables cast to `T`, with sin negated for the inverse rotation.
-fn tables_t<T: Float>(
+pub(crate) fn tables_t<T: Float>(
     pos: &Tensor,
     d: usize,
     base: f64,
@@ -128,17 +128,25 @@ fn rotate<T: Float>(
             );
             for hi in 0..h {
                 let src = off + bi * st[0] + ti * st[1] + hi * st[2];
-                let xr = &data[src..src + d];
-                let (x1, x2) = xr.split_at(half);
-                let (o1, o2) = o[hi * d..(hi + 1) * d].split_at_mut(half);
-                for j in 0..half {
-                    o1[j] = x1[j] * c[j] - x2[j] * s[j];
-                    o2[j] = x2[j] * c[j] + x1[j] * s[j];
-                }
+                rotate_row(&data[src..src + d], &mut o[hi * d..(hi + 1) * d], c, s);
             }
         });
     }
     out.finish(&shape, node)
+}
+
+/// One head vector `x [D]` rotated into `o [D]` by the angles whose cos / sin (D/2 each) are
+/// `c` / `s`: `o[j] = x[j] c - x[j + D/2] s`, `o[j + D/2] = x[j + D/2] c + x[j] s`.
+#[inline(always)]
+pub(crate) fn rotate_row<T: Float>(x: &[T], o: &mut [T], c: &[T], s: &[T]) {
+    let half = c.len();
+    let (x1, x2) = x[..2 * half].split_at(half);
+    let (o1, o2) = o[..2 * half].split_at_mut(half);
+    let s = &s[..half];
+    for j in 0..half {
+        o1[j] = x1[j] * c[j] - x2[j] * s[j];
+        o2[j] = x2[j] * c[j] + x1[j] * s[j];
+    }
 }
 
 fn rope_t<T: Float>(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {

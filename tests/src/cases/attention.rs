@@ -6,7 +6,7 @@
 
 use crate::harness::{Case, Gen, Input};
 use kf_engine::Tensor;
-use kf_ops::attention::{attention, AttnParams, AttnPattern};
+use kf_ops::attention::{attention, rope_attention, AttnParams, AttnPattern};
 use kf_ops::OpKind;
 
 /// How the inputs reach the op.
@@ -283,8 +283,16 @@ fn case(s: Spec, seed: u64, grad: bool) -> Case {
     }
 }
 
+/// The attention family: `attention` and the fused `rope_attention` (which has no registry
+/// entry of its own: its cases run under `attention`).
 pub fn cases(op: OpKind) -> Vec<Case> {
     assert_eq!(op, OpKind::Attention, "attention cases asked for {op:?}");
+    let mut out = attention_cases();
+    out.extend(rope_attention_cases());
+    out
+}
+
+fn attention_cases() -> Vec<Case> {
     let causal = |b, h, d, t| Spec::full(b, h, d, AttnPattern::Causal, t);
     let grad_specs = vec![
         // plain causal
@@ -337,6 +345,90 @@ pub fn cases(op: OpKind) -> Vec<Case> {
     }
     for (i, s) in fwd_specs.into_iter().enumerate() {
         out.push(case(s, 200 + i as u64, false));
+    }
+    out
+}
+
+/// The fused op `rope_attention(qkv [B, T, 3, H, D], pos)` against the composed references:
+/// `rope_ref` of the q and k blocks, then the attention reference on (q, k, v). Gradients are
+/// checked with respect to qkv (the one [B, T, 3, H, D] gradient the op writes).
+fn rope_attention_case(s: Spec, batched_pos: bool, seed: u64, grad: bool) -> Case {
+    use super::norm::{rope_ref, ROPE_BASE};
+    assert!(s.tq == s.tk && s.q_start == 0 && s.layout == Layout::Separate);
+    let (b, t, h, d) = (s.b, s.tk, s.h, s.d);
+    let mut g = Gen::new(seed);
+    let qkv = g.normal_vec(b * t * 3 * h * d, 1.0);
+    let np = if batched_pos { b * t } else { t };
+    // positions: in order for [T] (the training pass), arbitrary with repeats for [B, T]
+    let pos: Vec<u32> = if batched_pos {
+        (0..np).map(|_| g.below(300) as u32).collect()
+    } else {
+        (0..np as u32).collect()
+    };
+    let pshape = if batched_pos { vec![b, t] } else { vec![t] };
+    let name = format!(
+        "rope_attention {} pos={}",
+        s.name().trim_start_matches("attention "),
+        if batched_pos { "[B,T]" } else { "[T]" }
+    );
+    let pairs: usize = (0..b).map(|bb| s.pairs(bb)).sum::<usize>() * h;
+    let flops = 4.0 * (pairs * d) as f64 + 6.0 * (b * t * h * d) as f64;
+    let bytes = 4.0 * (d * h * b * 4 * t) as f64;
+    let (sf, sr) = (s.clone(), s.clone());
+    let c = Case::new(
+        name,
+        vec![
+            Input::float(&[b, t, 3, h, d], qkv),
+            Input::index(&pshape, pos),
+        ],
+        move |ts| {
+            Ok(vec![rope_attention(
+                &ts[0],
+                &ts[1],
+                ROPE_BASE,
+                &sf.params(),
+            )?])
+        },
+        move |x| {
+            let part = |i: usize| -> Vec<f64> {
+                x[0].chunks(3 * h * d)
+                    .flat_map(|r| r[i * h * d..(i + 1) * h * d].to_vec())
+                    .collect()
+            };
+            let shape = [b, t, h, d];
+            let q = rope_ref(&part(0), &x[1], shape, batched_pos);
+            let k = rope_ref(&part(1), &x[1], shape, batched_pos);
+            vec![reference(&sr, &[q, k, part(2)])]
+        },
+    )
+    .cost(flops, bytes);
+    if grad {
+        c.grad(&[0])
+    } else {
+        c
+    }
+}
+
+fn rope_attention_cases() -> Vec<Case> {
+    let causal = |b, h, d, t| Spec::full(b, h, d, AttnPattern::Causal, t);
+    let grad_specs = vec![
+        (causal(1, 1, 2, 1), false),
+        (causal(2, 2, 4, 5), false),
+        (causal(1, 2, 8, 7).scale(0.7), true),
+        (Spec::stair(1, 2, 4, 2, 2), true),
+        // several query tiles and key blocks through the backward
+        (causal(1, 1, 2, 70), false),
+    ];
+    let fwd_specs = vec![
+        (causal(2, 4, 64, 130), false),
+        (causal(1, 2, 128, 37), true),
+    ];
+    let mut out = vec![];
+    for (i, (s, bp)) in grad_specs.into_iter().enumerate() {
+        out.push(rope_attention_case(s, bp, 300 + i as u64, true));
+    }
+    for (i, (s, bp)) in fwd_specs.into_iter().enumerate() {
+        out.push(rope_attention_case(s, bp, 400 + i as u64, false));
     }
     out
 }

@@ -10,7 +10,7 @@ use kf_ops::OpKind;
 /// The DDiT LayerNorm epsilon.
 const EPS: f64 = 1e-5;
 /// The RoPE base of the backbone.
-const ROPE_BASE: f64 = 10000.0;
+pub(crate) const ROPE_BASE: f64 = 10000.0;
 /// GPT-2's vocabulary: the real size a logits row has.
 const BIG_V: usize = 50257;
 
@@ -147,7 +147,7 @@ fn layer_norm_cases(bias: bool) -> Vec<Case> {
 // ------------------------------------------------------------------------ rope
 
 /// Naive rotate-half rope of a contiguous `[B, T, H, D]` buffer.
-fn rope_ref(x: &[f64], pos: &[f64], shape: [usize; 4], batched_pos: bool) -> Vec<f64> {
+pub(crate) fn rope_ref(x: &[f64], pos: &[f64], shape: [usize; 4], batched_pos: bool) -> Vec<f64> {
     let [b, t, h, d] = shape;
     let half = d / 2;
     let mut out = vec![0.0; x.len()];
