@@ -6,7 +6,8 @@
 
 use crate::config::DditConfig;
 use crate::tokenizer::Tokenizer;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use kf_engine::{DType, Tensor};
 use std::path::{Path, PathBuf};
 
 /// The architecture file of a model directory.
@@ -69,6 +70,32 @@ pub fn read_tokenizer(dir: &Path, cfg: &DditConfig) -> Result<Tokenizer> {
         cfg.vocab_size
     );
     Ok(tok)
+}
+
+/// Errors unless every weight is finite: a NaN or infinite weight (a corrupted file, or
+/// one saved after a diverged update) would only show up later as NaN logits. The error
+/// names the file, the tensor and the first bad element. One pass over the weights.
+pub fn check_finite(path: &Path, params: &[(String, Tensor)]) -> Result<()> {
+    for (name, t) in params {
+        let t = t.detach().contiguous()?;
+        let bad = if t.dtype() == DType::F32 {
+            // no copy for the usual (memory-mapped f32) weights
+            let d = t.cpu_data::<f32>()?;
+            d.iter()
+                .position(|x| !x.is_finite())
+                .map(|i| (i, d[i] as f64))
+        } else {
+            let v = t.to_vec_f64()?;
+            v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))
+        };
+        if let Some((i, x)) = bad {
+            bail!(
+                "{}: tensor \"{name}\" holds {x} at element {i}: the weights must be finite",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes `tokenizer.json` into a model directory (atomically).

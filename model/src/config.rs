@@ -14,6 +14,10 @@ fn default_ln_eps() -> f64 {
     1e-5
 }
 
+/// Most layers a config may declare: far above any real model, it bounds the per-layer
+/// bookkeeping (parameter lists, caches) that a hostile `config.json` could make us build.
+pub const MAX_LAYERS: usize = 1 << 16;
+
 /// Architecture of the backbone (teacher and student share it). `config.json` of a model
 /// directory is this struct as JSON; unknown keys are an error (a typo must not silently
 /// fall back to a default), `rope_base` and `ln_eps` default to 10000 and 1e-5, the
@@ -80,6 +84,11 @@ impl DditConfig {
     /// Errors name the field and the rule it breaks.
     pub fn validate(&self) -> Result<()> {
         ensure!(self.n_layers >= 1, "n_layers must be at least 1, got 0");
+        ensure!(
+            self.n_layers <= MAX_LAYERS,
+            "n_layers = {} is more than {MAX_LAYERS}",
+            self.n_layers
+        );
         ensure!(self.n_heads >= 1, "n_heads must be at least 1, got 0");
         ensure!(
             self.d_model >= 2 && self.d_model.is_multiple_of(self.n_heads),
@@ -136,15 +145,43 @@ impl DditConfig {
                 "k must be at least 1 for a student (omit it for the AR teacher)"
             );
         }
+        // f64 weights must be addressable: this bounds every size derived from the config
+        ensure!(
+            self.checked_n_params()
+                .and_then(|n| n.checked_mul(8))
+                .is_some_and(|b| usize::try_from(b).is_ok()),
+            "the dimensions (n_layers {}, d_model {}, vocab_size {}) give more parameters than this machine can address",
+            self.n_layers,
+            self.d_model,
+            self.vocab_size
+        );
         Ok(())
     }
 
     /// Parameters of the backbone: embedding, blocks, final layer (the student's noise
-    /// encoder is not counted here).
+    /// encoder is not counted here). Saturates at `usize::MAX` for absurd dimensions
+    /// (which [`DditConfig::validate`] rejects).
     pub fn n_params(&self) -> usize {
-        let (d, v) = (self.d_model, self.vocab_size);
-        let block = d + 3 * d * d + d * d + d + (4 * d * d + 4 * d) + (4 * d * d + d);
-        v * d + self.n_layers * block + d + v * d + v
+        self.checked_n_params()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(usize::MAX)
+    }
+
+    /// [`DditConfig::n_params`] in u64, `None` on overflow.
+    pub fn checked_n_params(&self) -> Option<u64> {
+        let (d, v, l) = (
+            self.d_model as u64,
+            self.vocab_size as u64,
+            self.n_layers as u64,
+        );
+        let dd = d.checked_mul(d)?;
+        // d + 3d² + d² + d + (4d² + 4d) + (4d² + d) = 12 d² + 7 d
+        let block = dd.checked_mul(12)?.checked_add(d.checked_mul(7)?)?;
+        let vd = v.checked_mul(d)?;
+        vd.checked_mul(2)?
+            .checked_add(l.checked_mul(block)?)?
+            .checked_add(d)?
+            .checked_add(v)
     }
 
     /// Reads and validates `config.json`; every failure names the file.

@@ -400,7 +400,7 @@ impl DistillTask {
         ensure!(cfg.eval_windows > 0, "eval_windows must be at least 1");
         let max = student.cfg().max_seq_len;
         ensure!(
-            cfg.ctx_len + k <= max,
+            cfg.ctx_len.saturating_add(k) <= max,
             "ctx_len {} + k {k} exceeds the model's max_seq_len {max} (hint positions reach N - 1 + k)",
             cfg.ctx_len
         );
@@ -654,6 +654,10 @@ pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> R
             )
         }
     };
+    if let DistillTeacher::Ar(t) | DistillTeacher::Inversion(t) = &teacher {
+        // (a PFLM teacher is checked by Pflm::load)
+        checkpoint::check_finite(&opts.teacher.join("model.safetensors"), t.params())?;
+    }
     let teacher_sha = crate::data::file_sha256(&opts.teacher.join("model.safetensors"))?;
     let kind = format!("distill-k{k}");
     let config = serde_json::json!({
@@ -718,6 +722,36 @@ pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> R
         opts.data.display(),
         data.meta.vocab_size
     );
+    // memory: the student's training step over N context + N k hint positions (a rough
+    // upper bound, as for the teacher), the windows of one update and the teacher's pass
+    let c = &opts.config;
+    ensure!(
+        c.ctx_len.saturating_add(k) <= student.cfg().max_seq_len,
+        "ctx_len {} + k {k} exceeds the model's max_seq_len {} (hint positions reach N - 1 + k)",
+        c.ctx_len,
+        student.cfg().max_seq_len
+    );
+    let positions = c.ctx_len.saturating_mul(k.saturating_add(1));
+    let need = crate::train::estimate_train_bytes(student.cfg(), c.batch_size, positions)
+        .saturating_add(crate::train::window_bytes(
+            c.batch_size,
+            c.optim.grad_accum,
+            c.ctx_len.saturating_add(k),
+        ))
+        .saturating_add(
+            crate::train::estimate_train_bytes(student.cfg(), c.batch_size, positions) / 4,
+        );
+    if let Some(avail) = crate::train::available_memory() {
+        ensure!(
+            need <= avail,
+            "this stage needs about {:.1} GiB ({} parameters, batch {} x context {} x k {k}) but {:.1} GiB are available: lower batch_size (raise grad_accum) or ctx_len",
+            need as f64 / (1u64 << 30) as f64,
+            student.cfg().n_params(),
+            c.batch_size,
+            c.ctx_len,
+            avail as f64 / (1u64 << 30) as f64
+        );
+    }
     student.set_trainable(true);
     let mut trainer = Trainer::new(&student.params(), opts.config.optim.clone())?;
     if let (Some(dir), Some(st)) = (&resume, &state) {

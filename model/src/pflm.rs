@@ -374,7 +374,9 @@ impl Pflm {
             .with_context(|| format!("{} does not match its config", path.display()))?;
         let noise = NoiseEncoder::from_params(cfg.d_model, cfg.ln_eps, ne)
             .with_context(|| format!("{}: noise encoder", path.display()))?;
-        Pflm::from_parts(backbone, noise, k)
+        let p = Pflm::from_parts(backbone, noise, k)?;
+        checkpoint::check_finite(&path, &p.params())?;
+        Ok(p)
     }
 
     /// Writes `config.json` (with `k`) and `model.safetensors` (backbone then noise encoder,

@@ -146,7 +146,9 @@ fn penalised_argmax<T: Float>(row: &[T], cnt: &[u32], penalty: f64) -> Result<us
     let mut nan = false;
     for (j, (&x, &c)) in row.iter().zip(cnt).enumerate() {
         nan |= x.is_nan();
-        let s = x.to_f64() - penalty * c as f64;
+        // penalty * count may overflow f64 (a huge penalty): clamped, so a finite logit
+        // keeps a finite score (-inf would make the position look like "all -inf")
+        let s = x.to_f64() - (penalty * c as f64).clamp(-f64::MAX, f64::MAX);
         if s > m {
             m = s;
             best = j;

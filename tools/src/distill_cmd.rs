@@ -18,7 +18,7 @@ pub struct DistillArgs {
     teacher: PathBuf,
     /// The student's window: tokens per forward pass (a power of two for the rollout
     /// variant: stages 1, 2, 4, ... up to k).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, allow_negative_numbers = true)]
     k: usize,
     /// Run directory: OUT/k1, OUT/k2, ... (one per stage), OUT/summary.json; the student is
     /// OUT/k<K>/final.
@@ -41,7 +41,7 @@ pub struct DistillArgs {
     #[arg(long)]
     resume: bool,
     /// Stop each stage with a checkpoint after this many of its steps (continue with --resume).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_steps: Option<u64>,
 }
 

@@ -23,24 +23,29 @@ pub struct Args {
     #[arg(long)]
     data: PathBuf,
     /// Prompts (validation documents, in order).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     prompts: usize,
     /// Tokens of each prompt (the start of its document).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, allow_negative_numbers = true)]
     prompt_len: usize,
     /// Tokens generated per prompt (fixed: no EOS stop).
-    #[arg(long, default_value_t = 48)]
+    #[arg(long, default_value_t = 48, allow_negative_numbers = true)]
     max_new: usize,
     /// Frequency penalties of the student sweep, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "0,0.5,1,2")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,0.5,1,2",
+        allow_negative_numbers = true
+    )]
     penalties: Vec<f64>,
     /// Student windows K to evaluate, comma-separated [default: 1..=k].
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     ks: Option<Vec<usize>>,
     /// Temperature (AR sampling; the student's noise encoder; the teacher's rollout).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     tau: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Write the options and rows as JSON here.
     #[arg(long)]
@@ -58,6 +63,7 @@ pub fn run(a: &Args) -> Result<()> {
         ensure!(p.is_finite(), "--penalties: {p} is not finite");
     }
     let teacher = Ddit::load(&a.teacher)?;
+    checkpoint::check_finite(&a.teacher.join(checkpoint::WEIGHTS_FILE), teacher.params())?;
     ensure!(
         teacher.cfg.k.is_none(),
         "--teacher {} is a k = {} student; pass the AR teacher",

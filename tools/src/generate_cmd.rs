@@ -35,17 +35,17 @@ pub struct Args {
     #[arg(long = "prompt", required = true)]
     prompts: Vec<String>,
     /// Sequences decoded together (default: the number of prompts).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     batch: Option<usize>,
     /// Tokens to generate per sequence at most [default: 64, or fewer where the longest
     /// prompt leaves less room in the model's max_seq_len].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_new: Option<usize>,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     tau: f64,
     /// Philox seed of the sampling noise.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Device: cpu (cuda when built with it).
     #[arg(long, default_value = "cpu")]
@@ -56,11 +56,11 @@ pub struct Args {
     no_cache: bool,
     /// Tokens per forward pass, 1..=the student's trained k [default: its k]. Only for a
     /// PFLM student (a model whose config.json has "k").
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     k: Option<usize>,
     /// Frequency penalty of a PFLM student: subtract P * (times the token was generated so
     /// far) from its logits before the argmax.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     freq_penalty: f64,
 }
 
@@ -113,7 +113,9 @@ pub fn run(a: &Args) -> Result<()> {
                 "--freq-penalty applies to a PFLM student's argmax; {} is an AR model (sampling)",
                 a.model.display()
             );
-            Model::Ar(Ddit::load(&a.model)?)
+            let m = Ddit::load(&a.model)?;
+            checkpoint::check_finite(&a.model.join(checkpoint::WEIGHTS_FILE), m.params())?;
+            Model::Ar(m)
         }
         Some(trained) => {
             if let Some(k) = a.k {
@@ -169,6 +171,16 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let eos = cfg.eos_token_id.or(tok.eos_id());
     let batch = a.batch.unwrap_or(encoded.len());
+    let need = generate_bytes(cfg, batch, longest + max_new, k);
+    if let Some(avail) = kf_model::train::available_memory() {
+        ensure!(
+            need <= avail,
+            "--batch {batch}: decoding {batch} sequences of up to {} positions needs about {:.1} GiB (KV cache and logits) but {:.1} GiB are available; lower --batch or --max-new",
+            longest + max_new,
+            need as f64 / (1u64 << 30) as f64,
+            avail as f64 / (1u64 << 30) as f64
+        );
+    }
     let n_seq = batch.max(encoded.len());
     eprintln!(
         "kfrun generate: {} ({}, {} layers, d {}, V {}, {:.1} M parameters) loaded in {:.2} s; {n_seq} sequence(s), batch {batch}, max {} new tokens, tau {}, seed {}, {}{}",
@@ -245,6 +257,32 @@ pub fn run(a: &Args) -> Result<()> {
         total_tokens as f64 / total_decode.max(1e-9)
     );
     Ok(())
+}
+
+/// A rough upper bound of the memory one batch of generation allocates besides the
+/// (memory-mapped) weights: the f32 KV cache of every layer, the logits and the PFLM's
+/// counts, the token lists (saturating: absurd requests fail the check instead of wrapping).
+fn generate_bytes(cfg: &DditConfig, batch: usize, positions: usize, k: usize) -> u64 {
+    let (b, t, d, l, v) = (
+        batch as u64,
+        positions as u64 + k as u64,
+        cfg.d_model as u64,
+        cfg.n_layers as u64,
+        cfg.vocab_size as u64,
+    );
+    let kv = b
+        .saturating_mul(t)
+        .saturating_mul(d)
+        .saturating_mul(l)
+        .saturating_mul(8);
+    let logits = b
+        .saturating_mul(2 * k as u64 + 2)
+        .saturating_mul(v)
+        .saturating_mul(8);
+    let acts = b.saturating_mul(t).saturating_mul(d).saturating_mul(4 * 16);
+    kv.saturating_add(logits)
+        .saturating_add(acts)
+        .saturating_add(b.saturating_mul(t).saturating_mul(8))
 }
 
 /// Runs the model's generator with `on_token(b, token)`.

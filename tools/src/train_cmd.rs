@@ -29,7 +29,7 @@ pub struct TrainArgs {
     resume: bool,
     /// Stop with a checkpoint once this many steps (counted from the start of the run)
     /// are done; the schedule still follows the config's total_steps.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_steps: Option<u64>,
 }
 

@@ -8,7 +8,8 @@
 //! 1. write everything into `OUT/ckpt.tmp-<pid>/`, fsync every file and the directory;
 //! 2. if `OUT/ckpt` exists: delete a stale `OUT/ckpt.prev`, rename `ckpt` -> `ckpt.prev`;
 //! 3. rename `ckpt.tmp-<pid>` -> `ckpt`, fsync `OUT`;
-//! 4. delete `ckpt.prev`.
+//! 4. delete `ckpt.prev` (renamed to a temporary name first, so that a kill during the
+//!    deletion leaves no half-deleted `ckpt.prev`).
 //!
 //! A kill at any moment leaves `ckpt` or `ckpt.prev` complete: loading takes `ckpt` when
 //! it exists, else `ckpt.prev`, and never looks at `ckpt.tmp-*` (a resumed run deletes
@@ -136,8 +137,7 @@ pub fn write_dir_atomic(
         sync_tree(&tmp)?;
         if dst.exists() {
             if prev.exists() {
-                std::fs::remove_dir_all(&prev)
-                    .with_context(|| format!("cannot remove {}", prev.display()))?;
+                remove_dir_atomic(&prev)?;
             }
             std::fs::rename(&dst, &prev).with_context(|| {
                 format!("cannot rename {} to {}", dst.display(), prev.display())
@@ -152,10 +152,26 @@ pub fn write_dir_atomic(
         return Err(e.context(format!("cannot save {}", dst.display())));
     }
     if prev.exists() {
-        std::fs::remove_dir_all(&prev)
-            .with_context(|| format!("cannot remove {}", prev.display()))?;
+        remove_dir_atomic(&prev)?;
     }
     Ok(dst)
+}
+
+/// Deletes a directory so that a kill midway never leaves a half-deleted directory under
+/// its name (a `ckpt.prev` without its tokenizer.json, found by tools/tests/crash_resume.rs):
+/// it is first renamed to a temporary name (`<name>.tmp-del-<pid>`, removed by
+/// [`remove_stale_temps`] if the deletion is cut short), then deleted.
+fn remove_dir_atomic(dir: &Path) -> Result<()> {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("{TMP_INFIX}del-{}", std::process::id()));
+    let trash = dir.with_file_name(name);
+    if trash.exists() {
+        std::fs::remove_dir_all(&trash)
+            .with_context(|| format!("cannot remove {}", trash.display()))?;
+    }
+    std::fs::rename(dir, &trash)
+        .with_context(|| format!("cannot rename {} to {}", dir.display(), trash.display()))?;
+    std::fs::remove_dir_all(&trash).with_context(|| format!("cannot remove {}", trash.display()))
 }
 
 /// The checkpoint to resume from: `out/ckpt`, else `out/ckpt.prev` (left by a crash

@@ -216,14 +216,29 @@ pub fn from_json_named<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> 
 /// A rough upper estimate of the memory one training step needs: parameters, gradients,
 /// their accumulation buffer and two moments (f32), plus the activations the tape keeps
 /// for one micro-batch and the logits with their gradient and softmax.
+/// Saturates at `u64::MAX` (absurd configurations must fail the memory check, not wrap).
 pub fn estimate_train_bytes(c: &DditConfig, batch: usize, seq_len: usize) -> u64 {
     let p = c.n_params() as u64;
-    let n = (batch * seq_len) as u64;
+    let n = (batch as u64).saturating_mul(seq_len as u64);
     let (d, v, l) = (c.d_model as u64, c.vocab_size as u64, c.n_layers as u64);
-    4 * (5 * p + l * n * d * 40 + 4 * n * v)
+    let act = l.saturating_mul(n).saturating_mul(d).saturating_mul(40);
+    let logits = n.saturating_mul(v).saturating_mul(4);
+    p.saturating_mul(5)
+        .saturating_add(act)
+        .saturating_add(logits)
+        .saturating_mul(4)
 }
 
-fn available_memory() -> Option<u64> {
+/// Bytes of the token windows one update draws: `rows` windows of `seq_len + 1` u32.
+pub fn window_bytes(rows_per_micro: usize, grad_accum: usize, seq_len: usize) -> u64 {
+    (rows_per_micro as u64)
+        .saturating_mul(grad_accum as u64)
+        .saturating_mul((seq_len as u64).saturating_add(1))
+        .saturating_mul(4)
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (None where there is no such file).
+pub fn available_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -440,6 +455,7 @@ fn load_checkpoint(
         ],
     )?;
     let mut model = Ddit::load(dir).with_context(|| format!("checkpoint {}", dir.display()))?;
+    crate::checkpoint::check_finite(&dir.join("model.safetensors"), model.params())?;
     let (have, want) = (
         serde_json::to_value(&model.cfg)?,
         serde_json::to_value(model_cfg)?,
@@ -558,7 +574,8 @@ pub fn train_teacher(opts: &TeacherOptions, on_event: &mut dyn FnMut(&Event)) ->
     let mcfg = cfg
         .model_config(data.meta.vocab_size, data.meta.eos_id)
         .with_context(|| format!("training config {cfg_label}"))?;
-    let need = estimate_train_bytes(&mcfg, cfg.batch_size, cfg.seq_len);
+    let need = estimate_train_bytes(&mcfg, cfg.batch_size, cfg.seq_len)
+        .saturating_add(window_bytes(cfg.batch_size, cfg.grad_accum, cfg.seq_len));
     if let Some(avail) = available_memory() {
         ensure!(
             need <= avail,
