@@ -3,6 +3,7 @@
 //! blocks with an online softmax, so no [Tq, Tk] score or mask matrix ever exists in memory.
 //! Dimensions: B batch, Tq query rows, Tk keys, H heads, D head dim; N context, k hints per window.
 
+use crate::util::exp_f32;
 use crate::util::float_dtype;
 use anyhow::{ensure, Context, Result};
 use kf_engine::autograd::{should_record, BackwardOp};
@@ -477,37 +478,6 @@ impl Kern for f64 {
     #[inline(always)]
     fn exp_k(self) -> f64 {
         self.exp()
-    }
-}
-
-/// e^x for f32 in branch-free arithmetic that the compiler vectorises (libm's expf does not):
-/// Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Cephes' degree-6 polynomial for e^r (about
-/// 1 ulp), 2^n built in the exponent bits. Inputs below -87.3 give 0; NaN stays NaN. Softmax
-/// only ever calls it with x <= 0.
-#[inline(always)]
-fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let xc = if x > 88.3 { 88.3 } else { x };
-    let xc = if xc < -87.3 { -87.3 } else { xc };
-    let t = xc * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000); // n, read from t's mantissa
-    let pow2 = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
-    if x < -87.3 {
-        0.0
-    } else {
-        y * pow2
     }
 }
 

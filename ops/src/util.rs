@@ -120,7 +120,7 @@ pub(crate) fn row_max<T: Float>(row: &[T]) -> T {
 /// e^x for f32 in branch-free arithmetic that the compiler vectorises (libm's expf does not):
 /// Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Cephes' degree-6 polynomial for e^r (about
 /// 1 ulp), 2^n built in the exponent bits. Inputs below -87.3 give exactly 0, inputs above
-/// 88.3 give e^88.3 (finite); NaN stays NaN. (The same as attention's.)
+/// 88.3 give e^88.3 (finite); NaN stays NaN. (Shared by attention, GELU and cross-entropy.)
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
