@@ -28,6 +28,7 @@
 
 use crate::ddit::Ddit;
 use crate::kv_cache::KvCache;
+use crate::DditConfig;
 use anyhow::{ensure, Result};
 use kf_engine::autograd::no_grad;
 use kf_engine::rng::Philox;
@@ -108,44 +109,7 @@ pub fn generate(
     mut on_token: impl FnMut(usize, u32) -> Result<()>,
 ) -> Result<Generated> {
     let cfg = &model.cfg;
-    ensure!(!prompts.is_empty(), "generate: no prompts");
-    ensure!(opts.max_new >= 1, "generate: max_new must be at least 1");
-    ensure!(
-        opts.tau.is_finite() && opts.tau >= 0.0,
-        "generate: tau must be finite and >= 0, got {}",
-        opts.tau
-    );
-    for (b, p) in prompts.iter().enumerate() {
-        ensure!(!p.is_empty(), "generate: prompt {b} has no tokens");
-        if let Some(&bad) = p.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            anyhow::bail!(
-                "generate: prompt {b} holds token id {bad}, outside the model's vocabulary of {}",
-                cfg.vocab_size
-            );
-        }
-        ensure!(
-            p.len() + opts.max_new <= cfg.max_seq_len,
-            "generate: prompt {b} has {} tokens; with max_new {} that is {} positions, more than the model's max_seq_len {}",
-            p.len(),
-            opts.max_new,
-            p.len() + opts.max_new,
-            cfg.max_seq_len
-        );
-    }
-    if let Some(l) = opts.vocab_limit {
-        ensure!(
-            l >= 1 && l <= cfg.vocab_size,
-            "generate: vocab_limit {l} must be in 1..={}",
-            cfg.vocab_size
-        );
-    }
-    if let Some(e) = opts.eos {
-        ensure!(
-            (e as usize) < cfg.vocab_size,
-            "generate: EOS id {e} is outside the vocabulary of {}",
-            cfg.vocab_size
-        );
-    }
+    check_request(cfg, prompts, opts)?;
     let _ng = no_grad();
     let nb = prompts.len();
     let LeftPadded {
@@ -231,6 +195,54 @@ pub fn generate(
     }
     out.decode_secs += t_dec.elapsed().as_secs_f64();
     Ok(out)
+}
+
+/// Checks a generation request against the model (shared by AR and PFLM generation):
+/// prompts non-empty and inside the vocabulary, room for `max_new`, tau, vocab_limit, EOS.
+pub(crate) fn check_request(
+    cfg: &DditConfig,
+    prompts: &[Vec<u32>],
+    o: &GenerateOptions,
+) -> Result<()> {
+    ensure!(!prompts.is_empty(), "generate: no prompts");
+    ensure!(o.max_new >= 1, "generate: max_new must be at least 1");
+    ensure!(
+        o.tau.is_finite() && o.tau >= 0.0,
+        "generate: tau must be finite and >= 0, got {}",
+        o.tau
+    );
+    for (b, p) in prompts.iter().enumerate() {
+        ensure!(!p.is_empty(), "generate: prompt {b} has no tokens");
+        if let Some(&bad) = p.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            anyhow::bail!(
+                "generate: prompt {b} holds token id {bad}, outside the model's vocabulary of {}",
+                cfg.vocab_size
+            );
+        }
+        ensure!(
+            p.len() + o.max_new <= cfg.max_seq_len,
+            "generate: prompt {b} has {} tokens; with max_new {} that is {} positions, more than the model's max_seq_len {}",
+            p.len(),
+            o.max_new,
+            p.len() + o.max_new,
+            cfg.max_seq_len
+        );
+    }
+    if let Some(l) = o.vocab_limit {
+        ensure!(
+            l >= 1 && l <= cfg.vocab_size,
+            "generate: vocab_limit {l} must be in 1..={}",
+            cfg.vocab_size
+        );
+    }
+    if let Some(e) = o.eos {
+        ensure!(
+            (e as usize) < cfg.vocab_size,
+            "generate: EOS id {e} is outside the vocabulary of {}",
+            cfg.vocab_size
+        );
+    }
+    Ok(())
 }
 
 /// One pass over the whole (left-padded) rows; logits `[B, V]` of the last row. With a

@@ -717,8 +717,7 @@ pub fn generate_pflm(
 ) -> Result<Generated> {
     let cfg = model.cfg();
     let o = &opts.base;
-    ensure!(!prompts.is_empty(), "generate: no prompts");
-    ensure!(o.max_new >= 1, "generate: max_new must be at least 1");
+    crate::generate::check_request(cfg, prompts, o)?;
     ensure!(
         opts.k >= 1 && opts.k <= model.k,
         "generate: K = {} must be in 1..={} (the student's trained k)",
@@ -726,45 +725,9 @@ pub fn generate_pflm(
         model.k
     );
     ensure!(
-        o.tau.is_finite() && o.tau >= 0.0,
-        "generate: tau must be finite and >= 0, got {}",
-        o.tau
-    );
-    ensure!(
         opts.freq_penalty.is_finite(),
         "generate: the frequency penalty must be finite"
     );
-    for (b, p) in prompts.iter().enumerate() {
-        ensure!(!p.is_empty(), "generate: prompt {b} has no tokens");
-        if let Some(&bad) = p.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            bail!(
-                "generate: prompt {b} holds token id {bad}, outside the model's vocabulary of {}",
-                cfg.vocab_size
-            );
-        }
-        ensure!(
-            p.len() + o.max_new <= cfg.max_seq_len,
-            "generate: prompt {b} has {} tokens; with max_new {} that is {} positions, more than the model's max_seq_len {}",
-            p.len(),
-            o.max_new,
-            p.len() + o.max_new,
-            cfg.max_seq_len
-        );
-    }
-    if let Some(l) = o.vocab_limit {
-        ensure!(
-            l >= 1 && l <= cfg.vocab_size,
-            "generate: vocab_limit {l} must be in 1..={}",
-            cfg.vocab_size
-        );
-    }
-    if let Some(e) = o.eos {
-        ensure!(
-            (e as usize) < cfg.vocab_size,
-            "generate: EOS id {e} is outside the vocabulary of {}",
-            cfg.vocab_size
-        );
-    }
     let _ng = no_grad();
     let read = ReadOff {
         penalty: opts.freq_penalty,
