@@ -631,6 +631,19 @@ macro_rules! rows_dispatch {
     }};
 }
 
+/// Hints the cache line at `p` into L1. Never faults, so `p` may point anywhere.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch instructions never fault and do not dereference in the language
+    // sense; SSE is part of the x86_64 baseline.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Dot kind, one register tile: rows [i, i+MR) x columns [j, j+NR), all of k.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
@@ -645,6 +658,9 @@ unsafe fn dot_tile<S: Simd, const MR: usize, const NR: usize>(p: &Args<S::T>, i:
         let mut bv = [S::zero(); NR];
         for r in 0..NR {
             bv[r] = S::load(b.add(r * p.b_s + kk));
+            // The next strip's rows, one strip ahead: B rows are short streams (k floats)
+            // that the hardware prefetcher barely trains on once several A rows share them.
+            prefetch(b.wrapping_add((NR + r) * p.b_s + kk));
         }
         for ii in 0..MR {
             let av = S::load(a.add(ii * p.a_s + kk));
