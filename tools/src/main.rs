@@ -3,7 +3,7 @@
 //! `inspect` (list the tensors of a safetensors file), `init-weights` (random
 //! DDiT-shaped weights with the checkpoint names of KFORCING.md section 2) and
 //! `bench gemm` (CPU GEMM against numpy/OpenBLAS), `bench train` (training tokens/s
-//! against JAX; bench_train.rs), `generate` (AR sampling from a model
+//! against JAX; bench_train.rs), `bench cost` (the H100 cost model on paper; cost_model.rs), `generate` (AR sampling from a model
 //! directory; generate_cmd.rs), `train` (the AR teacher: checkpoints, exact resume,
 //! metrics; train_cmd.rs), `distill` (AR teacher -> k-token student, stage by stage;
 //! distill_cmd.rs), `export` (f16 model directories), `eval` (quality; eval_cmd.rs). Errors print one line and
@@ -12,6 +12,7 @@
 mod bench_gemm;
 mod bench_gen;
 mod bench_train;
+mod cost_model;
 mod data_cmd;
 mod distill_cmd;
 mod eval_cmd;
@@ -94,6 +95,8 @@ enum BenchCmd {
     },
     /// Training throughput (tokens/s) of our DDiT step next to the same model in JAX (jit, CPU).
     Train(bench_train::TrainBenchArgs),
+    /// H100 cost model on paper: bytes, FLOPs and roofline time per kernel; AR vs PFLM tokens/s.
+    Cost(cost_model::Args),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -122,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             None => bench_gen::run(threads, &gen),
             Some(BenchCmd::Gemm { json }) => bench_gemm::run(threads, json.as_deref()),
             Some(BenchCmd::Train(a)) => bench_train::run(threads, &a),
+            Some(BenchCmd::Cost(a)) => cost_model::run(&a),
         },
     }
 }
