@@ -23,9 +23,13 @@ pub struct Family {
 }
 
 /// Entry point names of a family for every storage dtype, `<op>_<dtype>`.
+/// After a `;`: entry points with one dtype only, named in full.
 macro_rules! entries {
     ($($op:literal),* $(,)?) => {
         &[$(concat!($op, "_f32"), concat!($op, "_f16"), concat!($op, "_bf16")),*]
+    };
+    ($($op:literal),* ; $($one:literal),+ $(,)?) => {
+        &[$(concat!($op, "_f32"), concat!($op, "_f16"), concat!($op, "_bf16"),)* $($one),+]
     };
 }
 
@@ -39,9 +43,47 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "layernorm",
         ptx: include_str!("../../ptx/layernorm.ptx"),
-        entries: entries!("layernorm_fwd"),
+        entries: entries!("layernorm_fwd", "layernorm_bwd_dx", "layernorm_bwd_dwdb"; "layernorm_bwd_reduce_f32"),
+    },
+    Family {
+        name: "embedding",
+        ptx: include_str!("../../ptx/embedding.ptx"),
+        entries: entries!("embedding_fwd", "embedding_bwd"),
+    },
+    Family {
+        name: "rope",
+        ptx: include_str!("../../ptx/rope.ptx"),
+        entries: entries!("rope_fwd", "rope_bwd"; "rope_tables_f32"),
+    },
+    Family {
+        name: "gelu",
+        ptx: include_str!("../../ptx/gelu.ptx"),
+        entries: entries!("gelu_erf", "gelu_erf_bwd", "gelu_tanh_bwd"),
+    },
+    Family {
+        name: "softmax",
+        ptx: include_str!("../../ptx/softmax.ptx"),
+        entries: entries!("softmax_fwd", "softmax_bwd"),
+    },
+    Family {
+        name: "noise",
+        ptx: include_str!("../../ptx/noise.ptx"),
+        entries: entries!("noise_features"),
+    },
+    Family {
+        name: "adamw",
+        ptx: include_str!("../../ptx/adamw.ptx"),
+        entries: &["adamw_f32"],
     },
 ];
+
+pub mod adamw;
+pub mod embedding;
+pub mod gelu;
+pub mod layernorm_bwd;
+pub mod noise;
+pub mod rope;
+pub mod softmax;
 
 /// The family of `name`, if any.
 pub fn family(name: &str) -> Option<&'static Family> {
