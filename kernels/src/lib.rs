@@ -41,7 +41,32 @@ pub const FAMILIES: &[Family] = &[
         ptx: include_str!("../../ptx/layernorm.ptx"),
         entries: entries!("layernorm_fwd"),
     },
+    Family {
+        name: "argmax",
+        ptx: include_str!("../../ptx/argmax.ptx"),
+        entries: entries!("argmax_penalty"),
+    },
+    Family {
+        name: "cross_entropy",
+        ptx: include_str!("../../ptx/cross_entropy.ptx"),
+        entries: cross_entropy::ENTRIES,
+    },
+    Family {
+        name: "philox",
+        ptx: include_str!("../../ptx/philox.ptx"),
+        entries: philox::ENTRIES,
+    },
+    Family {
+        name: "sampling",
+        ptx: include_str!("../../ptx/sampling.ptx"),
+        entries: entries!("sample_inverse_cdf", "inverse_cdf_noise"),
+    },
 ];
+
+pub mod argmax;
+pub mod cross_entropy;
+pub mod philox;
+pub mod sampling;
 
 /// The family of `name`, if any.
 pub fn family(name: &str) -> Option<&'static Family> {
