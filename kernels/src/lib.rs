@@ -75,14 +75,38 @@ pub const FAMILIES: &[Family] = &[
         ptx: include_str!("../../ptx/adamw.ptx"),
         entries: &["adamw_f32"],
     },
+    Family {
+        name: "argmax",
+        ptx: include_str!("../../ptx/argmax.ptx"),
+        entries: entries!("argmax_penalty"),
+    },
+    Family {
+        name: "cross_entropy",
+        ptx: include_str!("../../ptx/cross_entropy.ptx"),
+        entries: cross_entropy::ENTRIES,
+    },
+    Family {
+        name: "philox",
+        ptx: include_str!("../../ptx/philox.ptx"),
+        entries: philox::ENTRIES,
+    },
+    Family {
+        name: "sampling",
+        ptx: include_str!("../../ptx/sampling.ptx"),
+        entries: entries!("sample_inverse_cdf", "inverse_cdf_noise"),
+    },
 ];
 
 pub mod adamw;
+pub mod argmax;
+pub mod cross_entropy;
 pub mod embedding;
 pub mod gelu;
 pub mod layernorm_bwd;
 pub mod noise;
+pub mod philox;
 pub mod rope;
+pub mod sampling;
 pub mod softmax;
 
 /// The family of `name`, if any.
