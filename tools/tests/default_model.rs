@@ -1,0 +1,79 @@
+//! The shipped default model (models/default: f16 teacher + k = 4 student, issue 4): the
+//! README's main command, `kfrun generate --k 4`, run from the repository root with no
+//! --model, prints text; the teacher generates too; both load through `kfrun inspect`.
+
+use std::path::Path;
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_kfrun"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn main_command_prints_text() {
+    let (ok, out, err) = run(&[
+        "generate",
+        "--k",
+        "4",
+        "--prompt",
+        "The President said",
+        "--max-new",
+        "24",
+        "--seed",
+        "1",
+    ]);
+    assert!(ok, "kfrun generate --k 4 failed: {err}");
+    let text = out.trim();
+    assert!(text.starts_with("The President said"), "output: {text:?}");
+    let new = &text["The President said".len()..];
+    assert!(
+        new.split_whitespace().count() >= 5,
+        "expected several generated words, got {new:?}"
+    );
+}
+
+#[test]
+fn teacher_generates_and_both_are_small_f16() {
+    let (ok, out, err) = run(&[
+        "generate",
+        "--model",
+        "models/default/teacher",
+        "--prompt",
+        "It was",
+        "--max-new",
+        "12",
+    ]);
+    assert!(ok, "teacher generate failed: {err}");
+    assert!(out.trim().len() > "It was".len(), "output: {out:?}");
+    let mut total = 0;
+    for m in ["teacher", "student"] {
+        let f = root()
+            .join("models/default")
+            .join(m)
+            .join("model.safetensors");
+        total += std::fs::metadata(&f).unwrap().len();
+        let (ok, out, err) = run(&["inspect", f.to_str().unwrap()]);
+        assert!(ok, "inspect {m}: {err}");
+        assert!(
+            out.contains("F16") || out.contains("f16"),
+            "{m} is not f16: {out}"
+        );
+    }
+    assert!(
+        total <= 60 << 20,
+        "default model is {total} bytes (> 60 MiB)"
+    );
+}
