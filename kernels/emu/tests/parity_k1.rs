@@ -9,7 +9,6 @@
 //! kernel's own (rounded) inputs. Letters: n elements, N positions, R rows,
 //! V vocabulary / softmax width, D features, B batch, T time, H heads.
 
-use half::{bf16, f16};
 use kf_engine::{no_grad, DType, Device, Tensor};
 use kf_kernels::{adamw, embedding, gelu, layernorm, layernorm_bwd, noise, rope, softmax};
 use kf_kernels_emu::{launch, Arg, DeviceBuffer};
@@ -17,82 +16,8 @@ use kf_tests::harness::{compare, Gen, Tol};
 
 // ------------------------------------------------------------ helpers (as in parity.rs)
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum St {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl St {
-    fn suffix(self) -> &'static str {
-        match self {
-            St::F32 => "f32",
-            St::F16 => "f16",
-            St::Bf16 => "bf16",
-        }
-    }
-    /// The value after a round trip through the storage dtype.
-    fn round(self, v: f32) -> f32 {
-        match self {
-            St::F32 => v,
-            St::F16 => f16::from_f32(v).to_f32(),
-            St::Bf16 => bf16::from_f32(v).to_f32(),
-        }
-    }
-    fn upload(self, v: &[f32]) -> DeviceBuffer {
-        match self {
-            St::F32 => DeviceBuffer::from_slice(v),
-            St::F16 => DeviceBuffer::from_slice(
-                &v.iter()
-                    .map(|&x| f16::from_f32(x).to_bits())
-                    .collect::<Vec<u16>>(),
-            ),
-            St::Bf16 => DeviceBuffer::from_slice(
-                &v.iter()
-                    .map(|&x| bf16::from_f32(x).to_bits())
-                    .collect::<Vec<u16>>(),
-            ),
-        }
-    }
-    fn bytes(self) -> usize {
-        if self == St::F32 {
-            4
-        } else {
-            2
-        }
-    }
-    fn alloc(self, n: usize) -> DeviceBuffer {
-        DeviceBuffer::uninit(n * self.bytes())
-    }
-    fn download(self, b: &DeviceBuffer) -> Vec<f64> {
-        match self {
-            St::F32 => b.to_vec::<f32>().iter().map(|&x| x as f64).collect(),
-            St::F16 => b
-                .to_vec::<u16>()
-                .iter()
-                .map(|&x| f16::from_bits(x).to_f64())
-                .collect(),
-            St::Bf16 => b
-                .to_vec::<u16>()
-                .iter()
-                .map(|&x| bf16::from_bits(x).to_f64())
-                .collect(),
-        }
-    }
-    /// Kernel output vs the f32 CPU op's output rounded to this dtype: both
-    /// round an f32 value that differs by a few f32 ulps, which can flip one
-    /// rounding (1 ulp of the storage dtype), plus an absolute term near zero.
-    fn tol(self) -> Tol {
-        match self {
-            St::F32 => Tol::F32,
-            St::F16 => Tol::new(1e-3, 1.0 / 1024.0),
-            St::Bf16 => Tol::new(1e-2, 1.0 / 128.0),
-        }
-    }
-}
-
-const ALL: [St; 3] = [St::F32, St::F16, St::Bf16];
+mod common;
+use common::{St, ALL};
 
 fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
     Tensor::from_vec(v.to_vec(), shape, Device::Cpu).unwrap()

@@ -13,7 +13,6 @@
 //! compared with the f32 CPU op on the same rounded values.
 //! Letters: N / R / B rows, K positions, V vocabulary.
 
-use half::{bf16, f16};
 use kf_engine::rng::Philox;
 use kf_engine::{no_grad, DType, Device, Tensor};
 use kf_kernels::{argmax, cross_entropy, philox, sampling};
@@ -23,65 +22,8 @@ use kf_tests::harness::{compare, Gen, Tol};
 const TOKEN_NAN: u32 = 0xffff_ffff;
 const TOKEN_ALL_NEG_INF: u32 = 0xffff_fffe;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum St {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl St {
-    fn suffix(self) -> &'static str {
-        match self {
-            St::F32 => "f32",
-            St::F16 => "f16",
-            St::Bf16 => "bf16",
-        }
-    }
-    /// The value after a round trip through the storage dtype.
-    fn round(self, v: f32) -> f32 {
-        match self {
-            St::F32 => v,
-            St::F16 => f16::from_f32(v).to_f32(),
-            St::Bf16 => bf16::from_f32(v).to_f32(),
-        }
-    }
-    fn upload(self, v: &[f32]) -> DeviceBuffer {
-        match self {
-            St::F32 => DeviceBuffer::from_slice(v),
-            St::F16 => DeviceBuffer::from_slice(
-                &v.iter()
-                    .map(|&x| f16::from_f32(x).to_bits())
-                    .collect::<Vec<u16>>(),
-            ),
-            St::Bf16 => DeviceBuffer::from_slice(
-                &v.iter()
-                    .map(|&x| bf16::from_f32(x).to_bits())
-                    .collect::<Vec<u16>>(),
-            ),
-        }
-    }
-    fn alloc(self, n: usize) -> DeviceBuffer {
-        DeviceBuffer::uninit(n * if self == St::F32 { 4 } else { 2 })
-    }
-    fn download(self, b: &DeviceBuffer) -> Vec<f64> {
-        match self {
-            St::F32 => b.to_vec::<f32>().iter().map(|&x| x as f64).collect(),
-            St::F16 => b
-                .to_vec::<u16>()
-                .iter()
-                .map(|&x| f16::from_bits(x).to_f64())
-                .collect(),
-            St::Bf16 => b
-                .to_vec::<u16>()
-                .iter()
-                .map(|&x| bf16::from_bits(x).to_f64())
-                .collect(),
-        }
-    }
-}
-
-const ALL: [St; 3] = [St::F32, St::F16, St::Bf16];
+mod common;
+use common::{St, ALL};
 
 fn f32s(b: &DeviceBuffer) -> Vec<f64> {
     b.to_vec::<f32>().iter().map(|&x| x as f64).collect()

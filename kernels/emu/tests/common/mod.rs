@@ -1,0 +1,85 @@
+//! Helpers shared by the emulated-kernel parity tests: the storage dtypes (f32, f16, bf16)
+//! with their rounding, upload/download to emulator buffers, and the tolerance of a storage
+//! kernel against the f32 CPU op.
+#![allow(dead_code)]
+
+use half::{bf16, f16};
+use kf_kernels_emu::DeviceBuffer;
+use kf_tests::harness::Tol;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum St {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl St {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            St::F32 => "f32",
+            St::F16 => "f16",
+            St::Bf16 => "bf16",
+        }
+    }
+    /// The value after a round trip through the storage dtype.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            St::F32 => v,
+            St::F16 => f16::from_f32(v).to_f32(),
+            St::Bf16 => bf16::from_f32(v).to_f32(),
+        }
+    }
+    pub fn upload(self, v: &[f32]) -> DeviceBuffer {
+        match self {
+            St::F32 => DeviceBuffer::from_slice(v),
+            St::F16 => DeviceBuffer::from_slice(
+                &v.iter()
+                    .map(|&x| f16::from_f32(x).to_bits())
+                    .collect::<Vec<u16>>(),
+            ),
+            St::Bf16 => DeviceBuffer::from_slice(
+                &v.iter()
+                    .map(|&x| bf16::from_f32(x).to_bits())
+                    .collect::<Vec<u16>>(),
+            ),
+        }
+    }
+    pub fn bytes(self) -> usize {
+        if self == St::F32 {
+            4
+        } else {
+            2
+        }
+    }
+    pub fn alloc(self, n: usize) -> DeviceBuffer {
+        DeviceBuffer::uninit(n * self.bytes())
+    }
+    pub fn download(self, b: &DeviceBuffer) -> Vec<f64> {
+        match self {
+            St::F32 => b.to_vec::<f32>().iter().map(|&x| x as f64).collect(),
+            St::F16 => b
+                .to_vec::<u16>()
+                .iter()
+                .map(|&x| f16::from_bits(x).to_f64())
+                .collect(),
+            St::Bf16 => b
+                .to_vec::<u16>()
+                .iter()
+                .map(|&x| bf16::from_bits(x).to_f64())
+                .collect(),
+        }
+    }
+    /// Kernel output vs the f32 CPU op's output rounded to this dtype: both
+    /// round an f32 value that differs by a few f32 ulps, which can flip one
+    /// rounding (1 ulp of the storage dtype), plus an absolute term near zero.
+    pub fn tol(self) -> Tol {
+        match self {
+            St::F32 => Tol::F32,
+            St::F16 => Tol::new(1e-3, 1.0 / 1024.0),
+            St::Bf16 => Tol::new(1e-2, 1.0 / 128.0),
+        }
+    }
+}
+
+pub const ALL: [St; 3] = [St::F32, St::F16, St::Bf16];
