@@ -5,10 +5,10 @@
 //! compared with the f32 CPU op on the same rounded inputs, rounded once.
 //! Letters: n elements, R rows, D features.
 
-use kf_engine::{no_grad, Device, Tensor};
+use kf_engine::{no_grad, Tensor};
 use kf_kernels::{elementwise, layernorm};
 use kf_kernels_emu::{launch, Arg, DeviceBuffer};
-use kf_tests::harness::{compare, Gen, Tol};
+use kf_tests::harness::{compare, Tol};
 
 /// Element sizes (n) of the elementwise cases: 1, odd, one off a block
 /// (256) either way, several blocks with a tail, and more than the grid cap
@@ -17,28 +17,7 @@ const SIZES: &[usize] = &[1, 7, 33, 255, 257, 1000, 4097];
 const BIG: usize = 300_001;
 
 mod common;
-use common::{St, ALL};
-
-fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
-    Tensor::from_vec(v.to_vec(), shape, Device::Cpu).unwrap()
-}
-
-/// The CPU op's f32 output, rounded through the storage dtype.
-fn cpu_out(t: Tensor, st: St) -> Vec<f64> {
-    t.to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|&v| st.round(v) as f64)
-        .collect()
-}
-
-fn inputs(n: usize, seed: u64, st: St, lo: f64, hi: f64) -> Vec<f32> {
-    let mut g = Gen::new(seed);
-    g.vec(n, lo, hi)
-        .iter()
-        .map(|&v| st.round(v as f32))
-        .collect()
-}
+use common::{cpu_out, inputs, tensor, ALL};
 
 #[test]
 fn elementwise_binary_ops_match_the_cpu_ops() {
@@ -70,7 +49,7 @@ fn elementwise_binary_ops_match_the_cpu_ops() {
                     ],
                 )
                 .unwrap();
-                let want = cpu_out(cpu(&tensor(&a, &[n]), &tensor(&b, &[n])).unwrap(), st);
+                let want = cpu_out(&cpu(&tensor(&a, &[n]), &tensor(&b, &[n])).unwrap(), st);
                 compare(
                     &format!("{kernel} n={n}"),
                     &st.download(&out),
@@ -105,7 +84,7 @@ fn elementwise_unary_and_bias_ops_match_the_cpu_ops() {
             )
             .unwrap();
             let want = cpu_out(
-                kf_ops::elementwise::scale(&tensor(&x, &[n]), -0.75).unwrap(),
+                &kf_ops::elementwise::scale(&tensor(&x, &[n]), -0.75).unwrap(),
                 st,
             );
             compare(
@@ -122,7 +101,7 @@ fn elementwise_unary_and_bias_ops_match_the_cpu_ops() {
                 &[Arg::Buf(&xb), Arg::Buf(&out), Arg::U64(n as u64)],
             )
             .unwrap();
-            let want = cpu_out(kf_ops::gelu::gelu_tanh(&tensor(&x, &[n])).unwrap(), st);
+            let want = cpu_out(&kf_ops::gelu::gelu_tanh(&tensor(&x, &[n])).unwrap(), st);
             compare(
                 &format!("gelu_tanh_{sfx} n={n}"),
                 &st.download(&out),
@@ -155,7 +134,7 @@ fn elementwise_unary_and_bias_ops_match_the_cpu_ops() {
                 compare(
                     &format!("bias_add_{sfx} n={n} cols={cols}"),
                     &st.download(&out),
-                    &cpu_out(cpu, st),
+                    &cpu_out(&cpu, st),
                     st.tol(),
                 )
                 .unwrap();
@@ -223,7 +202,7 @@ fn layernorm_forward_matches_the_cpu_op() {
                 )
                 .unwrap();
                 let name = format!("{kernel} {rows}x{d} bias={bias}");
-                compare(&name, &st.download(&out), &cpu_out(cpu, st), st.tol()).unwrap();
+                compare(&name, &st.download(&out), &cpu_out(&cpu, st), st.tol()).unwrap();
                 // the saved statistics, against f64
                 let (mut wm, mut wr) = (vec![], vec![]);
                 for row in x.chunks(d) {

@@ -17,32 +17,7 @@ use kf_tests::harness::{compare, Gen, Tol};
 // ------------------------------------------------------------ helpers (as in parity.rs)
 
 mod common;
-use common::{St, ALL};
-
-fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
-    Tensor::from_vec(v.to_vec(), shape, Device::Cpu).unwrap()
-}
-
-/// The CPU op's f32 output, rounded through the storage dtype.
-fn cpu_out(t: &Tensor, st: St) -> Vec<f64> {
-    t.to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|&v| st.round(v) as f64)
-        .collect()
-}
-
-fn inputs(n: usize, seed: u64, st: St, lo: f64, hi: f64) -> Vec<f32> {
-    let mut g = Gen::new(seed);
-    g.vec(n, lo, hi)
-        .iter()
-        .map(|&v| st.round(v as f32))
-        .collect()
-}
-
-fn f32s(b: &DeviceBuffer) -> Vec<f64> {
-    b.to_vec::<f32>().iter().map(|&v| v as f64).collect()
-}
+use common::{cpu_out, f32s, inputs, tensor, St, ALL};
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()

@@ -23,11 +23,7 @@ const TOKEN_NAN: u32 = 0xffff_ffff;
 const TOKEN_ALL_NEG_INF: u32 = 0xffff_fffe;
 
 mod common;
-use common::{St, ALL};
-
-fn f32s(b: &DeviceBuffer) -> Vec<f64> {
-    b.to_vec::<f32>().iter().map(|&x| x as f64).collect()
-}
+use common::{f32s, St, ALL};
 
 /// `rows` rows of `v` logits rounded to the storage dtype: normal with `std`,
 /// and -inf at the row indices `mask_every - 1 + j * mask_every` (0 = none).

@@ -4,8 +4,9 @@
 #![allow(dead_code)]
 
 use half::{bf16, f16};
+use kf_engine::{Device, Tensor};
 use kf_kernels_emu::DeviceBuffer;
-use kf_tests::harness::Tol;
+use kf_tests::harness::{Gen, Tol};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum St {
@@ -83,3 +84,31 @@ impl St {
 }
 
 pub const ALL: [St; 3] = [St::F32, St::F16, St::Bf16];
+
+/// A CPU tensor of `v` with `shape`.
+pub fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, Device::Cpu).unwrap()
+}
+
+/// The CPU op's f32 output, rounded through the storage dtype.
+pub fn cpu_out(t: &Tensor, st: St) -> Vec<f64> {
+    t.to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| st.round(v) as f64)
+        .collect()
+}
+
+/// `n` uniform values in [lo, hi), rounded to the storage dtype.
+pub fn inputs(n: usize, seed: u64, st: St, lo: f64, hi: f64) -> Vec<f32> {
+    let mut g = Gen::new(seed);
+    g.vec(n, lo, hi)
+        .iter()
+        .map(|&v| st.round(v as f32))
+        .collect()
+}
+
+/// An f32 device buffer, widened to f64.
+pub fn f32s(b: &DeviceBuffer) -> Vec<f64> {
+    b.to_vec::<f32>().iter().map(|&v| v as f64).collect()
+}
