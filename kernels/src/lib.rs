@@ -95,8 +95,25 @@ pub const FAMILIES: &[Family] = &[
         ptx: include_str!("../../ptx/sampling.ptx"),
         entries: entries!("sample_inverse_cdf", "inverse_cdf_noise"),
     },
+    Family {
+        name: "attention",
+        ptx: include_str!("../../ptx/attention.ptx"),
+        entries: entries!(
+            "attn_fwd_d64",
+            "attn_fwd_d128",
+            "attn_decode_d64",
+            "attn_decode_d128",
+            "attn_decode_combine",
+            "attn_bwd_dot",
+            "attn_bwd_dq_d64",
+            "attn_bwd_dq_d128",
+            "attn_bwd_dkdv_d64",
+            "attn_bwd_dkdv_d128",
+        ),
+    },
 ];
 
+pub mod attention;
 pub mod adamw;
 pub mod argmax;
 pub mod cross_entropy;
