@@ -36,6 +36,22 @@ struct __align__(16) KF_MAY_ALIAS KfF4 {
     float x, y, z, w;
 };
 
+// The 16-byte shared-memory load of the micro-tiles (p 16-byte aligned). On the GPU it is one
+// opaque ld.shared.v4: written as a struct load, NVRTC 12.4 split and re-merged such loads
+// differently from run to run (its choices follow heap addresses, so ASLR made the PTX
+// nondeterministic and the ptxgen freshness check failed). `volatile` keeps the load where it
+// is, between the barriers that order it. The emulator runs the plain load.
+__device__ __forceinline__ KfF4 kf_lds4(const float* p) {
+#ifdef KF_EMU
+    return *reinterpret_cast<const KfF4*>(p);
+#else
+    KfF4 v;
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a));
+    return v;
+#endif
+}
+
 // The inputs every attention kernel reads: q [B, Tq, H, D], k and v [B, Tk, H, D] through their
 // strides in elements (last dim unit-stride), the pattern and the per-batch key_skip (or null).
 struct KfAttnIn {
@@ -96,7 +112,8 @@ __device__ __forceinline__ bool kf_rng_meets(const int* r, int c0, int c1) {
 // "columns": row group g = tid / TX owns rows 4g..4g+3; lane x = tid % TX owns columns
 // x + TX j. The TX lanes of a row group are consecutive lanes of one warp (row reductions are
 // shuffles). LDR: row stride of k-major operands [K][R] (read as float4 along R); LDD: row
-// stride of [.][D] operands (D + 1: conflict-free both along and across rows).
+// stride of [.][D] operands (D + 4: rows 16-byte aligned for float4 reads along D, and 8
+// consecutive lanes reading 8 rows hit 8 distinct 16-byte bank groups).
 template <int D, int R, int C, int NT>
 struct KfTile {
     static constexpr int RG = R / 4;
@@ -104,27 +121,53 @@ struct KfTile {
     static constexpr int CTC = C / TX;
     static constexpr int CTD = D / TX;
     static constexpr int LDR = R + 4;
-    static constexpr int LDD = D + 1;
+    static constexpr int LDD = D + 4;
     static_assert(R % 4 == 0 && NT % RG == 0 && 32 % TX == 0, "row groups must tile a warp");
     static_assert(C % TX == 0 && D % TX == 0 && CTC >= 1 && CTD >= 1, "columns must tile the lanes");
 };
 
-// acc[i][j] += sum_{kk < K} A[kk * LDA + a0 + i] * B[kk * BK + (b0 + TX j) * BC]: the register
-// micro-tile of one thread (A k-major, 16-byte aligned rows; B read with any strides).
-template <int K, int LDA, int BK, int BC, int TX, int CT>
-__device__ __forceinline__ void kf_mm4(float (&acc)[4][CT], const float* A, int a0, const float* B, int b0) {
+// The register micro-tiles of one thread: acc[i][j] += sum_{k < K} A[k * LDA + a0 + i] * B(k, b0 +
+// TX j), A k-major with 16-byte aligned rows (one float4 per k, kf_lds4). Reads of adjacent
+// floats are written as the vectors they are (see kf_lds4).
+// kf_mm4_cols: B(k, c) = B[k * LDB + c] (consecutive lanes read consecutive columns).
+template <int K, int LDA, int LDB, int TX, int CT>
+__device__ __forceinline__ void kf_mm4_cols(float (&acc)[4][CT], const float* A, int a0, const float* B, int b0) {
     KF_UNROLL4
     for (int kk = 0; kk < K; ++kk) {
-        const KfF4 av = *reinterpret_cast<const KfF4*>(A + kk * LDA + a0);
+        const KfF4 av = kf_lds4(A + kk * LDA + a0);
         float bv[CT];
         KF_UNROLL
-        for (int j = 0; j < CT; ++j) bv[j] = B[kk * BK + (b0 + TX * j) * BC];
+        for (int j = 0; j < CT; ++j) bv[j] = B[kk * LDB + b0 + TX * j];
         KF_UNROLL
         for (int j = 0; j < CT; ++j) {
             acc[0][j] = fmaf(av.x, bv[j], acc[0][j]);
             acc[1][j] = fmaf(av.y, bv[j], acc[1][j]);
             acc[2][j] = fmaf(av.z, bv[j], acc[2][j]);
             acc[3][j] = fmaf(av.w, bv[j], acc[3][j]);
+        }
+    }
+}
+
+// kf_mm4_rows: B(k, c) = B[c * LDB + k] (row c of B is contiguous along k: read as float4, four
+// k steps at a time).
+template <int K, int LDA, int LDB, int TX, int CT>
+__device__ __forceinline__ void kf_mm4_rows(float (&acc)[4][CT], const float* A, int a0, const float* B, int b0) {
+    static_assert(K % 4 == 0 && LDB % 4 == 0, "rows of B are read as float4");
+    for (int k = 0; k < K; k += 4) {
+        KfF4 av[4];
+        KF_UNROLL
+        for (int t = 0; t < 4; ++t) av[t] = kf_lds4(A + (k + t) * LDA + a0);
+        KF_UNROLL
+        for (int j = 0; j < CT; ++j) {
+            const KfF4 bv = kf_lds4(B + (b0 + TX * j) * LDB + k);
+            const float b4[4] = {bv.x, bv.y, bv.z, bv.w};
+            KF_UNROLL
+            for (int t = 0; t < 4; ++t) {
+                acc[0][j] = fmaf(av[t].x, b4[t], acc[0][j]);
+                acc[1][j] = fmaf(av[t].y, b4[t], acc[1][j]);
+                acc[2][j] = fmaf(av[t].z, b4[t], acc[2][j]);
+                acc[3][j] = fmaf(av[t].w, b4[t], acc[3][j]);
+            }
         }
     }
 }
@@ -158,7 +201,7 @@ __device__ __forceinline__ void kf_load_kmajor(float* dst, const T* src, long lo
     }
 }
 
-// Rows [r0, r0 + R) of a [., D] tensor into row-major smem dst[r * (D + 1) + d], times `mul`;
+// Rows [r0, r0 + R) of a [., D] tensor into row-major smem dst[r * (D + 4) + d], times `mul`;
 // rows at or past `nrows` are zeros.
 template <class T, int D, int R, int NT>
 __device__ __forceinline__ void kf_load_rows(float* dst, const T* src, long long st, unsigned r0, unsigned nrows,
@@ -167,7 +210,7 @@ __device__ __forceinline__ void kf_load_rows(float* dst, const T* src, long long
         const int r = e / D, d = e % D;
         float v = 0.0f;
         if (r0 + r < nrows) v = kf_to_f32(src[(long long)(r0 + r) * st + d]) * mul;
-        dst[r * (D + 1) + d] = v;
+        dst[r * (D + 4) + d] = v;
     }
 }
 
@@ -177,7 +220,7 @@ __device__ __forceinline__ void kf_load_rows(float* dst, const T* src, long long
 // (grid: x query tiles, y heads, z = b * nsplit + s). nsplit == 1: writes o [B, Tq, H, D] and
 // lse [B, H, Tq] (or null). nsplit > 1: writes the split's normalised output and logsumexp to
 // opart [B, H, nsplit, Tq, D] and lsepart [B, H, nsplit, Tq] for attn_decode_combine.
-// Shared memory (floats): qt [D][BR+4] (q * scale), ks and vs [BC][D+1], pt [BC][BR+4]
+// Shared memory (floats): qt [D][BR+4] (q * scale), ks and vs [BC][D+4], pt [BC][BR+4]
 // (probabilities, k-major), rng [BR][8] (ints).
 template <class T, int D, int BR, int BC, int NT>
 __device__ __forceinline__ void kf_attn_fwd(const KfAttnIn& a, T* __restrict__ o, float* __restrict__ lse,
@@ -234,7 +277,7 @@ __device__ __forceinline__ void kf_attn_fwd(const KfAttnIn& a, T* __restrict__ o
             KF_UNROLL
             for (int j = 0; j < CTC; ++j) sc[i][j] = 0.0f;
         }
-        kf_mm4<D, LDR, 1, LDD, TX, CTC>(sc, qt, 4 * g, ks, x);
+        kf_mm4_rows<D, LDR, LDD, TX, CTC>(sc, qt, 4 * g, ks, x);
         KF_UNROLL
         for (int i = 0; i < 4; ++i) {
             const int* rr = rng + (4 * g + i) * 8;
@@ -263,7 +306,7 @@ __device__ __forceinline__ void kf_attn_fwd(const KfAttnIn& a, T* __restrict__ o
             for (int j = 0; j < CTD; ++j) acc[i][j] *= alpha;
         }
         __syncthreads();
-        kf_mm4<BC, LDR, LDD, 1, TX, CTD>(acc, pt, 4 * g, vs, x);
+        kf_mm4_cols<BC, LDR, LDD, TX, CTD>(acc, pt, 4 * g, vs, x);
     }
     const unsigned bh = b * nh + h;
     KF_UNROLL
@@ -342,7 +385,7 @@ __device__ __forceinline__ void kf_attn_bwd_dot(const T* __restrict__ o, const T
 // dQ of a tile of BR query rows (grid: x query tiles, y heads, z batch): for every key block the
 // rows see, P = exp(S - lse), dS = P (dO V^T - dvec), dQ += dS K; dq = scale dQ, [B, Tq, H, D].
 // g (dO) contiguous [B, Tq, H, D]; lse and dvec [B, H, Tq]. Shared memory (floats): qt and gt
-// [D][BR+4], ks and vs [BC][D+1], dst [BC][BR+4], rng [BR][8] (ints), lse and dvec [BR].
+// [D][BR+4], ks and vs [BC][D+4], dst [BC][BR+4], rng [BR][8] (ints), lse and dvec [BR].
 template <class T, int D, int BR, int BC, int NT>
 __device__ __forceinline__ void kf_attn_bwd_dq(const KfAttnIn& a, const T* __restrict__ go,
                                                const float* __restrict__ lse, const float* __restrict__ dvec,
@@ -400,8 +443,8 @@ __device__ __forceinline__ void kf_attn_bwd_dq(const KfAttnIn& a, const T* __res
             KF_UNROLL
             for (int j = 0; j < CTC; ++j) sc[i][j] = dp[i][j] = 0.0f;
         }
-        kf_mm4<D, LDR, 1, LDD, TX, CTC>(sc, qt, 4 * g, ks, x);
-        kf_mm4<D, LDR, 1, LDD, TX, CTC>(dp, gt, 4 * g, vs, x);
+        kf_mm4_rows<D, LDR, LDD, TX, CTC>(sc, qt, 4 * g, ks, x);
+        kf_mm4_rows<D, LDR, LDD, TX, CTC>(dp, gt, 4 * g, vs, x);
         KF_UNROLL
         for (int i = 0; i < 4; ++i) {
             const int rl = 4 * g + i;
@@ -416,7 +459,7 @@ __device__ __forceinline__ void kf_attn_bwd_dq(const KfAttnIn& a, const T* __res
             }
         }
         __syncthreads();
-        kf_mm4<BC, LDR, LDD, 1, TX, CTD>(acc, dst, 4 * g, ks, x);
+        kf_mm4_cols<BC, LDR, LDD, TX, CTD>(acc, dst, 4 * g, ks, x);
     }
     KF_UNROLL
     for (int i = 0; i < 4; ++i) {
@@ -431,7 +474,7 @@ __device__ __forceinline__ void kf_attn_bwd_dq(const KfAttnIn& a, const T* __res
 // dK and dV of a block of BK keys (grid: x key blocks, y heads, z batch): for every tile of BQ
 // query rows that sees one of them, P^T = exp(K Q^T - lse), dV += P^T dO, dS^T = P^T (V dO^T -
 // dvec), dK += dS^T (Q scale); dk and dv [B, Tk, H, D]. Shared memory (floats): kt and vt
-// [D][BK+4], qs and gs [BQ][D+1], ps and dss [BQ][BK+4], rng [BQ][8] (ints), lse and dvec [BQ].
+// [D][BK+4], qs and gs [BQ][D+4], ps and dss [BQ][BK+4], rng [BQ][8] (ints), lse and dvec [BQ].
 template <class T, int D, int BK, int BQ, int NT>
 __device__ __forceinline__ void kf_attn_bwd_dkdv(const KfAttnIn& a, const T* __restrict__ go,
                                                  const float* __restrict__ lse, const float* __restrict__ dvec,
@@ -492,8 +535,8 @@ __device__ __forceinline__ void kf_attn_bwd_dkdv(const KfAttnIn& a, const T* __r
             KF_UNROLL
             for (int j = 0; j < CTC; ++j) st[i][j] = dpt[i][j] = 0.0f;
         }
-        kf_mm4<D, LDR, 1, LDD, TX, CTC>(st, kt, 4 * g, qs, x);
-        kf_mm4<D, LDR, 1, LDD, TX, CTC>(dpt, vt, 4 * g, gs, x);
+        kf_mm4_rows<D, LDR, LDD, TX, CTC>(st, kt, 4 * g, qs, x);
+        kf_mm4_rows<D, LDR, LDD, TX, CTC>(dpt, vt, 4 * g, gs, x);
         KF_UNROLL
         for (int j = 0; j < CTC; ++j) {
             const int rl = x + TX * j;
@@ -509,8 +552,8 @@ __device__ __forceinline__ void kf_attn_bwd_dkdv(const KfAttnIn& a, const T* __r
             }
         }
         __syncthreads();
-        kf_mm4<BQ, LDR, LDD, 1, TX, CTD>(av, ps, 4 * g, gs, x);
-        kf_mm4<BQ, LDR, LDD, 1, TX, CTD>(ak, dss, 4 * g, qs, x);
+        kf_mm4_cols<BQ, LDR, LDD, TX, CTD>(av, ps, 4 * g, gs, x);
+        kf_mm4_cols<BQ, LDR, LDD, TX, CTD>(ak, dss, 4 * g, qs, x);
     }
     KF_UNROLL
     for (int i = 0; i < 4; ++i) {
@@ -559,7 +602,7 @@ __device__ __forceinline__ void kf_attn_bwd_dkdv(const KfAttnIn& a, const T* __r
 #define KF_ATTN_DTYPE(T, SFX)                                                                                  \
     KF_ATTN_FWD(attn_fwd_d64_##SFX, T, 64, 64, 32, 128)                                                        \
     KF_ATTN_FWD(attn_fwd_d128_##SFX, T, 128, 64, 32, 128)                                                      \
-    KF_ATTN_FWD(attn_decode_d64_##SFX, T, 64, 16, 32, 64)                                                       \
+    KF_ATTN_FWD(attn_decode_d64_##SFX, T, 64, 16, 64, 64)                                                       \
     KF_ATTN_FWD(attn_decode_d128_##SFX, T, 128, 16, 32, 64)                                                     \
     KF_ATTN_DQ(attn_bwd_dq_d64_##SFX, T, 64, 32, 32, 64)                                                       \
     KF_ATTN_DQ(attn_bwd_dq_d128_##SFX, T, 128, 32, 32, 64)                                                     \

@@ -92,7 +92,7 @@ pub fn tile(kernel: Kernel, d: usize) -> Result<Tile, ShapeError> {
     Ok(match (kernel, d) {
         (Kernel::Fwd, 64) => t(64, 32, 128),
         (Kernel::Fwd, 128) => t(64, 32, 128),
-        (Kernel::Decode, 64) => t(16, 32, 64),
+        (Kernel::Decode, 64) => t(16, 64, 64),
         (Kernel::Decode, 128) => t(16, 32, 64),
         (Kernel::BwdDq, 64) => t(32, 32, 64),
         (Kernel::BwdDq, 128) => t(32, 32, 64),
@@ -113,12 +113,12 @@ pub fn entry(kernel: Kernel, d: usize, dtype: &str) -> String {
 
 /// Dynamic shared memory of `kernel` at head dim `d` in bytes: the layout written at each
 /// kernel in attention.cu (k-major operands of row stride R + 4, [.][D] operands of stride
-/// D + 1, 8 ints of key intervals per row, lse and dvec per row).
+/// D + 4, 8 ints of key intervals per row, lse and dvec per row).
 pub fn smem_bytes(kernel: Kernel, d: usize) -> Result<u32, ShapeError> {
     let Tile {
         rows: r, cols: c, ..
     } = tile(kernel, d)?;
-    let (ldr, ldd) = (r + 4, d + 1);
+    let (ldr, ldd) = (r + 4, d + 4);
     let floats = match kernel {
         // qt, ks, vs, pt, rng
         Kernel::Fwd | Kernel::Decode => d * ldr + 2 * c * ldd + c * ldr + 8 * r,

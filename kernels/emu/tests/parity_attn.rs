@@ -641,7 +641,7 @@ fn decode_matches_the_full_computation() {
 #[test]
 fn decode_plans_split_short_caches_when_asked() {
     let p = at::decode(2, 2, 5, 65, 64, 3).unwrap();
-    assert_eq!((p.nsplit, p.chunk), (3, 32), "{p:?}");
+    assert_eq!((p.nsplit, p.chunk), (2, 64), "{p:?}");
     let p = at::decode(2, 2, 5, 65, 128, 3).unwrap();
     assert_eq!(p.nsplit, 3, "{p:?}");
     assert!(p.combine.is_some());
