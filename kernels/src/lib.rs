@@ -113,9 +113,9 @@ pub const FAMILIES: &[Family] = &[
     },
 ];
 
-pub mod attention;
 pub mod adamw;
 pub mod argmax;
+pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod gelu;

@@ -7,98 +7,23 @@
 //! computation, and f16/bf16 storage against the f32 CPU op on the same rounded inputs.
 //! Letters: B batch, Tq query rows, Tk keys, H heads, D head dim.
 
-use half::{bf16, f16};
-use kf_engine::{no_grad, Device, Tensor};
+use kf_engine::{no_grad, Tensor};
 use kf_kernels::attention::{self as at, Kernel};
 use kf_kernels_emu::{launch, Arg, DeviceBuffer};
 use kf_ops::attention::{attention_backward, attention_with_lse, AttnParams, AttnPattern};
-use kf_tests::harness::{compare, Gen, Tol};
+use kf_tests::harness::{compare, Tol};
 
-// ------------------------------------------------------------------ storage dtypes (parity.rs)
+mod common;
+use common::{tensor, St};
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum St {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl St {
-    fn suffix(self) -> &'static str {
-        match self {
-            St::F32 => "f32",
-            St::F16 => "f16",
-            St::Bf16 => "bf16",
-        }
-    }
-    /// The value after a round trip through the storage dtype.
-    fn round(self, v: f32) -> f32 {
-        match self {
-            St::F32 => v,
-            St::F16 => f16::from_f32(v).to_f32(),
-            St::Bf16 => bf16::from_f32(v).to_f32(),
-        }
-    }
-    fn upload(self, v: &[f32]) -> DeviceBuffer {
-        match self {
-            St::F32 => DeviceBuffer::from_slice(v),
-            St::F16 => DeviceBuffer::from_slice(
-                &v.iter()
-                    .map(|&x| f16::from_f32(x).to_bits())
-                    .collect::<Vec<u16>>(),
-            ),
-            St::Bf16 => DeviceBuffer::from_slice(
-                &v.iter()
-                    .map(|&x| bf16::from_f32(x).to_bits())
-                    .collect::<Vec<u16>>(),
-            ),
-        }
-    }
-    fn alloc(self, n: usize) -> DeviceBuffer {
-        DeviceBuffer::uninit(n * if self == St::F32 { 4 } else { 2 })
-    }
-    fn download(self, b: &DeviceBuffer) -> Vec<f64> {
-        match self {
-            St::F32 => b.to_vec::<f32>().iter().map(|&x| x as f64).collect(),
-            St::F16 => b
-                .to_vec::<u16>()
-                .iter()
-                .map(|&x| f16::from_bits(x).to_f64())
-                .collect(),
-            St::Bf16 => b
-                .to_vec::<u16>()
-                .iter()
-                .map(|&x| bf16::from_bits(x).to_f64())
-                .collect(),
-        }
-    }
-    /// Kernel output vs the f32 CPU op's output rounded to this dtype.
-    fn tol(self) -> Tol {
-        match self {
-            St::F32 => Tol::F32,
-            // both sides round an f32 value to storage once; the f32 values differ by a few
-            // f32 ulps, which can flip one rounding: 1 ulp of the storage dtype (f16: 2^-10
-            // relative, bf16: 2^-7), plus an absolute term for results near zero
-            St::F16 => Tol::new(1e-3, 1.0 / 1024.0),
-            St::Bf16 => Tol::new(1e-2, 1.0 / 128.0),
-        }
-    }
-}
-
+/// Each value rounded to f32 (what an f32 output could hold).
 fn f32s(v: &[f64]) -> Vec<f64> {
     v.iter().map(|&x| x as f32 as f64).collect()
 }
 
-fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
-    Tensor::from_vec(v.to_vec(), shape, Device::Cpu).unwrap()
-}
-
+/// `n` inputs in [-1, 1), rounded to the storage dtype.
 fn inputs(n: usize, seed: u64, st: St) -> Vec<f32> {
-    let mut g = Gen::new(seed);
-    g.vec(n, -1.0, 1.0)
-        .iter()
-        .map(|&v| st.round(v as f32))
-        .collect()
+    common::inputs(n, seed, st, -1.0, 1.0)
 }
 
 // ------------------------------------------------------------------------------------ cases
