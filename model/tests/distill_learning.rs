@@ -1,8 +1,10 @@
 //! Learning tests of the distillation (issue 4): on a `tiny` teacher trained briefly on
 //! the committed excerpt, stage 1 (AR -> k = 1) must agree with the teacher's inverse-CDF
 //! map on held-out (context, u), and stage 2 (k = 1 -> 2) with the k = 1 student's own
-//! two-step rollout. The step counts can be overridden for measurement (KF_DT_TEACHER,
-//! KF_DT_S1, KF_DT_S2, KF_DT_LR1E4, KF_DT_TAU, KF_DT_LAYERS); the thresholds hold for the defaults. Agreement = the task's validation accuracy: validation contexts of
+//! two-step rollout; and stage 1 on a teacher of a synthetic second-order Markov source, where
+//! the >= 95% target is met. The step counts can be overridden for measurement (KF_DT_TEACHER,
+//! KF_DT_S1, KF_DT_S2, KF_DT_LR1E4, KF_DT_TAU, KF_DT_LAYERS; KF_DM_TEACHER, KF_DM_S1, KF_DM_LR1E4);
+//! the thresholds hold for the defaults. Agreement = the task's validation accuracy: validation contexts of
 //! the held-out shard, noises from the fixed evaluation stream (never trained on).
 
 use kf_model::data::{self, read_corpus, PrepareOptions};
@@ -30,7 +32,68 @@ fn scratch(tag: &str) -> PathBuf {
 /// The excerpt tokenised with a 512-id BPE (as in tests/train.rs).
 fn data_dir(root: &Path) -> PathBuf {
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/excerpt/corpus.jsonl");
-    let docs = read_corpus(&corpus).unwrap();
+    tokenised(root, &corpus)
+}
+
+/// Symbols of the synthetic source: two-letter words, one BPE token each (with their space).
+const SYMBOLS: [&str; 12] = [
+    "ka", "lo", "mi", "nu", "pe", "ra", "so", "ti", "vu", "we", "xo", "ya",
+];
+/// Successor distributions of the synthetic source: each context gets one of these shapes over
+/// three distinct successors (KFORCING.md section 3 maps u to them in token-index order).
+const SHAPES: [[f64; 3]; 4] = [
+    [0.5, 0.3, 0.2],
+    [0.4, 0.35, 0.25],
+    [0.6, 0.25, 0.15],
+    [0.34, 0.33, 0.33],
+];
+
+/// A second-order Markov source over [`SYMBOLS`]: the next symbol depends on the previous two
+/// (so a hint row must read two context tokens through attention), three successors per
+/// context with a [`SHAPES`] distribution; `docs` documents of `len` symbols, from `seed`.
+/// Entropy about 0.96 nats per symbol (24 of the 144 contexts have a repeated successor);
+/// always predicting the mode (ignoring u) agrees about 0.51 of the time.
+fn markov_corpus(path: &Path, docs: usize, len: usize, seed: u64) {
+    use kf_engine::rng::Philox;
+    use std::fmt::Write as _;
+    let n = SYMBOLS.len();
+    let rng = Philox::new(seed, 0);
+    let mut at = 0u64;
+    let mut out = String::new();
+    for d in 0..docs {
+        let (mut a, mut b) = (d % n, (d * 7 + 3) % n);
+        let mut text = format!("{} {}", SYMBOLS[a], SYMBOLS[b]);
+        for _ in 0..len {
+            let shape = SHAPES[(a * 5 + b * 3) % SHAPES.len()];
+            let succ = [
+                (a * 3 + b * 5 + 1) % n,
+                (a * 7 + b + 6) % n,
+                (a + b * 11 + 11) % n,
+            ];
+            let u = rng.uniform_f64(at);
+            at += 1;
+            let mut acc = 0.0;
+            let mut next = succ[2];
+            for (s, p) in succ.iter().zip(shape) {
+                acc += p;
+                if u < acc {
+                    next = *s;
+                    break;
+                }
+            }
+            text.push(' ');
+            text.push_str(SYMBOLS[next]);
+            (a, b) = (b, next);
+        }
+        let line = serde_json::json!({"id": format!("m{d}"), "text": text});
+        writeln!(out, "{line}").unwrap();
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// `corpus` tokenised with a 512-id BPE into `root/data`.
+fn tokenised(root: &Path, corpus: &Path) -> PathBuf {
+    let docs = read_corpus(corpus).unwrap();
     let tok = Tokenizer::train_bpe(
         docs.iter().map(|d| d.text.as_str()),
         &BpeTrainOptions {
@@ -43,7 +106,7 @@ fn data_dir(root: &Path) -> PathBuf {
     std::fs::create_dir_all(&out).unwrap();
     tok.save(out.join("tokenizer.json")).unwrap();
     data::prepare(
-        &corpus,
+        corpus,
         &out.join("tokenizer.json"),
         &out,
         &PrepareOptions {
@@ -177,8 +240,9 @@ fn stage1_then_stage2_learn_their_teachers() {
     assert!(k2.join("model.safetensors").is_file());
     // Measured (2 loaded cores, teacher 400 steps at val loss 3.89, lr 3e-3, seeds above):
     // stage 1 after 1500 steps: agreement 0.487 (0.10 after 60 steps; lr 8e-3 gives 0.491;
-    // 5000 steps: 0.570). The issue's target is >= 0.95; it is NOT reached in a CI-sized
-    // budget, and the measurements say why: the hint row must re-derive the teacher's
+    // 5000 steps: 0.570). The issue's target (>= 0.95) is NOT reached on real text in a
+    // CI-sized budget (it is on a learnable source: the Markov test below), and the
+    // measurements say why: the hint row must re-derive the teacher's
     // p(. | x_<=t) from context it sees only through attention (2 layers, d = 64), and the
     // index-order inverse CDF turns any mismatch in an early token's probability into a
     // shift of every later interval. Sharpening p helps (tau 0.7: 0.594, tau 0.5: 0.714 at
@@ -237,5 +301,43 @@ fn a_stage_is_deterministic() {
     for k in ["loss_o1", "acc_o1", "acc", "acc_window"] {
         assert!(la[0].get(k).is_some(), "metrics line lacks {k}: {}", la[0]);
     }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Stage 1 on a teacher whose next-token distribution a tiny student can re-derive: the
+/// teacher learns a second-order Markov source ([`markov_corpus`]), so its p(. | x_<=t) puts
+/// nearly all mass on three tokens chosen by the last two context tokens. Stage 1 must agree
+/// with the teacher's inverse CDF on held-out (context, u) at >= 95% (the issue's target),
+/// far above the ~0.51 of a student that ignores u and always emits the mode.
+/// Measured (2 loaded cores): teacher 3000 steps (val loss 1.022, 0.986 of its mass on its
+/// top three tokens: the rest is a tail no student is expected to hit), stage 1 2000 steps:
+/// agreement 0.974 in 68 s. With 16 symbols (256 contexts) it plateaus at 0.957 (3000 steps),
+/// with 8 it reaches 0.983; the real-text test above stays at 0.49.
+#[test]
+fn stage1_learns_the_inverse_cdf_of_a_learnable_teacher() {
+    let root = scratch("markov");
+    let corpus = root.join("markov.jsonl");
+    markov_corpus(&corpus, 200, 1000, 11);
+    let data = tokenised(&root, &corpus);
+    let t0 = Instant::now();
+    let tdir = teacher(&root, &data, env_u64("KF_DM_TEACHER", 3000));
+    eprintln!(
+        "markov teacher trained in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let s1 = env_u64("KF_DM_S1", 2000);
+    let (_, m1, dt1) = stage(
+        &tdir,
+        &data,
+        root.join("k1"),
+        stage_cfg(s1, env_u64("KF_DM_LR1E4", 30) as f64 * 1e-4, 7),
+        1,
+    );
+    eprintln!("markov stage 1: {s1} steps in {dt1:.1}s: {m1:?}");
+    assert!(
+        m1.acc >= 0.95,
+        "stage 1 on the Markov teacher: agreement {:.3} < 0.95 (measured 0.974)",
+        m1.acc
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
