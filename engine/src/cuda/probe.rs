@@ -74,14 +74,15 @@ fn probe(lib: &str, what: &str, symbols: &[&str]) -> Result<String, String> {
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     );
+    let mut names: Vec<&str> = Vec::new();
+    for c in candidates.iter().filter(|c| c.starts_with(&plain)) {
+        if !names.contains(&c.as_str()) {
+            names.push(c);
+        }
+    }
     Err(format!(
         "the {what} library was not found (looked for {} on the loader's path)",
-        candidates
-            .iter()
-            .filter(|c| c.starts_with(&plain))
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ")
+        names.join(", ")
     ))
 }
 
@@ -114,6 +115,8 @@ mod tests {
         let e = probe("kf_no_such_library", "test", &["x"]).unwrap_err();
         assert!(e.starts_with("the test library was not found"), "{e}");
         assert!(e.contains("libkf_no_such_library.so"), "{e}");
+        // cudarc lists .so.12 twice (its CUDA major and a fixed 12): named once
+        assert_eq!(e.matches("libkf_no_such_library.so.12").count(), 1, "{e}");
     }
 
     #[test]
