@@ -4,6 +4,8 @@
 //! transformers; the ops live in `kf-ops`.
 
 pub mod autograd;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod io;

@@ -72,6 +72,12 @@ fn poisoned<T>(_: T) -> anyhow::Error {
     anyhow::anyhow!("tensor storage lock poisoned by an earlier panic")
 }
 
+/// Tensors keep CPU storage so far; the CUDA device layer (feature `cuda`)
+/// has buffers, kernels and GEMMs but no tensor storage yet.
+fn no_device_tensors(device: Device) -> Result<Tensor> {
+    bail!("tensors on {device} are not implemented yet: tensor storage is CPU-only")
+}
+
 impl Tensor {
     // ---------------------------------------------------------------- creation
 
@@ -118,6 +124,7 @@ impl Tensor {
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize], device: Device) -> Result<Tensor> {
         match device {
             Device::Cpu => Tensor::from_cpu_op(data, shape, None),
+            Device::Cuda(_) => no_device_tensors(device),
         }
     }
 
@@ -137,6 +144,7 @@ impl Tensor {
                 Layout::contiguous(shape),
                 None,
             ),
+            Device::Cuda(_) => no_device_tensors(device),
         }
     }
 
@@ -154,6 +162,7 @@ impl Tensor {
             Device::Cpu => {
                 Tensor::from_storage(Storage::Cpu(storage), Layout::contiguous(shape), None)
             }
+            Device::Cuda(_) => no_device_tensors(device),
         }
     }
 

@@ -54,6 +54,10 @@ pub struct Args {
     /// Write the speedup-vs-batch plot (SVG) here.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Device: cpu, or cuda / cuda:N (a build with the cuda feature; the model runs on the
+    /// CPU only so far, so cuda is an error saying so).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// One measured configuration.
@@ -248,6 +252,7 @@ fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
 }
 
 pub fn run(threads: usize, a: &Args) -> Result<()> {
+    crate::device_arg::select("bench", &a.device)?;
     ensure!(a.runs >= 1, "--runs must be at least 1");
     ensure!(a.max_new >= 1, "--max-new must be at least 1");
     ensure!(a.prompt_len >= 1, "--prompt-len must be at least 1");

@@ -43,9 +43,14 @@ pub struct DistillArgs {
     /// Stop each stage with a checkpoint after this many of its steps (continue with --resume).
     #[arg(long, allow_negative_numbers = true)]
     max_steps: Option<u64>,
+    /// Device: cpu, or cuda / cuda:N (a build with the cuda feature; the model runs on the
+    /// CPU only so far, so cuda is an error saying so).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: &DistillArgs) -> Result<()> {
+    crate::device_arg::select("distill", &a.device)?;
     ensure!(a.k >= 1, "--k must be at least 1");
     let mut recipe = Recipe::from_file(&a.recipe)?;
     match a.variant.as_deref() {

@@ -50,9 +50,14 @@ pub struct Args {
     /// Write the options and rows as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Device: cpu, or cuda / cuda:N (a build with the cuda feature; the model runs on the
+    /// CPU only so far, so cuda is an error saying so).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: &Args) -> Result<()> {
+    crate::device_arg::select("eval", &a.device)?;
     ensure!(
         a.tau.is_finite() && a.tau > 0.0,
         "--tau must be finite and > 0, got {}",

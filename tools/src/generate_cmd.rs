@@ -12,7 +12,6 @@
 //! when it finishes. Progress and timing go to stderr.
 
 use anyhow::{bail, ensure, Context, Result};
-use kf_engine::Device;
 use kf_model::checkpoint;
 use kf_model::generate::{generate, GenerateOptions, Generated};
 use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
@@ -47,7 +46,8 @@ pub struct Args {
     /// Philox seed of the sampling noise.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
-    /// Device: cpu (cuda when built with it).
+    /// Device: cpu, or cuda / cuda:N (a build with the cuda feature; the model runs on the
+    /// CPU only so far, so cuda is an error saying so).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Recompute the whole sequence every step instead of using the KV cache (slow; a
@@ -80,7 +80,7 @@ impl Model {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    let _device = Device::parse(&a.device)?;
+    crate::device_arg::select("generate", &a.device)?;
     ensure!(a.max_new != Some(0), "--max-new must be at least 1");
     ensure!(
         a.tau.is_finite() && a.tau >= 0.0,

@@ -14,6 +14,7 @@ mod bench_gen;
 mod bench_train;
 mod cost_model;
 mod data_cmd;
+mod device_arg;
 mod distill_cmd;
 mod eval_cmd;
 mod export_cmd;

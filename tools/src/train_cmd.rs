@@ -31,9 +31,14 @@ pub struct TrainArgs {
     /// are done; the schedule still follows the config's total_steps.
     #[arg(long, allow_negative_numbers = true)]
     max_steps: Option<u64>,
+    /// Device: cpu, or cuda / cuda:N (a build with the cuda feature; the model runs on the
+    /// CPU only so far, so cuda is an error saying so).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
+    crate::device_arg::select("train", &a.device)?;
     let stop = install_stop_handler()?;
     let mut progress = RunProgress::new(a.resume);
     let opts = TeacherOptions {
