@@ -108,15 +108,58 @@ impl CudaDevice {
         if s.k == 0 {
             bail!("gemm {s:?}: k = 0 (an empty sum) is not sent to cuBLAS");
         }
+        let raw = RawGemm {
+            m: s.m,
+            n: s.n,
+            k: s.k,
+            trans_a: s.trans_a,
+            trans_b: s.trans_b,
+            lda: if s.trans_a { s.m } else { s.k },
+            ldb: if s.trans_b { s.k } else { s.n },
+            ldc: s.n,
+            stride_a: s.m * s.k,
+            stride_b: if s.shared_b { 0 } else { s.k * s.n },
+            stride_c: s.m * s.n,
+            batch: s.batch,
+            a: a.device_ptr(),
+            b: b.device_ptr(),
+            c: c.device_ptr(),
+            alpha,
+            beta,
+        };
+        // SAFETY: A, B, C are live buffers of this device whose lengths were
+        // checked against the shape above (strides: whole matrices, B's 0 when shared).
+        unsafe { self.gemm_raw::<T>(&raw) }.map_err(|e| e.context(format!("gemm {s:?}")))
+    }
+
+    /// The row-major strided-batched GEMM of `g` on raw device addresses, in
+    /// `T` with f32 accumulation (CUBLAS_COMPUTE_32F): for each batch index i,
+    /// `C_i = alpha op(A_i) op(B_i) + beta C_i`, operand i at `ptr + i * stride`
+    /// elements, leading dimensions in elements of the stored row-major matrices.
+    ///
+    /// # Safety
+    /// Every operand of every batch lies in a live block of this device, and C
+    /// does not overlap A or B.
+    pub unsafe fn gemm_raw<T: GemmElem>(&self, g: &RawGemm) -> Result<()> {
+        if g.m == 0 || g.n == 0 || g.batch == 0 {
+            return Ok(());
+        }
+        ensure!(g.k > 0, "gemm: k = 0 (an empty sum) is not sent to cuBLAS");
         let (m, n, k, z) = (
-            int(s.m, "M")?,
-            int(s.n, "N")?,
-            int(s.k, "K")?,
-            int(s.batch, "batch")?,
+            int(g.m, "M")?,
+            int(g.n, "N")?,
+            int(g.k, "K")?,
+            int(g.batch, "batch")?,
         );
-        // leading dimensions of the row-major operands as cuBLAS sees them
-        let lda = if s.trans_a { m } else { k };
-        let ldb = if s.trans_b { k } else { n };
+        let (lda, ldb, ldc) = (int(g.lda, "lda")?, int(g.ldb, "ldb")?, int(g.ldc, "ldc")?);
+        let stride = |v: usize, what: &str| -> Result<i64> {
+            i64::try_from(v).map_err(|_| anyhow!("gemm {what} = {v} exceeds i64"))
+        };
+        let (sa, sb, sc) = (
+            stride(g.stride_a, "stride A")?,
+            stride(g.stride_b, "stride B")?,
+            stride(g.stride_c, "stride C")?,
+        );
         let op = |t: bool| {
             if t {
                 sys::cublasOperation_t::CUBLAS_OP_T
@@ -124,7 +167,6 @@ impl CudaDevice {
                 sys::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let stride_b = if s.shared_b { 0 } else { (s.k * s.n) as i64 };
         probe::check_cublas()?;
         self.bind()?;
         let mut guard = lock(&self.blas);
@@ -143,32 +185,34 @@ impl CudaDevice {
             *guard = Some(h);
         }
         let h = guard.as_ref().map(|b| b.handle).expect("set above");
-        // SAFETY: A, B, C are live buffers of this device whose lengths were
-        // checked against the shape above (strides: whole matrices, B's 0
-        // when shared); alpha/beta are host f32 as CUBLAS_COMPUTE_32F needs;
-        // the handle is used under the lock and runs on the device's stream.
+        // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: cuBLAS gets B
+        // first with n and m swapped; each stored row-major matrix is its own transpose
+        // in column-major, so the transpose flags carry over unchanged.
+        // SAFETY: the operands' extents are the caller's contract; alpha/beta are host
+        // f32 as CUBLAS_COMPUTE_32F needs; the handle is used under the lock and runs on
+        // the device's stream.
         unsafe {
             blas::gemm_strided_batched_ex(
                 h,
-                op(s.trans_b),
-                op(s.trans_a),
+                op(g.trans_b),
+                op(g.trans_a),
                 n,
                 m,
                 k,
-                (&alpha as *const f32).cast::<c_void>(),
-                b.device_ptr() as *const c_void,
+                (&g.alpha as *const f32).cast::<c_void>(),
+                g.b as *const c_void,
                 T::CUDA_TYPE,
                 ldb,
-                stride_b,
-                a.device_ptr() as *const c_void,
+                sb,
+                g.a as *const c_void,
                 T::CUDA_TYPE,
                 lda,
-                (s.m * s.k) as i64,
-                (&beta as *const f32).cast::<c_void>(),
-                c.device_ptr() as *mut c_void,
+                sa,
+                (&g.beta as *const f32).cast::<c_void>(),
+                g.c as *mut c_void,
                 T::CUDA_TYPE,
-                n,
-                (s.m * s.n) as i64,
+                ldc,
+                sc,
                 z,
                 sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -176,10 +220,33 @@ impl CudaDevice {
         }
         .map_err(|e| {
             anyhow!(
-                "cuBLAS gemm {s:?} in {} on cuda:{}: {e}",
+                "cuBLAS gemm {g:?} in {} on cuda:{}: {e}",
                 T::DTYPE,
                 self.ordinal()
             )
         })
     }
+}
+
+/// A row-major strided-batched GEMM on raw device addresses ([`CudaDevice::gemm_raw`]):
+/// sizes, leading dimensions and batch strides in elements.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RawGemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+    pub batch: usize,
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+    pub alpha: f32,
+    pub beta: f32,
 }

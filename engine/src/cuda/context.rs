@@ -302,6 +302,22 @@ impl CudaDevice {
         Ok(out)
     }
 
+    /// Stream-ordered copy of `bytes` bytes from device address `src` to `dst`
+    /// (sub-ranges of buffers, for the kernel-device backend of kf-ops).
+    ///
+    /// # Safety
+    /// `[src, src + bytes)` and `[dst, dst + bytes)` lie in live blocks of this
+    /// device and do not overlap.
+    pub unsafe fn copy_raw(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: the caller's contract; the copy is ordered on the one stream.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .drv(|| format!("copying {bytes} bytes on cuda:{}", self.ordinal))
+    }
+
     pub(super) fn same_device(&self, other: &CudaDevice) -> Result<()> {
         ensure!(
             std::ptr::eq(self, other),

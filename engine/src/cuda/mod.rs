@@ -17,7 +17,7 @@ mod module;
 mod probe;
 
 pub use alloc::{size_class, AllocStats, CachingAllocator, RawMemory};
-pub use blas::{GemmElem, GemmShape};
+pub use blas::{GemmElem, GemmShape, RawGemm};
 pub use buffer::{CudaBuffer, DeviceElem};
 pub use context::CudaDevice;
 pub use launch::{check_launch_config, KernelArg, ParamKind};

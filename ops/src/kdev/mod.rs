@@ -3,8 +3,8 @@
 //! and a row-major f32 GEMM), a small device tensor [`DTensor`], and (in [`launch`]) one
 //! launcher per kernel op, generic over the device. Two backends implement [`KernelDevice`]:
 //! the CPU emulator (`kf_kernels_emu::device::Emu`, which runs the unmodified .cu files and
-//! stands in for cuBLAS with the CPU GEMM of [`crate::gemm`]) and, later, the CUDA layer
-//! of the engine (cuBLAS for [`KernelDevice::gemm`]).
+//! stands in for cuBLAS with the CPU GEMM of [`crate::gemm`]) and, with the `cuda` feature,
+//! the CUDA layer of the engine (`cuda::Cuda`: cuBLAS for [`KernelDevice::gemm`]).
 //!
 //! Buffers are handles: launches write through `&Buf`, as CUDA kernels write through device
 //! pointers. Every method returns `anyhow::Result` with the entry point or operation named.
@@ -13,6 +13,8 @@ use anyhow::{ensure, Context, Result};
 use kf_engine::{DType, Device, Tensor};
 pub use kf_kernels::LaunchConfig;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod launch;
 
 /// One kernel argument, passed by value like `cuLaunchKernel`'s parameters (the same
