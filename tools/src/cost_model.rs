@@ -177,6 +177,10 @@ impl Cost {
             weight_bytes: 0.0,
         }
     }
+    /// A call that moves `bytes` and computes `flops` on the FP32 cores (benchmarks).
+    pub fn stream(bytes: f64, flops: f64) -> Cost {
+        Cost::new(bytes, flops, Unit::Fp32, 1.0)
+    }
     fn weights(mut self, w: f64) -> Cost {
         self.weight_bytes = w;
         self

@@ -2,7 +2,8 @@
 //! `data fetch` / `data prepare` and `tokenizer train` (corpus, shards, BPE; data_cmd.rs),
 //! `inspect` (list the tensors of a safetensors file), `init-weights` (random
 //! DDiT-shaped weights with the checkpoint names of KFORCING.md section 2) and
-//! `bench gemm` (CPU GEMM against numpy/OpenBLAS), `bench train` (training tokens/s
+//! `bench gemm` (CPU GEMM against numpy/OpenBLAS), `bench kernels` (the CUDA kernels on a GPU or
+//! the emulator; bench_kernels.rs), `bench train` (training tokens/s
 //! against JAX; bench_train.rs), `bench cost` (the H100 cost model on paper; cost_model.rs), `generate` (AR sampling from a model
 //! directory; generate_cmd.rs), `train` (the AR teacher: checkpoints, exact resume,
 //! metrics; train_cmd.rs), `distill` (AR teacher -> k-token student, stage by stage;
@@ -11,6 +12,7 @@
 
 mod bench_gemm;
 mod bench_gen;
+mod bench_kernels;
 mod bench_train;
 mod cost_model;
 mod data_cmd;
@@ -98,6 +100,9 @@ enum BenchCmd {
     Train(bench_train::TrainBenchArgs),
     /// H100 cost model on paper: bytes, FLOPs and roofline time per kernel; AR vs PFLM tokens/s.
     Cost(cost_model::Args),
+    /// CUDA kernels on a device (cuda, or emu: the CPU emulator): GB/s and GFLOP/s per family
+    /// next to the device's copy bandwidth and GEMM rate.
+    Kernels(bench_kernels::Args),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -127,6 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Some(BenchCmd::Gemm { json }) => bench_gemm::run(threads, json.as_deref()),
             Some(BenchCmd::Train(a)) => bench_train::run(threads, &a),
             Some(BenchCmd::Cost(a)) => cost_model::run(&a),
+            Some(BenchCmd::Kernels(a)) => bench_kernels::run(&a),
         },
     }
 }

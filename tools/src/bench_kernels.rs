@@ -1,0 +1,455 @@
+//! `kfrun bench kernels --device cuda|emu`: achieved GB/s and GFLOP/s per kernel family on a
+//! kernel device, next to the device's measured copy bandwidth and GEMM rate (cuBLAS on a GPU).
+//! Each kernel runs through the same launchers the model uses (`kf_ops::kdev::launch`); time is
+//! the median of `--runs` calls, each followed by a device synchronize; bytes and FLOPs per call
+//! are the cost model's (tools/src/cost_model.rs: each operand moved once), so "GB/s" is the
+//! useful traffic a call achieves, comparable with the copy bandwidth. On the emulator
+//! (`--device emu`, the CUDA sources run on the CPU with bounds and race checks) the numbers only
+//! show that every path runs; a GPU gives the real ones.
+
+use crate::cost_model::{self as cm, Cost};
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args as ClapArgs;
+use kf_engine::DType;
+use kf_ops::attention::{AttnParams, AttnPattern};
+use kf_ops::kdev::launch::{self as kl, AttnDims, AttnPath, AttnView};
+use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Kernel device: emu (the CPU emulator of the CUDA kernels) or cuda / cuda:N (a build with
+    /// the cuda feature and a GPU).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Shapes: paper (B 8 x T 512, d 768, 12 heads of 64, V 50257; the GPU default) or tiny
+    /// (B 2 x T 64, d 128, 2 heads of 64, V 512; the emulator default).
+    #[arg(long)]
+    size: Option<String>,
+    /// Timed calls per kernel (median reported), after one warm-up call.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Write the rows as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// The shapes of one benchmark run.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Size {
+    pub name: &'static str,
+    pub batch: usize,
+    pub seq: usize,
+    pub d: usize,
+    pub heads: usize,
+    pub vocab: usize,
+    /// Bytes of the copy-bandwidth probe.
+    pub copy_bytes: usize,
+    /// m = n = k of the GEMM-rate probe.
+    pub gemm: usize,
+}
+
+impl Size {
+    pub fn paper() -> Size {
+        Size {
+            name: "paper",
+            batch: 8,
+            seq: 512,
+            d: 768,
+            heads: 12,
+            vocab: 50257,
+            copy_bytes: 1 << 30,
+            gemm: 4096,
+        }
+    }
+    pub fn tiny() -> Size {
+        Size {
+            name: "tiny",
+            batch: 2,
+            seq: 64,
+            d: 128,
+            heads: 2,
+            vocab: 512,
+            copy_bytes: 1 << 20,
+            gemm: 128,
+        }
+    }
+    fn parse(s: &str) -> Result<Size> {
+        match s {
+            "paper" => Ok(Size::paper()),
+            "tiny" => Ok(Size::tiny()),
+            o => bail!("--size {o}: expected paper or tiny"),
+        }
+    }
+    fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// One benchmarked call.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub family: &'static str,
+    pub kernel: String,
+    pub shape: String,
+    pub median_us: f64,
+    pub bytes: f64,
+    pub flops: f64,
+    pub gb_s: f64,
+    pub gflop_s: f64,
+    /// Achieved GB/s over the device's measured copy bandwidth.
+    pub of_copy_bw: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub device: String,
+    pub size: Size,
+    pub runs: usize,
+    pub copy_gb_s: f64,
+    pub gemm_gflop_s: f64,
+    pub rows: Vec<Row>,
+}
+
+/// Median wall time (s) of `runs` calls of `f`, each synchronised, after one warm-up call.
+fn time<D: KernelDevice>(dev: &D, runs: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let mut t = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
+/// Deterministic f32 values in [-1, 1) (no RNG state to carry: a hash of the index).
+fn values(n: usize, salt: u32) -> Vec<f32> {
+    (0..n as u32)
+        .map(|i| {
+            let h = (i ^ salt.wrapping_mul(0x9e37_79b9)).wrapping_mul(0x85eb_ca6b);
+            let h = (h ^ (h >> 13)).wrapping_mul(0xc2b2_ae35);
+            (h >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Runs every family on `dev` with shapes `sz`.
+pub fn bench<D: KernelDevice>(dev: &D, sz: Size, runs: usize) -> Result<Report> {
+    ensure!(runs >= 1, "--runs must be at least 1");
+    let s = 4.0; // f32 storage
+    let (b, t, d, h, v) = (sz.batch, sz.seq, sz.d, sz.heads, sz.vocab);
+    ensure!(
+        d % h == 0 && matches!(d / h, 64 | 128),
+        "head dim {} has no attention kernel (64 or 128)",
+        d / h
+    );
+    let hd = d / h;
+    let r = sz.rows();
+    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor<D::Buf>> {
+        DTensor::from_slice(dev, &values(n, salt), shape)
+    };
+
+    // device probes: copy bandwidth and GEMM rate
+    let src = dev.alloc_zeroed(sz.copy_bytes)?;
+    let dst = dev.alloc_zeroed(sz.copy_bytes)?;
+    let tc = time(dev, runs, &mut || dev.copy(&src, 0, &dst, 0, sz.copy_bytes))?;
+    let copy_gb_s = 2.0 * sz.copy_bytes as f64 / tc / 1e9;
+    drop((src, dst));
+    let g = sz.gemm;
+    let (ga, gb, gc) = (
+        up(g * g, &[g, g], 1)?,
+        up(g * g, &[g, g], 2)?,
+        DTensor::zeros(dev, &[g, g], DType::F32)?,
+    );
+    let spec = GemmSpec::simple(g, g, g, true);
+    let tg = time(dev, runs, &mut || {
+        kl::matmul_into(dev, &spec, &ga, &gb, &gc)
+    })?;
+    let gemm_gflop_s = 2.0 * (g as f64).powi(3) / tg / 1e9;
+    drop((ga, gb, gc));
+
+    let mut rows = Vec::new();
+    let mut push = |family: &'static str,
+                    kernel: &str,
+                    shape: String,
+                    cost: Cost,
+                    f: &mut dyn FnMut() -> Result<()>|
+     -> Result<()> {
+        let secs = time(dev, runs, f).with_context(|| format!("benchmarking {kernel}"))?;
+        let gb_s = cost.bytes / secs / 1e9;
+        rows.push(Row {
+            family,
+            kernel: kernel.to_string(),
+            shape,
+            median_us: secs * 1e6,
+            bytes: cost.bytes,
+            flops: cost.flops,
+            gb_s,
+            gflop_s: cost.flops / secs / 1e9,
+            of_copy_bw: gb_s / copy_gb_s,
+        });
+        Ok(())
+    };
+
+    let x = up(r * d, &[r, d], 3)?;
+    let y = up(r * d, &[r, d], 4)?;
+    let w = up(d, &[d], 5)?;
+    let bias = up(d, &[d], 6)?;
+    let sh = |a: &[usize]| format!("{a:?}");
+    push(
+        "elementwise",
+        "add_f32",
+        sh(&[r, d]),
+        cm::add(r * d, s),
+        &mut || kl::add(dev, &x, &y).map(drop),
+    )?;
+    push(
+        "elementwise",
+        "bias_add_f32",
+        sh(&[r, d]),
+        cm::bias_add(r, d, s),
+        &mut || kl::bias_add(dev, &x, &bias).map(drop),
+    )?;
+    let x4 = up(r * 4 * d, &[r, 4 * d], 7)?;
+    push(
+        "elementwise",
+        "gelu_tanh_f32",
+        sh(&[r, 4 * d]),
+        cm::gelu_tanh_fwd(r * 4 * d, s),
+        &mut || kl::gelu_tanh(dev, &x4).map(drop),
+    )?;
+    push(
+        "gelu",
+        "gelu_erf_f32",
+        sh(&[r, 4 * d]),
+        cm::gelu_erf_fwd(r * 4 * d, s),
+        &mut || kl::gelu_erf(dev, &x4).map(drop),
+    )?;
+    drop(x4);
+    push(
+        "layernorm",
+        "layernorm_fwd_f32",
+        sh(&[r, d]),
+        cm::layernorm_fwd(r, d, s, false, true),
+        &mut || kl::layer_norm(dev, &x, &w, None, 1e-5).map(drop),
+    )?;
+    let table = up(v * d, &[v, d], 8)?;
+    let ids: Vec<u32> = (0..r as u32).map(|i| (i * 7919) % v as u32).collect();
+    let ids = DTensor::from_slice(dev, &ids, &[r])?;
+    push(
+        "embedding",
+        "embedding_fwd_f32",
+        format!("{r} of [{v}, {d}]"),
+        cm::embedding_fwd(r, d, s),
+        &mut || kl::embedding(dev, &ids, &table).map(drop),
+    )?;
+    drop(table);
+    let pos: Vec<u32> = (0..t as u32).collect();
+    let pos = DTensor::from_slice(dev, &pos, &[t])?;
+    let (cos, sin) = kl::rope_tables(dev, &pos, hd, 10000.0)?;
+    let q = up(r * d, &[b, t, h, hd], 9)?;
+    let k = up(r * d, &[b, t, h, hd], 10)?;
+    let vv = up(r * d, &[b, t, h, hd], 11)?;
+    push(
+        "rope",
+        "rope_fwd_f32",
+        sh(&[b, t, h, hd]),
+        cm::rope(r, h, hd, s),
+        &mut || kl::rope(dev, &q, &cos, &sin).map(drop),
+    )?;
+    let causal = AttnParams {
+        pattern: AttnPattern::Causal,
+        q_start: 0,
+        scale: 1.0 / (hd as f64).sqrt(),
+        key_skip: vec![],
+    };
+    let dims = AttnDims {
+        b,
+        h,
+        d: hd,
+        tq: t,
+        tk: t,
+    };
+    push(
+        "attention",
+        &format!("attn_fwd_d{hd}_f32"),
+        format!("causal {:?}", [b, t, h, hd]),
+        cm::attention_fwd(b, h, hd, t, 0, s, true),
+        &mut || {
+            kl::attention(
+                dev,
+                AttnView::contiguous(&q)?,
+                AttnView::contiguous(&k)?,
+                AttnView::contiguous(&vv)?,
+                dims,
+                &causal,
+                AttnPath::Tiles,
+            )
+            .map(drop)
+        },
+    )?;
+    // a KV-cached PFLM step: 8 query rows (4 committed + 4 hints) over the whole cache
+    let tq = 8.min(t);
+    let qd = up(b * tq * d, &[b, tq, h, hd], 12)?;
+    let step = AttnParams {
+        q_start: t - tq,
+        ..causal.clone()
+    };
+    push(
+        "attention",
+        &format!("attn_decode_d{hd}_f32"),
+        format!("{tq} rows over {t} keys, B {b}"),
+        cm::attention_fwd(b, h, hd, tq, t - tq, s, false),
+        &mut || {
+            kl::attention(
+                dev,
+                AttnView::contiguous(&qd)?,
+                AttnView::contiguous(&k)?,
+                AttnView::contiguous(&vv)?,
+                AttnDims { tq, ..dims },
+                &step,
+                AttnPath::Auto,
+            )
+            .map(drop)
+        },
+    )?;
+    drop((q, k, vv, qd, cos, sin));
+    // vocabulary-wide rows: one row per sequence of a decode step (B x K = 4 positions)
+    let lr = b * 4;
+    let logits = up(lr * v, &[lr, v], 13)?;
+    push(
+        "softmax",
+        "softmax_fwd_f32",
+        sh(&[lr, v]),
+        cm::softmax_fwd(lr, v, s),
+        &mut || kl::softmax(dev, &logits, false).map(drop),
+    )?;
+    let u: Vec<f64> = (0..lr).map(|i| (i as f64 + 0.5) / lr as f64).collect();
+    let u = DTensor::from_slice(dev, &u, &[lr])?;
+    push(
+        "sampling",
+        "sample_inverse_cdf_f32",
+        sh(&[lr, v]),
+        cm::sample_inverse_cdf(lr, v, s),
+        &mut || kl::sample_inverse_cdf(dev, &logits, &u, 1.0).map(drop),
+    )?;
+    let l3 = DTensor::from_buf(dev, dev.alloc(lr * v * 4)?, &[b, 4, v], DType::F32)?;
+    dev.copy(&logits.buf, 0, &l3.buf, 0, lr * v * 4)?;
+    let counts = DTensor::zeros(dev, &[b, v], DType::U32)?;
+    push(
+        "argmax",
+        "argmax_penalty_f32",
+        sh(&[b, 4, v]),
+        cm::argmax_penalty(b, 4, v, s),
+        &mut || kl::argmax_penalty(dev, &l3, &counts, 0.5).map(drop),
+    )?;
+    drop((logits, l3, counts, u));
+    let levels: Vec<f64> = (0..r).map(|i| (i as f64 + 0.5) / r as f64).collect();
+    let levels = DTensor::from_slice(dev, &levels, &[r])?;
+    push(
+        "noise",
+        "noise_features_f32",
+        sh(&[r, d]),
+        cm::noise_features(r, d, s),
+        &mut || kl::noise_features(dev, &levels, d).map(drop),
+    )?;
+    let n = r * d;
+    push(
+        "philox",
+        "philox_uniform_f64",
+        format!("{n}"),
+        Cost::stream(8.0 * n as f64, 0.0),
+        &mut || kl::philox_uniform_f64(dev, n, 1, 2, 0).map(drop),
+    )?;
+    // the GEMMs of one block at these rows (x·Wᵀ of the fused QKV projection)
+    let wq = up(3 * d * d, &[3 * d, d], 14)?;
+    push(
+        "gemm",
+        "gemm qkv",
+        format!("{r}x{}x{d}", 3 * d),
+        Cost::stream(
+            4.0 * (r * d + 3 * d * d + r * 3 * d) as f64,
+            2.0 * (r * 3 * d * d) as f64,
+        ),
+        &mut || kl::linear(dev, &x, &wq, None).map(drop),
+    )?;
+    Ok(Report {
+        device: dev.name(),
+        size: sz,
+        runs,
+        copy_gb_s,
+        gemm_gflop_s,
+        rows,
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn bench_cuda(device: kf_engine::Device, sz: Size, runs: usize) -> Result<Report> {
+    let kf_engine::Device::Cuda(n) = device else {
+        bail!("{device} is not a CUDA device")
+    };
+    bench(&kf_ops::kdev::cuda::Cuda::new(n)?, sz, runs)
+}
+
+fn print(rep: &Report) {
+    println!(
+        "kernels on {} ({} shapes), median of {} calls; device copy {:.1} GB/s, f32 GEMM {}^3 \
+         {:.1} GFLOP/s (cuBLAS on a GPU, the CPU GEMM on emu)",
+        rep.device, rep.size.name, rep.runs, rep.copy_gb_s, rep.size.gemm, rep.gemm_gflop_s
+    );
+    println!(
+        "| family | kernel | shape | us | GB/s | GFLOP/s | of copy BW |\n|---|---|---|---:|---:|---:|---:|"
+    );
+    for r in &rep.rows {
+        println!(
+            "| {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.0}% |",
+            r.family,
+            r.kernel,
+            r.shape,
+            r.median_us,
+            r.gb_s,
+            r.gflop_s,
+            100.0 * r.of_copy_bw
+        );
+    }
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    let report = match a.device.as_str() {
+        "emu" => {
+            let sz = Size::parse(a.size.as_deref().unwrap_or("tiny"))?;
+            bench(&kf_kernels_emu::device::Emu, sz, a.runs)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        flag => bail!(
+            "--device {flag}: this kfrun was built without the cuda feature (cargo build --release \
+             -p kf-tools --features cuda); --device emu runs the same kernels on the CPU emulator"
+        ),
+        #[cfg(feature = "cuda")]
+        flag => {
+            let device = kf_engine::Device::parse(flag)
+                .with_context(|| format!("--device {flag} (expected emu, cuda or cuda:N)"))?;
+            ensure!(
+                !device.is_cpu(),
+                "--device cpu: this benchmark runs the CUDA kernels; use cuda or emu"
+            );
+            device
+                .ensure_available()
+                .with_context(|| format!("--device {flag}"))?;
+            let sz = Size::parse(a.size.as_deref().unwrap_or("paper"))?;
+            bench_cuda(device, sz, a.runs)?
+        }
+    };
+    print(&report);
+    if let Some(p) = &a.json {
+        kf_model::data::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    }
+    Ok(())
+}
