@@ -29,4 +29,7 @@ pub mod argmax;
 pub mod noise;
 pub mod sampling;
 
+// the kernels of kernels/*.cu on a kernel device (emulator now, CUDA later)
+pub mod kdev;
+
 pub use registry::OpKind;

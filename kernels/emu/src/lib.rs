@@ -12,6 +12,9 @@ use std::sync::OnceLock;
 
 pub use kf_kernels::LaunchConfig;
 
+/// The emulator as a `kf_ops::kdev::KernelDevice`.
+pub mod device;
+
 #[repr(C)]
 pub(crate) struct RawEntry {
     name: *const c_char,

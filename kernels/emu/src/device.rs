@@ -1,0 +1,158 @@
+//! The emulator as a `kf_ops::kdev::KernelDevice`: buffers are `DeviceBuffer`s, launches go
+//! through `launch`, and the GEMM — cuBLAS's job on a GPU — is the CPU GEMM of kf-ops
+//! (`kf_ops::gemm::gemm`, f32) run directly on the emulator's host memory, with alpha and beta
+//! applied as cuBLAS does (beta = 0: C is not read).
+
+use crate::{launch, Arg, DeviceBuffer, LaunchConfig};
+use anyhow::{ensure, Context, Result};
+use kf_ops::kdev::{GemmSpec, KArg, KernelDevice};
+
+/// The CPU emulator of kernels/*.cu as a kernel device.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Emu;
+
+fn range_in(what: &str, off: usize, bytes: usize, b: &DeviceBuffer) -> Result<()> {
+    ensure!(
+        off.checked_add(bytes).is_some_and(|e| e <= b.len_bytes()),
+        "emu copy: {what} range {off}..{} outside {b:?}",
+        off.saturating_add(bytes)
+    );
+    Ok(())
+}
+
+impl KernelDevice for Emu {
+    type Buf = DeviceBuffer;
+
+    fn name(&self) -> String {
+        "emu".into()
+    }
+    fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuffer> {
+        Ok(DeviceBuffer::zeros::<u8>(bytes))
+    }
+    fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        Ok(DeviceBuffer::uninit(bytes))
+    }
+    fn upload(&self, data: &[u8]) -> Result<DeviceBuffer> {
+        Ok(DeviceBuffer::from_slice(data))
+    }
+    fn download(&self, buf: &DeviceBuffer) -> Result<Vec<u8>> {
+        Ok(buf.to_vec::<u8>())
+    }
+    fn buf_bytes(&self, buf: &DeviceBuffer) -> usize {
+        buf.len_bytes()
+    }
+    fn copy(
+        &self,
+        src: &DeviceBuffer,
+        src_off: usize,
+        dst: &DeviceBuffer,
+        dst_off: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        range_in("source", src_off, bytes, src)?;
+        range_in("destination", dst_off, bytes, dst)?;
+        if std::ptr::eq(src, dst) {
+            ensure!(
+                src_off + bytes <= dst_off || dst_off + bytes <= src_off,
+                "emu copy: overlapping ranges in {src:?}"
+            );
+        }
+        // SAFETY: both ranges lie inside their allocations (checked above) and do not overlap
+        // (distinct allocations, or disjoint ranges of one); nothing else runs on them now.
+        unsafe { std::ptr::copy(src.ptr.add(src_off), dst.ptr.add(dst_off), bytes) };
+        Ok(())
+    }
+    fn launch(
+        &self,
+        entry: &str,
+        cfg: LaunchConfig,
+        args: &[KArg<'_, DeviceBuffer>],
+    ) -> Result<()> {
+        let args: Vec<Arg<'_>> = args
+            .iter()
+            .map(|a| match *a {
+                KArg::Buf(b) => Arg::Buf(b),
+                KArg::Null => Arg::Null,
+                KArg::I32(v) => Arg::I32(v),
+                KArg::U32(v) => Arg::U32(v),
+                KArg::U64(v) => Arg::U64(v),
+                KArg::F32(v) => Arg::F32(v),
+                KArg::F64(v) => Arg::F64(v),
+            })
+            .collect();
+        launch(entry, cfg, &args).with_context(|| format!("emulated launch of {entry}"))
+    }
+    fn gemm(
+        &self,
+        s: &GemmSpec,
+        a: &DeviceBuffer,
+        b: &DeviceBuffer,
+        c: &DeviceBuffer,
+    ) -> Result<()> {
+        let len = |x: &DeviceBuffer| x.len_bytes() / 4;
+        s.check(len(a), len(b), len(c))?;
+        ensure!(
+            !std::ptr::eq(a, c) && !std::ptr::eq(b, c),
+            "emu gemm: C shares its buffer with A or B"
+        );
+        // SAFETY: the three buffers are live allocations of at least len(x) f32 each (4-byte
+        // aligned host allocations of the emulator); C is a different allocation than A and B
+        // (checked above), so the mutable slice aliases neither shared one.
+        let (a, b, c) = unsafe {
+            (
+                std::slice::from_raw_parts(a.ptr as *const f32, len(a)),
+                std::slice::from_raw_parts(b.ptr as *const f32, len(b)),
+                std::slice::from_raw_parts_mut(c.ptr as *mut f32, len(c)),
+            )
+        };
+        // (row stride, column stride) of op(A) m x k and op(B) k x n
+        let (a_rs, a_cs) = if s.trans_a { (1, s.lda) } else { (s.lda, 1) };
+        let (b_rs, b_cs) = if s.trans_b { (1, s.ldb) } else { (s.ldb, 1) };
+        let mut tmp = vec![];
+        for i in 0..s.batch {
+            let (ao, bo, co) = (
+                s.a_off + i * s.stride_a,
+                s.b_off + i * s.stride_b,
+                s.c_off + i * s.stride_c,
+            );
+            let (a, b) = (&a[ao.min(a.len())..], &b[bo.min(b.len())..]);
+            let cl = c.len();
+            let c = &mut c[co.min(cl)..];
+            let plain = s.alpha == 1.0 && (s.beta == 0.0 || s.beta == 1.0);
+            if plain {
+                kf_ops::gemm::gemm(
+                    s.m,
+                    s.n,
+                    s.k,
+                    a,
+                    a_rs,
+                    a_cs,
+                    b,
+                    b_rs,
+                    b_cs,
+                    c,
+                    s.ldc,
+                    1,
+                    s.beta == 1.0,
+                )?;
+            } else {
+                tmp.resize(s.m * s.n, 0.0f32);
+                kf_ops::gemm::gemm(
+                    s.m, s.n, s.k, a, a_rs, a_cs, b, b_rs, b_cs, &mut tmp, s.n, 1, false,
+                )?;
+                for r in 0..s.m {
+                    for j in 0..s.n {
+                        let o = &mut c[r * s.ldc + j];
+                        let prod = s.alpha * tmp[r * s.n + j];
+                        *o = if s.beta == 0.0 {
+                            prod
+                        } else {
+                            prod + s.beta * *o
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
