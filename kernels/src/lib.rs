@@ -111,6 +111,11 @@ pub const FAMILIES: &[Family] = &[
             "attn_bwd_dkdv_d128",
         ),
     },
+    Family {
+        name: "reduce",
+        ptx: include_str!("../../ptx/reduce.ptx"),
+        entries: entries!("colsum", "sumsq"; "colsum_finish_f32", "sumsq_finish_f32"),
+    },
 ];
 
 pub mod adamw;
@@ -122,6 +127,7 @@ pub mod gelu;
 pub mod layernorm_bwd;
 pub mod noise;
 pub mod philox;
+pub mod reduce;
 pub mod rope;
 pub mod sampling;
 pub mod softmax;
