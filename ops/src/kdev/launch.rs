@@ -579,6 +579,13 @@ pub struct AttnOut<B> {
     pub lse: DTensor<B>,
 }
 
+/// Errors unless the attention kernels have an instance for head dim `d` (64 and 128).
+pub fn check_head_dim(d: usize) -> Result<()> {
+    at::tile(at::Kernel::Fwd, d)
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 fn pattern_code(p: AttnPattern) -> (i32, u32, u32) {
     match p {
         AttnPattern::Causal => (at::CAUSAL, 0, 0),
