@@ -80,6 +80,27 @@ fn ar_forward_uncached_and_kv_cached_match_the_cpu() {
         at += step;
     }
     assert_eq!(cache.len(), t);
+
+    // a sequence longer than the decode kernels' 32 rows: the 64-row forward tiles
+    let t = 40;
+    let ids: Vec<u32> = (0..t).map(|i| (i * 7 % 96) as u32).collect();
+    let cpu = m
+        .forward_train(&Tensor::from_vec(ids.clone(), &[1, t], Device::Cpu).unwrap())
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
+    let got = dev
+        .forward(&Emu, &ids, 1, t)
+        .unwrap()
+        .to_vec::<Emu, f32>(&Emu)
+        .unwrap();
+    compare(
+        "AR forward logits T = 40",
+        &f64s(&got),
+        &f64s(&cpu),
+        LOGIT_TOL,
+    )
+    .unwrap();
 }
 
 #[test]
