@@ -799,3 +799,118 @@ pub fn generate_pflm_dev<D: KernelDevice>(
     out.decode_secs = t_dec.elapsed().as_secs_f64();
     Ok(out)
 }
+
+/// The last-row logits `[B, V']` of a `[B, T, V]` logits tensor, keeping the first `v_read`
+/// columns (the `vocab_limit` of a request: the CPU path sets the rest to -inf, which gives the
+/// sampler the same CDF over the kept ones).
+fn last_row_logits<D: KernelDevice>(dev: &D, logits: &Dt<D>, v_read: usize) -> Result<Dt<D>> {
+    let (b, t, v) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
+    let out = DTensor::uninit(dev, &[b, v_read], DType::F32)?;
+    for i in 0..b {
+        dev.copy(
+            &logits.buf,
+            4 * ((i * t + t - 1) * v),
+            &out.buf,
+            4 * i * v_read,
+            4 * v_read,
+        )?;
+    }
+    Ok(out)
+}
+
+/// `generate` (AR sampling, KV-cached) on a kernel device: the same left padding, positions,
+/// noise stream (`noise_u(seed, first_stream + b, j)`, drawn by the Philox kernel), fused
+/// inverse-CDF sampling at `tau` (0 = greedy), `vocab_limit`, EOS and `on_token` order; with
+/// equal weights it returns the CPU's tokens (the logits agree to f32 rounding).
+pub fn generate_ar_dev<D: KernelDevice>(
+    dev: &D,
+    model: &DevDdit<D::Buf>,
+    prompts: &[Vec<u32>],
+    o: &crate::generate::GenerateOptions,
+    mut on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<Generated> {
+    let cfg = &model.cfg;
+    check_request(cfg, prompts, o)?;
+    ensure!(
+        o.use_cache,
+        "generate on {}: only the KV-cached path runs on a kernel device (use_cache = true)",
+        dev.name()
+    );
+    let nb = prompts.len();
+    let LeftPadded {
+        lmax,
+        skips,
+        key_skip,
+        mut rows,
+    } = left_pad(prompts);
+    let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    let mut out = Generated {
+        tokens: vec![Vec::new(); nb],
+        stopped_at_eos: vec![false; nb],
+        ..Default::default()
+    };
+    let mut done = vec![false; nb];
+    let v_read = o
+        .vocab_limit
+        .filter(|&l| l < cfg.vocab_size)
+        .unwrap_or(cfg.vocab_size);
+    let mut cache = DevKvCache::new(dev, cfg, nb, lmax + o.max_new - 1)?;
+    // prefill: the whole left-padded prompts, logits of the last row
+    let t0 = Instant::now();
+    let ids: Vec<u32> = rows.iter().flatten().copied().collect();
+    let pos: Vec<u32> = skips
+        .iter()
+        .flat_map(|&s| (0..lmax).map(move |i| i.saturating_sub(s) as u32))
+        .collect();
+    let h0 = model.embed(dev, &ids, nb, lmax)?;
+    let h = model.backbone_hidden(
+        dev,
+        &h0,
+        &pos,
+        &model.attn_params(0, key_skip.clone()),
+        Some(&mut cache),
+    )?;
+    cache.commit(lmax)?;
+    let last = narrow_time(dev, &h, lmax - 1, 1)?;
+    let mut logits = last_row_logits(dev, &model.head(dev, &last)?, v_read)?;
+    dev.synchronize()?;
+    out.passes += 1;
+    out.prefill_secs = t0.elapsed().as_secs_f64();
+    let t_dec = Instant::now();
+    for j in 0..o.max_new {
+        let u = DTensor::from_buf(dev, dev.alloc(nb * 8)?, &[nb], DType::F64)?;
+        for b in 0..nb {
+            let ub = kl::philox_uniform_f64(dev, 1, o.seed, o.first_stream + b as u64, j as u64)?;
+            dev.copy(&ub.buf, 0, &u.buf, b * 8, 8)?;
+        }
+        let toks = kl::tokens_to_host(dev, &kl::sample_inverse_cdf(dev, &logits, &u, o.tau)?)?;
+        for b in 0..nb {
+            if done[b] {
+                continue;
+            }
+            out.tokens[b].push(toks[b]);
+            on_token(b, toks[b])?;
+            if Some(toks[b]) == o.eos {
+                done[b] = true;
+                out.stopped_at_eos[b] = true;
+            }
+        }
+        if j + 1 == o.max_new || done.iter().all(|&d| d) {
+            break;
+        }
+        // feed the sampled token (a finished sequence repeats its last one; ignored)
+        for (b, r) in rows.iter_mut().enumerate() {
+            r.push(*out.tokens[b].last().expect("a token per step until done"));
+        }
+        let ids: Vec<u32> = rows.iter().map(|r| *r.last().expect("non-empty")).collect();
+        let pos: Vec<u32> = lens.iter().map(|&l| (l + j) as u32).collect();
+        let h0 = model.embed(dev, &ids, nb, 1)?;
+        let attn = model.attn_params(cache.len(), key_skip.clone());
+        let h = model.backbone_hidden(dev, &h0, &pos, &attn, Some(&mut cache))?;
+        cache.commit(1)?;
+        logits = last_row_logits(dev, &model.head(dev, &h)?, v_read)?;
+        out.passes += 1;
+    }
+    out.decode_secs = t_dec.elapsed().as_secs_f64();
+    Ok(out)
+}

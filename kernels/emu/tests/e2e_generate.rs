@@ -9,7 +9,7 @@ use kf_engine::{no_grad, Device, Tensor};
 use kf_kernels_emu::device::Emu;
 use kf_model::config::DditConfig;
 use kf_model::generate::GenerateOptions;
-use kf_model::kdev_model::{generate_pflm_dev, DevDdit, DevKvCache, DevPflm};
+use kf_model::kdev_model::{generate_ar_dev, generate_pflm_dev, DevDdit, DevKvCache, DevPflm};
 use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
 use kf_model::Ddit;
 use kf_tests::harness::{compare, Tol};
@@ -167,6 +167,62 @@ fn pflm_generation_on_the_emulator_gives_the_cpu_tokens() {
                 got.tokens.concat().iter().all(|&t| (t as usize) < l),
                 "{name}"
             );
+        }
+    }
+}
+
+/// AR sampling on the emulator (prefill, KV-cached steps, Philox noise and the fused
+/// inverse-CDF sampler on the device) gives the CPU's tokens, with sampling at tau 1 and 0.7,
+/// greedy, a vocabulary limit and an EOS stop.
+#[test]
+fn ar_generation_on_the_emulator_gives_the_cpu_tokens() {
+    let _g = no_grad();
+    let model = Ddit::init(&cfg(), 9).unwrap();
+    let dev = DevDdit::upload(&Emu, &model).unwrap();
+    let prompts = vec![vec![3u32, 17, 42, 8, 77], vec![55, 2, 9]];
+    let mut eos_seen = None;
+    for (tau, limit, eos) in [
+        (1.0, None, None),
+        (0.7, Some(90), None),
+        (0.0, None, None),
+        (1.0, None, Some(u32::MAX)), // EOS = the 4th token of the first run's first sequence
+    ] {
+        let eos = eos.map(|_| eos_seen.expect("set by the first run"));
+        let opts = GenerateOptions {
+            max_new: 12,
+            tau,
+            seed: 99,
+            first_stream: 3,
+            eos,
+            use_cache: true,
+            vocab_limit: limit,
+        };
+        let mut seen_cpu = vec![];
+        let cpu = kf_model::generate::generate(&model, &prompts, &opts, |b, t| {
+            seen_cpu.push((b, t));
+            Ok(())
+        })
+        .unwrap();
+        let mut seen_dev = vec![];
+        let got = generate_ar_dev(&Emu, &dev, &prompts, &opts, |b, t| {
+            seen_dev.push((b, t));
+            Ok(())
+        })
+        .unwrap();
+        let name = format!("tau {tau} limit {limit:?} eos {eos:?}");
+        eos_seen.get_or_insert(cpu.tokens[0][3]);
+        if eos.is_some() {
+            assert!(got.stopped_at_eos[0] && got.tokens[0].len() <= 4, "{name}");
+        }
+        assert_eq!(got.tokens, cpu.tokens, "{name}");
+        assert_eq!(seen_dev, seen_cpu, "{name}: on_token order");
+        assert_eq!(got.passes, cpu.passes, "{name}");
+        assert_eq!(got.stopped_at_eos, cpu.stopped_at_eos, "{name}");
+        if tau > 0.0 {
+            let mut distinct = got.tokens.concat();
+            distinct.sort();
+            distinct.dedup();
+            assert!(distinct.len() >= 4, "{name}: tokens {:?}", got.tokens);
         }
     }
 }
