@@ -11,12 +11,15 @@
 //! streamed to stdout token by token; with more, each sequence is printed as `[s] text`
 //! when it finishes. Progress and timing go to stderr.
 
+use crate::device_arg::Target;
 use anyhow::{bail, ensure, Context, Result};
 use kf_model::checkpoint;
 use kf_model::generate::{generate, GenerateOptions, Generated};
+use kf_model::kdev_model::{generate_ar_dev, generate_pflm_dev, DevDdit, DevPflm};
 use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
 use kf_model::tokenizer::Tokenizer;
 use kf_model::{Ddit, DditConfig};
+use kf_ops::kdev::KernelDevice;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,8 +49,8 @@ pub struct Args {
     /// Philox seed of the sampling noise.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
-    /// Device: cpu, or cuda / cuda:N (a build with the cuda feature; the model runs on the
-    /// CPU only so far, so cuda is an error saying so).
+    /// Device: cpu (the CPU ops), cuda / cuda:N (the CUDA kernels on a GPU; a build with the
+    /// cuda feature), or emu (the same CUDA kernels on the CPU emulator: slow, for checking).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Recompute the whole sequence every step instead of using the KV cache (slow; a
@@ -80,7 +83,12 @@ impl Model {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    crate::device_arg::select("generate", &a.device)?;
+    let target = crate::device_arg::select_target(&a.device)?;
+    ensure!(
+        !(a.no_cache && target.is_kernel_device()),
+        "--no-cache: the cache-free reference path runs on the CPU only; drop it for --device {}",
+        a.device
+    );
     ensure!(a.max_new != Some(0), "--max-new must be at least 1");
     ensure!(
         a.tau.is_finite() && a.tau >= 0.0,
@@ -132,6 +140,7 @@ pub fn run(a: &Args) -> Result<()> {
         Model::Ar(_) => 1,
         Model::Pflm(m) => a.k.unwrap_or(m.k),
     };
+    let dev_model = upload(&target, &model)?;
     let cfg = model.cfg();
     let tok = checkpoint::read_tokenizer(&a.model, cfg)?;
     if let Some(n) = a.max_new {
@@ -183,7 +192,7 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let n_seq = batch.max(encoded.len());
     eprintln!(
-        "kfrun generate: {} ({}, {} layers, d {}, V {}, {:.1} M parameters) loaded in {:.2} s; {n_seq} sequence(s), batch {batch}, max {} new tokens, tau {}, seed {}, {}{}",
+        "kfrun generate: {} ({}, {} layers, d {}, V {}, {:.1} M parameters) loaded in {:.2} s on {}; {n_seq} sequence(s), batch {batch}, max {} new tokens, tau {}, seed {}, {}{}",
         a.model.display(),
         match &model {
             Model::Ar(_) => "AR, 1 token per pass".to_string(),
@@ -202,6 +211,7 @@ pub fn run(a: &Args) -> Result<()> {
         cfg.vocab_size,
         cfg.n_params() as f64 / 1e6,
         t_load.elapsed().as_secs_f64(),
+        dev_model.as_ref().map_or("the CPU".to_string(), |d| d.name()),
         max_new,
         a.tau,
         a.seed,
@@ -239,7 +249,15 @@ pub fn run(a: &Args) -> Result<()> {
             k,
             freq_penalty: a.freq_penalty,
         };
-        let g = run_chunk(&model, &tok, &prompts, &texts, start, &popts)?;
+        let g = run_chunk(
+            &model,
+            dev_model.as_deref(),
+            &tok,
+            &prompts,
+            &texts,
+            start,
+            &popts,
+        )?;
         let n = g.0;
         eprintln!(
             "  sequences {start}..{end}: prefill {:.1} ms, {n} tokens in {:.2} s = {:.1} tokens/s ({} passes)",
@@ -285,22 +303,91 @@ fn generate_bytes(cfg: &DditConfig, batch: usize, positions: usize, k: usize) ->
         .saturating_add(b.saturating_mul(t).saturating_mul(8))
 }
 
-/// Runs the model's generator with `on_token(b, token)`.
+/// Runs the model's generator with `on_token(b, token)`: on its kernel device when it has
+/// one (the CUDA kernels on a GPU or the emulator), else the CPU ops.
 fn gen(
     model: &Model,
+    dev: Option<&dyn DevModel>,
     prompts: &[Vec<u32>],
     opts: &PflmGenerateOptions,
-    on_token: impl FnMut(usize, u32) -> Result<()>,
+    mut on_token: impl FnMut(usize, u32) -> Result<()>,
 ) -> Result<Generated> {
+    if let Some(d) = dev {
+        return d.generate(prompts, opts, &mut on_token);
+    }
     match model {
         Model::Ar(m) => generate(m, prompts, &opts.base, on_token),
         Model::Pflm(m) => generate_pflm(m, prompts, opts, on_token),
     }
 }
 
+/// A model uploaded to a kernel device.
+trait DevModel {
+    fn name(&self) -> String;
+    fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &PflmGenerateOptions,
+        on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+    ) -> Result<Generated>;
+}
+
+enum DevWeights<B> {
+    Ar(DevDdit<B>),
+    Pflm(DevPflm<B>),
+}
+
+struct OnDevice<D: KernelDevice> {
+    dev: D,
+    weights: DevWeights<D::Buf>,
+}
+
+impl<D: KernelDevice> DevModel for OnDevice<D> {
+    fn name(&self) -> String {
+        self.dev.name()
+    }
+    fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &PflmGenerateOptions,
+        on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+    ) -> Result<Generated> {
+        match &self.weights {
+            DevWeights::Ar(m) => generate_ar_dev(&self.dev, m, prompts, &opts.base, on_token),
+            DevWeights::Pflm(m) => generate_pflm_dev(&self.dev, m, prompts, opts, on_token),
+        }
+    }
+}
+
+fn on_device<D: KernelDevice + 'static>(dev: D, model: &Model) -> Result<Box<dyn DevModel>> {
+    let weights = match model {
+        Model::Ar(m) => DevWeights::Ar(DevDdit::upload(&dev, m)?),
+        Model::Pflm(m) => DevWeights::Pflm(DevPflm::upload(&dev, m)?),
+    };
+    Ok(Box::new(OnDevice { dev, weights }))
+}
+
+/// The model's weights on the kernel device of `target` (f32), or `None` for the CPU.
+fn upload(target: &Target, model: &Model) -> Result<Option<Box<dyn DevModel>>> {
+    let what = |t: &str| format!("uploading the model to {t}");
+    match *target {
+        Target::Cpu => Ok(None),
+        Target::Emu => on_device(kf_kernels_emu::device::Emu, model)
+            .with_context(|| what("the emulator"))
+            .map(Some),
+        #[cfg(feature = "cuda")]
+        Target::Cuda(n) => on_device(kf_ops::kdev::cuda::Cuda::new(n)?, model)
+            .with_context(|| what(&format!("cuda:{n}")))
+            .map(Some),
+        #[cfg(not(feature = "cuda"))]
+        Target::Cuda(n) => bail!("cuda:{n}: this kfrun was built without the cuda feature"),
+    }
+}
+
 /// One batch: returns (tokens generated, prefill s, decode s, passes).
 fn run_chunk(
     model: &Model,
+    dev: Option<&dyn DevModel>,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
     texts: &[&str],
@@ -318,7 +405,7 @@ fn run_chunk(
             write!(o, "{}", texts[0])?;
             o.flush()?;
         }
-        let g = gen(model, prompts, popts, |_, t| {
+        let g = gen(model, dev, prompts, popts, |_, t| {
             if Some(t) == opts.eos {
                 return Ok(());
             }
@@ -345,7 +432,7 @@ fn run_chunk(
             o.flush()?;
             Ok(())
         };
-        let g = gen(model, prompts, popts, |b, t| {
+        let g = gen(model, dev, prompts, popts, |b, t| {
             if Some(t) == opts.eos {
                 printed[b] = true;
                 return print(b, &acc[b]);

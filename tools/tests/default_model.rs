@@ -77,3 +77,52 @@ fn teacher_generates_and_both_are_small_f16() {
         "default model is {total} bytes (> 60 MiB)"
     );
 }
+
+/// The CUDA kernels end to end through kfrun: `--device emu` runs the shipped models on the
+/// kernel device path (weights uploaded, KV cache on the device, Philox noise, fused sampler,
+/// argmax with penalty, attention decode kernels) on the CPU emulator and prints exactly the
+/// CPU's text, for the k = 4 student (two prompts, frequency penalty) and the AR teacher.
+#[test]
+fn the_kernel_path_on_the_emulator_prints_the_cpu_text() {
+    let cases: [&[&str]; 2] = [
+        &[
+            "generate",
+            "--k",
+            "4",
+            "--prompt",
+            "The President said",
+            "--prompt",
+            "It was",
+            "--max-new",
+            "16",
+            "--freq-penalty",
+            "0.5",
+            "--seed",
+            "2",
+        ],
+        &[
+            "generate",
+            "--model",
+            "models/default/teacher",
+            "--prompt",
+            "The President said",
+            "--max-new",
+            "12",
+            "--seed",
+            "2",
+        ],
+    ];
+    for args in cases {
+        let (ok, cpu, err) = run(args);
+        assert!(ok, "{args:?} on the CPU: {err}");
+        let mut emu_args = args.to_vec();
+        emu_args.extend(["--device", "emu"]);
+        let (ok, emu, err) = run(&emu_args);
+        assert!(ok, "{emu_args:?}: {err}");
+        assert!(err.contains("on emu"), "the banner names the device: {err}");
+        assert_eq!(emu, cpu, "{args:?}: the emulated kernels print other text");
+        assert!(cpu.split_whitespace().count() >= 8, "{cpu:?}");
+    }
+    let (ok, _, err) = run(&["generate", "--prompt", "x", "--device", "emu", "--no-cache"]);
+    assert!(!ok && err.contains("--no-cache"), "{err}");
+}
