@@ -14,6 +14,8 @@
 //! AR: 1 row per sequence per token; PFLM: 2K rows per sequence (K committed + K hints) per K
 //! tokens. Predicted speedup = AR time per token / (PFLM step time / K).
 
+use crate::device_arg::Target;
+use crate::devmodel::{self, DevModel, HostModel};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::{DType, Device, Tensor};
 use kf_model::checkpoint;
@@ -54,8 +56,8 @@ pub struct Args {
     /// Write the speedup-vs-batch plot (SVG) here.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// Device: cpu, or cuda / cuda:N (a build with the cuda feature; the model runs on the
-    /// CPU only so far, so cuda is an error saying so).
+    /// Device: cpu (the CPU ops), cuda / cuda:N (the CUDA kernels on a GPU; a build with the
+    /// cuda feature), or emu (the same kernels on the CPU emulator: slow, a check only).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -185,6 +187,7 @@ fn random_prompts(b: usize, len: usize, v: usize, seed: u64) -> Vec<Vec<u32>> {
 fn measure(
     ar: &Ddit,
     pf: &Pflm,
+    dev: Option<(&dyn DevModel, &dyn DevModel)>,
     k: usize,
     batch: usize,
     a: &Args,
@@ -201,7 +204,15 @@ fn measure(
     };
     let run = || -> Result<(f64, usize)> {
         let t0 = Instant::now();
-        let g = if k == 0 {
+        let popts = PflmGenerateOptions {
+            base: base.clone(),
+            k: k.max(1),
+            freq_penalty: 0.0,
+        };
+        let g = if let Some((dar, dpf)) = dev {
+            let d = if k == 0 { dar } else { dpf };
+            d.generate(&prompts, &popts, &mut |_, _| Ok(()))?
+        } else if k == 0 {
             generate(ar, &prompts, &base, |_, _| Ok(()))?
         } else {
             generate_pflm(
@@ -252,7 +263,7 @@ fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
 }
 
 pub fn run(threads: usize, a: &Args) -> Result<()> {
-    crate::device_arg::select("bench", &a.device)?;
+    let target = crate::device_arg::select_target(&a.device)?;
     ensure!(a.runs >= 1, "--runs must be at least 1");
     ensure!(a.max_new >= 1, "--max-new must be at least 1");
     ensure!(a.prompt_len >= 1, "--prompt-len must be at least 1");
@@ -280,13 +291,39 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         a.max_new,
         a.runs
     );
-    let machine = Machine {
-        copy_gb_s: copy_bandwidth(),
-        gemm_gflop_s: gemm_rate()?,
-        threads,
+    let on_dev = match target {
+        Target::Cpu => None,
+        t => Some((
+            devmodel::upload(&t, HostModel::Ar(&ar))?.expect("a kernel device"),
+            devmodel::upload(&t, HostModel::Pflm(&pf))?.expect("a kernel device"),
+        )),
     };
+    let machine = match &on_dev {
+        None => Machine {
+            copy_gb_s: copy_bandwidth(),
+            gemm_gflop_s: gemm_rate()?,
+            threads,
+        },
+        Some((d, _)) => {
+            // the emulator is slow: small probes there
+            let (bytes, g) = if target == Target::Emu {
+                (1 << 22, 256)
+            } else {
+                (1 << 30, 4096)
+            };
+            let (copy_gb_s, gemm_gflop_s) = d.probes(bytes, g)?;
+            Machine {
+                copy_gb_s,
+                gemm_gflop_s,
+                threads,
+            }
+        }
+    };
+    let device = on_dev
+        .as_ref()
+        .map_or("the CPU".to_string(), |(d, _)| d.name());
     eprintln!(
-        "machine: copy {:.1} GB/s (read + write), f32 GEMM {:.0} GFLOP/s",
+        "{device}: copy {:.1} GB/s (read + write), f32 GEMM {:.0} GFLOP/s",
         machine.copy_gb_s, machine.gemm_gflop_s
     );
     let ctx = a.prompt_len as f64 + a.max_new as f64 / 2.0;
@@ -294,7 +331,8 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
     for &b in &a.batches {
         let mut ar_tps = 0.0;
         for k in 0..=pf.k {
-            let (mut times, passes, peak) = measure(&ar, &pf, k, b, a).with_context(|| {
+            let dev = on_dev.as_ref().map(|(x, y)| (x.as_ref(), y.as_ref()));
+            let (mut times, passes, peak) = measure(&ar, &pf, dev, k, b, a).with_context(|| {
                 format!(
                     "batch {b}, {}",
                     if k == 0 {
@@ -366,6 +404,7 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
     if let Some(p) = &a.json {
         let j = serde_json::json!({
             "model": label,
+            "device": device,
             "config": cfg,
             "k": pf.k,
             "prompt_len": a.prompt_len,

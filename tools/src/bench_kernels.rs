@@ -13,7 +13,7 @@ use clap::Args as ClapArgs;
 use kf_engine::DType;
 use kf_ops::attention::{AttnParams, AttnPattern};
 use kf_ops::kdev::launch::{self as kl, AttnDims, AttnPath, AttnView};
-use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
+use kf_ops::kdev::{DTensor, KernelDevice};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -156,24 +156,7 @@ pub fn bench<D: KernelDevice>(dev: &D, sz: Size, runs: usize) -> Result<Report> 
         DTensor::from_slice(dev, &values(n, salt), shape)
     };
 
-    // device probes: copy bandwidth and GEMM rate
-    let src = dev.alloc_zeroed(sz.copy_bytes)?;
-    let dst = dev.alloc_zeroed(sz.copy_bytes)?;
-    let tc = time(dev, runs, &mut || dev.copy(&src, 0, &dst, 0, sz.copy_bytes))?;
-    let copy_gb_s = 2.0 * sz.copy_bytes as f64 / tc / 1e9;
-    drop((src, dst));
-    let g = sz.gemm;
-    let (ga, gb, gc) = (
-        up(g * g, &[g, g], 1)?,
-        up(g * g, &[g, g], 2)?,
-        DTensor::zeros(dev, &[g, g], DType::F32)?,
-    );
-    let spec = GemmSpec::simple(g, g, g, true);
-    let tg = time(dev, runs, &mut || {
-        kl::matmul_into(dev, &spec, &ga, &gb, &gc)
-    })?;
-    let gemm_gflop_s = 2.0 * (g as f64).powi(3) / tg / 1e9;
-    drop((ga, gb, gc));
+    let (copy_gb_s, gemm_gflop_s) = crate::devmodel::probes(dev, sz.copy_bytes, sz.gemm)?;
 
     let mut rows = Vec::new();
     let mut push = |family: &'static str,
@@ -401,7 +384,7 @@ fn bench_cuda(device: kf_engine::Device, sz: Size, runs: usize) -> Result<Report
 fn print(rep: &Report) {
     println!(
         "kernels on {} ({} shapes), median of {} calls; device copy {:.1} GB/s, f32 GEMM {}^3 \
-         {:.1} GFLOP/s (cuBLAS on a GPU, the CPU GEMM on emu)",
+         {:.1} GFLOP/s (medians of 3) (cuBLAS on a GPU, the CPU GEMM on emu)",
         rep.device, rep.size.name, rep.runs, rep.copy_gb_s, rep.size.gemm, rep.gemm_gflop_s
     );
     println!(

@@ -11,15 +11,13 @@
 //! streamed to stdout token by token; with more, each sequence is printed as `[s] text`
 //! when it finishes. Progress and timing go to stderr.
 
-use crate::device_arg::Target;
+use crate::devmodel::{self, DevModel, HostModel};
 use anyhow::{bail, ensure, Context, Result};
 use kf_model::checkpoint;
 use kf_model::generate::{generate, GenerateOptions, Generated};
-use kf_model::kdev_model::{generate_ar_dev, generate_pflm_dev, DevDdit, DevPflm};
 use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
 use kf_model::tokenizer::Tokenizer;
 use kf_model::{Ddit, DditConfig};
-use kf_ops::kdev::KernelDevice;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -140,7 +138,10 @@ pub fn run(a: &Args) -> Result<()> {
         Model::Ar(_) => 1,
         Model::Pflm(m) => a.k.unwrap_or(m.k),
     };
-    let dev_model = upload(&target, &model)?;
+    let dev_model = match &model {
+        Model::Ar(m) => devmodel::upload(&target, HostModel::Ar(m))?,
+        Model::Pflm(m) => devmodel::upload(&target, HostModel::Pflm(m))?,
+    };
     let cfg = model.cfg();
     let tok = checkpoint::read_tokenizer(&a.model, cfg)?;
     if let Some(n) = a.max_new {
@@ -318,69 +319,6 @@ fn gen(
     match model {
         Model::Ar(m) => generate(m, prompts, &opts.base, on_token),
         Model::Pflm(m) => generate_pflm(m, prompts, opts, on_token),
-    }
-}
-
-/// A model uploaded to a kernel device.
-trait DevModel {
-    fn name(&self) -> String;
-    fn generate(
-        &self,
-        prompts: &[Vec<u32>],
-        opts: &PflmGenerateOptions,
-        on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
-    ) -> Result<Generated>;
-}
-
-enum DevWeights<B> {
-    Ar(DevDdit<B>),
-    Pflm(DevPflm<B>),
-}
-
-struct OnDevice<D: KernelDevice> {
-    dev: D,
-    weights: DevWeights<D::Buf>,
-}
-
-impl<D: KernelDevice> DevModel for OnDevice<D> {
-    fn name(&self) -> String {
-        self.dev.name()
-    }
-    fn generate(
-        &self,
-        prompts: &[Vec<u32>],
-        opts: &PflmGenerateOptions,
-        on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
-    ) -> Result<Generated> {
-        match &self.weights {
-            DevWeights::Ar(m) => generate_ar_dev(&self.dev, m, prompts, &opts.base, on_token),
-            DevWeights::Pflm(m) => generate_pflm_dev(&self.dev, m, prompts, opts, on_token),
-        }
-    }
-}
-
-fn on_device<D: KernelDevice + 'static>(dev: D, model: &Model) -> Result<Box<dyn DevModel>> {
-    let weights = match model {
-        Model::Ar(m) => DevWeights::Ar(DevDdit::upload(&dev, m)?),
-        Model::Pflm(m) => DevWeights::Pflm(DevPflm::upload(&dev, m)?),
-    };
-    Ok(Box::new(OnDevice { dev, weights }))
-}
-
-/// The model's weights on the kernel device of `target` (f32), or `None` for the CPU.
-fn upload(target: &Target, model: &Model) -> Result<Option<Box<dyn DevModel>>> {
-    let what = |t: &str| format!("uploading the model to {t}");
-    match *target {
-        Target::Cpu => Ok(None),
-        Target::Emu => on_device(kf_kernels_emu::device::Emu, model)
-            .with_context(|| what("the emulator"))
-            .map(Some),
-        #[cfg(feature = "cuda")]
-        Target::Cuda(n) => on_device(kf_ops::kdev::cuda::Cuda::new(n)?, model)
-            .with_context(|| what(&format!("cuda:{n}")))
-            .map(Some),
-        #[cfg(not(feature = "cuda"))]
-        Target::Cuda(n) => bail!("cuda:{n}: this kfrun was built without the cuda feature"),
     }
 }
 

@@ -72,3 +72,38 @@ fn generation_bench_rows_and_plot() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown model preset"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--device emu`: the AR and PFLM runs go through the CUDA kernels on the emulator (the
+/// shipped student: head dim 64); the JSON names the device and has every (mode, K) row.
+#[test]
+fn generation_bench_runs_on_the_emulated_kernels() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let json = std::env::temp_dir().join(format!("kfrun-bench-emu-{}.json", std::process::id()));
+    let o = kfrun(&[
+        "bench",
+        "--model",
+        root.join("models/default/student").to_str().unwrap(),
+        "--batches",
+        "1",
+        "--max-new",
+        "4",
+        "--runs",
+        "1",
+        "--device",
+        "emu",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(j["device"], "emu");
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "AR + PFLM K = 1..4: {rows:?}");
+    assert!(rows
+        .iter()
+        .all(|r| r["tokens_per_s"].as_f64().unwrap() > 0.0));
+    let _ = std::fs::remove_file(&json);
+}

@@ -1,0 +1,124 @@
+//! A model on a kernel device for kfrun's model commands (generate, bench): the AR teacher or
+//! PFLM student uploaded (f32) to the CUDA kernels on a GPU or to the CPU emulator of the same
+//! kernels, behind one object-safe trait so the commands need not be generic over the device.
+
+use crate::device_arg::Target;
+use anyhow::{bail, Context, Result};
+use kf_model::generate::Generated;
+use kf_model::kdev_model::{generate_ar_dev, generate_pflm_dev, DevDdit, DevPflm};
+use kf_model::pflm::{Pflm, PflmGenerateOptions};
+use kf_model::Ddit;
+use kf_ops::kdev::launch as kl;
+use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
+use std::time::Instant;
+
+/// The host model to upload.
+#[derive(Clone, Copy)]
+pub enum HostModel<'a> {
+    Ar(&'a Ddit),
+    Pflm(&'a Pflm),
+}
+
+/// A model uploaded to a kernel device.
+pub trait DevModel {
+    fn name(&self) -> String;
+    /// The device's copy bandwidth (GB/s, read + write) over `bytes`, and its f32 GEMM rate
+    /// (GFLOP/s) at m = n = k = `gemm`: medians of three.
+    fn probes(&self, bytes: usize, gemm: usize) -> Result<(f64, f64)>;
+    fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &PflmGenerateOptions,
+        on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+    ) -> Result<Generated>;
+}
+
+enum DevWeights<B> {
+    Ar(DevDdit<B>),
+    Pflm(DevPflm<B>),
+}
+
+struct OnDevice<D: KernelDevice> {
+    dev: D,
+    weights: DevWeights<D::Buf>,
+}
+
+impl<D: KernelDevice> DevModel for OnDevice<D> {
+    fn name(&self) -> String {
+        self.dev.name()
+    }
+    fn probes(&self, bytes: usize, gemm: usize) -> Result<(f64, f64)> {
+        probes(&self.dev, bytes, gemm)
+    }
+    fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &PflmGenerateOptions,
+        on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
+    ) -> Result<Generated> {
+        match &self.weights {
+            DevWeights::Ar(m) => generate_ar_dev(&self.dev, m, prompts, &opts.base, on_token),
+            DevWeights::Pflm(m) => generate_pflm_dev(&self.dev, m, prompts, opts, on_token),
+        }
+    }
+}
+
+fn on_device<D: KernelDevice + 'static>(dev: D, model: HostModel) -> Result<Box<dyn DevModel>> {
+    let weights = match model {
+        HostModel::Ar(m) => DevWeights::Ar(DevDdit::upload(&dev, m)?),
+        HostModel::Pflm(m) => DevWeights::Pflm(DevPflm::upload(&dev, m)?),
+    };
+    Ok(Box::new(OnDevice { dev, weights }))
+}
+
+/// The model's weights on the kernel device of `target` (f32), or `None` for the CPU.
+pub fn upload(target: &Target, model: HostModel) -> Result<Option<Box<dyn DevModel>>> {
+    let what = |t: &str| format!("uploading the model to {t}");
+    match *target {
+        Target::Cpu => Ok(None),
+        Target::Emu => on_device(kf_kernels_emu::device::Emu, model)
+            .with_context(|| what("the emulator"))
+            .map(Some),
+        #[cfg(feature = "cuda")]
+        Target::Cuda(n) => on_device(kf_ops::kdev::cuda::Cuda::new(n)?, model)
+            .with_context(|| what(&format!("cuda:{n}")))
+            .map(Some),
+        #[cfg(not(feature = "cuda"))]
+        Target::Cuda(n) => bail!("cuda:{n}: this kfrun was built without the cuda feature"),
+    }
+}
+
+/// Median of three synchronised runs of `f` (after one warm-up), in seconds.
+fn median3<D: KernelDevice>(dev: &D, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let mut t = [0.0; 3];
+    for x in &mut t {
+        let t0 = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        *x = t0.elapsed().as_secs_f64();
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[1])
+}
+
+/// Copy bandwidth (GB/s, read + write) and f32 GEMM rate (GFLOP/s) of a kernel device.
+pub fn probes<D: KernelDevice>(dev: &D, bytes: usize, gemm: usize) -> Result<(f64, f64)> {
+    let (src, dst) = (dev.alloc_zeroed(bytes)?, dev.alloc_zeroed(bytes)?);
+    let tc = median3(dev, &mut || dev.copy(&src, 0, &dst, 0, bytes))?;
+    drop((src, dst));
+    let g = gemm;
+    let x = vec![0.5f32; g * g];
+    let (a, b) = (
+        DTensor::from_slice(dev, &x, &[g, g])?,
+        DTensor::from_slice(dev, &x, &[g, g])?,
+    );
+    let c = DTensor::zeros(dev, &[g, g], kf_engine::DType::F32)?;
+    let spec = GemmSpec::simple(g, g, g, true);
+    let tg = median3(dev, &mut || kl::matmul_into(dev, &spec, &a, &b, &c))?;
+    Ok((
+        2.0 * bytes as f64 / tc / 1e9,
+        2.0 * (g as f64).powi(3) / tg / 1e9,
+    ))
+}
