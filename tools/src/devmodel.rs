@@ -3,7 +3,7 @@
 //! kernels, behind one object-safe trait so the commands need not be generic over the device.
 
 use crate::device_arg::Target;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use kf_model::generate::Generated;
 use kf_model::kdev_model::{generate_ar_dev, generate_pflm_dev, DevDdit, DevPflm};
 use kf_model::pflm::{Pflm, PflmGenerateOptions};
@@ -84,7 +84,7 @@ pub fn upload(target: &Target, model: HostModel) -> Result<Option<Box<dyn DevMod
             .with_context(|| what(&format!("cuda:{n}")))
             .map(Some),
         #[cfg(not(feature = "cuda"))]
-        Target::Cuda(n) => bail!("cuda:{n}: this kfrun was built without the cuda feature"),
+        Target::Cuda(n) => anyhow::bail!("cuda:{n}: this kfrun was built without the cuda feature"),
     }
 }
 
