@@ -12,6 +12,7 @@ use kf_model::generate::GenerateOptions;
 use kf_model::kdev_model::{generate_ar_dev, generate_pflm_dev, DevDdit, DevKvCache, DevPflm};
 use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
 use kf_model::Ddit;
+use kf_ops::kdev::KernelDevice;
 use kf_tests::harness::{compare, Tol};
 
 fn cfg() -> DditConfig {
@@ -119,11 +120,17 @@ fn unsupported_head_dim_is_a_clear_error() {
 
 #[test]
 fn pflm_generation_on_the_emulator_gives_the_cpu_tokens() {
+    pflm_generation_gives_the_cpu_tokens(&Emu);
+}
+
+/// PFLM generation on `dev` (k = 4 with penalty and tau 0.8; k = 2 greedy with a vocabulary
+/// limit) equals `generate_pflm` on the CPU: tokens, `on_token` order, passes.
+fn pflm_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D) {
     let _g = no_grad();
     for (k, kk, penalty, tau, limit) in [(4, 4, 0.5, 0.8, None), (2, 2, 0.0, 0.0, Some(90))] {
         let teacher = Ddit::init(&cfg(), 5).unwrap();
         let student = Pflm::from_teacher(teacher, k, 6).unwrap();
-        let dev = DevPflm::upload(&Emu, &student).unwrap();
+        let dev = DevPflm::upload(emu, &student).unwrap();
         // prompts of different lengths: left padding, key_skip and per-row positions
         let prompts = vec![vec![3u32, 17, 42, 8, 77], vec![55, 2, 9]];
         let opts = PflmGenerateOptions {
@@ -146,7 +153,7 @@ fn pflm_generation_on_the_emulator_gives_the_cpu_tokens() {
         })
         .unwrap();
         let mut seen_dev = vec![];
-        let got = generate_pflm_dev(&Emu, &dev, &prompts, &opts, |b, t| {
+        let got = generate_pflm_dev(emu, &dev, &prompts, &opts, |b, t| {
             seen_dev.push((b, t));
             Ok(())
         })
@@ -176,9 +183,14 @@ fn pflm_generation_on_the_emulator_gives_the_cpu_tokens() {
 /// greedy, a vocabulary limit and an EOS stop.
 #[test]
 fn ar_generation_on_the_emulator_gives_the_cpu_tokens() {
+    ar_generation_gives_the_cpu_tokens(&Emu);
+}
+
+/// AR generation on `emu` equals `generate` on the CPU (see the test above).
+fn ar_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D) {
     let _g = no_grad();
     let model = Ddit::init(&cfg(), 9).unwrap();
-    let dev = DevDdit::upload(&Emu, &model).unwrap();
+    let dev = DevDdit::upload(emu, &model).unwrap();
     let prompts = vec![vec![3u32, 17, 42, 8, 77], vec![55, 2, 9]];
     let mut eos_seen = None;
     for (tau, limit, eos) in [
@@ -204,7 +216,7 @@ fn ar_generation_on_the_emulator_gives_the_cpu_tokens() {
         })
         .unwrap();
         let mut seen_dev = vec![];
-        let got = generate_ar_dev(&Emu, &dev, &prompts, &opts, |b, t| {
+        let got = generate_ar_dev(emu, &dev, &prompts, &opts, |b, t| {
             seen_dev.push((b, t));
             Ok(())
         })
@@ -225,4 +237,24 @@ fn ar_generation_on_the_emulator_gives_the_cpu_tokens() {
             assert!(distinct.len() >= 4, "{name}: tokens {:?}", got.tokens);
         }
     }
+}
+
+/// The same generation checks on a real GPU (`--features cuda`): skipped with the reason when
+/// there is none (KF_REQUIRE_GPU=1 makes that a failure).
+#[cfg(feature = "cuda")]
+#[test]
+fn on_a_gpu_generation_gives_the_cpu_tokens() {
+    let dev = match kf_ops::kdev::cuda::Cuda::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(
+                std::env::var_os("KF_REQUIRE_GPU").is_none(),
+                "KF_REQUIRE_GPU is set but: {e:#}"
+            );
+            println!("skipped: no usable GPU: {e:#}");
+            return;
+        }
+    };
+    pflm_generation_gives_the_cpu_tokens(&dev);
+    ar_generation_gives_the_cpu_tokens(&dev);
 }
