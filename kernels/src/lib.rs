@@ -38,7 +38,15 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "elementwise",
         ptx: include_str!("../../ptx/elementwise.ptx"),
-        entries: entries!("add", "sub", "mul", "scale", "bias_add", "gelu_tanh"),
+        entries: entries!(
+            "add",
+            "sub",
+            "mul",
+            "scale",
+            "bias_add",
+            "gelu_tanh",
+            "bias_gelu_tanh"
+        ),
     },
     Family {
         name: "layernorm",

@@ -402,16 +402,14 @@ impl<B> DevDdit<B> {
             }
             .o
             .reshape(&[b, t, d])?;
-            h = kl::add(dev, &h, &kl::linear(dev, &a, &blk.out, None)?)?;
+            // fused: the residual adds are the GEMMs' beta = 1 epilogue, the MLP's first bias
+            // rides in its GELU; the second bias is one pass over h
+            kl::linear_acc(dev, &a, &blk.out, &h)?;
             let x = kl::layer_norm(dev, &h, &blk.norm2, None, eps)?.y;
-            let m = kl::linear(dev, &x, &blk.mlp0_w, Some(&blk.mlp0_b))?;
-            let m = kl::linear(
-                dev,
-                &kl::gelu_tanh(dev, &m)?,
-                &blk.mlp2_w,
-                Some(&blk.mlp2_b),
-            )?;
-            h = kl::add(dev, &h, &m)?;
+            let m = kl::linear(dev, &x, &blk.mlp0_w, None)?;
+            let m = kl::bias_gelu_tanh(dev, &m, &blk.mlp0_b)?;
+            kl::linear_acc(dev, &m, &blk.mlp2_w, &h)?;
+            h = kl::bias_add(dev, &h, &blk.mlp2_b)?;
         }
         Ok(h)
     }

@@ -208,6 +208,14 @@ pub fn bench<D: KernelDevice>(dev: &D, sz: Size, runs: usize) -> Result<Report> 
         cm::gelu_tanh_fwd(r * 4 * d, s),
         &mut || kl::gelu_tanh(dev, &x4).map(drop),
     )?;
+    let b4 = up(4 * d, &[4 * d], 15)?;
+    push(
+        "elementwise",
+        "bias_gelu_tanh_f32",
+        sh(&[r, 4 * d]),
+        cm::gelu_tanh_fwd(r * 4 * d, s),
+        &mut || kl::bias_gelu_tanh(dev, &x4, &b4).map(drop),
+    )?;
     push(
         "gelu",
         "gelu_erf_f32",

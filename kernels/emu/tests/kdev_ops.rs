@@ -90,6 +90,11 @@ fn elementwise_and_gelu_match_the_cpu_ops() {
             kf_ops::gelu::gelu_tanh(&ta).unwrap(),
         ),
         (
+            "bias_gelu_tanh",
+            kl::bias_gelu_tanh(&Emu, &da, &dbias).unwrap(),
+            kf_ops::gelu::gelu_tanh(&ew::bias_add(&ta, &t(&bias, &[c])).unwrap()).unwrap(),
+        ),
+        (
             "gelu_erf",
             kl::gelu_erf(&Emu, &da).unwrap(),
             kf_ops::gelu::gelu_erf(&ta).unwrap(),
@@ -275,6 +280,18 @@ fn linear_and_gemm_match_the_cpu() {
     let tbias = t(&bias, &[n]);
     let cpu = kf_ops::matmul::linear(&t(&x, &[b, tt, k]), &t(&w, &[n, k]), Some(&tbias)).unwrap();
     compare("linear", &got(&y), &want(&cpu), Tol::F32).unwrap();
+
+    // the residual in the GEMM's epilogue: acc += x · wᵀ
+    let r0 = f32v(16, b * tt * n, -1.0, 1.0);
+    let acc = up(&r0, &[b, tt, n]);
+    kl::linear_acc(&Emu, &dx, &dw, &acc).unwrap();
+    let xw = kf_ops::matmul::linear(&t(&x, &[b, tt, k]), &t(&w, &[n, k]), None).unwrap();
+    let cpu = kf_ops::elementwise::add(&t(&r0, &[b, tt, n]), &xw).unwrap();
+    compare("linear_acc", &got(&acc), &want(&cpu), Tol::F32).unwrap();
+    let e = kl::linear_acc(&Emu, &dx, &dw, &up(&r0[..n], &[n]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not fit acc"), "{e}");
 
     // batched, A transposed, alpha / beta, offsets: against a f64 loop
     let (bat, m, n2, k2) = (3, 4, 6, 5);

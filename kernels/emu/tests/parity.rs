@@ -138,6 +138,26 @@ fn elementwise_unary_and_bias_ops_match_the_cpu_ops() {
                     st.tol(),
                 )
                 .unwrap();
+                // the fused MLP activation: gelu_tanh(x + b) against the two CPU ops
+                launch(
+                    &format!("bias_gelu_tanh_{sfx}"),
+                    cfg,
+                    &[
+                        Arg::Buf(&xb),
+                        Arg::Buf(&bb),
+                        Arg::Buf(&out),
+                        Arg::U64(n as u64),
+                        Arg::U64(cols as u64),
+                    ],
+                )
+                .unwrap();
+                compare(
+                    &format!("bias_gelu_tanh_{sfx} n={n} cols={cols}"),
+                    &st.download(&out),
+                    &cpu_out(&kf_ops::gelu::gelu_tanh(&cpu).unwrap(), st),
+                    st.tol(),
+                )
+                .unwrap();
             }
         }
     }

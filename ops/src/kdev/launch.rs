@@ -105,12 +105,31 @@ pub fn scale<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, s: f32) -> Out<D> {
 
 /// `x [..., C] + b [C]` (the bias broadcast over rows).
 pub fn bias_add<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, b: &DTensor<D::Buf>) -> Out<D> {
-    f32_in("bias_add", "x", x)?;
-    f32_in("bias_add", "bias", b)?;
-    let (_, cols) = rows_cols("bias_add", x)?;
+    row_bias(dev, "bias_add", x, b)
+}
+
+/// `gelu_tanh(x [..., C] + b [C])` in one pass (the MLP's bias fused into its activation).
+pub fn bias_gelu_tanh<D: KernelDevice>(
+    dev: &D,
+    x: &DTensor<D::Buf>,
+    b: &DTensor<D::Buf>,
+) -> Out<D> {
+    row_bias(dev, "bias_gelu_tanh", x, b)
+}
+
+/// An elementwise kernel of `x [..., C]` and a row bias `b [C]`: `<op>_f32(x, b, out, n, C)`.
+fn row_bias<D: KernelDevice>(
+    dev: &D,
+    op: &str,
+    x: &DTensor<D::Buf>,
+    b: &DTensor<D::Buf>,
+) -> Out<D> {
+    f32_in(op, "x", x)?;
+    f32_in(op, "bias", b)?;
+    let (_, cols) = rows_cols(op, x)?;
     ensure!(
         b.shape() == [cols],
-        "bias_add: bias {:?} must be [{cols}] for x {:?}",
+        "{op}: bias {:?} must be [{cols}] for x {:?}",
         b.shape(),
         x.shape()
     );
@@ -118,7 +137,7 @@ pub fn bias_add<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, b: &DTensor<D::Bu
     let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
     run(
         dev,
-        "bias_add_f32",
+        &format!("{op}_f32"),
         elementwise::config(n),
         &[
             KArg::Buf(&x.buf),
@@ -129,6 +148,39 @@ pub fn bias_add<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, b: &DTensor<D::Bu
         ],
     )?;
     Ok(out)
+}
+
+/// `acc += x [..., in] · wᵀ` with `w [out, in]`, `acc [..., out]`: the residual add done by
+/// the GEMM itself (beta = 1), no separate pass over `acc`.
+pub fn linear_acc<D: KernelDevice>(
+    dev: &D,
+    x: &DTensor<D::Buf>,
+    w: &DTensor<D::Buf>,
+    acc: &DTensor<D::Buf>,
+) -> Result<()> {
+    let op = "linear_acc";
+    f32_in(op, "x", x)?;
+    f32_in(op, "weight", w)?;
+    f32_in(op, "acc", acc)?;
+    ensure!(
+        w.rank() == 2,
+        "{op}: weight must be [out, in], got {:?}",
+        w.shape()
+    );
+    let (rows, k) = rows_cols(op, x)?;
+    let (n, win) = (w.shape()[0], w.shape()[1]);
+    ensure!(
+        win == k && acc.numel() == rows * n && acc.shape().last() == Some(&n),
+        "{op}: x {:?} · weight {:?}ᵀ does not fit acc {:?}",
+        x.shape(),
+        w.shape(),
+        acc.shape()
+    );
+    let spec = GemmSpec {
+        beta: 1.0,
+        ..GemmSpec::simple(rows, n, k, true)
+    };
+    matmul_into(dev, &spec, x, w, acc)
 }
 
 fn unary<D: KernelDevice>(
