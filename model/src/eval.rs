@@ -22,13 +22,55 @@
 
 use crate::data::TokenShard;
 use crate::ddit::Ddit;
-use crate::generate::{forbid_tail, full_pass, generate, noise_u, GenerateOptions};
+use crate::generate::{forbid_tail, full_pass, generate, noise_u, GenerateOptions, Generated};
 use crate::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
 use anyhow::{ensure, Result};
 use kf_engine::{no_grad, Device, Tensor};
 use kf_ops::sampling::sample_inverse_cdf;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
+
+/// Where the evaluation's model work runs: the CPU ops ([`CpuEval`]) or a kernel device
+/// (kfrun's `--device cuda|emu`). Sampling for the agreement rollouts and all metrics stay on
+/// the host.
+pub trait EvalBackend {
+    /// The teacher's AR generation (`generate`).
+    fn generate_ar(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Generated>;
+    /// The student's generation (`generate_pflm`).
+    fn generate_pflm(&self, prompts: &[Vec<u32>], opts: &PflmGenerateOptions) -> Result<Generated>;
+    /// The teacher's logits `[B, T, V]` (row-major f32) of equal-length rows at positions
+    /// `0..T`, causal.
+    fn teacher_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>>;
+    /// The teacher's logits `[B, V]` of the last position of each equal-length row.
+    fn teacher_last_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>>;
+}
+
+/// The CPU backend of [`evaluate_with`] (a student is needed only for its generation).
+pub struct CpuEval<'a> {
+    pub teacher: &'a Ddit,
+    pub student: Option<&'a Pflm>,
+}
+
+impl EvalBackend for CpuEval<'_> {
+    fn generate_ar(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Generated> {
+        generate(self.teacher, prompts, opts, |_, _| Ok(()))
+    }
+    fn generate_pflm(&self, prompts: &[Vec<u32>], opts: &PflmGenerateOptions) -> Result<Generated> {
+        let student = self
+            .student
+            .ok_or_else(|| anyhow::anyhow!("eval: no student to generate with"))?;
+        generate_pflm(student, prompts, opts, |_, _| Ok(()))
+    }
+    fn teacher_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let _ng = no_grad();
+        let ids = Tensor::from_vec(rows.concat(), &[rows.len(), rows[0].len()], Device::Cpu)?;
+        self.teacher.forward_train(&ids)?.to_vec::<f32>()
+    }
+    fn teacher_last_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let _ng = no_grad();
+        full_pass(self.teacher, rows, &vec![0; rows.len()], &[], None)?.to_vec::<f32>()
+    }
+}
 
 /// What to evaluate.
 #[derive(Clone, Debug)]
@@ -106,9 +148,7 @@ pub fn document_prompts(
 }
 
 /// Teacher NLL (tau = 1) of each generated token: rows `prompt ++ gen` of equal length.
-fn teacher_nll(teacher: &Ddit, prompts: &[Vec<u32>], gens: &[Vec<u32>]) -> Result<Vec<f64>> {
-    let _ng = no_grad();
-    let v = teacher.cfg.vocab_size;
+fn teacher_nll(be: &dyn EvalBackend, prompts: &[Vec<u32>], gens: &[Vec<u32>]) -> Result<Vec<f64>> {
     let mut nll = Vec::new();
     // a few rows at a time: the logits are [rows, T, V]
     for (ps, gs) in prompts.chunks(8).zip(gens.chunks(8)) {
@@ -122,18 +162,18 @@ fn teacher_nll(teacher: &Ddit, prompts: &[Vec<u32>], gens: &[Vec<u32>]) -> Resul
             rows.iter().all(|r| r.len() == t),
             "eval: rows of different lengths"
         );
-        let ids = Tensor::from_vec(rows.concat(), &[rows.len(), t], Device::Cpu)?;
-        let logits = teacher
-            .forward_train(&ids)?
-            .to_dtype(kf_engine::DType::F64)?;
-        let lv = logits.to_vec::<f64>()?;
+        let lv = be.teacher_logits(&rows)?;
+        let v = lv.len() / (rows.len() * t);
         for (r, (p, g)) in ps.iter().zip(gs).enumerate() {
             for (j, &tok) in g.iter().enumerate() {
                 let pos = p.len() - 1 + j;
                 let row = &lv[(r * t + pos) * v..(r * t + pos + 1) * v];
-                let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-                nll.push(lse - row[tok as usize]);
+                let m = row
+                    .iter()
+                    .map(|&x| x as f64)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                nll.push(lse - row[tok as usize] as f64);
             }
         }
     }
@@ -168,7 +208,8 @@ fn mean_std(x: &[f64]) -> (f64, f64) {
 /// The teacher's own K-token rollouts from every window start of the student's outputs
 /// (module docs); returns (matching tokens, windows all matching, windows).
 pub fn agreement(
-    teacher: &Ddit,
+    be: &dyn EvalBackend,
+    vocab_size: usize,
     prompts: &[Vec<u32>],
     gens: &[Vec<u32>],
     k: usize,
@@ -178,7 +219,6 @@ pub fn agreement(
     let nb = prompts.len();
     let g = gens[0].len();
     let (mut tok_ok, mut win_ok, mut wins) = (0, 0, 0);
-    let skips = vec![0usize; nb];
     let mut w0 = 0;
     while w0 < g {
         let kw = k.min(g - w0);
@@ -189,8 +229,12 @@ pub fn agreement(
             .collect();
         let mut all = vec![true; nb];
         for i in 0..kw {
-            let mut logits = full_pass(teacher, &rows, &skips, &[], None)?;
-            if let Some(l) = opts.vocab_limit.filter(|&l| l < teacher.cfg.vocab_size) {
+            let mut logits = Tensor::from_vec(
+                be.teacher_last_logits(&rows)?,
+                &[nb, vocab_size],
+                Device::Cpu,
+            )?;
+            if let Some(l) = opts.vocab_limit.filter(|&l| l < vocab_size) {
                 logits = forbid_tail(logits, l)?;
             }
             let u: Vec<f64> = (0..nb)
@@ -214,7 +258,7 @@ pub fn agreement(
 
 #[allow(clippy::too_many_arguments)]
 fn row(
-    teacher: &Ddit,
+    be: &dyn EvalBackend,
     prompts: &[Vec<u32>],
     gens: &[Vec<u32>],
     mode: &str,
@@ -223,7 +267,7 @@ fn row(
     passes: usize,
     secs: f64,
 ) -> Result<EvalRow> {
-    let nll = teacher_nll(teacher, prompts, gens)?;
+    let nll = teacher_nll(be, prompts, gens)?;
     let gen_nll = nll.iter().sum::<f64>() / nll.len().max(1) as f64;
     let ent: Vec<f64> = gens.iter().map(|g| unigram_entropy(g)).collect();
     let (entropy_mean, entropy_std) = mean_std(&ent);
@@ -246,6 +290,29 @@ fn row(
 /// Evaluates AR and every student configuration (module docs). `on_row` sees each row as
 /// it is done (for progress).
 pub fn evaluate(
+    teacher: &Ddit,
+    student: &Pflm,
+    prompts: &[Vec<u32>],
+    opts: &EvalOptions,
+    on_row: &mut dyn FnMut(&EvalRow),
+) -> Result<Vec<EvalRow>> {
+    evaluate_with(
+        &CpuEval {
+            teacher,
+            student: Some(student),
+        },
+        teacher,
+        student,
+        prompts,
+        opts,
+        on_row,
+    )
+}
+
+/// [`evaluate`] with the model work on `be` (`teacher` and `student` give the shapes and
+/// must be the models `be` runs).
+pub fn evaluate_with(
+    be: &dyn EvalBackend,
     teacher: &Ddit,
     student: &Pflm,
     prompts: &[Vec<u32>],
@@ -284,9 +351,9 @@ pub fn evaluate(
     };
     let mut rows = Vec::new();
     let t0 = Instant::now();
-    let g = generate(teacher, prompts, &base, |_, _| Ok(()))?;
+    let g = be.generate_ar(prompts, &base)?;
     let r = row(
-        teacher,
+        be,
         prompts,
         &g.tokens,
         "ar",
@@ -305,10 +372,11 @@ pub fn evaluate(
                 k,
                 freq_penalty: p,
             };
-            let g = generate_pflm(student, prompts, &o, |_, _| Ok(()))?;
+            let g = be.generate_pflm(prompts, &o)?;
             let secs = t0.elapsed().as_secs_f64();
-            let mut r = row(teacher, prompts, &g.tokens, "pflm", k, p, g.passes, secs)?;
-            let (t, w, n) = agreement(teacher, prompts, &g.tokens, k, opts)?;
+            let mut r = row(be, prompts, &g.tokens, "pflm", k, p, g.passes, secs)?;
+            let vs = teacher.cfg.vocab_size;
+            let (t, w, n) = agreement(be, vs, prompts, &g.tokens, k, opts)?;
             r.agree_tokens = Some(t as f64 / r.tokens.max(1) as f64);
             r.agree_windows = Some(w as f64 / n.max(1) as f64);
             on_row(&r);

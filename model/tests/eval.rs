@@ -5,7 +5,7 @@
 mod common;
 
 use common::{ids, random_model, small_cfg};
-use kf_model::eval::{agreement, EvalOptions};
+use kf_model::eval::{agreement, CpuEval, EvalOptions};
 use kf_model::generate::{generate, GenerateOptions};
 
 #[test]
@@ -37,8 +37,12 @@ fn ar_samples_agree_with_teacher_rollouts() {
             |_, _| Ok(()),
         )
         .unwrap();
+        let be = CpuEval {
+            teacher: &teacher,
+            student: None,
+        };
         for k in [1, 3, 4] {
-            let (t, w, n) = agreement(&teacher, &prompts, &g.tokens, k, &opts).unwrap();
+            let (t, w, n) = agreement(&be, v, &prompts, &g.tokens, k, &opts).unwrap();
             assert_eq!(t, 30, "tau {tau} K {k}: tokens");
             assert_eq!(
                 (w, n),
@@ -49,7 +53,7 @@ fn ar_samples_agree_with_teacher_rollouts() {
         // change one token of row 1 at position 5: its window disagrees there
         let mut bad = g.tokens.clone();
         bad[1][5] = (bad[1][5] + 1) % v as u32;
-        let (t, w, n) = agreement(&teacher, &prompts, &bad, 4, &opts).unwrap();
+        let (t, w, n) = agreement(&be, v, &prompts, &bad, 4, &opts).unwrap();
         assert!(t < 30, "tau {tau}: a changed token still agrees");
         assert!(w < n, "tau {tau}: a changed window still agrees");
     }

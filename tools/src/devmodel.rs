@@ -4,7 +4,8 @@
 
 use crate::device_arg::Target;
 use anyhow::{Context, Result};
-use kf_model::generate::Generated;
+use kf_model::eval::EvalBackend;
+use kf_model::generate::{GenerateOptions, Generated};
 use kf_model::kdev_model::{generate_ar_dev, generate_pflm_dev, DevDdit, DevPflm};
 use kf_model::pflm::{Pflm, PflmGenerateOptions};
 use kf_model::Ddit;
@@ -121,4 +122,71 @@ pub fn probes<D: KernelDevice>(dev: &D, bytes: usize, gemm: usize) -> Result<(f6
         2.0 * bytes as f64 / tc / 1e9,
         2.0 * (g as f64).powi(3) / tg / 1e9,
     ))
+}
+
+/// Teacher and student on a kernel device for `kfrun eval`.
+struct EvalOnDevice<D: KernelDevice> {
+    dev: D,
+    teacher: DevDdit<D::Buf>,
+    student: DevPflm<D::Buf>,
+}
+
+impl<D: KernelDevice> EvalBackend for EvalOnDevice<D> {
+    fn generate_ar(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Generated> {
+        generate_ar_dev(&self.dev, &self.teacher, prompts, opts, |_, _| Ok(()))
+    }
+    fn generate_pflm(&self, prompts: &[Vec<u32>], opts: &PflmGenerateOptions) -> Result<Generated> {
+        generate_pflm_dev(&self.dev, &self.student, prompts, opts, |_, _| Ok(()))
+    }
+    fn teacher_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let (b, t) = (rows.len(), rows[0].len());
+        self.teacher
+            .forward(&self.dev, &rows.concat(), b, t)?
+            .to_vec::<D, f32>(&self.dev)
+    }
+    fn teacher_last_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let (b, t) = (rows.len(), rows[0].len());
+        let all = self.teacher_logits(rows)?;
+        let v = all.len() / (b * t);
+        Ok((0..b)
+            .flat_map(|i| all[(i * t + t - 1) * v..(i * t + t) * v].iter().copied())
+            .collect())
+    }
+}
+
+fn eval_on<D: KernelDevice + 'static>(
+    dev: D,
+    teacher: &Ddit,
+    student: &Pflm,
+) -> Result<Box<dyn EvalBackend>> {
+    let teacher = DevDdit::upload(&dev, teacher)?;
+    let student = DevPflm::upload(&dev, student)?;
+    Ok(Box::new(EvalOnDevice {
+        dev,
+        teacher,
+        student,
+    }))
+}
+
+/// Teacher and student on the kernel device of `target` for `kfrun eval`, or `None` (CPU).
+pub fn eval_backend(
+    target: &Target,
+    teacher: &Ddit,
+    student: &Pflm,
+) -> Result<Option<Box<dyn EvalBackend>>> {
+    let what = |t: &str| format!("uploading teacher and student to {t}");
+    match *target {
+        Target::Cpu => Ok(None),
+        Target::Emu => eval_on(kf_kernels_emu::device::Emu, teacher, student)
+            .with_context(|| what("the emulator"))
+            .map(Some),
+        #[cfg(feature = "cuda")]
+        Target::Cuda(n) => eval_on(kf_ops::kdev::cuda::Cuda::new(n)?, teacher, student)
+            .with_context(|| what(&format!("cuda:{n}")))
+            .map(Some),
+        #[cfg(not(feature = "cuda"))]
+        Target::Cuda(n) => {
+            anyhow::bail!("cuda:{n}: this kfrun was built without the cuda feature")
+        }
+    }
 }

@@ -6,7 +6,9 @@
 use anyhow::{ensure, Context, Result};
 use kf_model::checkpoint;
 use kf_model::data::TokenData;
-use kf_model::eval::{document_prompts, evaluate, markdown, EvalOptions};
+use kf_model::eval::{
+    document_prompts, evaluate_with, markdown, CpuEval, EvalBackend, EvalOptions,
+};
 use kf_model::pflm::Pflm;
 use kf_model::Ddit;
 use std::path::PathBuf;
@@ -50,14 +52,14 @@ pub struct Args {
     /// Write the options and rows as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Device: cpu, or cuda / cuda:N (a build with the cuda feature; the model runs on the
-    /// CPU only so far, so cuda is an error saying so).
+    /// Device: cpu (the CPU ops), cuda / cuda:N (the CUDA kernels on a GPU; a build with the
+    /// cuda feature), or emu (the same kernels on the CPU emulator: slow, a check only).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    crate::device_arg::select("eval", &a.device)?;
+    let target = crate::device_arg::select_target(&a.device)?;
     ensure!(
         a.tau.is_finite() && a.tau > 0.0,
         "--tau must be finite and > 0, got {}",
@@ -119,7 +121,16 @@ pub fn run(a: &Args) -> Result<()> {
         a.seed,
         student.k
     );
-    let rows = evaluate(&teacher, &student, &prompts, &opts, &mut |r| {
+    let on_dev = crate::devmodel::eval_backend(&target, &teacher, &student)?;
+    let cpu = CpuEval {
+        teacher: &teacher,
+        student: Some(&student),
+    };
+    let be: &dyn EvalBackend = match &on_dev {
+        Some(b) => b.as_ref(),
+        None => &cpu,
+    };
+    let rows = evaluate_with(be, &teacher, &student, &prompts, &opts, &mut |r| {
         eprintln!(
             "  {} K={} penalty {}: gen. ppl {:.2}, entropy {:.3}{} ({:.1} s)",
             r.mode,

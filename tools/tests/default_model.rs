@@ -126,3 +126,77 @@ fn the_kernel_path_on_the_emulator_prints_the_cpu_text() {
     let (ok, _, err) = run(&["generate", "--prompt", "x", "--device", "emu", "--no-cache"]);
     assert!(!ok && err.contains("--no-cache"), "{err}");
 }
+
+/// `kfrun eval --device emu`: the evaluation's model work (AR and PFLM generation, teacher
+/// scoring and rollouts) on the emulated kernels gives the CPU's rows: same agreement, same
+/// passes, perplexity and entropy within f32 rounding.
+#[test]
+fn eval_on_the_emulated_kernels_equals_the_cpu() {
+    let dir = std::env::temp_dir().join(format!("kfrun-eval-emu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let shards = dir.join("shards");
+    let (ok, _, err) = run(&[
+        "data",
+        "prepare",
+        "--corpus",
+        "data/excerpt/corpus.jsonl",
+        "--tokenizer",
+        "models/default/teacher/tokenizer.json",
+        "--out",
+        shards.to_str().unwrap(),
+        "--val-fraction",
+        "0.2",
+    ]);
+    assert!(ok, "data prepare: {err}");
+    let mut rows = vec![];
+    for device in ["cpu", "emu"] {
+        let json = dir.join(format!("{device}.json"));
+        let (ok, _, err) = run(&[
+            "eval",
+            "--teacher",
+            "models/default/teacher",
+            "--student",
+            "models/default/student",
+            "--data",
+            shards.to_str().unwrap(),
+            "--prompts",
+            "2",
+            "--max-new",
+            "8",
+            "--ks",
+            "1,4",
+            "--penalties",
+            "0.5",
+            "--device",
+            device,
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(ok, "eval --device {device}: {err}");
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        rows.push(j["rows"].as_array().unwrap().clone());
+    }
+    assert_eq!(rows[0].len(), 3, "AR + K = 1, 4: {:?}", rows[0]);
+    assert_eq!(rows[0].len(), rows[1].len());
+    for (c, e) in rows[0].iter().zip(&rows[1]) {
+        for key in [
+            "mode",
+            "k",
+            "passes",
+            "tokens",
+            "agree_tokens",
+            "agree_windows",
+        ] {
+            assert_eq!(c[key], e[key], "{key}: cpu {c} emu {e}");
+        }
+        for key in ["gen_nll", "entropy_mean"] {
+            let (a, b) = (c[key].as_f64().unwrap(), e[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                "{key}: {a} vs {b}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
