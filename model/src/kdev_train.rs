@@ -85,6 +85,9 @@ struct Forward<B> {
     ce: bw::CrossEntropy<B>,
 }
 
+/// RoPE tables of positions 0..T: (T, cos, sin), `[T, Dh/2]` f32.
+type RopeAt<B> = (usize, DTensor<B>, DTensor<B>);
+
 /// The teacher's parameters, AdamW moments and step on a kernel device.
 pub struct DevTrainer<'d, D: KernelDevice> {
     dev: &'d D,
@@ -95,8 +98,8 @@ pub struct DevTrainer<'d, D: KernelDevice> {
     m: Vec<DTensor<D::Buf>>,
     v: Vec<DTensor<D::Buf>>,
     decay: Vec<bool>,
-    /// RoPE tables per sequence length T: (T, cos, sin), `[T, Dh/2]` f32.
-    rope: Vec<(usize, DTensor<D::Buf>, DTensor<D::Buf>)>,
+    /// RoPE tables per sequence length T.
+    rope: Vec<RopeAt<D::Buf>>,
     step: u64,
 }
 

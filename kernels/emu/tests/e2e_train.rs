@@ -244,7 +244,8 @@ fn steps(opt: OptimConfig, micro: &[Vec<Batch>], clipped: bool) {
     let mut trainer = Trainer::new(cpu.params(), opt.clone()).unwrap();
     // per element: the gradients AdamW saw on the CPU, their tolerances, and how far the
     // weights may drift apart (see the module comment)
-    let mut hist: BTreeMap<String, (Vec<Vec<f64>>, Vec<Vec<f64>>)> = BTreeMap::new();
+    type History = (Vec<Vec<f64>>, Vec<Vec<f64>>);
+    let mut hist: BTreeMap<String, History> = BTreeMap::new();
     let mut wtol: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for (s, mbs) in micro.iter().enumerate() {
         let step = s as u64 + 1;
@@ -351,4 +352,71 @@ fn steps(opt: OptimConfig, micro: &[Vec<Batch>], clipped: bool) {
         );
     }
     println!("total {:.1?}", t0.elapsed());
+}
+
+/// The backward launchers the teacher's step does not use (softmax, log-softmax, GELU erf)
+/// against the CPU ops' autograd, on a ragged shape.
+#[test]
+fn other_backward_launchers_match_the_cpu_autograd() {
+    use kf_ops::kdev::backward as bw;
+    use kf_ops::kdev::launch as fw;
+    use kf_ops::kdev::DTensor;
+    let emu = Emu;
+    let (rows, v) = (7, 301);
+    let mut gen = Gen::new(5);
+    let x: Vec<f32> = gen
+        .vec(rows * v, -3.0, 3.0)
+        .iter()
+        .map(|&a| a as f32)
+        .collect();
+    let g: Vec<f32> = gen
+        .vec(rows * v, -1.0, 1.0)
+        .iter()
+        .map(|&a| a as f32)
+        .collect();
+    let cpu = |t: &[f32]| Tensor::from_vec(t.to_vec(), &[rows, v], kf_engine::Device::Cpu).unwrap();
+    let xd = DTensor::from_slice(&emu, &x, &[rows, v]).unwrap();
+    let gd = DTensor::from_slice(&emu, &g, &[rows, v]).unwrap();
+    type Op = fn(&Tensor) -> anyhow::Result<Tensor>;
+    let cases: [(&str, Op); 3] = [
+        ("softmax", kf_ops::softmax::softmax),
+        ("log_softmax", kf_ops::softmax::log_softmax),
+        ("gelu_erf", kf_ops::gelu::gelu_erf),
+    ];
+    for (name, op) in cases {
+        let xv = cpu(&x).var();
+        let y = op(&xv).unwrap();
+        let want = y
+            .backward_with(cpu(&g))
+            .unwrap()
+            .get(&xv)
+            .unwrap()
+            .to_vec_f64()
+            .unwrap();
+        let got = match name {
+            "gelu_erf" => bw::gelu_erf_bwd(&emu, &xd, &gd).unwrap(),
+            _ => {
+                let log = name == "log_softmax";
+                let yd = fw::softmax(&emu, &xd, log).unwrap();
+                bw::softmax_bwd(&emu, &yd, &gd, log).unwrap()
+            }
+        };
+        let got: Vec<f64> = got
+            .to_vec::<Emu, f32>(&emu)
+            .unwrap()
+            .iter()
+            .map(|&a| a as f64)
+            .collect();
+        compare(
+            &format!("{name} backward"),
+            &got,
+            &want,
+            Tol::new(1e-6, 1e-4),
+        )
+        .unwrap();
+        assert!(
+            max_abs(&want) > 1e-3,
+            "{name}: a vanishing gradient tests nothing"
+        );
+    }
 }
