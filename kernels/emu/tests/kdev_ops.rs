@@ -333,21 +333,23 @@ fn linear_and_gemm_match_the_cpu() {
 }
 
 /// (pattern, B, H, Tq, Tk, q_start, key_skip, path)
+type AttnCase = (
+    AttnPattern,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    Vec<usize>,
+    kl::AttnPath,
+);
+
 #[test]
 fn attention_matches_the_cpu_op_on_every_pattern_and_path() {
     let _g = no_grad();
     use kl::AttnPath::*;
     let d = 64;
-    let cases: Vec<(
-        AttnPattern,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        Vec<usize>,
-        kl::AttnPath,
-    )> = vec![
+    let cases: Vec<AttnCase> = vec![
         (AttnPattern::Causal, 2, 2, 17, 17, 0, vec![3, 0], Tiles),
         (
             AttnPattern::Staircase { n: 5, k: 3 },

@@ -279,6 +279,9 @@ pub fn embedding<D: KernelDevice>(
 
 // ------------------------------------------------------------------ rope
 
+/// `(cos, sin)` tables of [`rope_tables`].
+pub type RopeTables<B> = (DTensor<B>, DTensor<B>);
+
 /// The RoPE tables of u32 positions `pos [P]` at head dim `d` (even): `(cos, sin)`, each
 /// `[P, d/2]` f32 (the `rope_tables_f32` kernel; within one f32 ulp of the CPU's f64 tables).
 pub fn rope_tables<D: KernelDevice>(
@@ -286,11 +289,11 @@ pub fn rope_tables<D: KernelDevice>(
     pos: &DTensor<D::Buf>,
     d: usize,
     base: f64,
-) -> Result<(DTensor<D::Buf>, DTensor<D::Buf>)> {
+) -> Result<RopeTables<D::Buf>> {
     let op = "rope_tables";
     pos.expect_dtype(op, "positions", DType::U32)?;
     ensure!(
-        d >= 2 && d % 2 == 0,
+        d >= 2 && d.is_multiple_of(2),
         "{op}: head dim {d} must be even and >= 2"
     );
     ensure!(
@@ -321,7 +324,7 @@ pub fn rope_tables<D: KernelDevice>(
 /// Elements a strided `[B, T, H, D]` view (strides over B, T, H in elements, D unit-stride)
 /// spans from its first element; 0 when empty.
 fn view_span(dims: [usize; 4], strides: [usize; 3]) -> usize {
-    if dims.iter().any(|&x| x == 0) {
+    if dims.contains(&0) {
         return 0;
     }
     (dims[0] - 1) * strides[0] + (dims[1] - 1) * strides[1] + (dims[2] - 1) * strides[2] + dims[3]
@@ -342,7 +345,7 @@ pub fn rope_view<D: KernelDevice>(
     let op = "rope";
     let [b, t, h, d] = dims;
     ensure!(
-        d >= 2 && d % 2 == 0,
+        d >= 2 && d.is_multiple_of(2),
         "{op}: head dim {d} must be even and >= 2"
     );
     f32_in(op, "cos", cos)?;
@@ -579,6 +582,13 @@ pub struct AttnOut<B> {
     pub lse: DTensor<B>,
 }
 
+/// Errors unless the attention kernels have an instance for head dim `d` (64 and 128).
+pub fn check_head_dim(d: usize) -> Result<()> {
+    at::tile(at::Kernel::Fwd, d)
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 fn pattern_code(p: AttnPattern) -> (i32, u32, u32) {
     match p {
         AttnPattern::Causal => (at::CAUSAL, 0, 0),
@@ -797,7 +807,10 @@ pub fn noise_features_into<D: KernelDevice>(
 ) -> Result<()> {
     let op = "noise_features";
     s.expect_dtype(op, "noise levels", DType::F64)?;
-    ensure!(d >= 2 && d % 2 == 0, "{op}: d = {d} must be even and >= 2");
+    ensure!(
+        d >= 2 && d.is_multiple_of(2),
+        "{op}: d = {d} must be even and >= 2"
+    );
     ensure!(ld >= d, "{op}: row stride {ld} below d = {d}");
     let n = s.numel();
     let need = if n == 0 { 0 } else { (n - 1) * ld + d };
