@@ -3,8 +3,9 @@
 //! (kf_model::kdev_train::DevTrainer on kf_kernels_emu::device::Emu) against the CPU
 //! trainer's step (kf_model::train::optim::Trainer::train_step on the teacher's loss: mean
 //! next-token cross-entropy of `Ddit::forward_train`), from the same initial weights and
-//! batches: the loss, every parameter's gradient (step 1), the gradient norm (with the clip
-//! engaged), and every updated weight after steps 1 and 2.
+//! batches: the loss, every parameter's gradient (step 1; and bit-for-bit equal on a second
+//! device run), the gradient norm (with the clip engaged; and with accumulation over two
+//! micro-batches, unclipped), and every updated weight after steps 1 and 2.
 //!
 //! Tolerances. Gradients: the two sides sum in different orders in f32 (GEMMs, reductions),
 //! so each element may differ by `GRAD_RTOL` of itself plus `GRAD_ATOL_REL` of its tensor's
@@ -197,6 +198,23 @@ fn tiny_teacher_loss_and_gradients_match_the_cpu_autograd() {
         );
         assert!(max_abs(want) > 0.0, "{name}: a zero gradient tests nothing");
         compare(&format!("grad {name}"), &got, want, tol).unwrap();
+    }
+    // deterministic: a second forward / backward gives the same bits (no float atomics)
+    let (dev_l2, dev_g2) = dev.loss_and_grads(&bt).unwrap();
+    assert_eq!(
+        dev_l.to_bits(),
+        dev_l2.to_bits(),
+        "loss differs between runs"
+    );
+    for (((name, _), a), b) in cpu.params().iter().zip(&dev_g).zip(&dev_g2) {
+        let (a, b) = (
+            a.to_vec::<Emu, f32>(&emu).unwrap(),
+            b.to_vec::<Emu, f32>(&emu).unwrap(),
+        );
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "grad {name} differs between runs"
+        );
     }
     println!("total {:.1?}", t0.elapsed());
 }
