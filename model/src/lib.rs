@@ -11,6 +11,7 @@ pub mod distill_chain;
 pub mod eval;
 pub mod generate;
 pub mod kdev_model;
+pub mod kdev_train;
 pub mod kv_cache;
 pub mod pflm;
 pub mod tokenizer;

@@ -13,6 +13,7 @@ use anyhow::{ensure, Context, Result};
 use kf_engine::{DType, Device, Tensor};
 pub use kf_kernels::LaunchConfig;
 
+pub mod backward;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod launch;

@@ -1,0 +1,811 @@
+//! Training steps on a kernel device (`kf_ops::kdev::KernelDevice`: the CPU emulator of
+//! kernels/*.cu now, CUDA later), equal to the CPU trainer's step
+//! (`train::optim::Trainer::train_step`): the AR teacher on `TeacherTask`'s loss (mean
+//! next-token cross-entropy of `Ddit::forward_train`), and a PFLM student on the
+//! distillation stage's loss (`Pflm::forward_staircase` on `[context | hints]`, mean
+//! cross-entropy of the hint rows against given targets, e.g. `pflm::stage1_targets`).
+//! Each is a forward with saved activations, a hand-written backward through every layer
+//! (llm.c style: each op's gradient from its saved inputs) including the noise encoder, and
+//! the update: gradient accumulation, the global grad-norm clip and AdamW with the CPU
+//! trainer's hyper-parameters, schedule, decay rule (rank >= 2 only) and step numbering.
+//!
+//! The forward is the CPU model's, op for op: q, k and v are three GEMMs against the row
+//! blocks of `attn_qkv.weight` (the CPU's one GEMM and zero-copy split, so the same values up
+//! to summation order), RoPE uses the CPU op's f64 tables cast to f32, attention the
+//! flash-style kernels (causal or staircase, scale 1/sqrt(Dh)). Backward of the fused qkv:
+//! `dW_qkv`'s row blocks are written by three GEMMs, `dx` sums three GEMMs (beta = 1).
+//! Training configs have no mask token (`TrainConfig::model_config` clears it); a config
+//! with one is refused. Letters: B batch, T time, N = B T rows (the teacher), d width,
+//! H heads, Dh = d / H, V vocabulary, L layers; staircase: N context positions, kk hints per
+//! position, M = N kk hint rows per sequence.
+
+use crate::config::DditConfig;
+use crate::ddit::Ddit;
+use crate::kdev_model::{cat_time, narrow_time};
+use crate::pflm::Pflm;
+use crate::train::optim::{NonFinite, OptimConfig};
+use anyhow::{ensure, Context, Result};
+use kf_engine::{DType, Tensor};
+use kf_ops::adamw::AdamWConfig;
+use kf_ops::attention::{AttnParams, AttnPattern};
+use kf_ops::kdev::backward as bw;
+use kf_ops::kdev::launch::{self as fw, AttnDims, AttnOut, AttnPath, AttnView, LayerNormOut};
+use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
+
+/// Parameters per block and their offsets (the order of `ddit::param_specs`).
+const PER_BLOCK: usize = 8;
+const NORM1: usize = 0;
+const QKV: usize = 1;
+const OUT: usize = 2;
+const NORM2: usize = 3;
+const MLP0_W: usize = 4;
+const MLP0_B: usize = 5;
+const MLP2_W: usize = 6;
+const MLP2_B: usize = 7;
+/// Parameters of the noise encoder (`pflm::noise_param_specs` order), after the backbone's.
+const NOISE_PARAMS: usize = 8;
+const NC_W: usize = 0;
+const NC_B: usize = 1;
+const NLN_W: usize = 2;
+const NLN_B: usize = 3;
+const N0_W: usize = 4;
+const N0_B: usize = 5;
+const N2_W: usize = 6;
+const N2_B: usize = 7;
+
+/// One micro-batch: u32 inputs and next-token targets, both `[B, T]` row-major.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub b: usize,
+    pub t: usize,
+    pub ids: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+/// One staircase micro-batch of a PFLM student (`Pflm::forward_staircase` + mean
+/// cross-entropy against `targets`): u32 context `[B, N]`, f64 noises `u [B, N, kk]`, one
+/// temperature, u32 targets `[B, N, kk]` (row-major).
+#[derive(Clone, Debug)]
+pub struct StairBatch {
+    pub b: usize,
+    pub n: usize,
+    pub kk: usize,
+    pub ctx: Vec<u32>,
+    pub u: Vec<f64>,
+    pub tau: f64,
+    pub targets: Vec<u32>,
+}
+
+/// What one device update did (the CPU `StepStats` fields that apply).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DevStepStats {
+    /// 1-based number of this update.
+    pub step: u64,
+    /// Mean of the micro-batch losses.
+    pub loss: f64,
+    pub lr: f64,
+    /// L2 norm of the averaged gradient before clipping.
+    pub grad_norm: f64,
+}
+
+/// Activations of one block that the backward reads.
+struct BlockSaved<B> {
+    h_in: DTensor<B>,
+    ln1: LayerNormOut<B>,
+    /// q, k after RoPE, v: `[B, T, H, Dh]` contiguous.
+    q: DTensor<B>,
+    k: DTensor<B>,
+    v: DTensor<B>,
+    att: AttnOut<B>,
+    h_mid: DTensor<B>,
+    ln2: LayerNormOut<B>,
+    /// MLP pre-activation and activation `[N, 4d]`.
+    m_pre: DTensor<B>,
+    act: DTensor<B>,
+}
+
+/// The cos and sin tables of one position list.
+type Tables<'a, B> = (&'a DTensor<B>, &'a DTensor<B>);
+/// The residual stream after the last block, and each block's saved activations.
+type BackboneOut<B> = (DTensor<B>, Vec<BlockSaved<B>>);
+/// The final LayerNorm (with its statistics) and the logits.
+type HeadOut<B> = (LayerNormOut<B>, DTensor<B>);
+
+/// RoPE tables of positions `pos [T]`: (pos, cos, sin), `[T, Dh/2]` f32.
+type RopeAt<B> = (Vec<u32>, DTensor<B>, DTensor<B>);
+
+/// The teacher's parameters, AdamW moments and step on a kernel device.
+pub struct DevTrainer<'d, D: KernelDevice> {
+    dev: &'d D,
+    cfg: DditConfig,
+    opt: OptimConfig,
+    names: Vec<String>,
+    params: Vec<DTensor<D::Buf>>,
+    m: Vec<DTensor<D::Buf>>,
+    v: Vec<DTensor<D::Buf>>,
+    decay: Vec<bool>,
+    /// RoPE tables per position list.
+    rope: Vec<RopeAt<D::Buf>>,
+    /// A PFLM student: the window k (its noise encoder's parameters follow the backbone's).
+    noise: Option<usize>,
+    step: u64,
+}
+
+fn gemm<D: KernelDevice>(
+    dev: &D,
+    spec: &GemmSpec,
+    a: &DTensor<D::Buf>,
+    b: &DTensor<D::Buf>,
+    c: &DTensor<D::Buf>,
+) -> Result<()> {
+    bw::gemm(dev, spec, a, b, c)
+}
+
+impl<'d, D: KernelDevice> DevTrainer<'d, D> {
+    /// Uploads the AR teacher's f32 parameters (checkpoint order); moments start at zero,
+    /// step 0.
+    pub fn new(dev: &'d D, model: &Ddit, opt: OptimConfig) -> Result<DevTrainer<'d, D>> {
+        ensure!(
+            model.cfg.k.is_none(),
+            "device trainer: {model:?} is a PFLM backbone (use new_pflm)"
+        );
+        Self::upload(dev, &model.cfg, model.params(), opt, None)
+    }
+
+    /// Uploads a PFLM student's f32 parameters (`Pflm::params` order: backbone, then noise
+    /// encoder) for staircase training ([`Self::train_step_staircase`]).
+    pub fn new_pflm(dev: &'d D, model: &Pflm, opt: OptimConfig) -> Result<DevTrainer<'d, D>> {
+        Self::upload(dev, model.cfg(), &model.params(), opt, Some(model.k))
+    }
+
+    fn upload(
+        dev: &'d D,
+        cfg: &DditConfig,
+        named: &[(String, Tensor)],
+        opt: OptimConfig,
+        noise: Option<usize>,
+    ) -> Result<DevTrainer<'d, D>> {
+        opt.validate()?;
+        let cfg = cfg.clone();
+        ensure!(
+            cfg.mask_token_id.is_none(),
+            "device trainer: training has no mask token (config sets {:?})",
+            cfg.mask_token_id
+        );
+        ensure!(
+            matches!(cfg.head_dim(), 64 | 128),
+            "device trainer: head dim {} has no attention kernel (64 or 128)",
+            cfg.head_dim()
+        );
+        let want =
+            1 + cfg.n_layers * PER_BLOCK + 3 + if noise.is_some() { NOISE_PARAMS } else { 0 };
+        ensure!(
+            named.len() == want,
+            "device trainer: {} parameters, the config needs {want}",
+            named.len()
+        );
+        let mut names = vec![];
+        let (mut params, mut m, mut v, mut decay) = (vec![], vec![], vec![], vec![]);
+        for (name, t) in named {
+            ensure!(
+                t.dtype() == DType::F32,
+                "device trainer: parameter {name} is {}, training keeps f32 parameters",
+                t.dtype()
+            );
+            names.push(name.clone());
+            params.push(
+                DTensor::upload(dev, &t.detach()).with_context(|| format!("uploading {name}"))?,
+            );
+            m.push(DTensor::zeros(dev, t.shape(), DType::F32)?);
+            v.push(DTensor::zeros(dev, t.shape(), DType::F32)?);
+            decay.push(t.rank() >= 2);
+        }
+        Ok(DevTrainer {
+            dev,
+            cfg,
+            opt,
+            names,
+            params,
+            m,
+            v,
+            decay,
+            rope: vec![],
+            noise,
+            step: 0,
+        })
+    }
+
+    /// Completed updates.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The parameters on the host, in checkpoint order under their names.
+    pub fn params_to_host(&self) -> Result<Vec<(String, Tensor)>> {
+        self.names
+            .iter()
+            .zip(&self.params)
+            .map(|(n, p)| Ok((n.clone(), p.download(self.dev)?)))
+            .collect()
+    }
+
+    fn p(&self, i: usize) -> &DTensor<D::Buf> {
+        &self.params[i]
+    }
+    fn bi(&self, layer: usize, which: usize) -> usize {
+        1 + layer * PER_BLOCK + which
+    }
+    fn final_idx(&self) -> usize {
+        1 + self.cfg.n_layers * PER_BLOCK
+    }
+
+    fn attn_params(&self, pattern: AttnPattern) -> AttnParams {
+        AttnParams {
+            pattern,
+            q_start: 0,
+            scale: 1.0 / (self.cfg.head_dim() as f64).sqrt(),
+            key_skip: vec![],
+        }
+    }
+
+    /// The RoPE tables of positions `pos`: the CPU op's f64 tables cast to f32.
+    fn rope_tables(&mut self, pos: &[u32]) -> Result<()> {
+        if self.rope.iter().any(|r| r.0 == pos) {
+            return Ok(());
+        }
+        let hd = self.cfg.head_dim();
+        let (c, s) = kf_ops::rope::rope_tables(pos, hd, self.cfg.rope_base);
+        let f = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        let cos = DTensor::from_slice(self.dev, &f(c), &[pos.len(), hd / 2])?;
+        let sin = DTensor::from_slice(self.dev, &f(s), &[pos.len(), hd / 2])?;
+        self.rope.push((pos.to_vec(), cos, sin));
+        Ok(())
+    }
+
+    fn tables(&self, pos: &[u32]) -> Result<Tables<'_, D::Buf>> {
+        let r = self
+            .rope
+            .iter()
+            .find(|r| r.0 == pos)
+            .context("RoPE tables are made before the pass")?;
+        Ok((&r.1, &r.2))
+    }
+
+    /// `x [N, d] · W[rows r0.. r0+n of w]ᵀ`: `[N, n]` (one row block of a fused weight).
+    fn linear_rows(
+        &self,
+        x: &DTensor<D::Buf>,
+        w: &DTensor<D::Buf>,
+        r0: usize,
+        n: usize,
+    ) -> Result<DTensor<D::Buf>> {
+        let (rows, k) = (x.numel() / x.shape()[x.rank() - 1], x.shape()[x.rank() - 1]);
+        let out = DTensor::uninit(self.dev, &[rows, n], DType::F32)?;
+        let spec = GemmSpec {
+            b_off: r0 * k,
+            ..GemmSpec::simple(rows, n, k, true)
+        };
+        gemm(self.dev, &spec, x, w, &out)?;
+        Ok(out)
+    }
+
+    /// The blocks on input embeddings `h0 [B T, d]` at positions `pos [T]` (tables made
+    /// first) with attention `ap`: the residual stream after the last block and what the
+    /// backward reads.
+    fn backbone_fwd(
+        &self,
+        h0: DTensor<D::Buf>,
+        (b, t): (usize, usize),
+        pos: &[u32],
+        ap: &AttnParams,
+    ) -> Result<BackboneOut<D::Buf>> {
+        let dev = self.dev;
+        let c = &self.cfg;
+        let (d, nh, hd) = (c.d_model, c.n_heads, c.head_dim());
+        let n = b * t;
+        let eps = c.ln_eps as f32;
+        let mut h = h0.reshape(&[n, d])?;
+        let dims = AttnDims {
+            b,
+            h: nh,
+            d: hd,
+            tq: t,
+            tk: t,
+        };
+        let (cos, sin) = self.tables(pos)?;
+        let mut blocks = Vec::with_capacity(c.n_layers);
+        for layer in 0..c.n_layers {
+            let ln1 = fw::layer_norm(dev, &h, self.p(self.bi(layer, NORM1)), None, eps)?;
+            let wqkv = self.p(self.bi(layer, QKV));
+            let part = |i: usize| -> Result<DTensor<D::Buf>> {
+                self.linear_rows(&ln1.y, wqkv, i * d, d)?
+                    .reshape(&[b, t, nh, hd])
+            };
+            let q = fw::rope(dev, &part(0)?, cos, sin)?;
+            let k = fw::rope(dev, &part(1)?, cos, sin)?;
+            let v = part(2)?;
+            let att = fw::attention(
+                dev,
+                AttnView::contiguous(&q)?,
+                AttnView::contiguous(&k)?,
+                AttnView::contiguous(&v)?,
+                dims,
+                ap,
+                AttnPath::Tiles,
+            )?;
+            // o [B, T, H, Dh] is [N, d] row-major: the projection reads it as such
+            let proj = DTensor::uninit(dev, &[n, d], DType::F32)?;
+            gemm(
+                dev,
+                &GemmSpec::simple(n, d, d, true),
+                &att.o,
+                self.p(self.bi(layer, OUT)),
+                &proj,
+            )?;
+            let h_mid = fw::add(dev, &h, &proj)?;
+            let ln2 = fw::layer_norm(dev, &h_mid, self.p(self.bi(layer, NORM2)), None, eps)?;
+            let m_pre = fw::linear(
+                dev,
+                &ln2.y,
+                self.p(self.bi(layer, MLP0_W)),
+                Some(self.p(self.bi(layer, MLP0_B))),
+            )?;
+            let act = fw::gelu_tanh(dev, &m_pre)?;
+            let mo = fw::linear(
+                dev,
+                &act,
+                self.p(self.bi(layer, MLP2_W)),
+                Some(self.p(self.bi(layer, MLP2_B))),
+            )?;
+            let h_out = fw::add(dev, &h_mid, &mo)?;
+            blocks.push(BlockSaved {
+                h_in: std::mem::replace(&mut h, h_out),
+                ln1,
+                q,
+                k,
+                v,
+                att,
+                h_mid,
+                ln2,
+                m_pre,
+                act,
+            });
+        }
+        Ok((h, blocks))
+    }
+
+    /// The final layer on rows `h [R, d]`: LN_f (weight only) and the output linear.
+    fn head_fwd(&self, h: &DTensor<D::Buf>) -> Result<HeadOut<D::Buf>> {
+        let f = self.final_idx();
+        let lnf = fw::layer_norm(self.dev, h, self.p(f), None, self.cfg.ln_eps as f32)?;
+        let logits = fw::linear(self.dev, &lnf.y, self.p(f + 1), Some(self.p(f + 2)))?;
+        Ok((lnf, logits))
+    }
+
+    /// Backward of the mean cross-entropy and the head: the gradient of the head's input rows
+    /// `h [R, d]` (the head's parameter gradients go to `grads`).
+    fn loss_head_bwd(
+        &self,
+        h: &DTensor<D::Buf>,
+        lnf: &LayerNormOut<D::Buf>,
+        logits: &DTensor<D::Buf>,
+        targets: &DTensor<D::Buf>,
+        ce: &bw::CrossEntropy<D::Buf>,
+        grads: &mut [Option<DTensor<D::Buf>>],
+    ) -> Result<DTensor<D::Buf>> {
+        let dev = self.dev;
+        let one = DTensor::from_slice(dev, &[1.0f32], &[1])?;
+        let dlogits = bw::cross_entropy_bwd(dev, logits, targets, ce, &one, None)?;
+        let fi = self.final_idx();
+        let head =
+            bw::linear_bwd(dev, &lnf.y, self.p(fi + 1), &dlogits, true).context("output layer")?;
+        grads[fi + 1] = Some(head.dw);
+        grads[fi + 2] = head.db;
+        let g = bw::layer_norm_bwd(dev, h, self.p(fi), &head.dx, &lnf.mean, &lnf.rstd, false)
+            .context("final LayerNorm")?;
+        grads[fi] = Some(g.dw);
+        Ok(g.dx)
+    }
+
+    /// The hand-written backward of [`Self::backbone_fwd`] from `dh` (the gradient of its
+    /// output `[B T, d]`): the gradient of `h0` (the blocks' parameter gradients go to `grads`).
+    #[allow(clippy::too_many_arguments)]
+    fn backbone_bwd(
+        &self,
+        blocks: &[BlockSaved<D::Buf>],
+        mut dh: DTensor<D::Buf>,
+        (b, t): (usize, usize),
+        pos: &[u32],
+        ap: &AttnParams,
+        grads: &mut [Option<DTensor<D::Buf>>],
+    ) -> Result<DTensor<D::Buf>> {
+        let dev = self.dev;
+        let c = &self.cfg;
+        let (d, nh, hd) = (c.d_model, c.n_heads, c.head_dim());
+        let n = b * t;
+        let dims = AttnDims {
+            b,
+            h: nh,
+            d: hd,
+            tq: t,
+            tk: t,
+        };
+        let (cos, sin) = self.tables(pos)?;
+        for layer in (0..c.n_layers).rev() {
+            let s = &blocks[layer];
+            let ix = |which: usize| self.bi(layer, which);
+            let ctx = |what: &str| format!("block {layer}: {what}");
+            // h_out = h_mid + gelu(LN2(h_mid) W0ᵀ + b0) W2ᵀ + b2
+            let l2 = bw::linear_bwd(dev, &s.act, self.p(ix(MLP2_W)), &dh, true)
+                .with_context(|| ctx("mlp.2"))?;
+            grads[ix(MLP2_W)] = Some(l2.dw);
+            grads[ix(MLP2_B)] = l2.db;
+            let dpre = bw::gelu_tanh_bwd(dev, &s.m_pre, &l2.dx).with_context(|| ctx("gelu"))?;
+            let l0 = bw::linear_bwd(dev, &s.ln2.y, self.p(ix(MLP0_W)), &dpre, true)
+                .with_context(|| ctx("mlp.0"))?;
+            grads[ix(MLP0_W)] = Some(l0.dw);
+            grads[ix(MLP0_B)] = l0.db;
+            let n2 = bw::layer_norm_bwd(
+                dev,
+                &s.h_mid,
+                self.p(ix(NORM2)),
+                &l0.dx,
+                &s.ln2.mean,
+                &s.ln2.rstd,
+                false,
+            )
+            .with_context(|| ctx("norm2"))?;
+            grads[ix(NORM2)] = Some(n2.dw);
+            let dh_mid = fw::add(dev, &dh, &n2.dx)?;
+            // h_mid = h_in + Attn(RoPE(q), RoPE(k), v) W_oᵀ, o [B, T, H, Dh] read as [N, d]
+            let lo = bw::linear_bwd(dev, &s.att.o, self.p(ix(OUT)), &dh_mid, false)
+                .with_context(|| ctx("attn_out"))?;
+            grads[ix(OUT)] = Some(lo.dw);
+            let ag = bw::attention_bwd(
+                dev,
+                AttnView::contiguous(&s.q)?,
+                AttnView::contiguous(&s.k)?,
+                AttnView::contiguous(&s.v)?,
+                &s.att.o,
+                &s.att.lse,
+                &lo.dx,
+                dims,
+                ap,
+            )
+            .with_context(|| ctx("attention"))?;
+            let dq = bw::rope_bwd(dev, &ag.dq, cos, sin)?;
+            let dk = bw::rope_bwd(dev, &ag.dk, cos, sin)?;
+            // q | k | v = x1 W_qkv[row block i]ᵀ: dW block i = d_iᵀ x1, dx1 = Σ d_i W_i
+            let wqkv = self.p(ix(QKV));
+            let dw = DTensor::uninit(dev, &[3 * d, d], DType::F32)?;
+            let dx1 = DTensor::uninit(dev, &[n, d], DType::F32)?;
+            for (i, g) in [&dq, &dk, &ag.dv].into_iter().enumerate() {
+                let spec = GemmSpec {
+                    trans_a: true,
+                    lda: d,
+                    c_off: i * d * d,
+                    ..GemmSpec::simple(d, d, n, false)
+                };
+                gemm(dev, &spec, g, &s.ln1.y, &dw).with_context(|| ctx("dW_qkv"))?;
+                let spec = GemmSpec {
+                    b_off: i * d * d,
+                    beta: if i == 0 { 0.0 } else { 1.0 },
+                    ..GemmSpec::simple(n, d, d, false)
+                };
+                gemm(dev, &spec, g, wqkv, &dx1).with_context(|| ctx("dx of qkv"))?;
+            }
+            grads[ix(QKV)] = Some(dw);
+            let n1 = bw::layer_norm_bwd(
+                dev,
+                &s.h_in,
+                self.p(ix(NORM1)),
+                &dx1,
+                &s.ln1.mean,
+                &s.ln1.rstd,
+                false,
+            )
+            .with_context(|| ctx("norm1"))?;
+            grads[ix(NORM1)] = Some(n1.dw);
+            dh = fw::add(dev, &dh_mid, &n1.dx)?;
+        }
+        Ok(dh)
+    }
+
+    fn collect(&self, grads: Vec<Option<DTensor<D::Buf>>>) -> Result<Vec<DTensor<D::Buf>>> {
+        grads
+            .into_iter()
+            .zip(&self.names)
+            .map(|(g, name)| g.with_context(|| format!("no gradient for {name}")))
+            .collect()
+    }
+
+    /// The teacher's mean next-token cross-entropy of one batch and the gradient of every
+    /// parameter (checkpoint order), on the device.
+    pub fn loss_and_grads(&mut self, batch: &Batch) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
+        let (b, t) = (batch.b, batch.t);
+        let c = self.cfg.clone();
+        ensure!(
+            self.noise.is_none(),
+            "device trainer: a PFLM student trains on staircase batches"
+        );
+        ensure!(
+            t >= 1 && t <= c.max_seq_len && b >= 1,
+            "device forward: batch [{b}, {t}] (T must be in 1..={})",
+            c.max_seq_len
+        );
+        ensure!(
+            batch.ids.len() == b * t && batch.targets.len() == b * t,
+            "device forward: {} ids and {} targets for [{b}, {t}]",
+            batch.ids.len(),
+            batch.targets.len()
+        );
+        let pos: Vec<u32> = (0..t as u32).collect();
+        self.rope_tables(&pos)?;
+        let dev = self.dev;
+        let n = b * t;
+        let ids = DTensor::from_slice(dev, &batch.ids, &[b, t])?;
+        let targets = DTensor::from_slice(dev, &batch.targets, &[n])?;
+        // ids >= V: an error before anything runs (the gather would give NaN rows)
+        ensure!(
+            batch.ids.iter().all(|&i| (i as usize) < c.vocab_size),
+            "device forward: an id is outside the vocabulary of {}",
+            c.vocab_size
+        );
+        let h0 = fw::embedding(dev, &ids, self.p(0))?;
+        let ap = self.attn_params(AttnPattern::Causal);
+        let (h, blocks) = self.backbone_fwd(h0, (b, t), &pos, &ap)?;
+        let (lnf, logits) = self.head_fwd(&h)?;
+        let ce = bw::cross_entropy(dev, &logits, &targets, None)?;
+        let loss = ce.mean.to_vec::<D, f32>(dev)?[0] as f64;
+        let mut grads: Vec<Option<DTensor<D::Buf>>> =
+            (0..self.params.len()).map(|_| None).collect();
+        let dh = self.loss_head_bwd(&h, &lnf, &logits, &targets, &ce, &mut grads)?;
+        let dh0 = self.backbone_bwd(&blocks, dh, (b, t), &pos, &ap, &mut grads)?;
+        grads[0] = Some(bw::embedding_bwd(dev, &ids, &dh0, c.vocab_size).context("embedding")?);
+        Ok((loss, self.collect(grads)?))
+    }
+
+    /// A PFLM student's staircase loss (`Pflm::forward_staircase` on `[context | hints]`,
+    /// then the mean cross-entropy of the hint rows against the targets) and the gradient of
+    /// every parameter (`Pflm::params` order), on the device.
+    pub fn staircase_loss_and_grads(
+        &mut self,
+        sb: &StairBatch,
+    ) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
+        ensure!(
+            self.noise.is_some(),
+            "device trainer: staircase batches train a PFLM student (new_pflm)"
+        );
+        let c = self.cfg.clone();
+        let (b, n, kk) = (sb.b, sb.n, sb.kk);
+        let (m, d, v) = (n * kk, c.d_model, c.vocab_size);
+        let t = n + m;
+        ensure!(
+            b >= 1 && n >= 1 && kk >= 1,
+            "staircase batch: B, N and k must be >= 1"
+        );
+        ensure!(
+            sb.ctx.len() == b * n && sb.u.len() == b * m && sb.targets.len() == b * m,
+            "staircase batch: {} context ids, {} noises, {} targets for B {b}, N {n}, k {kk}",
+            sb.ctx.len(),
+            sb.u.len(),
+            sb.targets.len()
+        );
+        ensure!(
+            sb.tau.is_finite() && sb.tau >= 0.0,
+            "tau must be finite and >= 0, got {}",
+            sb.tau
+        );
+        ensure!(
+            n - 1 + kk < c.max_seq_len,
+            "staircase batch: position {} is beyond the model's max_seq_len {}",
+            n - 1 + kk,
+            c.max_seq_len
+        );
+        ensure!(
+            sb.ctx.iter().all(|&i| (i as usize) < v),
+            "staircase batch: a context id is outside the vocabulary of {v}"
+        );
+        // context at 0..N, hint i of the window after position p at p + i
+        let mut pos: Vec<u32> = (0..n as u32).collect();
+        for p in 0..n {
+            for i in 1..=kk {
+                pos.push((p + i) as u32);
+            }
+        }
+        self.rope_tables(&pos)?;
+        let dev = self.dev;
+        let eps = c.ln_eps as f32;
+        let ctx = DTensor::from_slice(dev, &sb.ctx, &[b, n])?;
+        let targets = DTensor::from_slice(dev, &sb.targets, &[b * m])?;
+        let emb = fw::embedding(dev, &ctx, self.p(0))?;
+        // the noise encoder (pflm.rs): x = [f(u) | f(tau)] W_cᵀ + b_c,
+        // e = x + W_2 gelu_erf(W_0 LN(x) + b_0) + b_2
+        let nb = self.params.len() - NOISE_PARAMS;
+        let np = |i: usize| &self.params[nb + i];
+        let uu = DTensor::from_slice(dev, &sb.u, &[b * m])?;
+        let tt = DTensor::from_slice(dev, &vec![sb.tau; b * m], &[b * m])?;
+        let fu = fw::noise_features(dev, &uu, d)?;
+        let ft = fw::noise_features(dev, &tt, d)?;
+        let x = DTensor::uninit(dev, &[b * m, d], DType::F32)?;
+        for (i, f) in [&fu, &ft].into_iter().enumerate() {
+            let spec = GemmSpec {
+                ldb: 2 * d,
+                b_off: i * d,
+                beta: i as f32,
+                ..GemmSpec::simple(b * m, d, d, true)
+            };
+            gemm(dev, &spec, f, np(NC_W), &x)?;
+        }
+        let x = fw::bias_add(dev, &x, np(NC_B))?;
+        let ln = fw::layer_norm(dev, &x, np(NLN_W), Some(np(NLN_B)), eps)?;
+        let m_pre = fw::linear(dev, &ln.y, np(N0_W), Some(np(N0_B)))?;
+        let act = fw::gelu_erf(dev, &m_pre)?;
+        let y = fw::linear(dev, &act, np(N2_W), Some(np(N2_B)))?;
+        let e = fw::add(dev, &x, &y)?.reshape(&[b, m, d])?;
+        let h0 = cat_time(dev, &emb, &e)?;
+        let ap = self.attn_params(AttnPattern::Staircase { n, k: kk });
+        let (h, blocks) = self.backbone_fwd(h0, (b, t), &pos, &ap)?;
+        let hh = narrow_time(dev, &h.reshape(&[b, t, d])?, n, m)?.reshape(&[b * m, d])?;
+        let (lnf, logits) = self.head_fwd(&hh)?;
+        let ce = bw::cross_entropy(dev, &logits, &targets, None)?;
+        let loss = ce.mean.to_vec::<D, f32>(dev)?[0] as f64;
+
+        let mut grads: Vec<Option<DTensor<D::Buf>>> =
+            (0..self.params.len()).map(|_| None).collect();
+        let dhh = self.loss_head_bwd(&hh, &lnf, &logits, &targets, &ce, &mut grads)?;
+        // the head read only the hint rows: the context rows' gradient is zero
+        let dh = DTensor::zeros(dev, &[b * t, d], DType::F32)?;
+        for bi in 0..b {
+            dev.copy(
+                &dhh.buf,
+                bi * m * d * 4,
+                &dh.buf,
+                (bi * t + n) * d * 4,
+                m * d * 4,
+            )?;
+        }
+        let dh0 = self
+            .backbone_bwd(&blocks, dh, (b, t), &pos, &ap, &mut grads)?
+            .reshape(&[b, t, d])?;
+        let demb = narrow_time(dev, &dh0, 0, n)?;
+        let de = narrow_time(dev, &dh0, n, m)?.reshape(&[b * m, d])?;
+        grads[0] = Some(bw::embedding_bwd(dev, &ctx, &demb, v).context("embedding")?);
+        let l2 = bw::linear_bwd(dev, &act, np(N2_W), &de, true).context("noise mlp.2")?;
+        let dpre = bw::gelu_erf_bwd(dev, &m_pre, &l2.dx)?;
+        let l0 = bw::linear_bwd(dev, &ln.y, np(N0_W), &dpre, true).context("noise mlp.0")?;
+        let lg = bw::layer_norm_bwd(dev, &x, np(NLN_W), &l0.dx, &ln.mean, &ln.rstd, true)
+            .context("noise norm")?;
+        let dx = fw::add(dev, &de, &lg.dx)?;
+        // the column halves of dW_c [d, 2d]: dxᵀ f(u) and dxᵀ f(tau)
+        let dwc = DTensor::uninit(dev, &[d, 2 * d], DType::F32)?;
+        for (i, f) in [&fu, &ft].into_iter().enumerate() {
+            let spec = GemmSpec {
+                trans_a: true,
+                lda: d,
+                ldc: 2 * d,
+                c_off: i * d,
+                ..GemmSpec::simple(d, d, b * m, false)
+            };
+            gemm(dev, &spec, &dx, f, &dwc).context("noise combined_proj")?;
+        }
+        grads[nb + NC_W] = Some(dwc);
+        grads[nb + NC_B] = Some(bw::colsum(dev, &dx)?);
+        grads[nb + NLN_W] = Some(lg.dw);
+        grads[nb + NLN_B] = lg.db;
+        grads[nb + N0_W] = Some(l0.dw);
+        grads[nb + N0_B] = l0.db;
+        grads[nb + N2_W] = Some(l2.dw);
+        grads[nb + N2_B] = l2.db;
+        Ok((loss, self.collect(grads)?))
+    }
+
+    /// One update, as `Trainer::train_step`: the gradients of the `grad_accum` micro-batches
+    /// summed in order and divided by `grad_accum`, clipped to `grad_clip` by global norm
+    /// (`grad_clip / (norm + 1e-6)` when the norm exceeds it), AdamW at `lr_at(i)` with
+    /// bias-correction step `i + 1`, decay on parameters of rank >= 2 only. A non-finite loss
+    /// or norm returns [`NonFinite`] before any parameter changes.
+    pub fn train_step(&mut self, micro: &[Batch]) -> Result<DevStepStats> {
+        self.update(micro.len(), |me, j| me.loss_and_grads(&micro[j]))
+    }
+
+    /// [`Self::train_step`] for a PFLM student on staircase batches (the distillation
+    /// stage's loss).
+    pub fn train_step_staircase(&mut self, micro: &[StairBatch]) -> Result<DevStepStats> {
+        self.update(micro.len(), |me, j| me.staircase_loss_and_grads(&micro[j]))
+    }
+
+    fn update<F>(&mut self, count: usize, mut loss_fn: F) -> Result<DevStepStats>
+    where
+        F: FnMut(&mut Self, usize) -> Result<(f64, Vec<DTensor<D::Buf>>)>,
+    {
+        let accum = self.opt.grad_accum;
+        ensure!(
+            count == accum,
+            "device train step: {count} micro-batches, grad_accum is {accum}"
+        );
+        let dev = self.dev;
+        let i = self.step;
+        let step1 = i + 1;
+        let mut acc: Option<Vec<DTensor<D::Buf>>> = None;
+        let mut loss_sum = 0.0;
+        for j in 0..count {
+            let (loss, grads) =
+                loss_fn(self, j).with_context(|| format!("step {step1}, micro-batch {j}"))?;
+            if !loss.is_finite() {
+                return Err(NonFinite {
+                    step: step1,
+                    what: "the training loss is",
+                    value: loss,
+                    micro: Some(j),
+                }
+                .into());
+            }
+            loss_sum += loss;
+            acc = Some(match acc {
+                None => grads,
+                Some(a) => a
+                    .iter()
+                    .zip(&grads)
+                    .map(|(x, y)| fw::add(dev, x, y))
+                    .collect::<Result<_>>()?,
+            });
+        }
+        let acc = acc.context("no micro-batches")?;
+        let inv = 1.0 / accum as f64;
+        let refs: Vec<&DTensor<D::Buf>> = acc.iter().collect();
+        let sq = bw::sumsq(dev, &refs)?.to_vec::<D, f32>(dev)?[0] as f64;
+        let grad_norm = (sq * inv * inv).sqrt();
+        if !grad_norm.is_finite() {
+            return Err(NonFinite {
+                step: step1,
+                what: "the gradient norm is",
+                value: grad_norm,
+                micro: None,
+            }
+            .into());
+        }
+        let clip = if self.opt.grad_clip > 0.0 && grad_norm > self.opt.grad_clip {
+            self.opt.grad_clip / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let factor = (clip * inv) as f32;
+        let lr = self.opt.lr_at(i);
+        for (k, g) in acc.into_iter().enumerate() {
+            let g = if factor != 1.0 {
+                bw::scale(dev, &g, factor)?
+            } else {
+                g
+            };
+            let cfg = AdamWConfig {
+                lr,
+                beta1: self.opt.beta1,
+                beta2: self.opt.beta2,
+                eps: self.opt.eps,
+                weight_decay: if self.decay[k] {
+                    self.opt.weight_decay
+                } else {
+                    0.0
+                },
+            };
+            bw::adamw_step(
+                dev,
+                &self.params[k],
+                &g,
+                &self.m[k],
+                &self.v[k],
+                step1,
+                &cfg,
+            )
+            .with_context(|| format!("step {step1}: AdamW on {}", self.names[k]))?;
+        }
+        self.step = step1;
+        Ok(DevStepStats {
+            step: step1,
+            loss: loss_sum / accum as f64,
+            lr,
+            grad_norm,
+        })
+    }
+}
