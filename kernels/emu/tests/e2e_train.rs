@@ -24,6 +24,7 @@ use kf_model::kdev_train::{Batch, DevStepStats, DevTrainer, StairBatch};
 use kf_model::pflm::{stage1_targets, Pflm};
 use kf_model::train::optim::{OptimConfig, Trainer};
 use kf_model::{Ddit, DditConfig};
+use kf_ops::kdev::KernelDevice;
 use kf_tests::harness::{compare, Gen, Tol};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -204,11 +205,16 @@ fn check_grad(what: &str, name: &str, got: &[f64], want: &[f64]) -> f64 {
 /// Step 1's loss and every parameter's gradient, device against CPU.
 #[test]
 fn tiny_teacher_loss_and_gradients_match_the_cpu_autograd() {
+    teacher_loss_and_gradients_on(&Emu);
+}
+
+/// The loss and every gradient of one teacher forward / backward on `emu` against the CPU
+/// autograd, and the same bits on a second run.
+fn teacher_loss_and_gradients_on<D: KernelDevice>(emu: &D) {
     let t0 = Instant::now();
     let cfg = config();
     let mut cpu = Ddit::init(&cfg, 11).unwrap();
-    let emu = Emu;
-    let mut dev = DevTrainer::new(&emu, &cpu, optim()).unwrap();
+    let mut dev = DevTrainer::new(emu, &cpu, optim()).unwrap();
     cpu.set_trainable(true);
     let bt = batch(1, 2, 40, cfg.vocab_size);
     let (cpu_l, cpu_g) = cpu_grads(&cpu, &bt);
@@ -223,7 +229,7 @@ fn tiny_teacher_loss_and_gradients_match_the_cpu_autograd() {
     for ((name, _), g) in cpu.params().iter().zip(&dev_g) {
         let want = &cpu_g[name];
         let got: Vec<f64> = g
-            .to_vec::<Emu, f32>(&emu)
+            .to_vec::<D, f32>(emu)
             .unwrap()
             .iter()
             .map(|&x| x as f64)
@@ -244,8 +250,8 @@ fn tiny_teacher_loss_and_gradients_match_the_cpu_autograd() {
     );
     for (((name, _), a), b) in cpu.params().iter().zip(&dev_g).zip(&dev_g2) {
         let (a, b) = (
-            a.to_vec::<Emu, f32>(&emu).unwrap(),
-            b.to_vec::<Emu, f32>(&emu).unwrap(),
+            a.to_vec::<D, f32>(emu).unwrap(),
+            b.to_vec::<D, f32>(emu).unwrap(),
         );
         assert!(
             a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
@@ -260,6 +266,7 @@ fn tiny_teacher_loss_and_gradients_match_the_cpu_autograd() {
 fn tiny_teacher_training_steps_match_the_cpu_trainer() {
     let v = config().vocab_size;
     steps(
+        &Emu,
         optim(),
         &[vec![batch(1, 2, 40, v)], vec![batch(2, 2, 40, v)]],
         true,
@@ -276,6 +283,7 @@ fn accumulated_unclipped_steps_match_the_cpu_trainer() {
         ..optim()
     };
     steps(
+        &Emu,
         opt,
         &[
             vec![batch(3, 1, 33, v), batch(4, 1, 33, v)],
@@ -287,11 +295,10 @@ fn accumulated_unclipped_steps_match_the_cpu_trainer() {
 
 /// Runs `micro.len()` updates on both sides (update s takes the micro-batches `micro[s]`)
 /// and compares loss, gradient norm, learning rate and every weight after each.
-fn steps(opt: OptimConfig, micro: &[Vec<Batch>], clipped: bool) {
+fn steps<D: KernelDevice>(emu: &D, opt: OptimConfig, micro: &[Vec<Batch>], clipped: bool) {
     let cfg = config();
     let mut cpu = Ddit::init(&cfg, 11).unwrap();
-    let emu = Emu;
-    let mut dev = DevTrainer::new(&emu, &cpu, opt.clone()).unwrap();
+    let mut dev = DevTrainer::new(emu, &cpu, opt.clone()).unwrap();
     cpu.set_trainable(true);
     let init = Ddit::init(&cfg, 11).unwrap().params().to_vec();
     run_steps(
@@ -307,22 +314,22 @@ fn steps(opt: OptimConfig, micro: &[Vec<Batch>], clipped: bool) {
 }
 
 type CpuLoss<'a, Bt> = &'a dyn Fn(&Bt) -> anyhow::Result<Tensor>;
-type DevStep<'a, 'd, Bt> =
-    &'a dyn Fn(&mut DevTrainer<'d, Emu>, &[Bt]) -> anyhow::Result<DevStepStats>;
+type DevStep<'a, 'd, D, Bt> =
+    &'a dyn Fn(&mut DevTrainer<'d, D>, &[Bt]) -> anyhow::Result<DevStepStats>;
 
 /// The comparison of [`steps`] for any model and batch kind: `params` are the CPU model's
 /// trainable handles (updated in place by the CPU trainer), `init` a copy of the initial
 /// weights, `cpu_loss` the CPU loss of one micro-batch, `dev_step` the device update.
 #[allow(clippy::too_many_arguments)]
-fn run_steps<'d, Bt>(
+fn run_steps<'d, D: KernelDevice, Bt>(
     opt: &OptimConfig,
     micro: &[Vec<Bt>],
     clipped: bool,
     params: &[(String, Tensor)],
     init: &[(String, Tensor)],
     cpu_loss: CpuLoss<'_, Bt>,
-    dev: &mut DevTrainer<'d, Emu>,
-    dev_step: DevStep<'_, 'd, Bt>,
+    dev: &mut DevTrainer<'d, D>,
+    dev_step: DevStep<'_, 'd, D, Bt>,
 ) {
     let t0 = Instant::now();
     let opt = opt.clone();
@@ -534,6 +541,11 @@ fn pflm_loss(st: &Pflm, sb: &StairBatch) -> anyhow::Result<Tensor> {
 /// at step 1, then two clipped steps, device against the CPU trainer.
 #[test]
 fn pflm_stage1_staircase_steps_match_the_cpu_trainer() {
+    pflm_stage1_steps_on(&Emu);
+}
+
+/// Stage-1 staircase loss, gradients and two steps of a student on `emu` against the CPU.
+fn pflm_stage1_steps_on<D: KernelDevice>(emu: &D) {
     let t0 = Instant::now();
     let cfg = config();
     let v = cfg.vocab_size;
@@ -567,8 +579,7 @@ fn pflm_stage1_staircase_steps_match_the_cpu_trainer() {
     let student = |seed| Pflm::from_teacher(Ddit::init(&cfg, 11).unwrap(), kk, seed).unwrap();
     let mut st = student(5);
     let init = student(5).params();
-    let emu = Emu;
-    let mut dev = DevTrainer::new_pflm(&emu, &st, optim()).unwrap();
+    let mut dev = DevTrainer::new_pflm(emu, &st, optim()).unwrap();
     st.set_trainable(true);
     let params = st.params();
 
@@ -583,7 +594,7 @@ fn pflm_stage1_staircase_steps_match_the_cpu_trainer() {
     for ((name, _), g) in params.iter().zip(&dev_g) {
         let want = &cpu_g[name];
         let got: Vec<f64> = g
-            .to_vec::<Emu, f32>(&emu)
+            .to_vec::<D, f32>(emu)
             .unwrap()
             .iter()
             .map(|&x| x as f64)
@@ -606,4 +617,31 @@ fn pflm_stage1_staircase_steps_match_the_cpu_trainer() {
         &mut dev,
         &|d, mbs| d.train_step_staircase(mbs),
     );
+}
+
+/// The same training checks on a real GPU (`--features cuda`): skipped with the reason when
+/// there is none (KF_REQUIRE_GPU=1 makes that a failure).
+#[cfg(feature = "cuda")]
+#[test]
+fn on_a_gpu_training_steps_match_the_cpu() {
+    let dev = match kf_ops::kdev::cuda::Cuda::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(
+                std::env::var_os("KF_REQUIRE_GPU").is_none(),
+                "KF_REQUIRE_GPU is set but: {e:#}"
+            );
+            println!("skipped: no usable GPU: {e:#}");
+            return;
+        }
+    };
+    teacher_loss_and_gradients_on(&dev);
+    let v = config().vocab_size;
+    steps(
+        &dev,
+        optim(),
+        &[vec![batch(1, 2, 40, v)], vec![batch(2, 2, 40, v)]],
+        true,
+    );
+    pflm_stage1_steps_on(&dev);
 }
