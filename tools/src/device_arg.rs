@@ -1,7 +1,7 @@
 //! `--device` of kfrun's model commands (generate, bench, eval, train, distill):
-//! parse it and check that the device can be used. `generate` runs its model on a
-//! kernel device ([`select_target`]: the CUDA kernels on a GPU, or on the emulator);
-//! the other commands run on the CPU only so far and say so ([`select`]).
+//! parse it and check that the device can be used. generate, bench and eval run their
+//! model on a kernel device ([`select_target`]: the CUDA kernels on a GPU, or on the
+//! emulator); train and distill run on the CPU only so far and say so ([`select`]).
 
 use anyhow::{bail, Result};
 use kf_engine::Device;
@@ -10,6 +10,12 @@ use kf_engine::Device;
 /// anything but a CPU: a build without the cuda feature, a missing driver or
 /// GPU, or (with a usable GPU) the missing CUDA path of the model.
 pub fn select(cmd: &str, flag: &str) -> Result<Device> {
+    if flag == "emu" {
+        bail!(
+            "--device emu: kfrun {cmd} runs on the CPU only so far (the emulated kernels serve \
+             generate, bench and eval); use --device cpu"
+        );
+    }
     let device = Device::parse(flag)?;
     if let Err(e) = device.ensure_available() {
         bail!("--device {flag}: {e:#}");
@@ -17,13 +23,13 @@ pub fn select(cmd: &str, flag: &str) -> Result<Device> {
     if !device.is_cpu() {
         bail!(
             "--device {flag}: {device} is usable, but kfrun {cmd} runs its model on the CPU only \
-             so far (tensors have no CUDA storage yet); use --device cpu"
+             so far (generate, bench and eval run on the GPU); use --device cpu"
         );
     }
     Ok(device)
 }
 
-/// Where `kfrun generate` runs its model.
+/// Where `kfrun generate`, `bench` or `eval` runs its model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
     /// The CPU ops (kf-ops).
