@@ -12,6 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args as ClapArgs;
 use kf_engine::DType;
 use kf_ops::attention::{AttnParams, AttnPattern};
+use kf_ops::kdev::backward as bw;
 use kf_ops::kdev::launch::{self as kl, AttnDims, AttnPath, AttnView};
 use kf_ops::kdev::{DTensor, KernelDevice};
 use serde::Serialize;
@@ -311,7 +312,96 @@ pub fn bench<D: KernelDevice>(dev: &D, sz: Size, runs: usize) -> Result<Report> 
             .map(drop)
         },
     )?;
-    drop((q, k, vv, qd, cos, sin));
+    // training: the attention backward (dot, dQ, dK/dV) of the causal forward above
+    let fwd = kl::attention(
+        dev,
+        AttnView::contiguous(&q)?,
+        AttnView::contiguous(&k)?,
+        AttnView::contiguous(&vv)?,
+        dims,
+        &causal,
+        AttnPath::Tiles,
+    )?;
+    let go = up(r * d, &[b, t, h, hd], 16)?;
+    push(
+        "attention",
+        &format!("attn_bwd_d{hd}_f32 (dot + dq + dkdv)"),
+        format!("causal {:?}", [b, t, h, hd]),
+        cm::attention_bwd(b, h, hd, t, s),
+        &mut || {
+            bw::attention_bwd(
+                dev,
+                AttnView::contiguous(&q)?,
+                AttnView::contiguous(&k)?,
+                AttnView::contiguous(&vv)?,
+                &fwd.o,
+                &fwd.lse,
+                &go,
+                dims,
+                &causal,
+            )
+            .map(drop)
+        },
+    )?;
+    drop((q, k, vv, qd, cos, sin, fwd, go));
+    let ln = kl::layer_norm(dev, &x, &w, None, 1e-5)?;
+    push(
+        "layernorm",
+        "layernorm_bwd (dx + dw)",
+        sh(&[r, d]),
+        cm::layernorm_bwd(r, d, s, false),
+        &mut || bw::layer_norm_bwd(dev, &x, &w, &y, &ln.mean, &ln.rstd, false).map(drop),
+    )?;
+    drop(ln);
+    push(
+        "reduce",
+        "colsum_f32 (bias gradient)",
+        sh(&[r, d]),
+        Cost::stream(4.0 * (r * d + d) as f64, (r * d) as f64),
+        &mut || bw::colsum(dev, &x).map(drop),
+    )?;
+    // the loss over the vocabulary: every row of a training batch
+    let lt = up(r * v, &[r, v], 17)?;
+    let targets: Vec<u32> = (0..r as u32).map(|i| (i * 31) % v as u32).collect();
+    let targets = DTensor::from_slice(dev, &targets, &[r])?;
+    push(
+        "cross_entropy",
+        "cross_entropy_fwd + mean",
+        sh(&[r, v]),
+        cm::cross_entropy(r, v, s),
+        &mut || bw::cross_entropy(dev, &lt, &targets, None).map(drop),
+    )?;
+    let ce = bw::cross_entropy(dev, &lt, &targets, None)?;
+    let one = DTensor::from_slice(dev, &[1.0f32], &[1])?;
+    push(
+        "cross_entropy",
+        "cross_entropy_bwd",
+        sh(&[r, v]),
+        cm::cross_entropy(r, v, s),
+        &mut || bw::cross_entropy_bwd(dev, &lt, &targets, &ce, &one, None).map(drop),
+    )?;
+    drop((lt, ce));
+    // the optimizer over one block's MLP weight
+    let n_p = 4 * d * d;
+    let (p, g, m1, m2) = (
+        up(n_p, &[4 * d, d], 18)?,
+        up(n_p, &[4 * d, d], 19)?,
+        DTensor::zeros(dev, &[4 * d, d], DType::F32)?,
+        DTensor::zeros(dev, &[4 * d, d], DType::F32)?,
+    );
+    let acfg = kf_ops::adamw::AdamWConfig::default();
+    let mut step = 0u64;
+    push(
+        "adamw",
+        "adamw_f32",
+        format!("{n_p}"),
+        cm::adamw(n_p, s),
+        &mut || {
+            step += 1;
+            bw::adamw_step(dev, &p, &g, &m1, &m2, step, &acfg)
+        },
+    )?;
+    drop((p, g, m1, m2));
     // vocabulary-wide rows: one row per sequence of a decode step (B x K = 4 positions)
     let lr = b * 4;
     let logits = up(lr * v, &[lr, v], 13)?;

@@ -1,5 +1,5 @@
-//! `kfrun bench kernels`: on the emulator every kernel family the model's forward and decode
-//! use is timed and reported with consistent fields (bytes, FLOPs, GB/s of the cost model's
+//! `kfrun bench kernels`: on the emulator every kernel family the model's forward, decode and
+//! training step use is timed and reported with consistent fields (bytes, FLOPs, GB/s of the cost model's
 //! traffic); a GPU device on a build or machine without one is one clear error.
 
 use serde_json::Value;
@@ -54,6 +54,9 @@ fn every_family_runs_on_the_emulator() {
         "noise",
         "philox",
         "gemm",
+        "cross_entropy",
+        "adamw",
+        "reduce",
     ] {
         assert!(fams.contains(f), "no row for family {f}: {fams:?}");
     }
