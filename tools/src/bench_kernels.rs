@@ -508,19 +508,21 @@ pub fn run(a: &Args) -> Result<()> {
             let sz = Size::parse(a.size.as_deref().unwrap_or("tiny"))?;
             bench(&kf_kernels_emu::device::Emu, sz, a.runs)?
         }
+        "cpu" => bail!(
+            "--device cpu: kfrun bench kernels runs the CUDA kernels; use --device cuda (a GPU) \
+             or emu (the CPU emulator)"
+        ),
         #[cfg(not(feature = "cuda"))]
-        flag => bail!(
+        flag if flag == "gpu" || flag.starts_with("cuda") => bail!(
             "--device {flag}: this kfrun was built without the cuda feature (cargo build --release \
              -p kf-tools --features cuda); --device emu runs the same kernels on the CPU emulator"
         ),
+        #[cfg(not(feature = "cuda"))]
+        flag => bail!("--device {flag}: unknown device (expected cuda, cuda:N or emu)"),
         #[cfg(feature = "cuda")]
         flag => {
             let device = kf_engine::Device::parse(flag)
                 .with_context(|| format!("--device {flag} (expected emu, cuda or cuda:N)"))?;
-            ensure!(
-                !device.is_cpu(),
-                "--device cpu: this benchmark runs the CUDA kernels; use cuda or emu"
-            );
             device
                 .ensure_available()
                 .with_context(|| format!("--device {flag}"))?;

@@ -85,6 +85,12 @@ fn a_gpu_without_one_is_one_error() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("--device cuda"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    for (dev, want) in [("cpu", "runs the CUDA kernels"), ("tpu", "unknown device")] {
+        let o = kfrun(&["bench", "kernels", "--device", dev]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(want), "--device {dev}: {err}");
+    }
     let o = kfrun(&["bench", "kernels", "--device", "emu", "--size", "huge"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
