@@ -669,6 +669,38 @@ impl<B> DevPflm<B> {
     }
 }
 
+/// What both device generation loops start from: the left-padded prompts, their lengths,
+/// an empty result, and the vocabulary columns read (`vocab_limit`).
+struct Start {
+    nb: usize,
+    lp: LeftPadded,
+    lens: Vec<usize>,
+    out: Generated,
+    done: Vec<bool>,
+    v_read: usize,
+}
+
+impl Start {
+    fn new(cfg: &DditConfig, prompts: &[Vec<u32>], o: &crate::generate::GenerateOptions) -> Start {
+        let nb = prompts.len();
+        Start {
+            nb,
+            lp: left_pad(prompts),
+            lens: prompts.iter().map(|p| p.len()).collect(),
+            out: Generated {
+                tokens: vec![Vec::new(); nb],
+                stopped_at_eos: vec![false; nb],
+                ..Default::default()
+            },
+            done: vec![false; nb],
+            v_read: o
+                .vocab_limit
+                .filter(|&l| l < cfg.vocab_size)
+                .unwrap_or(cfg.vocab_size),
+        }
+    }
+}
+
 /// `generate_pflm` on a kernel device (always with the KV cache, which stays on the device):
 /// the same prompts' tail handling, noise stream (`noise_u(seed, first_stream + b, j)`, drawn by
 /// the Philox kernel), frequency penalty, `vocab_limit`, EOS and `on_token` order. With equal
@@ -699,24 +731,20 @@ pub fn generate_pflm_dev<D: KernelDevice>(
         dev.name()
     );
     let tau = [o.tau];
-    let nb = prompts.len();
-    let LeftPadded {
-        lmax,
-        skips,
-        key_skip,
-        mut rows,
-    } = left_pad(prompts);
-    let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-    let mut out = Generated {
-        tokens: vec![Vec::new(); nb],
-        stopped_at_eos: vec![false; nb],
-        ..Default::default()
-    };
-    let mut done = vec![false; nb];
-    let v_read = o
-        .vocab_limit
-        .filter(|&l| l < cfg.vocab_size)
-        .unwrap_or(cfg.vocab_size);
+    let Start {
+        nb,
+        lp:
+            LeftPadded {
+                lmax,
+                skips,
+                key_skip,
+                mut rows,
+            },
+        lens,
+        mut out,
+        mut done,
+        v_read,
+    } = Start::new(cfg, prompts, o);
     let counts = DTensor::zeros(dev, &[nb, v_read], DType::U32)?;
     let mut cache = DevKvCache::new(dev, cfg, nb, lmax + o.max_new + opts.k)?;
     let bb = &model.backbone;
@@ -834,24 +862,20 @@ pub fn generate_ar_dev<D: KernelDevice>(
         "generate on {}: only the KV-cached path runs on a kernel device (use_cache = true)",
         dev.name()
     );
-    let nb = prompts.len();
-    let LeftPadded {
-        lmax,
-        skips,
-        key_skip,
-        mut rows,
-    } = left_pad(prompts);
-    let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-    let mut out = Generated {
-        tokens: vec![Vec::new(); nb],
-        stopped_at_eos: vec![false; nb],
-        ..Default::default()
-    };
-    let mut done = vec![false; nb];
-    let v_read = o
-        .vocab_limit
-        .filter(|&l| l < cfg.vocab_size)
-        .unwrap_or(cfg.vocab_size);
+    let Start {
+        nb,
+        lp:
+            LeftPadded {
+                lmax,
+                skips,
+                key_skip,
+                mut rows,
+            },
+        lens,
+        mut out,
+        mut done,
+        v_read,
+    } = Start::new(cfg, prompts, o);
     let mut cache = DevKvCache::new(dev, cfg, nb, lmax + o.max_new - 1)?;
     // prefill: the whole left-padded prompts, logits of the last row
     let t0 = Instant::now();

@@ -8,7 +8,7 @@
 //! Letters: R rows, D features, C columns, V vocabulary / softmax width, N positions,
 //! B batch, T rows of a sequence, H heads, Dh head dim.
 
-use super::launch::{run, AttnDims, AttnView};
+use super::launch::{run, same_shape_binary, AttnDims, AttnView};
 use super::{DTensor, GemmSpec, KArg, KernelDevice};
 use crate::attention::{AttnParams, AttnPattern};
 use anyhow::{ensure, Context, Result};
@@ -461,29 +461,14 @@ pub fn rope_bwd<D: KernelDevice>(
     Ok(out)
 }
 
+/// `entry(x, g, out, n)`: a GELU backward at the forward's input `x`.
 fn gelu_bwd<D: KernelDevice>(
     dev: &D,
     entry: &str,
     x: &DTensor<D::Buf>,
     g: &DTensor<D::Buf>,
 ) -> Out<D> {
-    f32_in(entry, "x", x)?;
-    f32_in(entry, "grad", g)?;
-    same_shape(entry, x, g)?;
-    let n = x.numel();
-    let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
-    run(
-        dev,
-        entry,
-        gelu::config(n),
-        &[
-            KArg::Buf(&x.buf),
-            KArg::Buf(&g.buf),
-            KArg::Buf(&out.buf),
-            KArg::U64(n as u64),
-        ],
-    )?;
-    Ok(out)
+    same_shape_binary(dev, entry, entry, gelu::config(x.numel()), x, g)
 }
 
 /// Gradient of GELU (tanh approximation) at the forward's input `x`.

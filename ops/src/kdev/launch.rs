@@ -47,6 +47,20 @@ fn rows_cols<B>(op: &str, t: &DTensor<B>) -> Result<(usize, usize)> {
 
 /// Elementwise binary op (`add`, `sub`, `mul`) of two f32 tensors of the same shape.
 fn binary<D: KernelDevice>(dev: &D, op: &str, a: &DTensor<D::Buf>, b: &DTensor<D::Buf>) -> Out<D> {
+    let entry = format!("{op}_f32");
+    same_shape_binary(dev, op, &entry, elementwise::config(a.numel()), a, b)
+}
+
+/// A kernel `entry(a, b, out, n)` over two f32 tensors of the same shape (the elementwise
+/// binary ops, and the GELU backward of kdev::backward), launched over `cfg`; errors name `op`.
+pub(crate) fn same_shape_binary<D: KernelDevice>(
+    dev: &D,
+    op: &str,
+    entry: &str,
+    cfg: kf_kernels::LaunchConfig,
+    a: &DTensor<D::Buf>,
+    b: &DTensor<D::Buf>,
+) -> Out<D> {
     f32_in(op, "a", a)?;
     f32_in(op, "b", b)?;
     ensure!(
@@ -59,8 +73,8 @@ fn binary<D: KernelDevice>(dev: &D, op: &str, a: &DTensor<D::Buf>, b: &DTensor<D
     let out = DTensor::uninit(dev, a.shape(), DType::F32)?;
     run(
         dev,
-        &format!("{op}_f32"),
-        elementwise::config(n),
+        entry,
+        cfg,
         &[
             KArg::Buf(&a.buf),
             KArg::Buf(&b.buf),
