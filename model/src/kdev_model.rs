@@ -681,9 +681,20 @@ struct Start {
 }
 
 impl Start {
-    fn new(cfg: &DditConfig, prompts: &[Vec<u32>], o: &crate::generate::GenerateOptions) -> Start {
+    /// Also refuses `use_cache = false` (only the KV-cached path runs on a kernel device).
+    fn new<D: KernelDevice>(
+        dev: &D,
+        cfg: &DditConfig,
+        prompts: &[Vec<u32>],
+        o: &crate::generate::GenerateOptions,
+    ) -> Result<Start> {
+        ensure!(
+            o.use_cache,
+            "generate on {}: only the KV-cached path runs on a kernel device (use_cache = true)",
+            dev.name()
+        );
         let nb = prompts.len();
-        Start {
+        Ok(Start {
             nb,
             lp: left_pad(prompts),
             lens: prompts.iter().map(|p| p.len()).collect(),
@@ -697,7 +708,7 @@ impl Start {
                 .vocab_limit
                 .filter(|&l| l < cfg.vocab_size)
                 .unwrap_or(cfg.vocab_size),
-        }
+        })
     }
 }
 
@@ -725,11 +736,6 @@ pub fn generate_pflm_dev<D: KernelDevice>(
         opts.freq_penalty.is_finite(),
         "generate: the frequency penalty must be finite"
     );
-    ensure!(
-        o.use_cache,
-        "generate on {}: only the KV-cached path runs on a kernel device (use_cache = true)",
-        dev.name()
-    );
     let tau = [o.tau];
     let Start {
         nb,
@@ -744,7 +750,7 @@ pub fn generate_pflm_dev<D: KernelDevice>(
         mut out,
         mut done,
         v_read,
-    } = Start::new(cfg, prompts, o);
+    } = Start::new(dev, cfg, prompts, o)?;
     let counts = DTensor::zeros(dev, &[nb, v_read], DType::U32)?;
     let mut cache = DevKvCache::new(dev, cfg, nb, lmax + o.max_new + opts.k)?;
     let bb = &model.backbone;
@@ -857,11 +863,6 @@ pub fn generate_ar_dev<D: KernelDevice>(
 ) -> Result<Generated> {
     let cfg = &model.cfg;
     check_request(cfg, prompts, o)?;
-    ensure!(
-        o.use_cache,
-        "generate on {}: only the KV-cached path runs on a kernel device (use_cache = true)",
-        dev.name()
-    );
     let Start {
         nb,
         lp:
@@ -875,7 +876,7 @@ pub fn generate_ar_dev<D: KernelDevice>(
         mut out,
         mut done,
         v_read,
-    } = Start::new(cfg, prompts, o);
+    } = Start::new(dev, cfg, prompts, o)?;
     let mut cache = DevKvCache::new(dev, cfg, nb, lmax + o.max_new - 1)?;
     // prefill: the whole left-padded prompts, logits of the last row
     let t0 = Instant::now();

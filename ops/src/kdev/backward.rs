@@ -8,9 +8,11 @@
 //! Letters: R rows, D features, C columns, V vocabulary / softmax width, N positions,
 //! B batch, T rows of a sequence, H heads, Dh head dim.
 
-use super::launch::{run, same_shape_binary, AttnDims, AttnView};
+use super::launch::{
+    attn_common_args, key_skip_tensor, run, same_shape_binary, AttnDims, AttnView,
+};
 use super::{DTensor, GemmSpec, KArg, KernelDevice};
-use crate::attention::{AttnParams, AttnPattern};
+use crate::attention::AttnParams;
 use anyhow::{ensure, Context, Result};
 use kf_engine::DType;
 use kf_kernels::{
@@ -746,38 +748,8 @@ pub fn attention_bwd<D: KernelDevice>(
             KArg::U32(d as u32),
         ],
     )?;
-    let skip = if p.key_skip.is_empty() {
-        None
-    } else {
-        let s: Vec<u32> = p.key_skip.iter().map(|&s| s as u32).collect();
-        Some(DTensor::from_slice(dev, &s, &[b])?)
-    };
-    let (kind, pn, pk) = match p.pattern {
-        AttnPattern::Causal => (at::CAUSAL, 0, 0),
-        AttnPattern::Staircase { n, k } => (at::STAIRCASE, n as u32, k as u32),
-        AttnPattern::DoubleStaircase { n, k } => (at::DOUBLE_STAIRCASE, n as u32, k as u32),
-    };
-    let common = || {
-        let mut a: Vec<KArg<'_, D::Buf>> = vec![
-            KArg::Buf(q.buf),
-            KArg::Buf(k.buf),
-            KArg::Buf(v.buf),
-            skip.as_ref().map_or(KArg::Null, |s| KArg::Buf(&s.buf)),
-        ];
-        for s in [q.strides, k.strides, v.strides] {
-            a.extend(s.iter().map(|&x| KArg::U64(x as u64)));
-        }
-        a.extend([
-            KArg::U32(tq as u32),
-            KArg::U32(tk as u32),
-            KArg::U32(p.q_start as u32),
-            KArg::I32(kind),
-            KArg::U32(pn),
-            KArg::U32(pk),
-            KArg::F32(p.scale as f32),
-        ]);
-        a
-    };
+    let skip = key_skip_tensor(dev, p, b)?;
+    let common = || attn_common_args(&q, &k, &v, skip.as_ref(), dims, p);
     let mut args = common();
     args.extend([
         KArg::Buf(&go.buf),

@@ -742,6 +742,51 @@ fn check_attention<D: KernelDevice>(
     Ok(())
 }
 
+/// The per-batch `key_skip` of `p` as a u32 device tensor `[B]`, or `None` when there is none.
+pub(crate) fn key_skip_tensor<D: KernelDevice>(
+    dev: &D,
+    p: &AttnParams,
+    b: usize,
+) -> Result<Option<DTensor<D::Buf>>> {
+    if p.key_skip.is_empty() {
+        return Ok(None);
+    }
+    let s: Vec<u32> = p.key_skip.iter().map(|&s| s as u32).collect();
+    Ok(Some(DTensor::from_slice(dev, &s, &[b])?))
+}
+
+/// The inputs every attention kernel takes first (`IN` in kf_kernels::attention): q, k, v,
+/// key_skip, their strides, Tq, Tk, q_start, the pattern code and its (n, k), the scale.
+pub(crate) fn attn_common_args<'a, B>(
+    q: &AttnView<'a, B>,
+    k: &AttnView<'a, B>,
+    v: &AttnView<'a, B>,
+    skip: Option<&'a DTensor<B>>,
+    dims: AttnDims,
+    p: &AttnParams,
+) -> Vec<KArg<'a, B>> {
+    let (kind, pn, pk) = pattern_code(p.pattern);
+    let mut args: Vec<KArg<'a, B>> = vec![
+        KArg::Buf(q.buf),
+        KArg::Buf(k.buf),
+        KArg::Buf(v.buf),
+        skip.map_or(KArg::Null, |s| KArg::Buf(&s.buf)),
+    ];
+    for s in [q.strides, k.strides, v.strides] {
+        args.extend(s.iter().map(|&x| KArg::U64(x as u64)));
+    }
+    args.extend([
+        KArg::U32(dims.tq as u32),
+        KArg::U32(dims.tk as u32),
+        KArg::U32(p.q_start as u32),
+        KArg::I32(kind),
+        KArg::U32(pn),
+        KArg::U32(pk),
+        KArg::F32(p.scale as f32),
+    ]);
+    args
+}
+
 /// Attention forward over key-range patterns (causal, staircase, double staircase, `q_start`,
 /// `key_skip`) on the attention kernels: the 64-row forward tiles, or the split-key decode
 /// kernels and their combine (`path`). Head dims 64 and 128 only (others: an error).
@@ -761,31 +806,8 @@ pub fn attention<D: KernelDevice>(
     if tq == 0 {
         return Ok(AttnOut { o, lse });
     }
-    let skip = if p.key_skip.is_empty() {
-        None
-    } else {
-        let s: Vec<u32> = p.key_skip.iter().map(|&s| s as u32).collect();
-        Some(DTensor::from_slice(dev, &s, &[b])?)
-    };
-    let (kind, pn, pk) = pattern_code(p.pattern);
-    let mut args: Vec<KArg<'_, D::Buf>> = vec![
-        KArg::Buf(q.buf),
-        KArg::Buf(k.buf),
-        KArg::Buf(v.buf),
-        skip.as_ref().map_or(KArg::Null, |s| KArg::Buf(&s.buf)),
-    ];
-    for s in [q.strides, k.strides, v.strides] {
-        args.extend(s.iter().map(|&x| KArg::U64(x as u64)));
-    }
-    args.extend([
-        KArg::U32(tq as u32),
-        KArg::U32(tk as u32),
-        KArg::U32(p.q_start as u32),
-        KArg::I32(kind),
-        KArg::U32(pn),
-        KArg::U32(pk),
-        KArg::F32(p.scale as f32),
-    ]);
+    let skip = key_skip_tensor(dev, p, b)?;
+    let mut args = attn_common_args(&q, &k, &v, skip.as_ref(), dims, p);
     let shape_err = |e: at::ShapeError| anyhow::anyhow!("{e}");
     let decode = match path {
         AttnPath::Auto => at::use_decode(tq).then_some(at::MAX_SPLITS),
