@@ -53,7 +53,10 @@ use crate::data::{SequentialWindows, TokenData, TokenShard, WindowBatch, WindowS
 use crate::ddit::Ddit;
 use crate::pflm::{stage1_targets, Pflm};
 use crate::train::checkpoint::TrainerState;
-use crate::train::{drive, Event, Extras, OptimConfig, Outcome, RunSpec, TrainTask, Trainer};
+use crate::train::{
+    drive, CpuBackend, Event, Extras, OptimConfig, Outcome, ResumeFrom, RunSpec, TrainBackend,
+    TrainTask,
+};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::rng::Philox;
 use kf_engine::{DType, Device, Tensor};
@@ -238,16 +241,51 @@ fn inversion_pairs(
     tau: f64,
 ) -> Result<(Tensor, Tensor)> {
     let _ng = kf_engine::no_grad();
-    let m = n + k - 1; // teacher positions 0..n+k-2
-    let seq: Vec<u32> = (0..rows)
-        .flat_map(|b| tokens[b * w..b * w + m].iter().copied())
-        .collect();
+    let seq = inversion_prefixes(tokens, rows, w, n, k);
+    let m = n + k - 1;
     let logits = teacher
         .forward_train(&Tensor::from_vec(seq, &[rows, m], Device::Cpu)?)?
         .to_dtype(DType::F32)?
         .contiguous()?;
-    let v = teacher.cfg.vocab_size;
     let lg = logits.cpu_data::<f32>()?;
+    inversion_pairs_from_logits(&lg, teacher.cfg.vocab_size, tokens, rows, w, n, k, r, tau)
+}
+
+/// The teacher's input of the inversion pairs: the first `N + k - 1` tokens of each of
+/// `rows` windows of `w` tokens, u32 `[rows, N + k - 1]` row-major.
+pub(crate) fn inversion_prefixes(
+    tokens: &[u32],
+    rows: usize,
+    w: usize,
+    n: usize,
+    k: usize,
+) -> Vec<u32> {
+    let m = n + k - 1; // teacher positions 0..n+k-2
+    (0..rows)
+        .flat_map(|b| tokens[b * w..b * w + m].iter().copied())
+        .collect()
+}
+
+/// [`inversion_pairs`] from the teacher's f32 logits `lg [rows, N + k - 1, V]` of
+/// [`inversion_prefixes`] (computed on any device).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn inversion_pairs_from_logits(
+    lg: &[f32],
+    v: usize,
+    tokens: &[u32],
+    rows: usize,
+    w: usize,
+    n: usize,
+    k: usize,
+    r: &Tensor,
+    tau: f64,
+) -> Result<(Tensor, Tensor)> {
+    let m = n + k - 1;
+    ensure!(
+        lg.len() == rows * m * v,
+        "inversion pairs: {} logits for {rows} x {m} rows of {v}",
+        lg.len()
+    );
     let rv = r.to_vec_f64()?;
     let (mut u, mut tg) = (vec![0f64; rows * n * k], vec![0u32; rows * n * k]);
     for b in 0..rows {
@@ -296,7 +334,7 @@ pub struct DistillMetrics {
 
 /// Running sums behind [`DistillMetrics`].
 #[derive(Default)]
-struct Sums {
+pub(crate) struct Sums {
     k: usize,
     loss: Vec<f64>,
     right: Vec<usize>,
@@ -305,7 +343,7 @@ struct Sums {
 }
 
 impl Sums {
-    fn new(k: usize) -> Sums {
+    pub(crate) fn new(k: usize) -> Sums {
         Sums {
             k,
             loss: vec![0.0; k],
@@ -314,7 +352,7 @@ impl Sums {
         }
     }
     /// `row_loss` and `hit` per target, in `[window][offset]` order.
-    fn add(&mut self, row_loss: &[f64], hit: &[bool]) {
+    pub(crate) fn add(&mut self, row_loss: &[f64], hit: &[bool]) {
         for (l, h) in row_loss.chunks(self.k).zip(hit.chunks(self.k)) {
             for i in 0..self.k {
                 self.loss[i] += l[i];
@@ -324,7 +362,7 @@ impl Sums {
             self.windows_right += h.iter().all(|&x| x) as usize;
         }
     }
-    fn finish(&self) -> DistillMetrics {
+    pub(crate) fn finish(&self) -> DistillMetrics {
         let w = self.windows.max(1) as f64;
         let loss_per_offset: Vec<f64> = self.loss.iter().map(|l| l / w).collect();
         let acc_per_offset: Vec<f64> = self.right.iter().map(|&r| r as f64 / w).collect();
@@ -474,8 +512,18 @@ impl DistillTask {
     /// Loss and agreement on the validation contexts with their fixed noises (no tape).
     pub fn evaluate(&self) -> Result<DistillMetrics> {
         let _ng = kf_engine::no_grad();
-        let tau = self.cfg.tau.eval_value();
         let mut sums = Sums::new(self.student.k);
+        self.for_each_eval(|mi| {
+            let (_, rl, hits) = self.window_loss(&mi.tokens, mi.rows, mi.w, &mi.u, mi.tau)?;
+            sums.add(&rl, &hits);
+            Ok(())
+        })?;
+        Ok(sums.finish())
+    }
+
+    /// Calls `f` with every validation batch: its windows and fixed noises, in order.
+    pub(crate) fn for_each_eval(&self, mut f: impl FnMut(MicroInputs) -> Result<()>) -> Result<()> {
+        let tau = self.cfg.tau.eval_value();
         let mut w0 = 0u64;
         let look = self.teacher.lookahead(self.student.k);
         for wb in SequentialWindows::new(
@@ -485,16 +533,21 @@ impl DistillTask {
             Some(self.cfg.eval_windows),
         )? {
             let u = self.noises(EVAL_NOISE_STREAM, w0, wb.rows)?;
-            let (_, rl, hits) = self.window_loss(&wb.tokens, wb.rows, wb.seq_len + 1, &u, tau)?;
-            sums.add(&rl, &hits);
             w0 += wb.rows as u64;
+            let (rows, w) = (wb.rows, wb.seq_len + 1);
+            f(MicroInputs {
+                tokens: wb.tokens,
+                rows,
+                w,
+                u,
+                tau,
+            })?;
         }
-        Ok(sums.finish())
+        Ok(())
     }
-}
 
-impl TrainTask for DistillTask {
-    fn loss(&mut self, step: u64, micro: usize) -> Result<(Tensor, Extras)> {
+    /// The windows, noises and temperature of micro-batch `micro` of update `step` (0-based).
+    pub(crate) fn micro_inputs(&mut self, step: u64, micro: usize) -> Result<MicroInputs> {
         if self.cached.as_ref().map(|c| c.0) != Some(step) {
             self.cached = Some((step, self.sampler.batch(step)));
         }
@@ -505,18 +558,51 @@ impl TrainTask for DistillTask {
         let row0 = step * self.sampler.batch_size() as u64 + (micro * bs) as u64;
         let u = self.noises(NOISE_STREAM, row0, bs)?;
         let tau = self.cfg.tau.sample(self.cfg.seed, step, micro * bs);
-        let (loss, rl, hits) = self.window_loss(&tokens, bs, w, &u, tau)?;
+        Ok(MicroInputs {
+            tokens,
+            rows: bs,
+            w,
+            u,
+            tau,
+        })
+    }
+
+    /// The context length N.
+    pub fn ctx_len(&self) -> usize {
+        self.cfg.ctx_len
+    }
+}
+
+/// One batch of windows with its noises: `rows` windows of `w` tokens (row major), the
+/// uniforms `u [rows, N, k]` f64 and `tau`.
+pub(crate) struct MicroInputs {
+    pub tokens: Vec<u32>,
+    pub rows: usize,
+    pub w: usize,
+    pub u: Tensor,
+    pub tau: f64,
+}
+
+/// The per-step extras of one micro-batch's metrics: `loss_o{i}`, `acc_o{i}`, `acc`,
+/// `acc_window`.
+pub(crate) fn step_extras(m: &DistillMetrics) -> Extras {
+    let mut ex: Extras = Vec::new();
+    for (i, (l, a)) in m.loss_per_offset.iter().zip(&m.acc_per_offset).enumerate() {
+        ex.push((format!("loss_o{}", i + 1), *l));
+        ex.push((format!("acc_o{}", i + 1), *a));
+    }
+    ex.push(("acc".into(), m.acc));
+    ex.push(("acc_window".into(), m.acc_window));
+    ex
+}
+
+impl TrainTask for DistillTask {
+    fn loss(&mut self, step: u64, micro: usize) -> Result<(Tensor, Extras)> {
+        let mi = self.micro_inputs(step, micro)?;
+        let (loss, rl, hits) = self.window_loss(&mi.tokens, mi.rows, mi.w, &mi.u, mi.tau)?;
         let mut s = Sums::new(self.student.k);
         s.add(&rl, &hits);
-        let m = s.finish();
-        let mut ex: Extras = Vec::new();
-        for (i, (l, a)) in m.loss_per_offset.iter().zip(&m.acc_per_offset).enumerate() {
-            ex.push((format!("loss_o{}", i + 1), *l));
-            ex.push((format!("acc_o{}", i + 1), *a));
-        }
-        ex.push(("acc".into(), m.acc));
-        ex.push(("acc_window".into(), m.acc_window));
-        Ok((loss, ex))
+        Ok((loss, step_extras(&s.finish())))
     }
 
     fn eval(&mut self) -> Result<f64> {
@@ -598,9 +684,19 @@ fn init_student(dir: &Path, k: usize, seed: u64) -> Result<Pflm> {
     Ok(s)
 }
 
-/// Runs (or resumes) one distillation stage with [`drive`]. The teacher is loaded from
-/// disk on its own, so it shares no storage with the student.
+/// Runs (or resumes) one distillation stage with [`drive`] on the CPU. The teacher is
+/// loaded from disk on its own, so it shares no storage with the student.
 pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> Result<StageResult> {
+    distill_stage_on(opts, &CpuBackend, on_event)
+}
+
+/// [`distill_stage`] with the updates, the teacher's targets and the validation on
+/// `backend` (the CPU or a kernel device).
+pub fn distill_stage_on(
+    opts: &StageOptions,
+    backend: &dyn TrainBackend,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<StageResult> {
     let data = TokenData::open(&opts.data)?;
     let tok = opts.tokenizer.clone().or_else(|| {
         let p = opts.data.join("tokenizer.json");
@@ -741,7 +837,7 @@ pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> R
         .saturating_add(
             crate::train::estimate_train_bytes(student.cfg(), c.batch_size, positions) / 4,
         );
-    if let Some(avail) = crate::train::available_memory() {
+    if let (true, Some(avail)) = (backend.on_host(), crate::train::available_memory()) {
         ensure!(
             need <= avail,
             "this stage needs about {:.1} GiB ({} parameters, batch {} x context {} x k {k}) but {:.1} GiB are available: lower batch_size (raise grad_accum) or ctx_len",
@@ -753,9 +849,7 @@ pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> R
         );
     }
     student.set_trainable(true);
-    let mut trainer = Trainer::new(&student.params(), opts.config.optim.clone())?;
     if let (Some(dir), Some(st)) = (&resume, &state) {
-        trainer.load_optimizer(&dir.join(crate::train::checkpoint::OPTIMIZER_FILE), st.step)?;
         ensure!(
             st.step <= opts.config.optim.total_steps,
             "checkpoint {}: step {} is past total_steps {}",
@@ -772,7 +866,20 @@ pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> R
         student.cfg().vocab_size,
         opts.config.ctx_len
     );
-    let mut task = DistillTask::new(student, teacher, &data, &opts.config, tok)?;
+    let task = DistillTask::new(student, teacher, &data, &opts.config, tok)?;
+    let opt_file = resume
+        .as_ref()
+        .map(|d| d.join(crate::train::checkpoint::OPTIMIZER_FILE));
+    let from = match (&opt_file, &state) {
+        (Some(f), Some(st)) => Some(ResumeFrom {
+            optimizer: f,
+            step: st.step,
+        }),
+        _ => None,
+    };
+    let mut sess = backend
+        .stage(task, opts.config.optim.clone(), from)
+        .with_context(|| format!("distilling on {}", backend.name()))?;
     let spec = RunSpec {
         out: opts.out.clone(),
         kind,
@@ -789,16 +896,21 @@ pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> R
         (Some(d), Some(s)) => Some((s, d.as_path())),
         _ => None,
     };
-    let outcome = drive(&mut trainer, &mut task, &spec, resumed, on_event)?;
-    let mut metrics = task.last_eval.take();
+    let outcome = drive(sess.as_mut(), &spec, resumed, on_event)?;
+    if matches!(outcome, Outcome::Finished { .. }) && sess.eval_extras().is_empty() {
+        // a finished run resumed (no evaluation in this session, so no validation
+        // extras): evaluate the final student once more
+        sess.eval()?;
+    }
+    let mut task = sess.into_task()?;
+    let metrics = task.last_eval.take();
     if let Outcome::Finished { .. } = outcome {
-        if metrics.is_none() {
-            // a finished run resumed: evaluate the final student once more
-            metrics = Some(task.evaluate()?);
-        }
+        let metrics = metrics
+            .as_ref()
+            .context("the final evaluation left no metrics")?;
         crate::data::write_atomic(
             &opts.out.join(STAGE_METRICS_FILE),
-            serde_json::to_string_pretty(metrics.as_ref().unwrap())?.as_bytes(),
+            serde_json::to_string_pretty(metrics)?.as_bytes(),
         )?;
     }
     let mut student = task.student;

@@ -16,10 +16,10 @@
 
 use crate::data::write_atomic;
 use crate::distill::{
-    distill_stage, DistillConfig, DistillMetrics, StageOptions, TauDist, Variant,
+    distill_stage_on, DistillConfig, DistillMetrics, StageOptions, TauDist, Variant,
     STAGE_METRICS_FILE,
 };
-use crate::train::{Event, OptimConfig, Outcome};
+use crate::train::{CpuBackend, Event, OptimConfig, Outcome, TrainBackend};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -228,9 +228,18 @@ fn finished(dir: &Path, k: usize) -> Result<Option<StageReport>> {
     }))
 }
 
-/// Runs the chain (module docs).
+/// Runs the chain (module docs) on the CPU.
 pub fn distill_chain(
     opts: &ChainOptions,
+    on_event: &mut dyn FnMut(ChainEvent),
+) -> Result<ChainOutcome> {
+    distill_chain_on(opts, &CpuBackend, on_event)
+}
+
+/// [`distill_chain`] with every stage on `backend` (the CPU or a kernel device).
+pub fn distill_chain_on(
+    opts: &ChainOptions,
+    backend: &dyn TrainBackend,
     on_event: &mut dyn FnMut(ChainEvent),
 ) -> Result<ChainOutcome> {
     let stages = opts.recipe.stages_to(opts.k)?;
@@ -273,7 +282,7 @@ pub fn distill_chain(
             (Variant::Rollout, Some(p)) => (p.clone(), None),
             (Variant::Inversion, Some(p)) => (opts.teacher.clone(), Some(p.clone())),
         };
-        let r = distill_stage(
+        let r = distill_stage_on(
             &StageOptions {
                 teacher,
                 init,
@@ -286,6 +295,7 @@ pub fn distill_chain(
                 max_steps: opts.max_steps,
                 stop: opts.stop.clone(),
             },
+            backend,
             &mut |e| on_event(ChainEvent::Run(e)),
         )
         .with_context(|| format!("stage k = {} ({})", s.k, dir.display()))?;

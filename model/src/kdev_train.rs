@@ -809,3 +809,49 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         })
     }
 }
+
+/// The optimizer state in and out of the device (checkpoints; `train::device`).
+impl<D: KernelDevice> DevTrainer<'_, D> {
+    /// Parameter names and shapes in checkpoint order.
+    pub fn param_shapes(&self) -> Vec<(&str, &[usize])> {
+        self.names
+            .iter()
+            .zip(&self.params)
+            .map(|(n, p)| (n.as_str(), p.shape()))
+            .collect()
+    }
+
+    /// Both AdamW moments of every parameter on the host: (name, m, v) in checkpoint order.
+    pub fn moments_to_host(&self) -> Result<Vec<(String, Tensor, Tensor)>> {
+        self.names
+            .iter()
+            .zip(self.m.iter().zip(&self.v))
+            .map(|(n, (m, v))| Ok((n.clone(), m.download(self.dev)?, v.download(self.dev)?)))
+            .collect()
+    }
+
+    /// Replaces both moments (f32, checkpoint order, each with its parameter's shape) and
+    /// the step count, e.g. from `train::optim::read_optimizer`.
+    pub fn load_state(&mut self, step: u64, moments: &[(Tensor, Tensor)]) -> Result<()> {
+        ensure!(
+            moments.len() == self.params.len(),
+            "device trainer: {} moment pairs for {} parameters",
+            moments.len(),
+            self.params.len()
+        );
+        let mut fresh = Vec::with_capacity(moments.len());
+        for ((m, v), (p, n)) in moments.iter().zip(self.params.iter().zip(&self.names)) {
+            ensure!(
+                m.shape() == p.shape() && v.shape() == p.shape(),
+                "device trainer: moments of {n} are {:?} and {:?}, the parameter is {:?}",
+                m.shape(),
+                v.shape(),
+                p.shape()
+            );
+            fresh.push((DTensor::upload(self.dev, m)?, DTensor::upload(self.dev, v)?));
+        }
+        (self.m, self.v) = fresh.into_iter().unzip();
+        self.step = step;
+        Ok(())
+    }
+}

@@ -190,3 +190,26 @@ pub fn eval_backend(
         }
     }
 }
+
+/// Runs `f` with the training backend of `target` (`kfrun train` and `distill`): the CPU
+/// autograd trainer, or the kernel-device trainer on the emulator or a GPU.
+pub fn with_train_backend<R>(
+    target: Target,
+    f: impl FnOnce(&dyn kf_model::train::TrainBackend) -> Result<R>,
+) -> Result<R> {
+    use kf_model::train::{CpuBackend, DevBackend};
+    match target {
+        Target::Cpu => f(&CpuBackend),
+        Target::Emu => f(&DevBackend::new(
+            &kf_kernels_emu::device::Emu,
+            "the emulator",
+        )),
+        #[cfg(feature = "cuda")]
+        Target::Cuda(n) => {
+            let dev = kf_ops::kdev::cuda::Cuda::new(n)?;
+            f(&DevBackend::new(&dev, format!("cuda:{n}")))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Target::Cuda(n) => anyhow::bail!("cuda:{n}: this kfrun was built without the cuda feature"),
+    }
+}

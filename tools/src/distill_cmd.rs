@@ -7,7 +7,7 @@ use crate::progress::{install_stop_handler, RunProgress};
 use anyhow::{ensure, Result};
 use clap::Args;
 use kf_model::distill::Variant;
-use kf_model::distill_chain::{distill_chain, ChainEvent, ChainOptions, ChainOutcome, Recipe};
+use kf_model::distill_chain::{distill_chain_on, ChainEvent, ChainOptions, ChainOutcome, Recipe};
 use kf_model::train::Outcome;
 use std::path::PathBuf;
 
@@ -43,14 +43,15 @@ pub struct DistillArgs {
     /// Stop each stage with a checkpoint after this many of its steps (continue with --resume).
     #[arg(long, allow_negative_numbers = true)]
     max_steps: Option<u64>,
-    /// Device: cpu, or cuda / cuda:N (a build with the cuda feature; the model runs on the
-    /// CPU only so far, so cuda is an error saying so).
+    /// Device of the updates and the validation: cpu, cuda / cuda:N (a build with the cuda
+    /// feature), or emu (the CUDA kernels on the CPU emulator: a slow correctness check).
+    /// Checkpoints are the same files on every device: a run resumes on any of them.
     #[arg(long, default_value = "cpu")]
     device: String,
 }
 
 pub fn run(a: &DistillArgs) -> Result<()> {
-    crate::device_arg::select("distill", &a.device)?;
+    let target = crate::device_arg::select_target(&a.device)?;
     ensure!(a.k >= 1, "--k must be at least 1");
     let mut recipe = Recipe::from_file(&a.recipe)?;
     match a.variant.as_deref() {
@@ -72,34 +73,39 @@ pub fn run(a: &DistillArgs) -> Result<()> {
         stop: Some(stop),
     };
     let mut dir = a.out.clone();
-    let res = distill_chain(&opts, &mut |ev| match ev {
-        ChainEvent::Stage {
-            index,
-            of,
-            k,
-            dir: d,
-            skipped,
-        } => {
-            dir = d.to_path_buf();
-            match skipped {
-                Some(r) => progress.say(format!(
-                    "stage {}/{of} (k = {k}): already finished in {} ({} steps, agreement {})",
-                    index + 1,
-                    d.display(),
-                    r.steps,
-                    r.metrics
-                        .as_ref()
-                        .map_or("?".into(), |m| format!("{:.4}", m.acc))
-                )),
-                None => progress.say(format!(
-                    "stage {}/{of}: k = {k} ({} variant) into {}",
-                    index + 1,
-                    opts.recipe.variant,
-                    d.display()
-                )),
-            }
+    let res = crate::devmodel::with_train_backend(target, |backend| {
+        if !backend.on_host() {
+            progress.say(format!("updates and validation on {}", backend.name()));
         }
-        ChainEvent::Run(e) => progress.event(e, &dir),
+        distill_chain_on(&opts, backend, &mut |ev| match ev {
+            ChainEvent::Stage {
+                index,
+                of,
+                k,
+                dir: d,
+                skipped,
+            } => {
+                dir = d.to_path_buf();
+                match skipped {
+                    Some(r) => progress.say(format!(
+                        "stage {}/{of} (k = {k}): already finished in {} ({} steps, agreement {})",
+                        index + 1,
+                        d.display(),
+                        r.steps,
+                        r.metrics
+                            .as_ref()
+                            .map_or("?".into(), |m| format!("{:.4}", m.acc))
+                    )),
+                    None => progress.say(format!(
+                        "stage {}/{of}: k = {k} ({} variant) into {}",
+                        index + 1,
+                        opts.recipe.variant,
+                        d.display()
+                    )),
+                }
+            }
+            ChainEvent::Run(e) => progress.event(e, &dir),
+        })
     });
     progress.finish();
     match res? {

@@ -31,14 +31,15 @@ pub struct TrainArgs {
     /// are done; the schedule still follows the config's total_steps.
     #[arg(long, allow_negative_numbers = true)]
     max_steps: Option<u64>,
-    /// Device: cpu, or cuda / cuda:N (a build with the cuda feature; the model runs on the
-    /// CPU only so far, so cuda is an error saying so).
+    /// Device of the updates and the validation: cpu, cuda / cuda:N (a build with the cuda
+    /// feature), or emu (the CUDA kernels on the CPU emulator: a slow correctness check).
+    /// Checkpoints are the same files on every device: a run resumes on any of them.
     #[arg(long, default_value = "cpu")]
     device: String,
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
-    crate::device_arg::select("train", &a.device)?;
+    let target = crate::device_arg::select_target(&a.device)?;
     let stop = install_stop_handler()?;
     let mut progress = RunProgress::new(a.resume);
     let opts = TeacherOptions {
@@ -50,7 +51,12 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         max_steps: a.max_steps,
         stop: Some(stop),
     };
-    let res = train::train_teacher(&opts, &mut |ev| progress.event(ev, &a.out));
+    let res = crate::devmodel::with_train_backend(target, |backend| {
+        if !backend.on_host() {
+            progress.say(format!("updates and validation on {}", backend.name()));
+        }
+        train::train_teacher_on(&opts, backend, &mut |ev| progress.event(ev, &a.out))
+    });
     progress.finish();
     match res? {
         Outcome::Finished {

@@ -22,15 +22,19 @@
 //! AdamW moments and the step: a run stopped at any checkpoint and resumed reproduces the
 //! uninterrupted run's losses and parameters bit for bit, given the same thread count.
 
+pub mod backend;
 pub mod checkpoint;
+pub mod device;
 pub mod metrics;
 pub mod optim;
 pub mod run;
 
+pub use backend::{BoxSession, CpuBackend, ResumeFrom, TrainBackend};
 pub use checkpoint::{DataId, TrainerState};
+pub use device::DevBackend;
 pub use metrics::StepRecord;
 pub use optim::{Extras, NonFinite, OptimConfig, StepStats, Trainer};
-pub use run::{drive, Event, Outcome, RunSpec, TrainTask, FINAL_DIR};
+pub use run::{drive, CpuSession, Event, Outcome, RunSpec, Session, TrainTask, FINAL_DIR};
 
 use crate::config::DditConfig;
 use crate::data::{SequentialWindows, TokenData, TokenShard, WindowBatch, WindowSampler};
@@ -342,18 +346,35 @@ impl TeacherTask {
     }
 }
 
-impl TrainTask for TeacherTask {
-    fn loss(&mut self, step: u64, micro: usize) -> Result<(Tensor, Extras)> {
+impl TeacherTask {
+    /// The windows of micro-batch `micro` of update `step` (0-based).
+    pub fn micro_windows(&mut self, step: u64, micro: usize) -> WindowBatch {
         if self.cached.as_ref().map(|c| c.0) != Some(step) {
             self.cached = Some((step, self.sampler.batch(step)));
         }
         let all = &self.cached.as_ref().unwrap().1;
         let w = self.seq_len + 1;
-        let rows = WindowBatch {
+        WindowBatch {
             rows: self.batch,
             seq_len: self.seq_len,
             tokens: all.tokens[micro * self.batch * w..(micro + 1) * self.batch * w].to_vec(),
-        };
+        }
+    }
+
+    /// The validation windows, in order, `batch_size` per batch.
+    pub fn val_windows(&self) -> Result<SequentialWindows> {
+        SequentialWindows::new(
+            self.val.clone(),
+            self.seq_len,
+            self.batch,
+            Some(self.eval_windows),
+        )
+    }
+}
+
+impl TrainTask for TeacherTask {
+    fn loss(&mut self, step: u64, micro: usize) -> Result<(Tensor, Extras)> {
+        let rows = self.micro_windows(step, micro);
         match self.window_loss(&rows) {
             Ok(l) => Ok((l, Vec::new())),
             Err(e) => match e.downcast::<NonFinite>() {
@@ -371,12 +392,7 @@ impl TrainTask for TeacherTask {
     fn eval(&mut self) -> Result<f64> {
         let _ng = kf_engine::no_grad();
         let (mut sum, mut n) = (0.0f64, 0usize);
-        for b in SequentialWindows::new(
-            self.val.clone(),
-            self.seq_len,
-            self.batch,
-            Some(self.eval_windows),
-        )? {
+        for b in self.val_windows()? {
             let l = self.window_loss(&b)?.to_scalar_f64()?;
             let k = b.rows * b.seq_len;
             sum += l * k as f64;
@@ -439,13 +455,14 @@ pub(crate) fn data_id(data: &TokenData) -> DataId {
     }
 }
 
-/// Loads a checkpoint's model and optimizer state for `cfg`; every error names the file.
+/// Loads a checkpoint's model for `cfg` (trainable) and checks its step; every error names
+/// the file. The optimizer state is the backend's to load.
 fn load_checkpoint(
     dir: &Path,
     state: &TrainerState,
     cfg: &TrainConfig,
     model_cfg: &DditConfig,
-) -> Result<(Ddit, Trainer)> {
+) -> Result<Ddit> {
     checkpoint::check_files(
         dir,
         &[
@@ -476,8 +493,6 @@ fn load_checkpoint(
             .join(", ")
     );
     model.set_trainable(true);
-    let mut trainer = Trainer::new(model.params(), cfg.optim())?;
-    trainer.load_optimizer(&dir.join(checkpoint::OPTIMIZER_FILE), state.step)?;
     ensure!(
         state.step <= cfg.total_steps,
         "checkpoint {}: step {} is past total_steps {}",
@@ -485,11 +500,21 @@ fn load_checkpoint(
         state.step,
         cfg.total_steps
     );
-    Ok((model, trainer))
+    Ok(model)
 }
 
-/// `kfrun train`: trains (or resumes) the AR teacher. See the module docs for the files.
+/// `kfrun train`: trains (or resumes) the AR teacher on the CPU. See the module docs for
+/// the files.
 pub fn train_teacher(opts: &TeacherOptions, on_event: &mut dyn FnMut(&Event)) -> Result<Outcome> {
+    train_teacher_on(opts, &CpuBackend, on_event)
+}
+
+/// [`train_teacher`] with the updates on `backend` (the CPU or a kernel device).
+pub fn train_teacher_on(
+    opts: &TeacherOptions,
+    backend: &dyn TrainBackend,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Outcome> {
     let data = TokenData::open(&opts.data)?;
     let tok = opts
         .tokenizer
@@ -576,7 +601,7 @@ pub fn train_teacher(opts: &TeacherOptions, on_event: &mut dyn FnMut(&Event)) ->
         .with_context(|| format!("training config {cfg_label}"))?;
     let need = estimate_train_bytes(&mcfg, cfg.batch_size, cfg.seq_len)
         .saturating_add(window_bytes(cfg.batch_size, cfg.grad_accum, cfg.seq_len));
-    if let Some(avail) = available_memory() {
+    if let (true, Some(avail)) = (backend.on_host(), available_memory()) {
         ensure!(
             need <= avail,
             "this configuration needs about {:.1} GiB for training ({} parameters, batch {} x {} tokens) but {:.1} GiB are available: lower batch_size (raise grad_accum) or the model size",
@@ -587,16 +612,26 @@ pub fn train_teacher(opts: &TeacherOptions, on_event: &mut dyn FnMut(&Event)) ->
             avail as f64 / (1u64 << 30) as f64
         );
     }
-    let (model, mut trainer) = match (&resume, &state) {
+    let model = match (&resume, &state) {
         (Some(dir), Some(st)) => load_checkpoint(dir, st, &cfg, &mcfg)?,
         _ => {
             let mut m = Ddit::init(&mcfg, cfg.seed)?;
             m.set_trainable(true);
-            let t = Trainer::new(m.params(), cfg.optim())?;
-            (m, t)
+            m
         }
     };
-    let mut task = TeacherTask::new(model, &data, &cfg, tok)?;
+    let task = TeacherTask::new(model, &data, &cfg, tok)?;
+    let opt_file = resume.as_ref().map(|d| d.join(checkpoint::OPTIMIZER_FILE));
+    let from = match (&opt_file, &state) {
+        (Some(f), Some(st)) => Some(ResumeFrom {
+            optimizer: f,
+            step: st.step,
+        }),
+        _ => None,
+    };
+    let mut sess = backend
+        .teacher(task, cfg.optim(), from)
+        .with_context(|| format!("training on {}", backend.name()))?;
     let spec = RunSpec {
         out: opts.out.clone(),
         kind: "teacher".into(),
@@ -620,7 +655,7 @@ pub fn train_teacher(opts: &TeacherOptions, on_event: &mut dyn FnMut(&Event)) ->
         (Some(d), Some(s)) => Some((s, d.as_path())),
         _ => None,
     };
-    drive(&mut trainer, &mut task, &spec, resumed, on_event)
+    drive(sess.as_mut(), &spec, resumed, on_event)
 }
 
 #[cfg(test)]

@@ -339,88 +339,119 @@ impl Trainer {
     /// Writes the moments as `m.<name>` and `v.<name>` (f32) with the step in the
     /// metadata (`format` = [`OPTIMIZER_FORMAT`], `step`), atomically.
     pub fn save_optimizer(&self, path: &Path) -> Result<()> {
-        let names: Vec<(String, String)> = self
+        let items: Vec<(&str, &Tensor, &Tensor)> = self
             .params
             .iter()
-            .map(|p| (format!("m.{}", p.name), format!("v.{}", p.name)))
+            .map(|p| (p.name.as_str(), &p.m, &p.v))
             .collect();
-        let mut items: Vec<(&str, &Tensor)> = Vec::with_capacity(2 * self.params.len());
-        for (p, (mn, vn)) in self.params.iter().zip(&names) {
-            items.push((mn, &p.m));
-            items.push((vn, &p.v));
-        }
-        let mut meta = BTreeMap::new();
-        meta.insert("format".to_string(), OPTIMIZER_FORMAT.to_string());
-        meta.insert("step".to_string(), self.step.to_string());
-        kf_engine::io::save(path, &items, &meta)
+        write_optimizer(path, self.step, &items)
     }
 
     /// Restores the moments and the step from [`save_optimizer`]'s file. Every parameter
     /// must have both moments with its shape, no tensor may be unknown, and the stored
     /// step must equal `expected_step`; errors name the file.
     pub fn load_optimizer(&mut self, path: &Path, expected_step: u64) -> Result<()> {
-        let label = path.display();
-        // io::load's own errors name the file
-        let l = kf_engine::io::load(path).context("optimizer state")?;
-        let res = (|| -> Result<()> {
-            ensure!(
-                l.metadata.get("format").map(String::as_str) == Some(OPTIMIZER_FORMAT),
-                "metadata format is {:?}, expected {OPTIMIZER_FORMAT:?}",
-                l.metadata.get("format")
-            );
-            let step: u64 = l
-                .metadata
-                .get("step")
-                .context("metadata has no step")?
-                .parse()
-                .context("metadata step is not an integer")?;
-            ensure!(
-                step == expected_step,
-                "holds the state of step {step}, but trainer.json says step {expected_step}"
-            );
-            ensure!(
-                l.tensors.len() == 2 * self.params.len(),
-                "holds {} tensors, expected {} (m and v for each of {} parameters)",
-                l.tensors.len(),
-                2 * self.params.len(),
-                self.params.len()
-            );
-            let mut fresh = Vec::with_capacity(self.params.len());
-            for p in &self.params {
-                let mut mv = Vec::with_capacity(2);
-                for which in ["m", "v"] {
-                    let n = format!("{which}.{}", p.name);
-                    let t = l
-                        .get(&n)
-                        .with_context(|| format!("tensor {n} is missing"))?;
-                    ensure!(
-                        t.dtype() == DType::F32 && t.shape() == p.tensor.shape(),
-                        "tensor {n} is {} {:?}, but the parameter is f32 {:?}",
-                        t.dtype(),
-                        t.shape(),
-                        p.tensor.shape()
-                    );
-                    let data = t.to_vec::<f32>()?;
-                    if which == "v" {
-                        if let Some(bad) = data.iter().find(|x| !(x.is_finite() && **x >= 0.0)) {
-                            bail!("tensor {n} holds {bad}: second moments are finite and >= 0");
-                        }
-                    } else if let Some(bad) = data.iter().find(|x| !x.is_finite()) {
-                        bail!("tensor {n} holds {bad}: moments must be finite");
-                    }
-                    mv.push(Tensor::from_vec(data, p.tensor.shape(), Device::Cpu)?);
-                }
-                fresh.push(mv);
-            }
-            for (p, mut mv) in self.params.iter_mut().zip(fresh) {
-                p.v = mv.pop().unwrap();
-                p.m = mv.pop().unwrap();
-            }
-            self.step = step;
-            Ok(())
-        })();
-        res.with_context(|| format!("optimizer state {label}"))
+        let shapes: Vec<(&str, &[usize])> = self
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.tensor.shape()))
+            .collect();
+        let fresh = read_optimizer(path, expected_step, &shapes)?;
+        for (p, (m, v)) in self.params.iter_mut().zip(fresh) {
+            p.m = m;
+            p.v = v;
+        }
+        self.step = expected_step;
+        Ok(())
     }
+}
+
+/// Writes AdamW moments `(name, m, v)` as `m.<name>` and `v.<name>` with `step` in the
+/// metadata (`format` = [`OPTIMIZER_FORMAT`]), atomically: the file of [`Trainer::save_optimizer`],
+/// shared by the kernel-device trainers so checkpoints move between devices.
+pub fn write_optimizer(path: &Path, step: u64, moments: &[(&str, &Tensor, &Tensor)]) -> Result<()> {
+    let names: Vec<(String, String)> = moments
+        .iter()
+        .map(|(n, _, _)| (format!("m.{n}"), format!("v.{n}")))
+        .collect();
+    let mut items: Vec<(&str, &Tensor)> = Vec::with_capacity(2 * moments.len());
+    for ((_, m, v), (mn, vn)) in moments.iter().zip(&names) {
+        items.push((mn, m));
+        items.push((vn, v));
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), OPTIMIZER_FORMAT.to_string());
+    meta.insert("step".to_string(), step.to_string());
+    kf_engine::io::save(path, &items, &meta)
+}
+
+/// Reads [`write_optimizer`]'s file for parameters `(name, shape)`: (m, v) per parameter in
+/// that order, f32 on the CPU. Every parameter must have both moments with its shape, no
+/// tensor may be unknown, moments must be finite (second moments >= 0) and the stored step
+/// must equal `expected_step`; errors name the file.
+pub fn read_optimizer(
+    path: &Path,
+    expected_step: u64,
+    params: &[(&str, &[usize])],
+) -> Result<Vec<(Tensor, Tensor)>> {
+    let label = path.display();
+    // io::load's own errors name the file
+    let l = kf_engine::io::load(path).context("optimizer state")?;
+    let res = (|| -> Result<Vec<(Tensor, Tensor)>> {
+        ensure!(
+            l.metadata.get("format").map(String::as_str) == Some(OPTIMIZER_FORMAT),
+            "metadata format is {:?}, expected {OPTIMIZER_FORMAT:?}",
+            l.metadata.get("format")
+        );
+        let step: u64 = l
+            .metadata
+            .get("step")
+            .context("metadata has no step")?
+            .parse()
+            .context("metadata step is not an integer")?;
+        ensure!(
+            step == expected_step,
+            "holds the state of step {step}, but trainer.json says step {expected_step}"
+        );
+        ensure!(
+            l.tensors.len() == 2 * params.len(),
+            "holds {} tensors, expected {} (m and v for each of {} parameters)",
+            l.tensors.len(),
+            2 * params.len(),
+            params.len()
+        );
+        let mut fresh = Vec::with_capacity(params.len());
+        for (name, shape) in params {
+            let mut mv = Vec::with_capacity(2);
+            for which in ["m", "v"] {
+                let n = format!("{which}.{name}");
+                let t = l
+                    .get(&n)
+                    .with_context(|| format!("tensor {n} is missing"))?;
+                ensure!(
+                    t.dtype() == DType::F32 && t.shape() == *shape,
+                    "tensor {n} is {} {:?}, but the parameter is f32 {:?}",
+                    t.dtype(),
+                    t.shape(),
+                    shape
+                );
+                let data = t.to_vec::<f32>()?;
+                if which == "v" {
+                    if let Some(bad) = data.iter().find(|x| !(x.is_finite() && **x >= 0.0)) {
+                        bail!("tensor {n} holds {bad}: second moments are finite and >= 0");
+                    }
+                } else if let Some(bad) = data.iter().find(|x| !x.is_finite()) {
+                    bail!("tensor {n} holds {bad}: moments must be finite");
+                }
+                mv.push(Tensor::from_vec(data, shape, Device::Cpu)?);
+            }
+            let v = mv.pop().unwrap();
+            let m = mv.pop().unwrap();
+            fresh.push((m, v));
+        }
+        Ok(fresh)
+    })();
+    res.with_context(|| format!("optimizer state {label}"))
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The training driver shared by the teacher and the distillation stages: the step
-//! loop around [`Trainer::train_step`], periodic validation, metrics, checkpoints,
+//! loop around a [`Session`]'s update, periodic validation, metrics, checkpoints,
 //! the loss plot, stop requests (Ctrl-C) and the final model directory. What is
-//! trained and on what data is a [`TrainTask`].
+//! trained and on what data is a [`TrainTask`]; where the updates run (the CPU autograd
+//! [`Trainer`] or a kernel device) is the session's business.
 //!
 //! Order of work at step `s` (1-based): the update; the validation loss when `s` is a
 //! multiple of `eval_every` or the last step; the metrics line; a checkpoint when `s` is
@@ -11,7 +12,7 @@
 
 use super::checkpoint::{self, DataId, TrainerState, CKPT_DIR, OPTIMIZER_FILE, TRAINER_FORMAT};
 use super::metrics::{Curves, MetricsLog, StepRecord, METRICS_FILE, PLOT_FILE};
-use super::optim::{Extras, NonFinite, Trainer};
+use super::optim::{Extras, NonFinite, StepStats, Trainer};
 use anyhow::{anyhow, Context, Result};
 use kf_engine::Tensor;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,73 @@ pub trait TrainTask {
     /// Extra validation metrics of the last [`TrainTask::eval`], logged as `val_<name>`.
     fn eval_extras(&self) -> Extras {
         Vec::new()
+    }
+}
+
+/// What the step loop drives: an optimizer and its task together. [`CpuSession`] is the
+/// CPU autograd [`Trainer`] on a [`TrainTask`]; `train::device` has the kernel-device ones
+/// (the same task data, the updates and validation on a GPU or its emulator).
+pub trait Session {
+    /// The task the session trains (returned by [`Session::into_task`]).
+    type Task;
+    /// Completed updates.
+    fn step(&self) -> u64;
+    fn total_steps(&self) -> u64;
+    /// One update (all micro-batches), as [`Trainer::train_step`].
+    fn train_step(&mut self) -> Result<StepStats>;
+    /// The validation loss in nats/token (deterministic).
+    fn eval(&mut self) -> Result<f64>;
+    /// Extra validation metrics of the last [`Session::eval`].
+    fn eval_extras(&self) -> Extras;
+    /// Writes a complete model directory into `dir` (exists, empty).
+    fn save_model(&mut self, dir: &Path) -> Result<()>;
+    /// Writes the optimizer state (`optimizer.safetensors` format) to `path`.
+    fn save_optimizer(&mut self, path: &Path) -> Result<()>;
+    fn tokens_per_step(&self) -> u64;
+    /// Whether the losses depend on the host's thread count (the CPU path's reductions).
+    fn thread_sensitive(&self) -> bool;
+    /// The task, its model holding the trained parameters.
+    fn into_task(self: Box<Self>) -> Result<Self::Task>;
+}
+
+/// The CPU autograd trainer on a [`TrainTask`].
+pub struct CpuSession<T: TrainTask> {
+    pub trainer: Trainer,
+    pub task: T,
+}
+
+impl<T: TrainTask> Session for CpuSession<T> {
+    type Task = T;
+    fn step(&self) -> u64 {
+        self.trainer.step()
+    }
+    fn total_steps(&self) -> u64 {
+        self.trainer.optim().total_steps
+    }
+    fn train_step(&mut self) -> Result<StepStats> {
+        let task = &mut self.task;
+        self.trainer.train_step(|i, j| task.loss(i, j))
+    }
+    fn eval(&mut self) -> Result<f64> {
+        self.task.eval()
+    }
+    fn eval_extras(&self) -> Extras {
+        self.task.eval_extras()
+    }
+    fn save_model(&mut self, dir: &Path) -> Result<()> {
+        self.task.save_model(dir)
+    }
+    fn save_optimizer(&mut self, path: &Path) -> Result<()> {
+        self.trainer.save_optimizer(path)
+    }
+    fn tokens_per_step(&self) -> u64 {
+        self.task.tokens_per_step()
+    }
+    fn thread_sensitive(&self) -> bool {
+        true
+    }
+    fn into_task(self: Box<Self>) -> Result<T> {
+        Ok(self.task)
     }
 }
 
@@ -145,15 +213,16 @@ impl Driver<'_> {
         )
     }
 
-    fn checkpoint(&mut self, trainer: &Trainer, task: &dyn TrainTask) -> Result<PathBuf> {
-        let state = self.state(trainer.step())?;
+    fn checkpoint<S: Session + ?Sized>(&mut self, sess: &mut S) -> Result<PathBuf> {
+        let step = sess.step();
+        let state = self.state(step)?;
         let path = checkpoint::write_dir_atomic(&self.spec.out, CKPT_DIR, |d| {
-            task.save_model(d)?;
-            trainer.save_optimizer(&d.join(OPTIMIZER_FILE))?;
+            sess.save_model(d)?;
+            sess.save_optimizer(&d.join(OPTIMIZER_FILE))?;
             state.write(d)
         })?;
         self.plot()?;
-        self.last_ckpt = Some((trainer.step(), path.clone()));
+        self.last_ckpt = Some((step, path.clone()));
         Ok(path)
     }
 
@@ -165,12 +234,11 @@ impl Driver<'_> {
     }
 }
 
-/// Runs `trainer` on `task` until `total_steps`, `max_steps` or a stop request.
-/// `resumed` is the state of the checkpoint the caller restored the model and the
-/// optimizer from (then metrics.jsonl is cut back to it); `None` starts a fresh run.
-pub fn drive(
-    trainer: &mut Trainer,
-    task: &mut dyn TrainTask,
+/// Runs a [`Session`] until `total_steps`, `max_steps` or a stop request. `resumed` is
+/// the state of the checkpoint the caller restored the model and the optimizer from
+/// (then metrics.jsonl is cut back to it); `None` starts a fresh run.
+pub fn drive<S: Session + ?Sized>(
+    sess: &mut S,
     spec: &RunSpec,
     resumed: Option<(&TrainerState, &Path)>,
     on_event: &mut dyn FnMut(&Event),
@@ -178,7 +246,7 @@ pub fn drive(
     std::fs::create_dir_all(&spec.out)
         .with_context(|| format!("cannot create {}", spec.out.display()))?;
     checkpoint::remove_stale_temps(&spec.out)?;
-    let total = trainer.optim().total_steps;
+    let total = sess.total_steps();
     let metrics_path = spec.out.join(METRICS_FILE);
     let (log, curves) = match resumed {
         Some((st, _)) => MetricsLog::resume(&metrics_path, st.metrics_bytes)?,
@@ -197,7 +265,7 @@ pub fn drive(
     };
     if let Some((st, _)) = resumed {
         let now = rayon::current_num_threads();
-        if st.threads != now {
+        if sess.thread_sensitive() && st.threads != now {
             on_event(&Event::Warning(format!(
                 "the checkpoint was written by a run on {} threads, this one has {now}: the resumed losses may differ in the last bits from an uninterrupted run",
                 st.threads
@@ -205,20 +273,20 @@ pub fn drive(
         }
     }
     on_event(&Event::Start {
-        step: trainer.step(),
+        step: sess.step(),
         total,
         resumed_from: resumed.map(|r| r.1),
     });
-    let tps = task.tokens_per_step();
+    let tps = sess.tokens_per_step();
     let (mut train_time, mut trained_tokens) = (0.0f64, 0u64);
     let stop_requested = || spec.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-    while trainer.step() < total {
-        let step = trainer.step();
+    while sess.step() < total {
+        let step = sess.step();
         if stop_requested() || spec.max_steps.is_some_and(|m| step >= m) {
             let checkpoint = match &d.last_ckpt {
                 Some((s, p)) if *s == step => p.clone(),
                 _ => {
-                    let p = d.checkpoint(trainer, task)?;
+                    let p = d.checkpoint(sess)?;
                     on_event(&Event::Checkpoint { step, path: &p });
                     p
                 }
@@ -230,7 +298,7 @@ pub fn drive(
             });
         }
         let t = Instant::now();
-        let stats = match trainer.train_step(|i, j| task.loss(i, j)) {
+        let stats = match sess.train_step() {
             Ok(s) => s,
             Err(e) => {
                 let _ = d.log.sync();
@@ -252,7 +320,7 @@ pub fn drive(
         let s = stats.step;
         let last = s == total;
         let val_loss = if last || (spec.eval_every > 0 && s % spec.eval_every == 0) {
-            let v = task
+            let v = sess
                 .eval()
                 .with_context(|| format!("validation at step {s}; {}", d.where_good()))?;
             if !v.is_finite() {
@@ -271,7 +339,7 @@ pub fn drive(
         let mut extras = stats.extras;
         if val_loss.is_some() {
             extras.extend(
-                task.eval_extras()
+                sess.eval_extras()
                     .into_iter()
                     .map(|(k, v)| (format!("val_{k}"), v)),
             );
@@ -291,17 +359,17 @@ pub fn drive(
         d.curves.push(&rec);
         on_event(&Event::Step(&rec));
         if last || (spec.checkpoint_every > 0 && s % spec.checkpoint_every == 0) {
-            let p = d.checkpoint(trainer, task)?;
+            let p = d.checkpoint(sess)?;
             on_event(&Event::Checkpoint { step: s, path: &p });
         }
     }
     // done: the final model directory (also when resuming a finished run)
-    let step = trainer.step();
+    let step = sess.step();
     if d.last_ckpt.as_ref().map(|c| c.0) != Some(step) {
-        let p = d.checkpoint(trainer, task)?;
+        let p = d.checkpoint(sess)?;
         on_event(&Event::Checkpoint { step, path: &p });
     }
-    let final_dir = checkpoint::write_dir_atomic(&spec.out, FINAL_DIR, |dir| task.save_model(dir))?;
+    let final_dir = checkpoint::write_dir_atomic(&spec.out, FINAL_DIR, |dir| sess.save_model(dir))?;
     d.plot()?;
     let tokens_per_s = if train_time > 0.0 {
         trained_tokens as f64 / train_time
