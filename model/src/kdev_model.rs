@@ -4,7 +4,10 @@
 //! (`Pflm::step_logits` / `Pflm::step`) and the generation loop mirroring `generate_pflm`:
 //! the same Philox noise stream (drawn on the device by the `philox_uniform_f64` kernel), the
 //! same frequency penalty (argmax + counts on the device, `argmax_penalty`), K <= k tokens per
-//! pass. Only the chosen tokens come back to the host each step.
+//! pass. Only the chosen tokens come back to the host each step. The distillation targets
+//! too: `stage1_targets_dev` (AR teacher + inverse-CDF sampler), `rollout_double_dev` (the
+//! k -> 2k rollout of a student teacher) and `teacher_logits_dev` (the AR teacher's logits on
+//! the host, for the noise-inversion variant).
 //!
 //! Same maths as ddit.rs / pflm.rs, with these device-side choices:
 //! - q, k, v come from three GEMMs over the row blocks of `attn_qkv.weight` (no fused buffer);
@@ -25,7 +28,7 @@ use crate::generate::{check_request, left_pad, Generated, LeftPadded};
 use crate::pflm::{Pflm, PflmGenerateOptions};
 use anyhow::{ensure, Context, Result};
 use kf_engine::{DType, Tensor};
-use kf_ops::attention::AttnParams;
+use kf_ops::attention::{AttnParams, AttnPattern};
 use kf_ops::kdev::launch::{self as kl, AttnDims, AttnPath, AttnView};
 use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
 use std::time::Instant;
@@ -935,5 +938,178 @@ pub fn generate_ar_dev<D: KernelDevice>(
         out.passes += 1;
     }
     out.decode_secs = t_dec.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+// ------------------------------------------------------------------ distillation targets
+
+impl<B> DevPflm<B> {
+    /// Hint embeddings `[B, M, d]` of host noises `u [B, M]` (row-major) at one temperature.
+    fn hints_host<D: KernelDevice<Buf = B>>(
+        &self,
+        dev: &D,
+        u: &[f64],
+        b: usize,
+        m: usize,
+        tau: f64,
+    ) -> Result<Dt<D>> {
+        ensure!(
+            u.len() == b * m,
+            "hints: {} noises for [B, M] = [{b}, {m}]",
+            u.len()
+        );
+        let du = DTensor::from_slice(dev, u, &[b * m])?;
+        let dt = DTensor::from_slice(dev, &vec![tau; b * m], &[b * m])?;
+        self.noise
+            .forward(dev, &du, &dt)?
+            .reshape(&[b, m, self.backbone.cfg.d_model])
+    }
+}
+
+/// Checks a context `[B, N]` of host ids, its noises (`per` per position) and `tau`.
+fn check_ctx(ctx: &[u32], b: usize, n: usize, u: &[f64], per: usize, tau: f64) -> Result<()> {
+    ensure!(
+        b >= 1 && n >= 1,
+        "context [B, N] = [{b}, {n}]: B and N must be >= 1"
+    );
+    ensure!(
+        ctx.len() == b * n,
+        "context: {} ids for [B, N] = [{b}, {n}]",
+        ctx.len()
+    );
+    ensure!(
+        u.len() == b * n * per,
+        "noises: {} values for [B, N, {per}] = [{b}, {n}, {per}]",
+        u.len()
+    );
+    ensure!(
+        tau.is_finite() && tau >= 0.0,
+        "tau must be finite and >= 0, got {tau}"
+    );
+    Ok(())
+}
+
+/// The AR teacher's full-sequence logits `[B, T, V]` of host ids `[B, T]` (positions `0..T`,
+/// causal; `Ddit::forward_train` off the tape), on the host (row-major).
+pub fn teacher_logits_dev<D: KernelDevice>(
+    dev: &D,
+    teacher: &DevDdit<D::Buf>,
+    ids: &[u32],
+    b: usize,
+    t: usize,
+) -> Result<Vec<f32>> {
+    ensure!(b >= 1, "teacher logits: B must be >= 1");
+    teacher
+        .forward(dev, ids, b, t)?
+        .to_vec::<D, f32>(dev)
+        .context("teacher logits to the host")
+}
+
+/// Stage-1 targets (`pflm::stage1_targets`) on a kernel device: the AR teacher's
+/// full-sequence logits of `ctx [B, N]`, then the inverse-CDF sampler (`sample_inverse_cdf`)
+/// on every row with `u [B, N]` at temperature `tau`. Targets `[B, N]` on the host.
+pub fn stage1_targets_dev<D: KernelDevice>(
+    dev: &D,
+    teacher: &DevDdit<D::Buf>,
+    ctx: &[u32],
+    b: usize,
+    n: usize,
+    u: &[f64],
+    tau: f64,
+) -> Result<Vec<u32>> {
+    check_ctx(ctx, b, n, u, 1, tau).context("stage-1 targets")?;
+    let v = teacher.cfg.vocab_size;
+    let logits = teacher.forward(dev, ctx, b, n)?.reshape(&[b * n, v])?;
+    let du = DTensor::from_slice(dev, u, &[b * n])?;
+    let toks = kl::sample_inverse_cdf(dev, &logits, &du, tau)?;
+    kl::tokens_to_host(dev, &toks).context("stage-1 targets")
+}
+
+/// The k -> 2k teacher rollout (`Pflm::rollout_double`) on a kernel device, with the student
+/// `teacher` (window `k = teacher.k`): ctx `[B, N]`, noises `u [B, N, 2k]`, one `tau`. The
+/// context's K/V go once into a device cache; pass 1 runs the N k hints of `u[.., ..k]` over
+/// it (staircase, q_start = N) and reads off F1 by argmax; pass 2 runs `[F1 tokens | hints of
+/// u[.., k..]]` (double staircase, q_start = N) and reads off F2 at its hints (argmax, no
+/// penalty). Tokens `[B, N, 2k]` = `[F1 | F2]` per window, on the host.
+pub fn rollout_double_dev<D: KernelDevice>(
+    dev: &D,
+    teacher: &DevPflm<D::Buf>,
+    ctx: &[u32],
+    b: usize,
+    n: usize,
+    u: &[f64],
+    tau: f64,
+) -> Result<Vec<u32>> {
+    let k = teacher.k;
+    let k2 = 2 * k;
+    check_ctx(ctx, b, n, u, k2, tau).context("double rollout")?;
+    let bb = &teacher.backbone;
+    let cfg = &bb.cfg;
+    let (v, nk) = (cfg.vocab_size, n * k);
+    let (mut u1, mut u2) = (Vec::with_capacity(b * nk), Vec::with_capacity(b * nk));
+    for w in u.chunks_exact(k2) {
+        u1.extend_from_slice(&w[..k]);
+        u2.extend_from_slice(&w[k..]);
+    }
+    let mut cache = DevKvCache::new(dev, cfg, b, n + 2 * nk)?;
+    // context K/V once (the hidden output of these rows is not needed)
+    let pos: Vec<u32> = (0..n as u32).collect();
+    bb.backbone_hidden(
+        dev,
+        &bb.embed(dev, ctx, b, n)?,
+        &pos,
+        &bb.attn_params(0, vec![]),
+        Some(&mut cache),
+    )
+    .context("double rollout: context")?;
+    cache.commit(n)?;
+    let pattern = |p| AttnParams {
+        pattern: p,
+        ..bb.attn_params(n, vec![])
+    };
+    // pass 1: the N k hints over the cached context (staircase, q_start = N)
+    let mut p1 = Vec::with_capacity(2 * nk);
+    for t in 0..n {
+        p1.extend((1..=k).map(|i| (t + i) as u32));
+    }
+    let h = bb
+        .backbone_hidden(
+            dev,
+            &teacher.hints_host(dev, &u1, b, nk, tau)?,
+            &p1,
+            &pattern(AttnPattern::Staircase { n, k }),
+            Some(&mut cache),
+        )
+        .context("double rollout: pass 1")?;
+    cache.commit(0)?;
+    let counts = DTensor::zeros(dev, &[b, v], DType::U32)?;
+    let f1 = kl::argmax_penalty(dev, &bb.head(dev, &h)?, &counts, 0.0)?; // [B, N k]
+    let f1 = kl::tokens_to_host(dev, &f1).context("double rollout: F1")?;
+    // pass 2: [F1 tokens | F2 hints] over the same cached context (double staircase)
+    let mut p2 = p1;
+    p2.extend((0..n).flat_map(|t| (1..=k).map(move |i| (t + k + i) as u32)));
+    let h0 = cat_time(
+        dev,
+        &bb.embed(dev, &f1, b, nk)?,
+        &teacher.hints_host(dev, &u2, b, nk, tau)?,
+    )?;
+    let h = bb
+        .backbone_hidden(
+            dev,
+            &h0,
+            &p2,
+            &pattern(AttnPattern::DoubleStaircase { n, k }),
+            Some(&mut cache),
+        )
+        .context("double rollout: pass 2")?;
+    cache.commit(0)?;
+    let logits = bb.head(dev, &narrow_time(dev, &h, nk, nk)?)?;
+    let f2 = kl::argmax_penalty(dev, &logits, &counts, 0.0)?;
+    let f2 = kl::tokens_to_host(dev, &f2).context("double rollout: F2")?;
+    let mut out = Vec::with_capacity(b * n * k2);
+    for w in 0..b * n {
+        out.extend_from_slice(&f1[w * k..(w + 1) * k]);
+        out.extend_from_slice(&f2[w * k..(w + 1) * k]);
+    }
     Ok(out)
 }

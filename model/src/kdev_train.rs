@@ -8,6 +8,9 @@
 //! (llm.c style: each op's gradient from its saved inputs) including the noise encoder, and
 //! the update: gradient accumulation, the global grad-norm clip and AdamW with the CPU
 //! trainer's hyper-parameters, schedule, decay rule (rank >= 2 only) and step numbering.
+//! The same forward code without saved activations evaluates: `eval_loss` (the teacher's
+//! loss) and `staircase_eval` (a student's per-target losses and argmax predictions, as
+//! `DistillTask::window_loss`). Any staircase window kk >= 1 (stage 1, and k -> 2k).
 //!
 //! The forward is the CPU model's, op for op: q, k and v are three GEMMs against the row
 //! blocks of `attn_qkv.weight` (the CPU's one GEMM and zero-copy split, so the same values up
@@ -113,6 +116,56 @@ type HeadOut<B> = (LayerNormOut<B>, DTensor<B>);
 
 /// RoPE tables of positions `pos [T]`: (pos, cos, sin), `[T, Dh/2]` f32.
 type RopeAt<B> = (Vec<u32>, DTensor<B>, DTensor<B>);
+
+/// What the teacher's forward leaves for the loss and the backward (`blocks` empty when the
+/// forward did not save them).
+struct TeacherFwd<B> {
+    ids: DTensor<B>,
+    targets: DTensor<B>,
+    pos: Vec<u32>,
+    ap: AttnParams,
+    /// The residual stream after the last block `[B T, d]`.
+    h: DTensor<B>,
+    blocks: Vec<BlockSaved<B>>,
+    lnf: LayerNormOut<B>,
+    logits: DTensor<B>,
+    ce: bw::CrossEntropy<B>,
+    /// The mean cross-entropy on the host.
+    loss: f64,
+}
+
+/// The noise encoder's activations that its backward reads.
+struct NoiseSaved<B> {
+    /// Noise features of u and tau `[B M, d]`.
+    fu: DTensor<B>,
+    ft: DTensor<B>,
+    /// `combined_proj`'s output `[B M, d]`, its LayerNorm, the MLP pre-activation and
+    /// activation `[B M, 4d]`.
+    x: DTensor<B>,
+    ln: LayerNormOut<B>,
+    m_pre: DTensor<B>,
+    act: DTensor<B>,
+}
+
+/// What a PFLM student's staircase forward leaves for the loss and the backward (`blocks`
+/// empty when the forward did not save them).
+struct StairFwd<B> {
+    /// (B, N, kk).
+    shape: (usize, usize, usize),
+    ctx: DTensor<B>,
+    targets: DTensor<B>,
+    pos: Vec<u32>,
+    ap: AttnParams,
+    noise: NoiseSaved<B>,
+    blocks: Vec<BlockSaved<B>>,
+    /// The hint rows of the last block's output `[B M, d]`.
+    hh: DTensor<B>,
+    lnf: LayerNormOut<B>,
+    /// `[B M, V]`.
+    logits: DTensor<B>,
+    ce: bw::CrossEntropy<B>,
+    loss: f64,
+}
 
 /// The teacher's parameters, AdamW moments and step on a kernel device.
 pub struct DevTrainer<'d, D: KernelDevice> {
@@ -290,14 +343,16 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     }
 
     /// The blocks on input embeddings `h0 [B T, d]` at positions `pos [T]` (tables made
-    /// first) with attention `ap`: the residual stream after the last block and what the
-    /// backward reads.
+    /// first) with attention `ap`: the residual stream after the last block and, with
+    /// `save`, what the backward reads (without it each block's activations are dropped as
+    /// soon as the next block has its input: a forward-only pass, the list empty).
     fn backbone_fwd(
         &self,
         h0: DTensor<D::Buf>,
         (b, t): (usize, usize),
         pos: &[u32],
         ap: &AttnParams,
+        save: bool,
     ) -> Result<BackboneOut<D::Buf>> {
         let dev = self.dev;
         let c = &self.cfg;
@@ -313,7 +368,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
             tk: t,
         };
         let (cos, sin) = self.tables(pos)?;
-        let mut blocks = Vec::with_capacity(c.n_layers);
+        let mut blocks = Vec::with_capacity(if save { c.n_layers } else { 0 });
         for layer in 0..c.n_layers {
             let ln1 = fw::layer_norm(dev, &h, self.p(self.bi(layer, NORM1)), None, eps)?;
             let wqkv = self.p(self.bi(layer, QKV));
@@ -358,8 +413,12 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
                 Some(self.p(self.bi(layer, MLP2_B))),
             )?;
             let h_out = fw::add(dev, &h_mid, &mo)?;
+            let h_in = std::mem::replace(&mut h, h_out);
+            if !save {
+                continue;
+            }
             blocks.push(BlockSaved {
-                h_in: std::mem::replace(&mut h, h_out),
+                h_in,
                 ln1,
                 q,
                 k,
@@ -430,6 +489,12 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
             tq: t,
             tk: t,
         };
+        ensure!(
+            blocks.len() == c.n_layers,
+            "device backward: {} blocks' activations saved, the model has {} (a forward-only pass saves none)",
+            blocks.len(),
+            c.n_layers
+        );
         let (cos, sin) = self.tables(pos)?;
         for layer in (0..c.n_layers).rev() {
             let s = &blocks[layer];
@@ -519,9 +584,10 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
             .collect()
     }
 
-    /// The teacher's mean next-token cross-entropy of one batch and the gradient of every
-    /// parameter (checkpoint order), on the device.
-    pub fn loss_and_grads(&mut self, batch: &Batch) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
+    /// The teacher's forward on one batch (the CPU's `forward_train` + mean cross-entropy),
+    /// shared by [`Self::loss_and_grads`] (`save`: the blocks' activations for the backward)
+    /// and [`Self::eval_loss`] (forward only).
+    fn teacher_fwd(&mut self, batch: &Batch, save: bool) -> Result<TeacherFwd<D::Buf>> {
         let (b, t) = (batch.b, batch.t);
         let c = self.cfg.clone();
         ensure!(
@@ -539,51 +605,76 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
             batch.ids.len(),
             batch.targets.len()
         );
-        let pos: Vec<u32> = (0..t as u32).collect();
-        self.rope_tables(&pos)?;
-        let dev = self.dev;
-        let n = b * t;
-        let ids = DTensor::from_slice(dev, &batch.ids, &[b, t])?;
-        let targets = DTensor::from_slice(dev, &batch.targets, &[n])?;
         // ids >= V: an error before anything runs (the gather would give NaN rows)
         ensure!(
             batch.ids.iter().all(|&i| (i as usize) < c.vocab_size),
             "device forward: an id is outside the vocabulary of {}",
             c.vocab_size
         );
+        let pos: Vec<u32> = (0..t as u32).collect();
+        self.rope_tables(&pos)?;
+        let dev = self.dev;
+        let ids = DTensor::from_slice(dev, &batch.ids, &[b, t])?;
+        let targets = DTensor::from_slice(dev, &batch.targets, &[b * t])?;
         let h0 = fw::embedding(dev, &ids, self.p(0))?;
         let ap = self.attn_params(AttnPattern::Causal);
-        let (h, blocks) = self.backbone_fwd(h0, (b, t), &pos, &ap)?;
+        let (h, blocks) = self.backbone_fwd(h0, (b, t), &pos, &ap, save)?;
         let (lnf, logits) = self.head_fwd(&h)?;
         let ce = bw::cross_entropy(dev, &logits, &targets, None)?;
         let loss = ce.mean.to_vec::<D, f32>(dev)?[0] as f64;
-        let mut grads: Vec<Option<DTensor<D::Buf>>> =
-            (0..self.params.len()).map(|_| None).collect();
-        let dh = self.loss_head_bwd(&h, &lnf, &logits, &targets, &ce, &mut grads)?;
-        let dh0 = self.backbone_bwd(&blocks, dh, (b, t), &pos, &ap, &mut grads)?;
-        grads[0] = Some(bw::embedding_bwd(dev, &ids, &dh0, c.vocab_size).context("embedding")?);
-        Ok((loss, self.collect(grads)?))
+        Ok(TeacherFwd {
+            ids,
+            targets,
+            pos,
+            ap,
+            h,
+            blocks,
+            lnf,
+            logits,
+            ce,
+            loss,
+        })
     }
 
-    /// A PFLM student's staircase loss (`Pflm::forward_staircase` on `[context | hints]`,
-    /// then the mean cross-entropy of the hint rows against the targets) and the gradient of
-    /// every parameter (`Pflm::params` order), on the device.
-    pub fn staircase_loss_and_grads(
-        &mut self,
-        sb: &StairBatch,
-    ) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
+    /// The teacher's mean next-token cross-entropy of one batch and the gradient of every
+    /// parameter (checkpoint order), on the device.
+    pub fn loss_and_grads(&mut self, batch: &Batch) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
+        let (b, t) = (batch.b, batch.t);
+        let f = self.teacher_fwd(batch, true)?;
+        let mut grads: Vec<Option<DTensor<D::Buf>>> =
+            (0..self.params.len()).map(|_| None).collect();
+        let dh = self.loss_head_bwd(&f.h, &f.lnf, &f.logits, &f.targets, &f.ce, &mut grads)?;
+        let dh0 = self.backbone_bwd(&f.blocks, dh, (b, t), &f.pos, &f.ap, &mut grads)?;
+        grads[0] = Some(
+            bw::embedding_bwd(self.dev, &f.ids, &dh0, self.cfg.vocab_size).context("embedding")?,
+        );
+        Ok((f.loss, self.collect(grads)?))
+    }
+
+    /// The teacher's mean next-token cross-entropy of one batch, forward only (no
+    /// activations kept for a backward, no gradients): the loss [`Self::loss_and_grads`]
+    /// returns, from the same forward code.
+    pub fn eval_loss(&mut self, batch: &Batch) -> Result<f64> {
+        Ok(self.teacher_fwd(batch, false)?.loss)
+    }
+
+    /// A PFLM student's staircase forward (`Pflm::forward_staircase` on `[context | hints]`,
+    /// the logits of the hint rows and their cross-entropy against the targets), shared by
+    /// [`Self::staircase_loss_and_grads`] (`save`: the blocks' activations for the backward)
+    /// and [`Self::staircase_eval`] (forward only).
+    fn staircase_fwd(&mut self, sb: &StairBatch, save: bool) -> Result<StairFwd<D::Buf>> {
         ensure!(
             self.noise.is_some(),
             "device trainer: staircase batches train a PFLM student (new_pflm)"
         );
         let c = self.cfg.clone();
         let (b, n, kk) = (sb.b, sb.n, sb.kk);
-        let (m, d, v) = (n * kk, c.d_model, c.vocab_size);
-        let t = n + m;
         ensure!(
             b >= 1 && n >= 1 && kk >= 1,
             "staircase batch: B, N and k must be >= 1"
         );
+        let (m, d, v) = (n * kk, c.d_model, c.vocab_size);
+        let t = n + m;
         ensure!(
             sb.ctx.len() == b * n && sb.u.len() == b * m && sb.targets.len() == b * m,
             "staircase batch: {} context ids, {} noises, {} targets for B {b}, N {n}, k {kk}",
@@ -645,15 +736,51 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         let e = fw::add(dev, &x, &y)?.reshape(&[b, m, d])?;
         let h0 = cat_time(dev, &emb, &e)?;
         let ap = self.attn_params(AttnPattern::Staircase { n, k: kk });
-        let (h, blocks) = self.backbone_fwd(h0, (b, t), &pos, &ap)?;
+        let (h, blocks) = self.backbone_fwd(h0, (b, t), &pos, &ap, save)?;
         let hh = narrow_time(dev, &h.reshape(&[b, t, d])?, n, m)?.reshape(&[b * m, d])?;
         let (lnf, logits) = self.head_fwd(&hh)?;
         let ce = bw::cross_entropy(dev, &logits, &targets, None)?;
         let loss = ce.mean.to_vec::<D, f32>(dev)?[0] as f64;
+        Ok(StairFwd {
+            shape: (b, n, kk),
+            ctx,
+            targets,
+            pos,
+            ap,
+            noise: NoiseSaved {
+                fu,
+                ft,
+                x,
+                ln,
+                m_pre,
+                act,
+            },
+            blocks,
+            hh,
+            lnf,
+            logits,
+            ce,
+            loss,
+        })
+    }
 
+    /// A PFLM student's staircase loss (`Pflm::forward_staircase` on `[context | hints]`,
+    /// then the mean cross-entropy of the hint rows against the targets) and the gradient of
+    /// every parameter (`Pflm::params` order), on the device. Any window `kk >= 1`.
+    pub fn staircase_loss_and_grads(
+        &mut self,
+        sb: &StairBatch,
+    ) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
+        let f = self.staircase_fwd(sb, true)?;
+        let dev = self.dev;
+        let (b, n, kk) = f.shape;
+        let (m, d, v) = (n * kk, self.cfg.d_model, self.cfg.vocab_size);
+        let t = n + m;
+        let nb = self.params.len() - NOISE_PARAMS;
+        let np = |i: usize| &self.params[nb + i];
         let mut grads: Vec<Option<DTensor<D::Buf>>> =
             (0..self.params.len()).map(|_| None).collect();
-        let dhh = self.loss_head_bwd(&hh, &lnf, &logits, &targets, &ce, &mut grads)?;
+        let dhh = self.loss_head_bwd(&f.hh, &f.lnf, &f.logits, &f.targets, &f.ce, &mut grads)?;
         // the head read only the hint rows: the context rows' gradient is zero
         let dh = DTensor::zeros(dev, &[b * t, d], DType::F32)?;
         for bi in 0..b {
@@ -666,20 +793,21 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
             )?;
         }
         let dh0 = self
-            .backbone_bwd(&blocks, dh, (b, t), &pos, &ap, &mut grads)?
+            .backbone_bwd(&f.blocks, dh, (b, t), &f.pos, &f.ap, &mut grads)?
             .reshape(&[b, t, d])?;
         let demb = narrow_time(dev, &dh0, 0, n)?;
         let de = narrow_time(dev, &dh0, n, m)?.reshape(&[b * m, d])?;
-        grads[0] = Some(bw::embedding_bwd(dev, &ctx, &demb, v).context("embedding")?);
-        let l2 = bw::linear_bwd(dev, &act, np(N2_W), &de, true).context("noise mlp.2")?;
-        let dpre = bw::gelu_erf_bwd(dev, &m_pre, &l2.dx)?;
-        let l0 = bw::linear_bwd(dev, &ln.y, np(N0_W), &dpre, true).context("noise mlp.0")?;
-        let lg = bw::layer_norm_bwd(dev, &x, np(NLN_W), &l0.dx, &ln.mean, &ln.rstd, true)
+        grads[0] = Some(bw::embedding_bwd(dev, &f.ctx, &demb, v).context("embedding")?);
+        let s = &f.noise;
+        let l2 = bw::linear_bwd(dev, &s.act, np(N2_W), &de, true).context("noise mlp.2")?;
+        let dpre = bw::gelu_erf_bwd(dev, &s.m_pre, &l2.dx)?;
+        let l0 = bw::linear_bwd(dev, &s.ln.y, np(N0_W), &dpre, true).context("noise mlp.0")?;
+        let lg = bw::layer_norm_bwd(dev, &s.x, np(NLN_W), &l0.dx, &s.ln.mean, &s.ln.rstd, true)
             .context("noise norm")?;
         let dx = fw::add(dev, &de, &lg.dx)?;
         // the column halves of dW_c [d, 2d]: dxᵀ f(u) and dxᵀ f(tau)
         let dwc = DTensor::uninit(dev, &[d, 2 * d], DType::F32)?;
-        for (i, f) in [&fu, &ft].into_iter().enumerate() {
+        for (i, feat) in [&s.fu, &s.ft].into_iter().enumerate() {
             let spec = GemmSpec {
                 trans_a: true,
                 lda: d,
@@ -687,7 +815,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
                 c_off: i * d,
                 ..GemmSpec::simple(d, d, b * m, false)
             };
-            gemm(dev, &spec, &dx, f, &dwc).context("noise combined_proj")?;
+            gemm(dev, &spec, &dx, feat, &dwc).context("noise combined_proj")?;
         }
         grads[nb + NC_W] = Some(dwc);
         grads[nb + NC_B] = Some(bw::colsum(dev, &dx)?);
@@ -697,7 +825,25 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         grads[nb + N0_B] = l0.db;
         grads[nb + N2_W] = Some(l2.dw);
         grads[nb + N2_B] = l2.db;
-        Ok((loss, self.collect(grads)?))
+        Ok((f.loss, self.collect(grads)?))
+    }
+
+    /// A PFLM student's staircase pass, forward only (no activations kept for a backward, no
+    /// gradients): the cross-entropy of every target `[B N kk]` (the row order of
+    /// `DistillTask::window_loss`'s per-target losses: sequence, then context position, then
+    /// offset) and the student's prediction per target, the argmax of its logits without a
+    /// frequency penalty (`argmax_penalty` with zero counts, as the CPU).
+    pub fn staircase_eval(&mut self, sb: &StairBatch) -> Result<(Vec<f64>, Vec<u32>)> {
+        let f = self.staircase_fwd(sb, false)?;
+        let dev = self.dev;
+        let (b, n, kk) = f.shape;
+        let v = self.cfg.vocab_size;
+        let rows = f.ce.loss.to_vec::<D, f32>(dev)?;
+        let logits = f.logits.reshape(&[b, n * kk, v])?;
+        let counts = DTensor::zeros(dev, &[b, v], DType::U32)?;
+        let pred = fw::argmax_penalty(dev, &logits, &counts, 0.0)?;
+        let pred = fw::tokens_to_host(dev, &pred).context("staircase predictions")?;
+        Ok((rows.into_iter().map(f64::from).collect(), pred))
     }
 
     /// One update, as `Trainer::train_step`: the gradients of the `grad_accum` micro-batches
