@@ -4,8 +4,9 @@
 //! the device run's losses, grad norms and validation losses follow the CPU run's (f32
 //! summation order apart); a device run stopped with --max-steps and resumed repeats the
 //! uninterrupted device run bit for bit; a CPU checkpoint resumes on the device and a device
-//! checkpoint on the CPU (same files). With `--features cuda` and a GPU the same runs use
-//! `--device cuda` as well.
+//! checkpoint on the CPU (same files). Then `kfrun distill --device emu` from that teacher
+//! (AR -> 1 -> 2 -> 4 and the inversion variant) against `--device cpu`. With
+//! `--features cuda` and a GPU the same runs use `--device cuda` as well.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -190,10 +191,143 @@ fn runs_on(device: &str, root: &Path) {
         train(&shards, &cfg, &out, then, &["--resume"]);
         follows(tag, &metrics(&out), &want, 2e-4);
     }
+    distill_on(device, root, &shards, &cpu.join("final"));
+}
+
+/// A recipe of three short stages (AR -> 1 -> 2 -> 4) on contexts of 6 tokens.
+fn recipe(root: &Path) -> PathBuf {
+    let mut r: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo("configs/distill-tiny.json")).unwrap())
+            .unwrap();
+    for (k, v) in [
+        ("batch_size", 2),
+        ("ctx_len", 6),
+        ("eval_windows", 3),
+        ("eval_every", 2),
+        ("checkpoint_every", 2),
+    ] {
+        r[k] = v.into();
+    }
+    r["optim"]["warmup_steps"] = 1.into();
+    r["optim"]["grad_accum"] = 2.into();
+    r["stages"] = serde_json::json!([
+        {"k": 1, "total_steps": 3},
+        {"k": 2, "total_steps": 2},
+        {"k": 4, "total_steps": 2}
+    ]);
+    let p = root.join("recipe.json");
+    std::fs::write(&p, r.to_string()).unwrap();
+    p
+}
+
+fn distill(
+    teacher: &Path,
+    shards: &Path,
+    recipe: &Path,
+    out: &Path,
+    device: &str,
+    extra: &[&str],
+) -> String {
+    let mut a = vec![
+        "distill",
+        "--teacher",
+        s(teacher),
+        "--data",
+        s(shards),
+        "--recipe",
+        s(recipe),
+        "--out",
+        s(out),
+        "--device",
+        device,
+    ];
+    a.extend_from_slice(extra);
+    if !extra.contains(&"--k") {
+        a.extend_from_slice(&["--k", "4"]);
+    }
+    ok(&kfrun(&a))
+}
+
+/// The validation agreement of each stage in a chain's summary.json.
+fn agreements(out: &Path) -> Vec<f64> {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|st| st["metrics"]["acc"].as_f64().unwrap())
+        .collect()
+}
+
+/// `kfrun distill --device`: every stage's losses, norms and validation follow the CPU's
+/// (the teacher's targets made on the device: stage 1's inverse-CDF map, the k -> 2k
+/// rollout, the inversion variant's logits), the agreements are the CPU's, and a chain
+/// stopped inside a stage and resumed ends with the same student bit for bit.
+fn distill_on(device: &str, root: &Path, shards: &Path, teacher: &Path) {
+    let recipe = recipe(root);
+    let (cpu, dev) = (root.join("d-cpu"), root.join("d-dev"));
+    distill(teacher, shards, &recipe, &cpu, "cpu", &[]);
+    let text = distill(teacher, shards, &recipe, &dev, device, &[]);
+    assert!(text.contains("k=4"), "{text}");
+    for k in ["k1", "k2", "k4"] {
+        follows(
+            &format!("distill {k}: {device} vs cpu"),
+            &metrics(&dev.join(k)),
+            &metrics(&cpu.join(k)),
+            2e-4,
+        );
+    }
+    assert_eq!(
+        agreements(&dev),
+        agreements(&cpu),
+        "{device}: agreements differ"
+    );
+
+    let paused = root.join("d-paused");
+    let text = distill(
+        teacher,
+        shards,
+        &recipe,
+        &paused,
+        device,
+        &["--max-steps", "1"],
+    );
+    assert!(text.contains("stopped stage k = 1 at step 1"), "{text}");
+    distill(teacher, shards, &recipe, &paused, device, &["--resume"]);
+    for k in ["k1", "k2", "k4"] {
+        let f = |d: &Path| std::fs::read(d.join(k).join("final/model.safetensors")).unwrap();
+        assert!(
+            f(&paused) == f(&dev),
+            "{device} {k}: the resumed student differs"
+        );
+    }
+
+    let (icpu, idev) = (root.join("i-cpu"), root.join("i-dev"));
+    let inv = ["--variant", "inversion", "--k", "2"];
+    distill(teacher, shards, &recipe, &icpu, "cpu", &inv);
+    distill(teacher, shards, &recipe, &idev, device, &inv);
+    for k in ["k1", "k2"] {
+        follows(
+            &format!("inversion {k}: {device} vs cpu"),
+            &metrics(&idev.join(k)),
+            &metrics(&icpu.join(k)),
+            2e-4,
+        );
+    }
+    assert_eq!(
+        agreements(&idev),
+        agreements(&icpu),
+        "{device}: inversion agreements differ"
+    );
 }
 
 #[test]
-fn teacher_training_on_the_emulator_follows_the_cpu_and_resumes_exactly() {
+#[cfg_attr(
+    feature = "cuda",
+    ignore = "the emulator run is the cuda-less build's (CI runs it there); this build checks the GPU"
+)]
+fn training_and_distillation_on_the_emulator_follow_the_cpu_and_resume_exactly() {
     let root = std::env::temp_dir().join(format!("kfrun-train-emu-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
@@ -205,7 +339,7 @@ fn teacher_training_on_the_emulator_follows_the_cpu_and_resumes_exactly() {
 /// (KF_REQUIRE_GPU=1 makes that a failure).
 #[cfg(feature = "cuda")]
 #[test]
-fn teacher_training_on_a_gpu_follows_the_cpu_and_resumes_exactly() {
+fn training_and_distillation_on_a_gpu_follow_the_cpu_and_resume_exactly() {
     if let Err(e) = kf_engine::cuda::CudaDevice::get(0) {
         assert!(
             std::env::var("KF_REQUIRE_GPU").is_err(),

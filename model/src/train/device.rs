@@ -13,8 +13,14 @@ use super::optim::{read_optimizer, write_optimizer, Extras, OptimConfig, StepSta
 use super::run::{Session, TrainTask};
 use super::TeacherTask;
 use crate::ddit::Ddit;
-use crate::distill::DistillTask;
-use crate::kdev_train::{Batch, DevStepStats, DevTrainer};
+use crate::distill::{
+    inversion_pairs_from_logits, inversion_prefixes, DistillTask, DistillTeacher, MicroInputs, Sums,
+};
+use crate::kdev_model::{
+    rollout_double_dev, stage1_targets_dev, teacher_logits_dev, DevDdit, DevPflm,
+};
+use crate::kdev_train::{Batch, DevStepStats, DevTrainer, StairBatch};
+use crate::pflm::{NoiseEncoder, Pflm};
 use anyhow::{Context, Result};
 use kf_engine::Tensor;
 use kf_ops::kdev::KernelDevice;
@@ -92,11 +98,27 @@ impl<D: KernelDevice> TrainBackend for DevBackend<'_, D> {
     }
     fn stage<'s>(
         &'s self,
-        _task: DistillTask,
-        _opt: OptimConfig,
-        _resume: Option<ResumeFrom<'_>>,
+        task: DistillTask,
+        opt: OptimConfig,
+        resume: Option<ResumeFrom<'_>>,
     ) -> Result<BoxSession<'s, DistillTask>> {
-        anyhow::bail!("distillation on a kernel device: not wired yet")
+        let (total, accum) = (opt.total_steps, opt.grad_accum);
+        let dev = self.dev;
+        let teacher = match &task.teacher {
+            DistillTeacher::Ar(t) => StageTeacher::Ar(DevDdit::upload(dev, t)?),
+            DistillTeacher::Inversion(t) => StageTeacher::Inversion(DevDdit::upload(dev, t)?),
+            DistillTeacher::Pflm(t) => StageTeacher::Pflm(DevPflm::upload(dev, t)?),
+        };
+        let mut trainer = DevTrainer::new_pflm(dev, &task.student, opt)?;
+        restore(&mut trainer, resume)?;
+        Ok(Box::new(DevStageSession {
+            dev,
+            trainer,
+            teacher,
+            task,
+            total,
+            accum,
+        }))
     }
 }
 
@@ -145,8 +167,7 @@ impl<D: KernelDevice> Session for DevTeacherSession<'_, D> {
     fn eval(&mut self) -> Result<f64> {
         let (mut sum, mut n) = (0.0f64, 0usize);
         for w in self.task.val_windows()? {
-            // (the loss of the training forward; its gradients are dropped)
-            let l = self.trainer.loss_and_grads(&batch(&w))?.0;
+            let l = self.trainer.eval_loss(&batch(&w))?;
             let k = w.rows * w.seq_len;
             sum += l * k as f64;
             n += k;
@@ -170,6 +191,172 @@ impl<D: KernelDevice> Session for DevTeacherSession<'_, D> {
         false
     }
     fn into_task(mut self: Box<Self>) -> Result<TeacherTask> {
+        self.sync()?;
+        Ok(self.task)
+    }
+}
+
+/// A distillation stage's teacher on the device (the student is the trainer's).
+enum StageTeacher<B> {
+    Ar(DevDdit<B>),
+    Pflm(DevPflm<B>),
+    Inversion(DevDdit<B>),
+}
+
+/// A distillation stage on a kernel device: the teacher's targets (stage 1: the AR
+/// teacher's inverse-CDF map; k -> 2k: the previous student's double-staircase rollout;
+/// the inversion variant: the AR teacher's logits, inverted on the host), the student's
+/// staircase updates and the validation all run on the device.
+struct DevStageSession<'d, D: KernelDevice> {
+    dev: &'d D,
+    trainer: DevTrainer<'d, D>,
+    teacher: StageTeacher<D::Buf>,
+    task: DistillTask,
+    total: u64,
+    accum: usize,
+}
+
+/// The staircase batch of `mi`: the contexts, the student's noises and the teacher's
+/// targets (as `DistillTeacher::batch` on the CPU).
+fn stair_batch<D: KernelDevice>(
+    dev: &D,
+    teacher: &StageTeacher<D::Buf>,
+    n: usize,
+    k: usize,
+    mi: &MicroInputs,
+) -> Result<StairBatch> {
+    let (rows, w) = (mi.rows, mi.w);
+    let ctx: Vec<u32> = (0..rows)
+        .flat_map(|r| mi.tokens[r * w..r * w + n].iter().copied())
+        .collect();
+    let (u, targets) = match teacher {
+        StageTeacher::Ar(t) => {
+            let u = mi.u.to_vec_f64()?;
+            let tg = stage1_targets_dev(dev, t, &ctx, rows, n, &u, mi.tau)
+                .context("the AR teacher's targets")?;
+            (u, tg)
+        }
+        StageTeacher::Pflm(t) => {
+            let u = mi.u.to_vec_f64()?;
+            let tg = rollout_double_dev(dev, t, &ctx, rows, n, &u, mi.tau)
+                .context("the teacher's rollout")?;
+            (u, tg)
+        }
+        StageTeacher::Inversion(t) => {
+            let seq = inversion_prefixes(&mi.tokens, rows, w, n, k);
+            let lg = teacher_logits_dev(dev, t, &seq, rows, n + k - 1)
+                .context("the AR teacher's logits")?;
+            let (u, tg) = inversion_pairs_from_logits(
+                &lg,
+                t.cfg.vocab_size,
+                &mi.tokens,
+                rows,
+                w,
+                n,
+                k,
+                &mi.u,
+                mi.tau,
+            )?;
+            (u.to_vec_f64()?, tg.to_vec::<u32>()?)
+        }
+    };
+    Ok(StairBatch {
+        b: rows,
+        n,
+        kk: k,
+        ctx,
+        u,
+        tau: mi.tau,
+        targets,
+    })
+}
+
+impl<D: KernelDevice> DevStageSession<'_, D> {
+    /// The device's parameters into the task's host student.
+    fn sync(&mut self) -> Result<()> {
+        let s = &self.task.student;
+        let (cfg, k, d, eps) = (s.cfg().clone(), s.k, s.cfg().d_model, s.cfg().ln_eps);
+        let nb = s.backbone.params().len();
+        let mut named = self
+            .trainer
+            .params_to_host()
+            .context("downloading the trained parameters")?;
+        let noise = named.split_off(nb);
+        let backbone = Ddit::from_params(&cfg, named)?;
+        self.task.student =
+            Pflm::from_parts(backbone, NoiseEncoder::from_params(d, eps, noise)?, k)?;
+        Ok(())
+    }
+
+    fn batch(&self, mi: &MicroInputs) -> Result<StairBatch> {
+        stair_batch(
+            self.dev,
+            &self.teacher,
+            self.task.ctx_len(),
+            self.task.student.k,
+            mi,
+        )
+    }
+}
+
+impl<D: KernelDevice> Session for DevStageSession<'_, D> {
+    type Task = DistillTask;
+    fn step(&self) -> u64 {
+        self.trainer.step()
+    }
+    fn total_steps(&self) -> u64 {
+        self.total
+    }
+    fn train_step(&mut self) -> Result<StepStats> {
+        let i = self.trainer.step();
+        let mut micro = Vec::with_capacity(self.accum);
+        for j in 0..self.accum {
+            let mi = self.task.micro_inputs(i, j)?;
+            micro.push(
+                self.batch(&mi)
+                    .with_context(|| format!("step {}, micro-batch {j}", i + 1))?,
+            );
+        }
+        Ok(stats(
+            self.trainer.train_step_staircase(&micro)?,
+            Vec::new(),
+        ))
+    }
+    fn eval(&mut self) -> Result<f64> {
+        let k = self.task.student.k;
+        let mut sums = Sums::new(k);
+        let (dev, teacher, trainer, task) =
+            (self.dev, &self.teacher, &mut self.trainer, &self.task);
+        task.for_each_eval(|mi| {
+            let sb = stair_batch(dev, teacher, task.ctx_len(), k, &mi)?;
+            let (rl, pred) = trainer.staircase_eval(&sb)?;
+            let hits: Vec<bool> = pred.iter().zip(&sb.targets).map(|(a, b)| a == b).collect();
+            sums.add(&rl, &hits);
+            Ok(())
+        })
+        .context("validation")?;
+        let m = sums.finish();
+        let loss = m.loss;
+        self.task.last_eval = Some(m);
+        Ok(loss)
+    }
+    fn eval_extras(&self) -> Extras {
+        self.task.eval_extras()
+    }
+    fn save_model(&mut self, dir: &Path) -> Result<()> {
+        self.sync()?;
+        self.task.save_model(dir)
+    }
+    fn save_optimizer(&mut self, path: &Path) -> Result<()> {
+        save_state(&self.trainer, path)
+    }
+    fn tokens_per_step(&self) -> u64 {
+        self.task.tokens_per_step()
+    }
+    fn thread_sensitive(&self) -> bool {
+        false
+    }
+    fn into_task(mut self: Box<Self>) -> Result<DistillTask> {
         self.sync()?;
         Ok(self.task)
     }

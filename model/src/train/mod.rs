@@ -6,6 +6,7 @@
 //!   global grad-norm clipping; the loss is a closure `(step, micro) -> (loss, extras)`.
 //! * [`run`]: [`drive`] — the step loop, validation, metrics.jsonl, loss.svg,
 //!   checkpoints, Ctrl-C, NaN stop, the final model directory; the work is a [`TrainTask`].
+//! * [`backend`], [`device`]: where the updates run (a [`Session`] per run).
 //! * [`checkpoint`]: crash-safe checkpoint directories (temporary dir + rename).
 //! * [`metrics`]: JSONL metrics and the hand-written SVG plot.
 //!
@@ -20,7 +21,13 @@
 //! Window `b` of update `i` is a pure function of `(seed, i, b)` ([`WindowSampler`]), the
 //! model is initialised from `seed`, and a checkpoint holds the f32 parameters, both
 //! AdamW moments and the step: a run stopped at any checkpoint and resumed reproduces the
-//! uninterrupted run's losses and parameters bit for bit, given the same thread count.
+//! uninterrupted run's losses and parameters bit for bit, given the same thread count (on a
+//! kernel device: given the same device; see [`device`]).
+//!
+//! # Devices
+//! [`backend::TrainBackend`] says where the updates run: [`CpuBackend`] (the autograd
+//! [`Trainer`]) or [`DevBackend`] (a kernel device: CUDA or its emulator). Both go through
+//! [`drive`] and write the same checkpoint files.
 
 pub mod backend;
 pub mod checkpoint;

@@ -347,7 +347,7 @@ impl Trainer {
         write_optimizer(path, self.step, &items)
     }
 
-    /// Restores the moments and the step from [`save_optimizer`]'s file. Every parameter
+    /// Restores the moments and the step from [`Trainer::save_optimizer`]'s file. Every parameter
     /// must have both moments with its shape, no tensor may be unknown, and the stored
     /// step must equal `expected_step`; errors name the file.
     pub fn load_optimizer(&mut self, path: &Path, expected_step: u64) -> Result<()> {
