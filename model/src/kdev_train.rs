@@ -79,6 +79,9 @@ pub struct StairBatch {
     pub targets: Vec<u32>,
 }
 
+/// Per-target cross-entropies `[B N kk]` and the student's argmax predictions (same order).
+pub type TargetRows = (Vec<f64>, Vec<u32>);
+
 /// What one device update did (the CPU `StepStats` fields that apply).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DevStepStats {
@@ -771,7 +774,20 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         &mut self,
         sb: &StairBatch,
     ) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
-        let f = self.staircase_fwd(sb, true)?;
+        self.staircase_grads(sb, None)
+    }
+
+    /// [`Self::staircase_loss_and_grads`]; with `rows`, also pushes the forward's per-target
+    /// losses and predictions ([`Self::staircase_eval`]'s) onto it.
+    fn staircase_grads(
+        &mut self,
+        sb: &StairBatch,
+        rows: Option<&mut Vec<TargetRows>>,
+    ) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
+        let mut f = self.staircase_fwd(sb, true)?;
+        if let Some(out) = rows {
+            out.push(self.target_rows(&mut f)?);
+        }
         let dev = self.dev;
         let (b, n, kk) = f.shape;
         let (m, d, v) = (n * kk, self.cfg.d_model, self.cfg.vocab_size);
@@ -833,16 +849,23 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     /// `DistillTask::window_loss`'s per-target losses: sequence, then context position, then
     /// offset) and the student's prediction per target, the argmax of its logits without a
     /// frequency penalty (`argmax_penalty` with zero counts, as the CPU).
-    pub fn staircase_eval(&mut self, sb: &StairBatch) -> Result<(Vec<f64>, Vec<u32>)> {
-        let f = self.staircase_fwd(sb, false)?;
+    pub fn staircase_eval(&mut self, sb: &StairBatch) -> Result<TargetRows> {
+        let mut f = self.staircase_fwd(sb, false)?;
+        self.target_rows(&mut f)
+    }
+
+    /// The per-target losses and argmax predictions of a staircase forward.
+    fn target_rows(&self, f: &mut StairFwd<D::Buf>) -> Result<TargetRows> {
         let dev = self.dev;
         let (b, n, kk) = f.shape;
         let v = self.cfg.vocab_size;
         let rows = f.ce.loss.to_vec::<D, f32>(dev)?;
-        let logits = f.logits.reshape(&[b, n * kk, v])?;
+        let flat = f.logits.shape().to_vec();
+        f.logits.set_shape(&[b, n * kk, v])?;
         let counts = DTensor::zeros(dev, &[b, v], DType::U32)?;
-        let pred = fw::argmax_penalty(dev, &logits, &counts, 0.0)?;
-        let pred = fw::tokens_to_host(dev, &pred).context("staircase predictions")?;
+        let pred = fw::argmax_penalty(dev, &f.logits, &counts, 0.0);
+        f.logits.set_shape(&flat)?;
+        let pred = fw::tokens_to_host(dev, &pred?).context("staircase predictions")?;
         Ok((rows.into_iter().map(f64::from).collect(), pred))
     }
 
@@ -859,6 +882,19 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     /// stage's loss).
     pub fn train_step_staircase(&mut self, micro: &[StairBatch]) -> Result<DevStepStats> {
         self.update(micro.len(), |me, j| me.staircase_loss_and_grads(&micro[j]))
+    }
+
+    /// [`Self::train_step_staircase`], also returning each micro-batch's per-target losses
+    /// and predictions from its training forward (the per-step agreement metrics).
+    pub fn train_step_staircase_rows(
+        &mut self,
+        micro: &[StairBatch],
+    ) -> Result<(DevStepStats, Vec<TargetRows>)> {
+        let mut rows = Vec::with_capacity(micro.len());
+        let st = self.update(micro.len(), |me, j| {
+            me.staircase_grads(&micro[j], Some(&mut rows))
+        })?;
+        Ok((st, rows))
     }
 
     fn update<F>(&mut self, count: usize, mut loss_fn: F) -> Result<DevStepStats>

@@ -248,6 +248,15 @@ fn distill(
     ok(&kfrun(&a))
 }
 
+/// Every step's training agreement (`acc`, from the training forward) in metrics.jsonl.
+fn step_agreements(out: &Path) -> Vec<Option<f64>> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["acc"].as_f64())
+        .collect()
+}
+
 /// The validation agreement of each stage in a chain's summary.json.
 fn agreements(out: &Path) -> Vec<f64> {
     let v: Value =
@@ -283,6 +292,14 @@ fn distill_on(device: &str, root: &Path, shards: &Path, teacher: &Path) {
         agreements(&cpu),
         "{device}: agreements differ"
     );
+    for k in ["k1", "k2", "k4"] {
+        let (a, b) = (step_agreements(&dev.join(k)), step_agreements(&cpu.join(k)));
+        assert!(
+            a.iter().all(Option::is_some),
+            "{device} {k}: steps without acc: {a:?}"
+        );
+        assert_eq!(a, b, "{device} {k}: per-step agreements differ");
+    }
 
     let paused = root.join("d-paused");
     let text = distill(

@@ -9,12 +9,13 @@
 //! device.
 
 use super::backend::{BoxSession, ResumeFrom, TrainBackend};
-use super::optim::{read_optimizer, write_optimizer, Extras, OptimConfig, StepStats};
+use super::optim::{read_optimizer, write_optimizer, Extras, ExtrasSum, OptimConfig, StepStats};
 use super::run::{Session, TrainTask};
 use super::TeacherTask;
 use crate::ddit::Ddit;
 use crate::distill::{
-    inversion_pairs_from_logits, inversion_prefixes, DistillTask, DistillTeacher, MicroInputs, Sums,
+    inversion_pairs_from_logits, inversion_prefixes, step_extras, DistillMetrics, DistillTask,
+    DistillTeacher, MicroInputs, Sums,
 };
 use crate::kdev_model::{
     rollout_double_dev, stage1_targets_dev, teacher_logits_dev, DevDdit, DevPflm,
@@ -107,7 +108,7 @@ impl<D: KernelDevice> TrainBackend for DevBackend<'_, D> {
         let teacher = match &task.teacher {
             DistillTeacher::Ar(t) => StageTeacher::Ar(DevDdit::upload(dev, t)?),
             DistillTeacher::Inversion(t) => StageTeacher::Inversion(DevDdit::upload(dev, t)?),
-            DistillTeacher::Pflm(t) => StageTeacher::Pflm(DevPflm::upload(dev, t)?),
+            DistillTeacher::Pflm(t) => StageTeacher::Pflm(Box::new(DevPflm::upload(dev, t)?)),
         };
         let mut trainer = DevTrainer::new_pflm(dev, &task.student, opt)?;
         restore(&mut trainer, resume)?;
@@ -199,7 +200,7 @@ impl<D: KernelDevice> Session for DevTeacherSession<'_, D> {
 /// A distillation stage's teacher on the device (the student is the trainer's).
 enum StageTeacher<B> {
     Ar(DevDdit<B>),
-    Pflm(DevPflm<B>),
+    Pflm(Box<DevPflm<B>>),
     Inversion(DevDdit<B>),
 }
 
@@ -271,6 +272,18 @@ fn stair_batch<D: KernelDevice>(
     })
 }
 
+/// Whether each prediction equals its target.
+fn hits(pred: &[u32], sb: &StairBatch) -> Vec<bool> {
+    pred.iter().zip(&sb.targets).map(|(a, b)| a == b).collect()
+}
+
+/// The agreement metrics of one batch's per-target losses and predictions.
+fn metrics_of(rl: &[f64], pred: &[u32], sb: &StairBatch) -> DistillMetrics {
+    let mut s = Sums::new(sb.kk);
+    s.add(rl, &hits(pred, sb));
+    s.finish()
+}
+
 impl<D: KernelDevice> DevStageSession<'_, D> {
     /// The device's parameters into the task's host student.
     fn sync(&mut self) -> Result<()> {
@@ -317,10 +330,13 @@ impl<D: KernelDevice> Session for DevStageSession<'_, D> {
                     .with_context(|| format!("step {}, micro-batch {j}", i + 1))?,
             );
         }
-        Ok(stats(
-            self.trainer.train_step_staircase(&micro)?,
-            Vec::new(),
-        ))
+        let (st, rows) = self.trainer.train_step_staircase_rows(&micro)?;
+        // the CPU's per-step extras: each micro-batch's metrics, averaged
+        let mut extras = ExtrasSum::default();
+        for ((rl, pred), sb) in rows.iter().zip(&micro) {
+            extras.add(step_extras(&metrics_of(rl, pred, sb)));
+        }
+        Ok(stats(st, extras.mean(micro.len())))
     }
     fn eval(&mut self) -> Result<f64> {
         let k = self.task.student.k;
@@ -330,8 +346,7 @@ impl<D: KernelDevice> Session for DevStageSession<'_, D> {
         task.for_each_eval(|mi| {
             let sb = stair_batch(dev, teacher, task.ctx_len(), k, &mi)?;
             let (rl, pred) = trainer.staircase_eval(&sb)?;
-            let hits: Vec<bool> = pred.iter().zip(&sb.targets).map(|(a, b)| a == b).collect();
-            sums.add(&rl, &hits);
+            sums.add(&rl, &hits(&pred, &sb));
             Ok(())
         })
         .context("validation")?;

@@ -96,6 +96,29 @@ impl OptimConfig {
     }
 }
 
+/// Extra metrics summed by name over micro-batches, in first-seen order.
+#[derive(Default)]
+pub struct ExtrasSum(Extras);
+
+impl ExtrasSum {
+    pub fn add(&mut self, ex: Extras) {
+        for (k, v) in ex {
+            match self.0.iter_mut().find(|(n, _)| *n == k) {
+                Some(e) => e.1 += v,
+                None => self.0.push((k, v)),
+            }
+        }
+    }
+
+    /// The means over `count` micro-batches.
+    pub fn mean(mut self, count: usize) -> Extras {
+        for e in self.0.iter_mut() {
+            e.1 /= count.max(1) as f64;
+        }
+        self.0
+    }
+}
+
 /// One trained tensor and its AdamW moments.
 pub struct Param {
     pub name: String,
@@ -223,7 +246,7 @@ impl Trainer {
         let accum = self.opt.grad_accum;
         let mut acc: Vec<Option<Vec<f32>>> = vec![None; self.params.len()];
         let mut loss_sum = 0.0;
-        let mut extras: Vec<(String, f64)> = Vec::new();
+        let mut extras = ExtrasSum::default();
         for micro in 0..accum {
             let (loss, ex) =
                 loss_fn(i, micro).with_context(|| format!("step {step1}, micro-batch {micro}"))?;
@@ -243,12 +266,7 @@ impl Trainer {
                 .into());
             }
             loss_sum += lv;
-            for (k, v) in ex {
-                match extras.iter_mut().find(|(n, _)| *n == k) {
-                    Some(e) => e.1 += v,
-                    None => extras.push((k, v)),
-                }
-            }
+            extras.add(ex);
             let grads = loss
                 .backward()
                 .with_context(|| format!("step {step1}, micro-batch {micro}: backward"))?;
@@ -324,9 +342,7 @@ impl Trainer {
                 .with_context(|| format!("step {step1}: AdamW on {}", p.name))?;
         }
         self.step = step1;
-        for e in extras.iter_mut() {
-            e.1 /= accum as f64;
-        }
+        let extras = extras.mean(accum);
         Ok(StepStats {
             step: step1,
             loss: loss_sum / accum as f64,

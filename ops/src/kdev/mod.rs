@@ -362,17 +362,19 @@ impl<B> DTensor<B> {
         self.shape.len()
     }
     /// The same values under another shape of as many elements.
-    pub fn reshape(self, shape: &[usize]) -> Result<DTensor<B>> {
+    pub fn reshape(mut self, shape: &[usize]) -> Result<DTensor<B>> {
+        self.set_shape(shape)?;
+        Ok(self)
+    }
+    /// [`Self::reshape`] in place (for a tensor that is borrowed elsewhere).
+    pub fn set_shape(&mut self, shape: &[usize]) -> Result<()> {
         ensure!(
             numel(shape) == self.numel(),
             "reshape {:?} -> {shape:?}: element counts differ",
             self.shape
         );
-        Ok(DTensor {
-            buf: self.buf,
-            shape: shape.to_vec(),
-            dtype: self.dtype,
-        })
+        self.shape = shape.to_vec();
+        Ok(())
     }
     /// Errors unless the dtype is `want`.
     pub fn expect_dtype(&self, op: &str, what: &str, want: DType) -> Result<()> {
