@@ -1,7 +1,11 @@
 // runtime.cpp: the CPU emulator of CUDA launches. The blocks of a grid run one
 // after another on the calling OS thread; the threads of a block run as
-// cooperatively scheduled fibers (ucontext), so __syncthreads is a barrier over
-// fibers and warp collectives are barriers over the 32 lanes of a warp.
+// cooperatively scheduled fibers, so __syncthreads is a barrier over fibers and
+// warp collectives are barriers over the 32 lanes of a warp. A fiber starts on its
+// own stack through makecontext/setcontext; every later switch (fiber to
+// scheduler and back) is _setjmp/_longjmp, which saves no signal mask: no system
+// call per switch, as swapcontext makes (a switch is then a few nanoseconds, and
+// warp collectives switch 32 fibers each).
 // The kernels' translation units are compiled with -fsanitize=thread but linked
 // without the TSan runtime: the __tsan_read/write callbacks defined here see
 // every load and store of kernel code and check it against the device buffers
@@ -9,6 +13,9 @@
 // of the last writer/reader per byte and barrier interval (races).
 // Letters: T threads per block, W warps per block (ceil(T/32)).
 
+// the fortified longjmp refuses jumps between stacks, which is what fibers do
+#undef _FORTIFY_SOURCE
+#include <csetjmp>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -45,7 +52,9 @@ constexpr size_t kMaxDynSmem = 227 * 1024;   // the sm_90 opt-in limit per block
 enum State : uint8_t { RUNNABLE, AT_BARRIER, AT_WARP, DONE };
 
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t ctx;  // the first entry only
+    jmp_buf jb;      // where it waits
+    bool started;
     char* stack;
     uint3 tid;
     uint32_t linear, warp, lane;
@@ -82,7 +91,7 @@ struct Launch {
     uint32_t nthreads = 0, nwarps = 0;
     Fiber* fibers = nullptr;
     Fiber* cur = nullptr;
-    ucontext_t sched;
+    jmp_buf sched;  // the scheduler, while a fiber runs
     bool failed = false;
     std::string error;
     std::vector<Buffer> buffers;
@@ -144,10 +153,7 @@ void fail(Launch* L, const std::string& msg) {
         L->error = msg;
     }
     if (L->cur) {
-        Fiber* f = L->cur;
-        swapcontext(&f->ctx, &L->sched);
-        // not reached: a failed launch never resumes its fibers
-        abort();
+        _longjmp(L->sched, 1);  // a failed launch never resumes its fibers
     }
 }
 
@@ -173,8 +179,7 @@ void fiber_main() {
     Launch* L = g_launch;
     L->tramp(L->args);
     L->cur->state = DONE;
-    swapcontext(&L->cur->ctx, &L->sched);
-    abort();  // a finished fiber is never resumed
+    _longjmp(L->sched, 1);  // a finished fiber is never resumed
 }
 
 Fiber* current(const char* what) {
@@ -189,7 +194,7 @@ Fiber* current(const char* what) {
 void yield(Launch* L, Fiber* f, State s, const void* site) {
     f->state = s;
     f->site = site;
-    swapcontext(&f->ctx, &L->sched);
+    if (!_setjmp(f->jb)) _longjmp(L->sched, 1);
 }
 
 // ------------------------------------------------------------------ memory checks
@@ -387,6 +392,7 @@ void run_block(Launch* L) {
         f.warp = i / 32;
         f.lane = i % 32;
         f.state = RUNNABLE;
+        f.started = false;
         f.site = nullptr;
         f.ctx = tmpl;
         f.ctx.uc_stack.ss_sp = f.stack;
@@ -401,7 +407,13 @@ void run_block(Launch* L) {
             Fiber& f = L->fibers[i];
             if (f.state != RUNNABLE) continue;
             L->cur = &f;
-            swapcontext(&L->sched, &f.ctx);
+            if (!_setjmp(L->sched)) {
+                if (!f.started) {
+                    f.started = true;
+                    setcontext(&f.ctx);  // onto its stack, into fiber_main
+                }
+                _longjmp(f.jb, 1);
+            }
             L->cur = nullptr;
             if (L->failed) return;
         }
