@@ -124,6 +124,11 @@ pub const FAMILIES: &[Family] = &[
         ptx: include_str!("../../ptx/reduce.ptx"),
         entries: entries!("colsum", "sumsq"; "colsum_finish_f32", "sumsq_finish_f32"),
     },
+    Family {
+        name: "gemv",
+        ptx: include_str!("../../ptx/gemv.ptx"),
+        entries: gemv::ENTRIES,
+    },
 ];
 
 pub mod adamw;
@@ -132,6 +137,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod gelu;
+pub mod gemv;
 pub mod layernorm_bwd;
 pub mod noise;
 pub mod philox;

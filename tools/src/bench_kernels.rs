@@ -360,6 +360,32 @@ pub fn bench<D: KernelDevice>(dev: &D, sz: Size, runs: usize) -> Result<Report> 
         Cost::stream(4.0 * (r * d + d) as f64, (r * d) as f64),
         &mut || bw::colsum(dev, &x).map(drop),
     )?;
+    // decode GEMMs on half weights (gemv_wt) next to the f32 GEMM of the same shape: one
+    // sequence's PFLM K = 4 step (2K = 8 rows) through the LM head, and an AR step (1 row)
+    // through the MLP's up projection
+    for (rows, n, what) in [(8, v, "LM head, 8 rows"), (1, 4 * d, "MLP up, 1 row")] {
+        let xs = up(rows * d, &[rows, d], 21)?;
+        let w32 = values(n * d, 22);
+        let w16: Vec<half::f16> = w32.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let w16 = DTensor::from_slice(dev, &w16, &[n, d])?;
+        let w32 = DTensor::from_slice(dev, &w32, &[n, d])?;
+        let io = 4.0 * (rows * d + rows * n) as f64;
+        let flops = 2.0 * (rows * n * d) as f64;
+        push(
+            "gemv",
+            &format!("gemv_wt_f16 ({what})"),
+            sh(&[rows, d, n]),
+            Cost::stream(2.0 * (n * d) as f64 + io, flops),
+            &mut || kl::linear(dev, &xs, &w16, None).map(drop),
+        )?;
+        push(
+            "gemm",
+            &format!("f32 GEMM, gemv_wt's shape ({what})"),
+            sh(&[rows, d, n]),
+            Cost::stream(4.0 * (n * d) as f64 + io, flops),
+            &mut || kl::linear(dev, &xs, &w32, None).map(drop),
+        )?;
+    }
     // the loss over the vocabulary: every row of a training batch
     let lt = up(r * v, &[r, v], 17)?;
     let targets: Vec<u32> = (0..r as u32).map(|i| (i * 31) % v as u32).collect();

@@ -12,8 +12,8 @@ use crate::attention::{AttnParams, AttnPattern};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::DType;
 use kf_kernels::{
-    argmax, attention as at, elementwise, embedding as emb, gelu, layernorm, noise, philox, rope,
-    sampling, softmax,
+    argmax, attention as at, elementwise, embedding as emb, gelu, gemv, layernorm, noise, philox,
+    rope, sampling, softmax,
 };
 
 type Out<D> = Result<DTensor<<D as KernelDevice>::Buf>>;
@@ -31,6 +31,16 @@ pub fn run<D: KernelDevice>(
 
 fn f32_in<B>(op: &str, what: &str, t: &DTensor<B>) -> Result<()> {
     t.expect_dtype(op, what, DType::F32)
+}
+
+/// A weight matrix: f32, or f16 / bf16 storage (see [`matmul_into`]).
+fn weight_in<B>(op: &str, w: &DTensor<B>) -> Result<()> {
+    ensure!(
+        matches!(w.dtype(), DType::F32 | DType::F16 | DType::BF16),
+        "{op}: weight is {}, expected f32, f16 or bf16",
+        w.dtype()
+    );
+    Ok(())
 }
 
 /// (rows, last dim) of a tensor of rank >= 1.
@@ -174,7 +184,7 @@ pub fn linear_acc<D: KernelDevice>(
 ) -> Result<()> {
     let op = "linear_acc";
     f32_in(op, "x", x)?;
-    f32_in(op, "weight", w)?;
+    weight_in(op, w)?;
     f32_in(op, "acc", acc)?;
     ensure!(
         w.rank() == 2,
@@ -552,7 +562,7 @@ pub fn linear<D: KernelDevice>(
 ) -> Out<D> {
     let op = "linear";
     f32_in(op, "x", x)?;
-    f32_in(op, "weight", w)?;
+    weight_in(op, w)?;
     ensure!(
         w.rank() == 2,
         "{op}: weight must be [out, in], got {:?}",
@@ -576,7 +586,9 @@ pub fn linear<D: KernelDevice>(
     }
 }
 
-/// The GEMM of `spec` on f32 tensors (checked against their sizes first).
+/// The GEMM of `spec` on f32 tensors (checked against their sizes first). B may also be f16 or
+/// bf16 weights in the `x · Wᵀ` form of a linear layer (`trans_b`, no `trans_a`, batch 1,
+/// alpha 1; offsets, leading dimensions and beta as for f32): see [`matmul_half_weights`].
 pub fn matmul_into<D: KernelDevice>(
     dev: &D,
     spec: &GemmSpec,
@@ -584,12 +596,91 @@ pub fn matmul_into<D: KernelDevice>(
     b: &DTensor<D::Buf>,
     c: &DTensor<D::Buf>,
 ) -> Result<()> {
+    if matches!(b.dtype(), DType::F16 | DType::BF16) {
+        return matmul_half_weights(dev, spec, a, b, c);
+    }
     f32_in("gemm", "A", a)?;
     f32_in("gemm", "B", b)?;
     f32_in("gemm", "C", c)?;
     spec.check(a.numel(), b.numel(), c.numel())?;
     dev.gemm(spec, &a.buf, &b.buf, &c.buf)
         .with_context(|| format!("gemm on {}: {spec:?}", dev.name()))
+}
+
+/// `C = A · Wᵀ (+ beta C)` with f32 A and C and half-precision weights W (`w`, f16 or bf16,
+/// stored `[n, k]` through `spec.ldb` from `spec.b_off`): every product and sum in f32, so the
+/// result is the f32 GEMM's with the weights widened (exactly) up to the order of the sums. Up
+/// to `kf_kernels::gemv::MAX_ROWS` rows the `gemv_wt` kernel reads the half weights directly (a
+/// decode step moves half the bytes of f32 weights); more rows widen the weights the GEMM reads
+/// into a temporary f32 buffer (`widen`) and run the f32 GEMM (cuBLAS on a GPU).
+pub fn matmul_half_weights<D: KernelDevice>(
+    dev: &D,
+    spec: &GemmSpec,
+    a: &DTensor<D::Buf>,
+    w: &DTensor<D::Buf>,
+    c: &DTensor<D::Buf>,
+) -> Result<()> {
+    let op = "gemm with half weights";
+    f32_in(op, "A", a)?;
+    f32_in(op, "C", c)?;
+    let suffix = match w.dtype() {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("{op}: weights are {other}, expected f16 or bf16"),
+    };
+    ensure!(
+        spec.trans_b && !spec.trans_a && spec.batch == 1 && spec.alpha == 1.0,
+        "{op}: only C = A · Wᵀ (+ beta C) with W stored [n, k] runs on half weights (trans_b, \
+         no trans_a, batch 1, alpha 1), got {spec:?}"
+    );
+    spec.check(a.numel(), w.numel(), c.numel())?;
+    let (m, n, k) = (spec.m, spec.n, spec.k);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let u32_of = |what: &str, v: usize| -> Result<u32> {
+        u32::try_from(v).map_err(|_| anyhow::anyhow!("{op}: {what} {v} exceeds the kernel's u32"))
+    };
+    if m <= gemv::MAX_ROWS {
+        let vec = gemv::vectorized(k, spec.a_off, spec.lda, spec.b_off, spec.ldb);
+        return run(
+            dev,
+            &format!("gemv_wt_{suffix}"),
+            gemv::config(m, n),
+            &[
+                KArg::Buf(&a.buf),
+                KArg::U64(spec.a_off as u64),
+                KArg::U32(u32_of("lda", spec.lda)?),
+                KArg::Buf(&w.buf),
+                KArg::U64(spec.b_off as u64),
+                KArg::U32(u32_of("ldb", spec.ldb)?),
+                KArg::Buf(&c.buf),
+                KArg::U64(spec.c_off as u64),
+                KArg::U32(u32_of("ldc", spec.ldc)?),
+                KArg::U32(u32_of("m", m)?),
+                KArg::U32(u32_of("n", n)?),
+                KArg::U32(u32_of("k", k)?),
+                KArg::F32(spec.beta),
+                KArg::U32(vec as u32),
+            ],
+        );
+    }
+    // the rows of W this product reads, widened: n rows ldb apart from b_off (the last k wide)
+    let len = (n - 1) * spec.ldb + k;
+    let wide = DTensor::uninit(dev, &[len], DType::F32)?;
+    run(
+        dev,
+        &format!("widen_{suffix}"),
+        elementwise::config(len),
+        &[
+            KArg::Buf(&w.buf),
+            KArg::U64(spec.b_off as u64),
+            KArg::Buf(&wide.buf),
+            KArg::U64(len as u64),
+        ],
+    )?;
+    let wspec = GemmSpec { b_off: 0, ..*spec };
+    matmul_into(dev, &wspec, a, &wide, c)
 }
 
 // ------------------------------------------------------------------ attention

@@ -304,14 +304,16 @@ impl<B> DTensor<B> {
             dtype: T::DTYPE,
         })
     }
-    /// A device copy of a CPU tensor (any layout; F32, F64, U32 or I32).
+    /// A device copy of a CPU tensor (any layout; F32, F16, BF16, F64, U32 or I32; kernels
+    /// compute in f32, half tensors are weights of [`launch::matmul_into`]).
     pub fn upload<D: KernelDevice<Buf = B>>(dev: &D, t: &Tensor) -> Result<DTensor<B>> {
         match t.dtype() {
             DType::F32 => Self::from_slice(dev, &t.to_vec::<f32>()?, t.shape()),
+            DType::F16 => Self::from_slice(dev, &t.to_vec::<half::f16>()?, t.shape()),
+            DType::BF16 => Self::from_slice(dev, &t.to_vec::<half::bf16>()?, t.shape()),
             DType::F64 => Self::from_slice(dev, &t.to_vec::<f64>()?, t.shape()),
             DType::U32 => Self::from_slice(dev, &t.to_vec::<u32>()?, t.shape()),
             DType::I32 => Self::from_slice(dev, &t.to_vec::<i32>()?, t.shape()),
-            d => anyhow::bail!("DTensor::upload: {d:?} is not supported (f32, f64, u32, i32)"),
         }
     }
     /// The values as `T` (which must be this tensor's dtype).
@@ -343,10 +345,15 @@ impl<B> DTensor<B> {
     pub fn download<D: KernelDevice<Buf = B>>(&self, dev: &D) -> Result<Tensor> {
         match self.dtype {
             DType::F32 => Tensor::from_vec(self.to_vec::<D, f32>(dev)?, &self.shape, Device::Cpu),
+            DType::F16 => {
+                Tensor::from_vec(self.to_vec::<D, half::f16>(dev)?, &self.shape, Device::Cpu)
+            }
+            DType::BF16 => {
+                Tensor::from_vec(self.to_vec::<D, half::bf16>(dev)?, &self.shape, Device::Cpu)
+            }
             DType::F64 => Tensor::from_vec(self.to_vec::<D, f64>(dev)?, &self.shape, Device::Cpu),
             DType::U32 => Tensor::from_vec(self.to_vec::<D, u32>(dev)?, &self.shape, Device::Cpu),
             DType::I32 => Tensor::from_vec(self.to_vec::<D, i32>(dev)?, &self.shape, Device::Cpu),
-            d => anyhow::bail!("DTensor::download: {d:?} is not supported"),
         }
     }
     pub fn shape(&self) -> &[usize] {
