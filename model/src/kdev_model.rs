@@ -10,6 +10,10 @@
 //! the host, for the noise-inversion variant).
 //!
 //! Same maths as ddit.rs / pflm.rs, with these device-side choices:
+//! - weight matrices are f32, or with [`WeightStore::Exact`] each in the narrowest of f16 / bf16
+//!   / f32 that holds it exactly (a model read from an f16 file keeps half the bytes on the
+//!   device; `launch::matmul_into` multiplies f32 activations by them in f32); norms, biases
+//!   and the embedding table (gathered, not multiplied) stay f32;
 //! - q, k, v come from three GEMMs over the row blocks of `attn_qkv.weight` (no fused buffer);
 //! - the reserved token's logit (-1000 exactly on the CPU) comes from the head's weights: its
 //!   row of `output_layer.linear.weight` is zeroed and its bias set to -1000 at upload, so the
@@ -43,6 +47,99 @@ fn up<D: KernelDevice>(dev: &D, t: &Tensor, name: &str) -> Result<Dt<D>> {
         t.dtype()
     );
     DTensor::upload(dev, t).with_context(|| format!("uploading {name}"))
+}
+
+/// How a model's weight matrices (the linear layers' `[out, in]` weights, the LM head
+/// included) are stored on a kernel device; the kernels compute in f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightStore {
+    /// f32 (what training updates).
+    #[default]
+    F32,
+    /// Each matrix in the narrowest of f16, bf16 and f32 that holds all its values exactly: a
+    /// model read from an f16 or bf16 file (widened on load) goes back to its file's precision,
+    /// half the bytes a decode step reads, with the outputs of [`WeightStore::F32`] up to the
+    /// order of the sums; any other model stays f32.
+    Exact,
+}
+
+/// The narrowest of f16, bf16 and f32 holding every value of `v` exactly.
+fn exact_dtype(v: &[f32]) -> DType {
+    if v.iter().all(|&x| half::f16::from_f32(x).to_f32() == x) {
+        DType::F16
+    } else if v.iter().all(|&x| half::bf16::from_f32(x).to_f32() == x) {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// A weight matrix on the device, stored as `store` says.
+fn up_matrix<D: KernelDevice>(
+    dev: &D,
+    t: &Tensor,
+    name: &str,
+    store: WeightStore,
+) -> Result<Dt<D>> {
+    if store == WeightStore::F32 || t.dtype() != DType::F32 {
+        return up(dev, t, name);
+    }
+    let v = t.to_vec::<f32>()?;
+    let up_as = |dt: DType| -> Result<Dt<D>> {
+        match dt {
+            DType::F16 => {
+                let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+                DTensor::from_slice(dev, &h, t.shape())
+            }
+            DType::BF16 => {
+                let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                DTensor::from_slice(dev, &h, t.shape())
+            }
+            _ => DTensor::from_slice(dev, &v, t.shape()),
+        }
+    };
+    up_as(exact_dtype(&v)).with_context(|| format!("uploading {name}"))
+}
+
+/// Bytes and element type of device weights: (bytes, description such as "f16 matrices").
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WeightBytes {
+    /// Bytes of every parameter on the device.
+    pub total: usize,
+    /// Bytes of the weight matrices by storage: (f32, f16, bf16).
+    pub matrices: (usize, usize, usize),
+}
+
+impl WeightBytes {
+    fn add(&mut self, t: &DTensor<impl Sized>, matrix: bool) {
+        let b = t.numel() * t.dtype().size();
+        self.total += b;
+        if matrix {
+            match t.dtype() {
+                DType::F16 => self.matrices.1 += b,
+                DType::BF16 => self.matrices.2 += b,
+                _ => self.matrices.0 += b,
+            }
+        }
+    }
+    /// "f16 weight matrices, 29.4 MB in all" and the like.
+    pub fn describe(&self) -> String {
+        let (f, h, b) = self.matrices;
+        let kinds: Vec<&str> = [(f, "f32"), (h, "f16"), (b, "bf16")]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(_, s)| *s)
+            .collect();
+        format!(
+            "{} weight matrices, {:.1} MB of parameters in all",
+            if kinds.is_empty() {
+                "no".to_string()
+            } else {
+                kinds.join(" + ")
+            },
+            self.total as f64 / 1e6
+        )
+    }
 }
 
 fn param<'a>(m: &'a Ddit, name: &str) -> Result<&'a Tensor> {
@@ -213,8 +310,18 @@ pub struct DevDdit<B> {
 }
 
 impl<B> DevDdit<B> {
-    /// Uploads an f32 model (head dim 64 or 128: the attention kernels' instances).
+    /// Uploads an f32 model with f32 weights (head dim 64 or 128: the attention kernels'
+    /// instances).
     pub fn upload<D: KernelDevice<Buf = B>>(dev: &D, m: &Ddit) -> Result<Self> {
+        Self::upload_with(dev, m, WeightStore::F32)
+    }
+
+    /// Uploads an f32 model, its weight matrices stored as `store` says.
+    pub fn upload_with<D: KernelDevice<Buf = B>>(
+        dev: &D,
+        m: &Ddit,
+        store: WeightStore,
+    ) -> Result<Self> {
         let cfg = m.cfg.clone();
         cfg.validate()?;
         kl::check_head_dim(cfg.head_dim()).with_context(|| {
@@ -226,17 +333,18 @@ impl<B> DevDdit<B> {
             )
         })?;
         let p = |name: &str| -> Result<Dt<D>> { up(dev, param(m, name)?, name) };
+        let w = |name: &str| -> Result<Dt<D>> { up_matrix(dev, param(m, name)?, name, store) };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |s: &str| format!("blocks.{i}.{s}");
             blocks.push(DevBlock {
                 norm1: p(&n("norm1.weight"))?,
-                qkv: p(&n("attn_qkv.weight"))?,
-                out: p(&n("attn_out.weight"))?,
+                qkv: w(&n("attn_qkv.weight"))?,
+                out: w(&n("attn_out.weight"))?,
                 norm2: p(&n("norm2.weight"))?,
-                mlp0_w: p(&n("mlp.0.weight"))?,
+                mlp0_w: w(&n("mlp.0.weight"))?,
                 mlp0_b: p(&n("mlp.0.bias"))?,
-                mlp2_w: p(&n("mlp.2.weight"))?,
+                mlp2_w: w(&n("mlp.2.weight"))?,
                 mlp2_b: p(&n("mlp.2.bias"))?,
             });
         }
@@ -252,10 +360,39 @@ impl<B> DevDdit<B> {
             embed: p("vocab_embed.embedding")?,
             blocks,
             norm_f: p("output_layer.norm_final.weight")?,
-            head_w: DTensor::from_slice(dev, &hw, &[v, d])?,
+            head_w: up_matrix(
+                dev,
+                &Tensor::from_vec(hw, &[v, d], kf_engine::Device::Cpu)?,
+                "output_layer.linear.weight",
+                store,
+            )?,
             head_b: DTensor::from_slice(dev, &hb, &[v])?,
             cfg,
         })
+    }
+
+    /// Bytes of the parameters on the device, and the weight matrices' storage.
+    pub fn weight_bytes(&self) -> WeightBytes {
+        let mut wb = WeightBytes::default();
+        wb.add(&self.embed, false);
+        for b in &self.blocks {
+            for (t, matrix) in [
+                (&b.norm1, false),
+                (&b.qkv, true),
+                (&b.out, true),
+                (&b.norm2, false),
+                (&b.mlp0_w, true),
+                (&b.mlp0_b, false),
+                (&b.mlp2_w, true),
+                (&b.mlp2_b, false),
+            ] {
+                wb.add(t, matrix);
+            }
+        }
+        wb.add(&self.norm_f, false);
+        wb.add(&self.head_w, true);
+        wb.add(&self.head_b, false);
+        wb
     }
 
     /// Token embeddings `[B, T, d]` of host ids (`ids.len() = B * T`).
@@ -529,9 +666,37 @@ pub struct DevPflm<B> {
 }
 
 impl<B> DevPflm<B> {
-    /// Uploads an f32 student.
+    /// Uploads an f32 student with f32 weights.
     pub fn upload<D: KernelDevice<Buf = B>>(dev: &D, m: &Pflm) -> Result<Self> {
-        let backbone = DevDdit::upload(dev, &m.backbone)?;
+        Self::upload_with(dev, m, WeightStore::F32)
+    }
+
+    /// Bytes of the parameters on the device, and the weight matrices' storage.
+    pub fn weight_bytes(&self) -> WeightBytes {
+        let mut wb = self.backbone.weight_bytes();
+        let n = &self.noise;
+        for (t, matrix) in [
+            (&n.comb_w, true),
+            (&n.comb_b, false),
+            (&n.norm_w, false),
+            (&n.norm_b, false),
+            (&n.mlp0_w, true),
+            (&n.mlp0_b, false),
+            (&n.mlp2_w, true),
+            (&n.mlp2_b, false),
+        ] {
+            wb.add(t, matrix);
+        }
+        wb
+    }
+
+    /// Uploads an f32 student, its weight matrices stored as `store` says.
+    pub fn upload_with<D: KernelDevice<Buf = B>>(
+        dev: &D,
+        m: &Pflm,
+        store: WeightStore,
+    ) -> Result<Self> {
+        let backbone = DevDdit::upload_with(dev, &m.backbone, store)?;
         let d = backbone.cfg.d_model;
         let p = |s: &str| -> Result<Dt<D>> {
             let name = format!("noise_encoder.{s}");
@@ -539,7 +704,11 @@ impl<B> DevPflm<B> {
                 .noise
                 .param(&name)
                 .with_context(|| format!("the student has no parameter {name}"))?;
-            up(dev, t, &name)
+            if s.ends_with(".weight") && t.rank() == 2 {
+                up_matrix(dev, t, &name, store)
+            } else {
+                up(dev, t, &name)
+            }
         };
         let noise = DevNoise {
             d,

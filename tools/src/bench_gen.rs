@@ -148,24 +148,30 @@ fn gemm_rate() -> Result<f64> {
 
 /// Roofline time (s) of one decode step: `rows` query rows in total over `batch` sequences
 /// whose context averages `ctx` positions.
-fn step_time(cfg: &DditConfig, m: &Machine, batch: usize, rows: usize, ctx: f64) -> f64 {
+fn step_time(
+    cfg: &DditConfig,
+    m: &Machine,
+    weights: f64,
+    batch: usize,
+    rows: usize,
+    ctx: f64,
+) -> f64 {
     let (d, v, l) = (
         cfg.d_model as f64,
         cfg.vocab_size as f64,
         cfg.n_layers as f64,
     );
     let params = cfg.n_params() as f64;
-    let weights = params * 4.0;
     let kv = 2.0 * l * batch as f64 * ctx * d * 4.0;
     let compute_params = params - v * d; // the embedding table is gathered, not multiplied
     let flops = 2.0 * compute_params * rows as f64 + 4.0 * l * rows as f64 * ctx * d;
     ((weights + kv) / (m.copy_gb_s * 1e9)).max(flops / (m.gemm_gflop_s * 1e9))
 }
 
-/// Predicted PFLM-K over AR speedup at `batch`.
-fn predicted(cfg: &DditConfig, m: &Machine, batch: usize, k: usize, ctx: f64) -> f64 {
-    let ar = step_time(cfg, m, batch, batch, ctx);
-    let pf = step_time(cfg, m, batch, batch * 2 * k, ctx) / k as f64;
+/// Predicted PFLM-K over AR speedup at `batch` (`weights`: bytes of the parameters as stored).
+fn predicted(cfg: &DditConfig, m: &Machine, weights: f64, batch: usize, k: usize, ctx: f64) -> f64 {
+    let ar = step_time(cfg, m, weights, batch, batch, ctx);
+    let pf = step_time(cfg, m, weights, batch, batch * 2 * k, ctx) / k as f64;
     ar / pf
 }
 
@@ -326,6 +332,15 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         "{device}: copy {:.1} GB/s (read + write), f32 GEMM {:.0} GFLOP/s",
         machine.copy_gb_s, machine.gemm_gflop_s
     );
+    // the parameters as the decode reads them: f32 on the CPU; on a kernel device as uploaded
+    // (weight matrices at the model file's precision)
+    let (weight_bytes, weight_desc) = match &on_dev {
+        None => (cfg.n_params() as f64 * 4.0, "f32".to_string()),
+        Some((d, _)) => {
+            let wb = d.weight_bytes();
+            (wb.total as f64, wb.describe())
+        }
+    };
     let ctx = a.prompt_len as f64 + a.max_new as f64 / 2.0;
     let mut rows: Vec<Row> = Vec::new();
     for &b in &a.batches {
@@ -357,7 +372,8 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
                 passes_per_token: passes as f64 / a.max_new as f64,
                 peak_rss_mb: peak,
                 speedup: (k > 0).then(|| tps / ar_tps),
-                predicted_speedup: (k > 0).then(|| predicted(&cfg, &machine, b, k, ctx)),
+                predicted_speedup: (k > 0)
+                    .then(|| predicted(&cfg, &machine, weight_bytes, b, k, ctx)),
             };
             eprintln!(
                 "  batch {b:>3} {:>4} K={}: {:>9.1} tokens/s{}",
@@ -373,7 +389,6 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         }
     }
     // batch-1 AR: achieved weight-read bandwidth
-    let weight_bytes = cfg.n_params() as f64 * 4.0;
     let b1 = rows.iter().find(|r| r.mode == "ar" && r.batch == 1);
     let read_gb_s = b1.map(|r| weight_bytes * r.tokens_per_s / 1e9);
 
@@ -395,7 +410,7 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
     }
     if let Some(g) = read_gb_s {
         println!(
-            "batch-1 AR decode reads the weights ({:.0} MB f32) at {g:.1} GB/s = {:.0}% of the measured copy bandwidth ({:.1} GB/s)",
+            "batch-1 AR decode reads the weights ({:.0} MB, {weight_desc}) at {g:.1} GB/s = {:.0}% of the measured copy bandwidth ({:.1} GB/s)",
             weight_bytes / 1e6,
             100.0 * g / machine.copy_gb_s,
             machine.copy_gb_s

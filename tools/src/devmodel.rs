@@ -1,12 +1,16 @@
-//! A model on a kernel device for kfrun's model commands (generate, bench): the AR teacher or
-//! PFLM student uploaded (f32) to the CUDA kernels on a GPU or to the CPU emulator of the same
+//! A model on a kernel device for kfrun's model commands (generate, bench, eval): the AR teacher
+//! or PFLM student uploaded to the CUDA kernels on a GPU or to the CPU emulator of the same
 //! kernels, behind one object-safe trait so the commands need not be generic over the device.
+//! Weight matrices keep the precision the model was read at (`WeightStore::Exact`: an f16 model
+//! file serves from f16 matrices, half the bytes a decode step reads; the maths stays f32).
 
 use crate::device_arg::Target;
 use anyhow::{Context, Result};
 use kf_model::eval::EvalBackend;
 use kf_model::generate::{GenerateOptions, Generated};
-use kf_model::kdev_model::{generate_ar_dev, generate_pflm_dev, DevDdit, DevPflm};
+use kf_model::kdev_model::{
+    generate_ar_dev, generate_pflm_dev, DevDdit, DevPflm, WeightBytes, WeightStore,
+};
 use kf_model::pflm::{Pflm, PflmGenerateOptions};
 use kf_model::Ddit;
 use kf_ops::kdev::launch as kl;
@@ -23,6 +27,8 @@ pub enum HostModel<'a> {
 /// A model uploaded to a kernel device.
 pub trait DevModel {
     fn name(&self) -> String;
+    /// Bytes of the parameters on the device, and the weight matrices' storage.
+    fn weight_bytes(&self) -> WeightBytes;
     /// The device's copy bandwidth (GB/s, read + write) over `bytes`, and its f32 GEMM rate
     /// (GFLOP/s) at m = n = k = `gemm`: medians of three.
     fn probes(&self, bytes: usize, gemm: usize) -> Result<(f64, f64)>;
@@ -48,6 +54,12 @@ impl<D: KernelDevice> DevModel for OnDevice<D> {
     fn name(&self) -> String {
         self.dev.name()
     }
+    fn weight_bytes(&self) -> WeightBytes {
+        match &self.weights {
+            DevWeights::Ar(m) => m.weight_bytes(),
+            DevWeights::Pflm(m) => m.weight_bytes(),
+        }
+    }
     fn probes(&self, bytes: usize, gemm: usize) -> Result<(f64, f64)> {
         probes(&self.dev, bytes, gemm)
     }
@@ -66,13 +78,14 @@ impl<D: KernelDevice> DevModel for OnDevice<D> {
 
 fn on_device<D: KernelDevice + 'static>(dev: D, model: HostModel) -> Result<Box<dyn DevModel>> {
     let weights = match model {
-        HostModel::Ar(m) => DevWeights::Ar(DevDdit::upload(&dev, m)?),
-        HostModel::Pflm(m) => DevWeights::Pflm(DevPflm::upload(&dev, m)?),
+        HostModel::Ar(m) => DevWeights::Ar(DevDdit::upload_with(&dev, m, WeightStore::Exact)?),
+        HostModel::Pflm(m) => DevWeights::Pflm(DevPflm::upload_with(&dev, m, WeightStore::Exact)?),
     };
     Ok(Box::new(OnDevice { dev, weights }))
 }
 
-/// The model's weights on the kernel device of `target` (f32), or `None` for the CPU.
+/// The model's weights on the kernel device of `target` (matrices at the precision they were
+/// read at, see the module's text), or `None` for the CPU.
 pub fn upload(target: &Target, model: HostModel) -> Result<Option<Box<dyn DevModel>>> {
     let what = |t: &str| format!("uploading the model to {t}");
     match *target {
@@ -159,8 +172,8 @@ fn eval_on<D: KernelDevice + 'static>(
     teacher: &Ddit,
     student: &Pflm,
 ) -> Result<Box<dyn EvalBackend>> {
-    let teacher = DevDdit::upload(&dev, teacher)?;
-    let student = DevPflm::upload(&dev, student)?;
+    let teacher = DevDdit::upload_with(&dev, teacher, WeightStore::Exact)?;
+    let student = DevPflm::upload_with(&dev, student, WeightStore::Exact)?;
     Ok(Box::new(EvalOnDevice {
         dev,
         teacher,

@@ -212,7 +212,11 @@ pub fn run(a: &Args) -> Result<()> {
         cfg.vocab_size,
         cfg.n_params() as f64 / 1e6,
         t_load.elapsed().as_secs_f64(),
-        dev_model.as_ref().map_or("the CPU".to_string(), |d| d.name()),
+        dev_model.as_ref().map_or("the CPU".to_string(), |d| format!(
+            "{} ({})",
+            d.name(),
+            d.weight_bytes().describe()
+        )),
         max_new,
         a.tau,
         a.seed,

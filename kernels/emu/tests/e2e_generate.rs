@@ -3,13 +3,18 @@
 //! - the AR forward (uncached, and prefill + KV-cached steps with the cache on the device)
 //!   against `Ddit::forward_train` on the CPU: logits within f32 tolerance;
 //! - PFLM generation (`generate_pflm_dev`) against `generate_pflm` on the CPU from the same
-//!   prompts (left-padded batch), seed and options: tokens identical.
+//!   prompts (left-padded batch), seed and options: tokens identical;
+//! - the same models saved as f16 and as bf16 files and loaded (widened) again, uploaded with
+//!   `WeightStore::Exact`: every weight matrix on the device in the file's precision (the
+//!   gemv kernels multiply by them), tokens identical to the CPU's.
 
-use kf_engine::{no_grad, Device, Tensor};
+use kf_engine::{no_grad, DType, Device, Tensor};
 use kf_kernels_emu::device::Emu;
 use kf_model::config::DditConfig;
 use kf_model::generate::GenerateOptions;
-use kf_model::kdev_model::{generate_ar_dev, generate_pflm_dev, DevDdit, DevKvCache, DevPflm};
+use kf_model::kdev_model::{
+    generate_ar_dev, generate_pflm_dev, DevDdit, DevKvCache, DevPflm, WeightStore,
+};
 use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
 use kf_model::Ddit;
 use kf_ops::kdev::KernelDevice;
@@ -120,17 +125,77 @@ fn unsupported_head_dim_is_a_clear_error() {
 
 #[test]
 fn pflm_generation_on_the_emulator_gives_the_cpu_tokens() {
-    pflm_generation_gives_the_cpu_tokens(&Emu);
+    pflm_generation_gives_the_cpu_tokens(&Emu, None);
+}
+
+/// A model file of `dtype` in a fresh directory, and the model loaded back (widened to f32).
+fn through_file<M>(
+    dtype: DType,
+    what: &str,
+    save: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
+    load: impl FnOnce(&std::path::Path) -> anyhow::Result<M>,
+) -> M {
+    let dir = std::env::temp_dir().join(format!(
+        "kf_e2e_half_{what}_{dtype:?}_{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    save(&dir).unwrap();
+    let m = load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    m
+}
+
+/// Every weight matrix of an upload is `dt` (f32 when None), the rest f32.
+fn assert_matrices(wb: &kf_model::kdev_model::WeightBytes, dt: Option<DType>, n_params: usize) {
+    let (f, h, b) = wb.matrices;
+    match dt {
+        None => assert!(
+            h == 0 && b == 0 && f > 0 && wb.total == 4 * n_params,
+            "{wb:?}"
+        ),
+        Some(DType::F16) => assert!(f == 0 && b == 0 && h > 0, "{wb:?}"),
+        Some(_) => assert!(f == 0 && h == 0 && b > 0, "{wb:?}"),
+    }
+    if dt.is_some() {
+        // the matrices take 2 bytes per weight, the rest 4
+        assert_eq!(wb.total, 4 * n_params - (f + h + b), "{wb:?}");
+    }
+}
+
+/// The upload and generation checks with the models read from f16 and bf16 files: the device
+/// keeps their matrices in the file's precision and generates the CPU's tokens.
+#[test]
+fn half_model_files_generate_the_cpu_tokens_from_half_weights() {
+    for dt in [DType::F16, DType::BF16] {
+        pflm_generation_gives_the_cpu_tokens(&Emu, Some(dt));
+        ar_generation_gives_the_cpu_tokens(&Emu, Some(dt));
+    }
+    // an f32 model stays f32 under Exact (its values are not all f16 or bf16)
+    let m = Ddit::init(&cfg(), 3).unwrap();
+    let dev = DevDdit::upload_with(&Emu, &m, WeightStore::Exact).unwrap();
+    assert_matrices(&dev.weight_bytes(), None, m.cfg.n_params());
 }
 
 /// PFLM generation on `dev` (k = 4 with penalty and tau 0.8; k = 2 greedy with a vocabulary
-/// limit) equals `generate_pflm` on the CPU: tokens, `on_token` order, passes.
-fn pflm_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D) {
+/// limit) equals `generate_pflm` on the CPU: tokens, `on_token` order, passes. With `half`, the
+/// student goes through a model file of that dtype first and is uploaded with
+/// `WeightStore::Exact`.
+fn pflm_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D, half: Option<DType>) {
     let _g = no_grad();
     for (k, kk, penalty, tau, limit) in [(4, 4, 0.5, 0.8, None), (2, 2, 0.0, 0.0, Some(90))] {
         let teacher = Ddit::init(&cfg(), 5).unwrap();
-        let student = Pflm::from_teacher(teacher, k, 6).unwrap();
-        let dev = DevPflm::upload(emu, &student).unwrap();
+        let mut student = Pflm::from_teacher(teacher, k, 6).unwrap();
+        let dev = match half {
+            None => DevPflm::upload(emu, &student).unwrap(),
+            Some(dt) => {
+                student = through_file(dt, "pflm", |d| student.save(d, dt), Pflm::load);
+                let dev = DevPflm::upload_with(emu, &student, WeightStore::Exact).unwrap();
+                let n: usize = student.params().iter().map(|(_, t)| t.numel()).sum();
+                assert_matrices(&dev.weight_bytes(), half, n);
+                dev
+            }
+        };
         // prompts of different lengths: left padding, key_skip and per-row positions
         let prompts = vec![vec![3u32, 17, 42, 8, 77], vec![55, 2, 9]];
         let opts = PflmGenerateOptions {
@@ -158,7 +223,7 @@ fn pflm_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D) {
             Ok(())
         })
         .unwrap();
-        let name = format!("k {k} K {kk} penalty {penalty} tau {tau} limit {limit:?}");
+        let name = format!("k {k} K {kk} penalty {penalty} tau {tau} limit {limit:?} {half:?}");
         assert_eq!(got.tokens, cpu.tokens, "{name}");
         assert_eq!(seen_dev, seen_cpu, "{name}: on_token order");
         assert_eq!(got.passes, cpu.passes, "{name}");
@@ -183,14 +248,23 @@ fn pflm_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D) {
 /// greedy, a vocabulary limit and an EOS stop.
 #[test]
 fn ar_generation_on_the_emulator_gives_the_cpu_tokens() {
-    ar_generation_gives_the_cpu_tokens(&Emu);
+    ar_generation_gives_the_cpu_tokens(&Emu, None);
 }
 
-/// AR generation on `emu` equals `generate` on the CPU (see the test above).
-fn ar_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D) {
+/// AR generation on `emu` equals `generate` on the CPU (see the test above; `half` as for
+/// the PFLM).
+fn ar_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D, half: Option<DType>) {
     let _g = no_grad();
-    let model = Ddit::init(&cfg(), 9).unwrap();
-    let dev = DevDdit::upload(emu, &model).unwrap();
+    let mut model = Ddit::init(&cfg(), 9).unwrap();
+    let dev = match half {
+        None => DevDdit::upload(emu, &model).unwrap(),
+        Some(dt) => {
+            model = through_file(dt, "ar", |d| model.save(d, dt), Ddit::load);
+            let dev = DevDdit::upload_with(emu, &model, WeightStore::Exact).unwrap();
+            assert_matrices(&dev.weight_bytes(), half, model.cfg.n_params());
+            dev
+        }
+    };
     let prompts = vec![vec![3u32, 17, 42, 8, 77], vec![55, 2, 9]];
     let mut eos_seen = None;
     for (tau, limit, eos) in [
@@ -221,7 +295,7 @@ fn ar_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D) {
             Ok(())
         })
         .unwrap();
-        let name = format!("tau {tau} limit {limit:?} eos {eos:?}");
+        let name = format!("tau {tau} limit {limit:?} eos {eos:?} {half:?}");
         eos_seen.get_or_insert(cpu.tokens[0][3]);
         if eos.is_some() {
             assert!(got.stopped_at_eos[0] && got.tokens[0].len() <= 4, "{name}");
@@ -255,6 +329,10 @@ fn on_a_gpu_generation_gives_the_cpu_tokens() {
             return;
         }
     };
-    pflm_generation_gives_the_cpu_tokens(&dev);
-    ar_generation_gives_the_cpu_tokens(&dev);
+    pflm_generation_gives_the_cpu_tokens(&dev, None);
+    ar_generation_gives_the_cpu_tokens(&dev, None);
+    for dt in [DType::F16, DType::BF16] {
+        pflm_generation_gives_the_cpu_tokens(&dev, Some(dt));
+        ar_generation_gives_the_cpu_tokens(&dev, Some(dt));
+    }
 }
