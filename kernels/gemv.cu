@@ -10,9 +10,10 @@
 // ROWS rows per blockIdx.y, so W is read once per ROWS rows from memory; lanes stride over K,
 // eight weights (16 bytes) of each column and two float4 of x per row at a time when the
 // launcher says the rows are 16-byte aligned (`vec`), one element at a time otherwise; the
-// lanes' partial sums meet in shared memory (one __syncwarp) and lane v adds output v's. The launcher (ops/src/kdev/launch.rs)
-// widens W with widen_<T> and calls the f32 GEMM for more rows. widen_<T>: out[i] =
-// float(in[in_off + i]). Letters: M rows, N output columns, K inputs, ROWS rows per block.
+// lanes' partial sums meet in shared memory (one __syncwarp) and lane v adds output v's. The
+// launcher (ops/src/kdev/launch.rs) widens W with widen_<T> and calls the f32 GEMM for more
+// rows. widen_<T>: out[i] = float(in[in_off + i]).
+// Letters: M rows, N output columns, K inputs, ROWS rows per block row, COLS columns per warp.
 #include "common.cuh"
 
 // kf-hot: gemv_wt_f16 gemv_wt_bf16
