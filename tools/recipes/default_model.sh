@@ -6,7 +6,7 @@
 #   tools/recipes/default_model.sh [WORK_DIR]      (default WORK_DIR: runs/default)
 #
 # On the 2-core development VM: data ~30 s, teacher ~1 h (configs/small-default.json: the small recipe time-boxed to 3000 updates),
-# distillation ~45 min (configs/distill-default.json: stages k1 1000, k2 500, k4 400 steps; configs/distill-small.json is the longer recipe). Needs network access to the
+# distillation ~2.5 h (configs/distill-default.json: stages k1 4000, k2 2000, k4 800 steps; configs/distill-small.json is the longer recipe). Needs network access to the
 # package registries once (kfrun data fetch); everything after that is offline.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
