@@ -332,16 +332,8 @@ fn staircase_eval_and_steps<D: KernelDevice>(dev: &D, kk: usize) {
 #[cfg(feature = "cuda")]
 #[test]
 fn on_a_gpu_distillation_pieces_match_the_cpu() {
-    let dev = match kf_ops::kdev::cuda::Cuda::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            assert!(
-                std::env::var_os("KF_REQUIRE_GPU").is_none(),
-                "KF_REQUIRE_GPU is set but: {e:#}"
-            );
-            println!("skipped: no usable GPU: {e:#}");
-            return;
-        }
+    let Some(dev) = kf_ops::kdev::cuda::Cuda::for_tests() else {
+        return;
     };
     teacher_eval_loss_and_logits(&dev);
     stage1_targets_on(&dev);

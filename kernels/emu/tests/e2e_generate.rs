@@ -318,16 +318,8 @@ fn ar_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D, half: Option<DTy
 #[cfg(feature = "cuda")]
 #[test]
 fn on_a_gpu_generation_gives_the_cpu_tokens() {
-    let dev = match kf_ops::kdev::cuda::Cuda::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            assert!(
-                std::env::var_os("KF_REQUIRE_GPU").is_none(),
-                "KF_REQUIRE_GPU is set but: {e:#}"
-            );
-            println!("skipped: no usable GPU: {e:#}");
-            return;
-        }
+    let Some(dev) = kf_ops::kdev::cuda::Cuda::for_tests() else {
+        return;
     };
     pflm_generation_gives_the_cpu_tokens(&dev, None);
     ar_generation_gives_the_cpu_tokens(&dev, None);

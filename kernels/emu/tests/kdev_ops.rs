@@ -646,16 +646,8 @@ fn philox_matches_the_engine_rng_on<D: KernelDevice>(dev: &D) {
 #[cfg(feature = "cuda")]
 #[test]
 fn on_a_gpu_every_launcher_matches_the_cpu_ops() {
-    let dev = match kf_ops::kdev::cuda::Cuda::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            assert!(
-                std::env::var_os("KF_REQUIRE_GPU").is_none(),
-                "KF_REQUIRE_GPU is set but: {e:#}"
-            );
-            println!("skipped: no usable GPU: {e:#}");
-            return;
-        }
+    let Some(dev) = kf_ops::kdev::cuda::Cuda::for_tests() else {
+        return;
     };
     elementwise_and_gelu_match_the_cpu_ops_on(&dev);
     layer_norm_matches_the_cpu_op_on(&dev);

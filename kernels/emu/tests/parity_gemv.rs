@@ -262,16 +262,8 @@ fn on<D: KernelDevice>(dev: &D) {
 #[cfg(feature = "cuda")]
 #[test]
 fn on_a_gpu_half_weight_products_match_the_f64_sums() {
-    let dev = match kf_ops::kdev::cuda::Cuda::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            assert!(
-                std::env::var_os("KF_REQUIRE_GPU").is_none(),
-                "KF_REQUIRE_GPU is set but: {e:#}"
-            );
-            println!("skipped: no usable GPU: {e:#}");
-            return;
-        }
+    let Some(dev) = kf_ops::kdev::cuda::Cuda::for_tests() else {
+        return;
     };
     on(&dev);
 }

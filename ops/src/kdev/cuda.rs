@@ -45,6 +45,22 @@ impl Cuda {
         })
     }
 
+    /// GPU 0 for the device tests: `None`, with the reason printed, when there is no usable GPU
+    /// (the test then skips); a panic instead when `KF_REQUIRE_GPU` is set.
+    pub fn for_tests() -> Option<Cuda> {
+        match Cuda::new(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("KF_REQUIRE_GPU").is_none(),
+                    "KF_REQUIRE_GPU is set but: {e:#}"
+                );
+                println!("skipped: no usable GPU: {e:#}");
+                None
+            }
+        }
+    }
+
     /// The engine's device (name, memory, allocator statistics).
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.dev
