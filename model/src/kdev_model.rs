@@ -84,21 +84,9 @@ fn up_matrix<D: KernelDevice>(
     if store == WeightStore::F32 || t.dtype() != DType::F32 {
         return up(dev, t, name);
     }
-    let v = t.to_vec::<f32>()?;
-    let up_as = |dt: DType| -> Result<Dt<D>> {
-        match dt {
-            DType::F16 => {
-                let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-                DTensor::from_slice(dev, &h, t.shape())
-            }
-            DType::BF16 => {
-                let h: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                DTensor::from_slice(dev, &h, t.shape())
-            }
-            _ => DTensor::from_slice(dev, &v, t.shape()),
-        }
-    };
-    up_as(exact_dtype(&v)).with_context(|| format!("uploading {name}"))
+    // the engine's cast and DTensor::upload carry the half storage (exact: dt holds every value)
+    let dt = exact_dtype(&t.to_vec::<f32>()?);
+    DTensor::upload(dev, &t.to_dtype(dt)?).with_context(|| format!("uploading {name}"))
 }
 
 /// Bytes and element type of device weights: (bytes, description such as "f16 matrices").
