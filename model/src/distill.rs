@@ -51,7 +51,7 @@
 use crate::checkpoint;
 use crate::data::{SequentialWindows, TokenData, TokenShard, WindowBatch, WindowSampler};
 use crate::ddit::Ddit;
-use crate::pflm::{stage1_targets, Pflm};
+use crate::pflm::{stage1_targets, NoiseInit, Pflm};
 use crate::train::checkpoint::TrainerState;
 use crate::train::{
     drive, CpuBackend, Event, Extras, OptimConfig, Outcome, ResumeFrom, RunSpec, TrainBackend,
@@ -73,12 +73,18 @@ pub const NOISE_STREAM: u64 = 0x444E_4F49;
 /// Philox stream of the validation noises ("DEVL").
 pub const EVAL_NOISE_STREAM: u64 = 0x4445_564C;
 
-/// The distribution `tau` is drawn from during training (a hook: only a constant now).
+/// The distribution `tau` is drawn from during training: a constant (the default, 1), or
+/// uniform on `[lo, hi]` per micro-batch (Philox stream [`TAU_STREAM`] of the seed, counter
+/// = the update and row; evaluation uses `hi`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TauDist {
     Const(f64),
+    Uniform { lo: f64, hi: f64 },
 }
+
+/// Philox stream of the training temperatures ("DTAU").
+pub const TAU_STREAM: u64 = 0x4454_4155;
 
 impl Default for TauDist {
     fn default() -> Self {
@@ -87,17 +93,35 @@ impl Default for TauDist {
 }
 
 impl TauDist {
-    /// `tau` of sequence `row` of update `step` (unused by `Const`).
-    pub fn sample(&self, _seed: u64, _step: u64, _row: usize) -> f64 {
-        match self {
-            TauDist::Const(t) => *t,
+    /// `tau` of the micro-batch starting at sequence `row` of update `step`.
+    pub fn sample(&self, seed: u64, step: u64, row: usize) -> f64 {
+        match *self {
+            TauDist::Const(t) => t,
+            TauDist::Uniform { lo, hi } => {
+                let u = Philox::new(seed, TAU_STREAM)
+                    .uniform_f64(step.wrapping_mul(1 << 20).wrapping_add(row as u64));
+                lo + (hi - lo) * u
+            }
         }
     }
     /// The value used for evaluation.
     pub fn eval_value(&self) -> f64 {
-        match self {
-            TauDist::Const(t) => *t,
+        match *self {
+            TauDist::Const(t) => t,
+            TauDist::Uniform { hi, .. } => hi,
         }
+    }
+    /// Errors unless every value it can draw is a usable temperature.
+    pub fn validate(&self) -> Result<()> {
+        let ok = |t: f64| t.is_finite() && t > 0.0;
+        match *self {
+            TauDist::Const(t) => ensure!(ok(t), "tau.const = {t}: must be finite and > 0"),
+            TauDist::Uniform { lo, hi } => ensure!(
+                ok(lo) && ok(hi) && lo <= hi,
+                "tau.uniform = [{lo}, {hi}]: need 0 < lo <= hi, both finite"
+            ),
+        }
+        Ok(())
     }
 }
 
@@ -141,6 +165,9 @@ pub struct DistillConfig {
     pub tau: TauDist,
     #[serde(default)]
     pub variant: Variant,
+    /// How a stage-1 student's fresh noise encoder starts.
+    #[serde(default)]
+    pub noise_init: NoiseInit,
 }
 
 /// The teacher of a stage.
@@ -675,10 +702,10 @@ pub const STAGE_METRICS_FILE: &str = "distill.json";
 
 /// The student a fresh stage starts from: an AR directory gives its backbone plus a new
 /// noise encoder (from `seed`); a PFLM directory gives every tensor with `k` replaced.
-fn init_student(dir: &Path, k: usize, seed: u64) -> Result<Pflm> {
+fn init_student(dir: &Path, k: usize, seed: u64, how: NoiseInit) -> Result<Pflm> {
     let cfg = checkpoint::read_config(dir)?;
     let s = match cfg.k {
-        None => Pflm::from_teacher(Ddit::load(dir)?, k, seed)?,
+        None => Pflm::from_teacher_with(Ddit::load(dir)?, k, seed, how)?,
         Some(_) => Pflm::load(dir)?.with_k(k)?,
     };
     Ok(s)
@@ -805,7 +832,7 @@ pub fn distill_stage_on(
         }
         None => {
             let init = opts.init.as_deref().unwrap_or(&opts.teacher);
-            let s = init_student(init, k, opts.config.seed)
+            let s = init_student(init, k, opts.config.seed, opts.config.noise_init)
                 .with_context(|| format!("student init {}", init.display()))?;
             (s, None)
         }

@@ -15,6 +15,7 @@
 //! ones from the previous stage's student.
 
 use crate::data::write_atomic;
+use crate::pflm::NoiseInit;
 use crate::distill::{
     distill_stage_on, DistillConfig, DistillMetrics, StageOptions, TauDist, Variant,
     STAGE_METRICS_FILE,
@@ -71,6 +72,9 @@ pub struct Recipe {
     pub tau: TauDist,
     #[serde(default)]
     pub variant: Variant,
+    /// How the stage-1 student's noise encoder starts (default: the spec's normal init).
+    #[serde(default)]
+    pub noise_init: NoiseInit,
     pub optim: RecipeOptim,
     pub stages: Vec<StageRecipe>,
 }
@@ -80,6 +84,9 @@ impl Recipe {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read distillation recipe {}", path.display()))?;
         let r: Recipe = crate::train::from_json_named(&text)
+            .with_context(|| format!("distillation recipe {}", path.display()))?;
+        r.tau
+            .validate()
             .with_context(|| format!("distillation recipe {}", path.display()))?;
         Ok(r)
     }
@@ -137,6 +144,7 @@ impl Recipe {
             seed: self.seed.wrapping_add(s.k as u64),
             tau: self.tau.clone(),
             variant: self.variant,
+            noise_init: self.noise_init,
         }
     }
 }

@@ -59,6 +59,7 @@ use kf_ops::layernorm::layer_norm;
 use kf_ops::matmul::linear;
 use kf_ops::noise::noise_features;
 use kf_ops::sampling::sample_inverse_cdf;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -87,6 +88,18 @@ pub fn noise_param_specs(d: usize) -> Vec<ParamSpec> {
     ]
 }
 
+/// How a fresh noise encoder's input projection starts (a distillation study knob).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseInit {
+    /// Every matrix N(0, 0.02²), biases zero (the spec's default).
+    #[default]
+    Normal,
+    /// `combined_proj.weight` zero: every hint starts as the same all-zero embedding (a
+    /// neutral token) and learns its dependence on `u` from there.
+    ZeroProj,
+}
+
 /// The noise encoder (module docs): `(u, tau)` per hint -> an embedding `[d]`.
 pub struct NoiseEncoder {
     d: usize,
@@ -104,6 +117,11 @@ impl std::fmt::Debug for NoiseEncoder {
 impl NoiseEncoder {
     /// Fresh f32 weights (module docs, "Noise-encoder init"). `eps`: the LayerNorm's epsilon.
     pub fn init(d: usize, eps: f64, seed: u64) -> Result<NoiseEncoder> {
+        Self::init_with(d, eps, seed, NoiseInit::Normal)
+    }
+
+    /// [`Self::init`] with a choice of how the input projection starts.
+    pub fn init_with(d: usize, eps: f64, seed: u64, how: NoiseInit) -> Result<NoiseEncoder> {
         ensure!(
             d >= 2 && d % 2 == 0,
             "noise encoder: d = {d} must be even and >= 2"
@@ -113,6 +131,11 @@ impl NoiseEncoder {
             let t = match spec.init {
                 Init::Ones => Tensor::ones(&spec.shape, DType::F32, Device::Cpu)?,
                 Init::Zeros => Tensor::zeros(&spec.shape, DType::F32, Device::Cpu)?,
+                Init::Normal(_)
+                    if how == NoiseInit::ZeroProj && spec.name.ends_with("combined_proj.weight") =>
+                {
+                    Tensor::zeros(&spec.shape, DType::F32, Device::Cpu)?
+                }
                 Init::Normal(std) => {
                     let n = Tensor::rand_normal(
                         &spec.shape,
@@ -304,7 +327,12 @@ impl Pflm {
     /// A stage-1 student: the teacher's backbone (config `k` set) plus a fresh noise encoder
     /// from `seed` (in the teacher's dtype).
     pub fn from_teacher(teacher: Ddit, k: usize, seed: u64) -> Result<Pflm> {
-        let noise = NoiseEncoder::init(teacher.cfg.d_model, teacher.cfg.ln_eps, seed)?
+        Self::from_teacher_with(teacher, k, seed, NoiseInit::Normal)
+    }
+
+    /// [`Self::from_teacher`] with a choice of the noise encoder's initialisation.
+    pub fn from_teacher_with(teacher: Ddit, k: usize, seed: u64, how: NoiseInit) -> Result<Pflm> {
+        let noise = NoiseEncoder::init_with(teacher.cfg.d_model, teacher.cfg.ln_eps, seed, how)?
             .to_dtype(teacher.dtype())?;
         Pflm::from_parts(teacher, noise, k)
     }

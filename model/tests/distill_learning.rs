@@ -183,6 +183,7 @@ fn stage_cfg(steps: u64, lr: f64, seed: u64) -> DistillConfig {
                 .unwrap_or(1.0),
         ),
         variant: Default::default(),
+        noise_init: Default::default(),
     }
 }
 
