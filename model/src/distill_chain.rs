@@ -15,11 +15,11 @@
 //! ones from the previous stage's student.
 
 use crate::data::write_atomic;
-use crate::pflm::NoiseInit;
 use crate::distill::{
     distill_stage_on, DistillConfig, DistillMetrics, StageOptions, TauDist, Variant,
     STAGE_METRICS_FILE,
 };
+use crate::pflm::NoiseInit;
 use crate::train::{CpuBackend, Event, OptimConfig, Outcome, TrainBackend};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};

@@ -34,13 +34,11 @@ use anyhow::{ensure, Context, Result};
 use kf_engine::{DType, Tensor};
 use kf_ops::attention::{AttnParams, AttnPattern};
 use kf_ops::kdev::launch::{self as kl, AttnDims, AttnPath, AttnView};
-use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
+use kf_ops::kdev::{DTensor, DeviceBuf, GemmSpec, KernelDevice};
 use std::time::Instant;
 
-type Dt<D> = DTensor<<D as KernelDevice>::Buf>;
-
 /// An f32 copy of a CPU parameter.
-fn up<D: KernelDevice>(dev: &D, t: &Tensor, name: &str) -> Result<Dt<D>> {
+fn up<D: KernelDevice>(dev: &D, t: &Tensor, name: &str) -> Result<DTensor> {
     ensure!(
         t.dtype() == DType::F32,
         "kernel device: parameter {name} is {}, only f32 models run on the kernels",
@@ -80,7 +78,7 @@ fn up_matrix<D: KernelDevice>(
     t: &Tensor,
     name: &str,
     store: WeightStore,
-) -> Result<Dt<D>> {
+) -> Result<DTensor> {
     if store == WeightStore::F32 || t.dtype() != DType::F32 {
         return up(dev, t, name);
     }
@@ -99,7 +97,7 @@ pub struct WeightBytes {
 }
 
 impl WeightBytes {
-    fn add(&mut self, t: &DTensor<impl Sized>, matrix: bool) {
+    fn add(&mut self, t: &DTensor, matrix: bool) {
         let b = t.numel() * t.dtype().size();
         self.total += b;
         if matrix {
@@ -136,7 +134,12 @@ fn param<'a>(m: &'a Ddit, name: &str) -> Result<&'a Tensor> {
 }
 
 /// Rows `start..start + len` of the time axis of `x [B, T, d]` (device copies).
-pub fn narrow_time<D: KernelDevice>(dev: &D, x: &Dt<D>, start: usize, len: usize) -> Result<Dt<D>> {
+pub fn narrow_time<D: KernelDevice>(
+    dev: &D,
+    x: &DTensor,
+    start: usize,
+    len: usize,
+) -> Result<DTensor> {
     ensure!(
         x.rank() == 3,
         "narrow_time: x must be [B, T, d], got {:?}",
@@ -163,7 +166,7 @@ pub fn narrow_time<D: KernelDevice>(dev: &D, x: &Dt<D>, start: usize, len: usize
 }
 
 /// `[B, Ta, d]` and `[B, Tb, d]` -> `[B, Ta + Tb, d]` (device copies).
-pub fn cat_time<D: KernelDevice>(dev: &D, a: &Dt<D>, b: &Dt<D>) -> Result<Dt<D>> {
+pub fn cat_time<D: KernelDevice>(dev: &D, a: &DTensor, b: &DTensor) -> Result<DTensor> {
     ensure!(
         a.rank() == 3
             && b.rank() == 3
@@ -195,7 +198,7 @@ pub fn cat_time<D: KernelDevice>(dev: &D, a: &Dt<D>, b: &Dt<D>) -> Result<Dt<D>>
 }
 
 /// The first `l` columns of `x [..., V]` (device copies, one per row).
-fn narrow_last<D: KernelDevice>(dev: &D, x: &Dt<D>, l: usize) -> Result<Dt<D>> {
+fn narrow_last<D: KernelDevice>(dev: &D, x: &DTensor, l: usize) -> Result<DTensor> {
     let v = *x.shape().last().context("narrow_last: scalar")?;
     let rows = x.numel() / v.max(1);
     let mut shape = x.shape().to_vec();
@@ -209,23 +212,23 @@ fn narrow_last<D: KernelDevice>(dev: &D, x: &Dt<D>, l: usize) -> Result<Dt<D>> {
 }
 
 /// One block's weights on the device.
-struct DevBlock<B> {
-    norm1: DTensor<B>,
-    qkv: DTensor<B>,
-    out: DTensor<B>,
-    norm2: DTensor<B>,
-    mlp0_w: DTensor<B>,
-    mlp0_b: DTensor<B>,
-    mlp2_w: DTensor<B>,
-    mlp2_b: DTensor<B>,
+struct DevBlock {
+    norm1: DTensor,
+    qkv: DTensor,
+    out: DTensor,
+    norm2: DTensor,
+    mlp0_w: DTensor,
+    mlp0_b: DTensor,
+    mlp2_w: DTensor,
+    mlp2_b: DTensor,
 }
 
 /// A KV cache on the device: per layer K (after RoPE) and V `[B, Tmax, H, Dh]` f32; rows
 /// `0..len` committed; a pass writes rows `len..len + T` of every layer, then
 /// [`DevKvCache::commit`] keeps the first `n` (as `KvCache`).
-pub struct DevKvCache<B> {
-    k: Vec<B>,
-    v: Vec<B>,
+pub struct DevKvCache {
+    k: Vec<DeviceBuf>,
+    v: Vec<DeviceBuf>,
     batch: usize,
     cap: usize,
     heads: usize,
@@ -234,9 +237,9 @@ pub struct DevKvCache<B> {
     pending: usize,
 }
 
-impl<B> DevKvCache<B> {
+impl DevKvCache {
     /// An empty cache for `batch` sequences of up to `capacity` rows.
-    pub fn new<D: KernelDevice<Buf = B>>(
+    pub fn new<D: KernelDevice>(
         dev: &D,
         cfg: &DditConfig,
         batch: usize,
@@ -251,7 +254,7 @@ impl<B> DevKvCache<B> {
         let mk = || {
             (0..cfg.n_layers)
                 .map(|_| dev.alloc_zeroed(bytes))
-                .collect::<Result<Vec<B>>>()
+                .collect::<Result<Vec<DeviceBuf>>>()
         };
         Ok(DevKvCache {
             k: mk().context("allocating the device KV cache")?,
@@ -288,28 +291,24 @@ impl<B> DevKvCache<B> {
 }
 
 /// The DDiT backbone and head on a kernel device.
-pub struct DevDdit<B> {
+pub struct DevDdit {
     pub cfg: DditConfig,
-    embed: DTensor<B>,
-    blocks: Vec<DevBlock<B>>,
-    norm_f: DTensor<B>,
-    head_w: DTensor<B>,
-    head_b: DTensor<B>,
+    embed: DTensor,
+    blocks: Vec<DevBlock>,
+    norm_f: DTensor,
+    head_w: DTensor,
+    head_b: DTensor,
 }
 
-impl<B> DevDdit<B> {
+impl DevDdit {
     /// Uploads an f32 model with f32 weights (head dim 64 or 128: the attention kernels'
     /// instances).
-    pub fn upload<D: KernelDevice<Buf = B>>(dev: &D, m: &Ddit) -> Result<Self> {
+    pub fn upload<D: KernelDevice>(dev: &D, m: &Ddit) -> Result<Self> {
         Self::upload_with(dev, m, WeightStore::F32)
     }
 
     /// Uploads an f32 model, its weight matrices stored as `store` says.
-    pub fn upload_with<D: KernelDevice<Buf = B>>(
-        dev: &D,
-        m: &Ddit,
-        store: WeightStore,
-    ) -> Result<Self> {
+    pub fn upload_with<D: KernelDevice>(dev: &D, m: &Ddit, store: WeightStore) -> Result<Self> {
         let cfg = m.cfg.clone();
         cfg.validate()?;
         kl::check_head_dim(cfg.head_dim()).with_context(|| {
@@ -320,8 +319,8 @@ impl<B> DevDdit<B> {
                 dev.name()
             )
         })?;
-        let p = |name: &str| -> Result<Dt<D>> { up(dev, param(m, name)?, name) };
-        let w = |name: &str| -> Result<Dt<D>> { up_matrix(dev, param(m, name)?, name, store) };
+        let p = |name: &str| -> Result<DTensor> { up(dev, param(m, name)?, name) };
+        let w = |name: &str| -> Result<DTensor> { up_matrix(dev, param(m, name)?, name, store) };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |s: &str| format!("blocks.{i}.{s}");
@@ -384,13 +383,13 @@ impl<B> DevDdit<B> {
     }
 
     /// Token embeddings `[B, T, d]` of host ids (`ids.len() = B * T`).
-    pub fn embed<D: KernelDevice<Buf = B>>(
+    pub fn embed<D: KernelDevice>(
         &self,
         dev: &D,
         ids: &[u32],
         b: usize,
         t: usize,
-    ) -> Result<Dt<D>> {
+    ) -> Result<DTensor> {
         ensure!(
             ids.len() == b * t,
             "embed: {} ids for [B, T] = [{b}, {t}]",
@@ -410,14 +409,14 @@ impl<B> DevDdit<B> {
     /// (`T` shared or `B * T`), attention parameters and an optional device KV cache (then
     /// `attn.q_start` must be its committed length; the pass writes T rows after it; commit
     /// with [`DevKvCache::commit`]). As `Ddit::backbone_hidden`.
-    pub fn backbone_hidden<D: KernelDevice<Buf = B>>(
+    pub fn backbone_hidden<D: KernelDevice>(
         &self,
         dev: &D,
-        h0: &Dt<D>,
+        h0: &DTensor,
         pos: &[u32],
         attn: &AttnParams,
-        mut cache: Option<&mut DevKvCache<B>>,
-    ) -> Result<Dt<D>> {
+        mut cache: Option<&mut DevKvCache>,
+    ) -> Result<DTensor> {
         let cfg = &self.cfg;
         let (d, nh, hd) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
         ensure!(
@@ -465,7 +464,7 @@ impl<B> DevDdit<B> {
         let mut h = narrow_time(dev, h0, 0, t)?; // own copy: h0 stays the caller's
         for (layer, blk) in self.blocks.iter().enumerate() {
             let x = kl::layer_norm(dev, &h, &blk.norm1, None, eps)?.y;
-            let proj = |part: usize| -> Result<Dt<D>> {
+            let proj = |part: usize| -> Result<DTensor> {
                 let out = DTensor::uninit(dev, &[b, t, nh, hd], DType::F32)?;
                 let spec = GemmSpec {
                     b_off: part * d * d,
@@ -543,20 +542,20 @@ impl<B> DevDdit<B> {
     }
 
     /// The final layer on `h [.., d]`: LN_f, Linear(d, V), the reserved token at -1000.
-    pub fn head<D: KernelDevice<Buf = B>>(&self, dev: &D, h: &Dt<D>) -> Result<Dt<D>> {
+    pub fn head<D: KernelDevice>(&self, dev: &D, h: &DTensor) -> Result<DTensor> {
         let x = kl::layer_norm(dev, h, &self.norm_f, None, self.cfg.ln_eps as f32)?.y;
         kl::linear(dev, &x, &self.head_w, Some(&self.head_b))
     }
 
     /// The AR forward without a cache: logits `[B, T, V]` of host ids `[B, T]` at positions
     /// `0..T`, causal (`Ddit::forward_train` off the tape).
-    pub fn forward<D: KernelDevice<Buf = B>>(
+    pub fn forward<D: KernelDevice>(
         &self,
         dev: &D,
         ids: &[u32],
         b: usize,
         t: usize,
-    ) -> Result<Dt<D>> {
+    ) -> Result<DTensor> {
         ensure!(
             t >= 1 && t <= self.cfg.max_seq_len,
             "sequence length {t} must be in 1..={} (max_seq_len)",
@@ -570,14 +569,14 @@ impl<B> DevDdit<B> {
 
     /// One KV-cached AR pass: host ids `[B, T]` at positions `cache.len()..`, causal over the
     /// cache and themselves; commits all T rows. Logits `[B, T, V]`.
-    pub fn forward_cached<D: KernelDevice<Buf = B>>(
+    pub fn forward_cached<D: KernelDevice>(
         &self,
         dev: &D,
-        cache: &mut DevKvCache<B>,
+        cache: &mut DevKvCache,
         ids: &[u32],
         b: usize,
         t: usize,
-    ) -> Result<Dt<D>> {
+    ) -> Result<DTensor> {
         let h0 = self.embed(dev, ids, b, t)?;
         let start = cache.len();
         let pos: Vec<u32> = (start as u32..(start + t) as u32).collect();
@@ -604,22 +603,22 @@ impl<B> DevDdit<B> {
 }
 
 /// The noise encoder on the device (pflm.rs `NoiseEncoder`).
-struct DevNoise<B> {
+struct DevNoise {
     d: usize,
     eps: f32,
-    comb_w: DTensor<B>,
-    comb_b: DTensor<B>,
-    norm_w: DTensor<B>,
-    norm_b: DTensor<B>,
-    mlp0_w: DTensor<B>,
-    mlp0_b: DTensor<B>,
-    mlp2_w: DTensor<B>,
-    mlp2_b: DTensor<B>,
+    comb_w: DTensor,
+    comb_b: DTensor,
+    norm_w: DTensor,
+    norm_b: DTensor,
+    mlp0_w: DTensor,
+    mlp0_b: DTensor,
+    mlp2_w: DTensor,
+    mlp2_b: DTensor,
 }
 
-impl<B> DevNoise<B> {
+impl DevNoise {
     /// Hint embeddings `[M, d]` of f64 noises `u [M]` at temperatures `tau [M]`.
-    fn forward<D: KernelDevice<Buf = B>>(&self, dev: &D, u: &Dt<D>, tau: &Dt<D>) -> Result<Dt<D>> {
+    fn forward<D: KernelDevice>(&self, dev: &D, u: &DTensor, tau: &DTensor) -> Result<DTensor> {
         let (m, d) = (u.numel(), self.d);
         ensure!(
             tau.numel() == m,
@@ -647,15 +646,15 @@ impl<B> DevNoise<B> {
 }
 
 /// The PFLM student on a kernel device.
-pub struct DevPflm<B> {
-    pub backbone: DevDdit<B>,
-    noise: DevNoise<B>,
+pub struct DevPflm {
+    pub backbone: DevDdit,
+    noise: DevNoise,
     pub k: usize,
 }
 
-impl<B> DevPflm<B> {
+impl DevPflm {
     /// Uploads an f32 student with f32 weights.
-    pub fn upload<D: KernelDevice<Buf = B>>(dev: &D, m: &Pflm) -> Result<Self> {
+    pub fn upload<D: KernelDevice>(dev: &D, m: &Pflm) -> Result<Self> {
         Self::upload_with(dev, m, WeightStore::F32)
     }
 
@@ -679,14 +678,10 @@ impl<B> DevPflm<B> {
     }
 
     /// Uploads an f32 student, its weight matrices stored as `store` says.
-    pub fn upload_with<D: KernelDevice<Buf = B>>(
-        dev: &D,
-        m: &Pflm,
-        store: WeightStore,
-    ) -> Result<Self> {
+    pub fn upload_with<D: KernelDevice>(dev: &D, m: &Pflm, store: WeightStore) -> Result<Self> {
         let backbone = DevDdit::upload_with(dev, &m.backbone, store)?;
         let d = backbone.cfg.d_model;
-        let p = |s: &str| -> Result<Dt<D>> {
+        let p = |s: &str| -> Result<DTensor> {
             let name = format!("noise_encoder.{s}");
             let t = m
                 .noise
@@ -727,17 +722,17 @@ impl<B> DevPflm<B> {
     /// `key_skip` per sequence (empty = none), f64 noises `u [B, K]` on the device, `tau` (one
     /// value or one per sequence). Commits the n_new token rows. Hint logits `[B, K, V]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn step_logits<D: KernelDevice<Buf = B>>(
+    pub fn step_logits<D: KernelDevice>(
         &self,
         dev: &D,
-        cache: &mut DevKvCache<B>,
+        cache: &mut DevKvCache,
         committed: &[u32],
         n_new: usize,
         pos0: &[usize],
         key_skip: &[usize],
-        u: &Dt<D>,
+        u: &DTensor,
         tau: &[f64],
-    ) -> Result<Dt<D>> {
+    ) -> Result<DTensor> {
         let bb = &self.backbone;
         u.expect_dtype("PFLM step", "u", DType::F64)?;
         ensure!(
@@ -804,19 +799,19 @@ impl<B> DevPflm<B> {
     /// never emitted; `counts` is then `[B, limit]`), argmax with frequency penalty (`counts`
     /// u32 updated in place, left to right). Tokens `[B, K]` on the host.
     #[allow(clippy::too_many_arguments)]
-    pub fn step<D: KernelDevice<Buf = B>>(
+    pub fn step<D: KernelDevice>(
         &self,
         dev: &D,
-        cache: &mut DevKvCache<B>,
+        cache: &mut DevKvCache,
         committed: &[u32],
         n_new: usize,
         pos0: &[usize],
         key_skip: &[usize],
-        u: &Dt<D>,
+        u: &DTensor,
         tau: &[f64],
         penalty: f64,
         vocab_limit: Option<usize>,
-        counts: &Dt<D>,
+        counts: &DTensor,
     ) -> Result<Vec<u32>> {
         let logits = self.step_logits(dev, cache, committed, n_new, pos0, key_skip, u, tau)?;
         let v = self.backbone.cfg.vocab_size;
@@ -878,7 +873,7 @@ impl Start {
 /// weights, prompts and options it returns the CPU's tokens (the logits agree to f32 rounding).
 pub fn generate_pflm_dev<D: KernelDevice>(
     dev: &D,
-    model: &DevPflm<D::Buf>,
+    model: &DevPflm,
     prompts: &[Vec<u32>],
     opts: &PflmGenerateOptions,
     mut on_token: impl FnMut(usize, u32) -> Result<()>,
@@ -995,7 +990,7 @@ pub fn generate_pflm_dev<D: KernelDevice>(
 /// The last-row logits `[B, V']` of a `[B, T, V]` logits tensor, keeping the first `v_read`
 /// columns (the `vocab_limit` of a request: the CPU path sets the rest to -inf, which gives the
 /// sampler the same CDF over the kept ones).
-fn last_row_logits<D: KernelDevice>(dev: &D, logits: &Dt<D>, v_read: usize) -> Result<Dt<D>> {
+fn last_row_logits<D: KernelDevice>(dev: &D, logits: &DTensor, v_read: usize) -> Result<DTensor> {
     let (b, t, v) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
     let out = DTensor::uninit(dev, &[b, v_read], DType::F32)?;
     for i in 0..b {
@@ -1016,7 +1011,7 @@ fn last_row_logits<D: KernelDevice>(dev: &D, logits: &Dt<D>, v_read: usize) -> R
 /// equal weights it returns the CPU's tokens (the logits agree to f32 rounding).
 pub fn generate_ar_dev<D: KernelDevice>(
     dev: &D,
-    model: &DevDdit<D::Buf>,
+    model: &DevDdit,
     prompts: &[Vec<u32>],
     o: &crate::generate::GenerateOptions,
     mut on_token: impl FnMut(usize, u32) -> Result<()>,
@@ -1100,16 +1095,16 @@ pub fn generate_ar_dev<D: KernelDevice>(
 
 // ------------------------------------------------------------------ distillation targets
 
-impl<B> DevPflm<B> {
+impl DevPflm {
     /// Hint embeddings `[B, M, d]` of host noises `u [B, M]` (row-major) at one temperature.
-    fn hints_host<D: KernelDevice<Buf = B>>(
+    fn hints_host<D: KernelDevice>(
         &self,
         dev: &D,
         u: &[f64],
         b: usize,
         m: usize,
         tau: f64,
-    ) -> Result<Dt<D>> {
+    ) -> Result<DTensor> {
         ensure!(
             u.len() == b * m,
             "hints: {} noises for [B, M] = [{b}, {m}]",
@@ -1150,7 +1145,7 @@ fn check_ctx(ctx: &[u32], b: usize, n: usize, u: &[f64], per: usize, tau: f64) -
 /// causal; `Ddit::forward_train` off the tape), on the host (row-major).
 pub fn teacher_logits_dev<D: KernelDevice>(
     dev: &D,
-    teacher: &DevDdit<D::Buf>,
+    teacher: &DevDdit,
     ids: &[u32],
     b: usize,
     t: usize,
@@ -1167,7 +1162,7 @@ pub fn teacher_logits_dev<D: KernelDevice>(
 /// on every row with `u [B, N]` at temperature `tau`. Targets `[B, N]` on the host.
 pub fn stage1_targets_dev<D: KernelDevice>(
     dev: &D,
-    teacher: &DevDdit<D::Buf>,
+    teacher: &DevDdit,
     ctx: &[u32],
     b: usize,
     n: usize,
@@ -1190,7 +1185,7 @@ pub fn stage1_targets_dev<D: KernelDevice>(
 /// penalty). Tokens `[B, N, 2k]` = `[F1 | F2]` per window, on the host.
 pub fn rollout_double_dev<D: KernelDevice>(
     dev: &D,
-    teacher: &DevPflm<D::Buf>,
+    teacher: &DevPflm,
     ctx: &[u32],
     b: usize,
     n: usize,

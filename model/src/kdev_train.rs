@@ -95,78 +95,78 @@ pub struct DevStepStats {
 }
 
 /// Activations of one block that the backward reads.
-struct BlockSaved<B> {
-    h_in: DTensor<B>,
-    ln1: LayerNormOut<B>,
+struct BlockSaved {
+    h_in: DTensor,
+    ln1: LayerNormOut,
     /// q, k after RoPE, v: `[B, T, H, Dh]` contiguous.
-    q: DTensor<B>,
-    k: DTensor<B>,
-    v: DTensor<B>,
-    att: AttnOut<B>,
-    h_mid: DTensor<B>,
-    ln2: LayerNormOut<B>,
+    q: DTensor,
+    k: DTensor,
+    v: DTensor,
+    att: AttnOut,
+    h_mid: DTensor,
+    ln2: LayerNormOut,
     /// MLP pre-activation and activation `[N, 4d]`.
-    m_pre: DTensor<B>,
-    act: DTensor<B>,
+    m_pre: DTensor,
+    act: DTensor,
 }
 
 /// The cos and sin tables of one position list.
-type Tables<'a, B> = (&'a DTensor<B>, &'a DTensor<B>);
+type Tables<'a> = (&'a DTensor, &'a DTensor);
 /// The residual stream after the last block, and each block's saved activations.
-type BackboneOut<B> = (DTensor<B>, Vec<BlockSaved<B>>);
+type BackboneOut = (DTensor, Vec<BlockSaved>);
 /// The final LayerNorm (with its statistics) and the logits.
-type HeadOut<B> = (LayerNormOut<B>, DTensor<B>);
+type HeadOut = (LayerNormOut, DTensor);
 
 /// RoPE tables of positions `pos [T]`: (pos, cos, sin), `[T, Dh/2]` f32.
-type RopeAt<B> = (Vec<u32>, DTensor<B>, DTensor<B>);
+type RopeAt = (Vec<u32>, DTensor, DTensor);
 
 /// What the teacher's forward leaves for the loss and the backward (`blocks` empty when the
 /// forward did not save them).
-struct TeacherFwd<B> {
-    ids: DTensor<B>,
-    targets: DTensor<B>,
+struct TeacherFwd {
+    ids: DTensor,
+    targets: DTensor,
     pos: Vec<u32>,
     ap: AttnParams,
     /// The residual stream after the last block `[B T, d]`.
-    h: DTensor<B>,
-    blocks: Vec<BlockSaved<B>>,
-    lnf: LayerNormOut<B>,
-    logits: DTensor<B>,
-    ce: bw::CrossEntropy<B>,
+    h: DTensor,
+    blocks: Vec<BlockSaved>,
+    lnf: LayerNormOut,
+    logits: DTensor,
+    ce: bw::CrossEntropy,
     /// The mean cross-entropy on the host.
     loss: f64,
 }
 
 /// The noise encoder's activations that its backward reads.
-struct NoiseSaved<B> {
+struct NoiseSaved {
     /// Noise features of u and tau `[B M, d]`.
-    fu: DTensor<B>,
-    ft: DTensor<B>,
+    fu: DTensor,
+    ft: DTensor,
     /// `combined_proj`'s output `[B M, d]`, its LayerNorm, the MLP pre-activation and
     /// activation `[B M, 4d]`.
-    x: DTensor<B>,
-    ln: LayerNormOut<B>,
-    m_pre: DTensor<B>,
-    act: DTensor<B>,
+    x: DTensor,
+    ln: LayerNormOut,
+    m_pre: DTensor,
+    act: DTensor,
 }
 
 /// What a PFLM student's staircase forward leaves for the loss and the backward (`blocks`
 /// empty when the forward did not save them).
-struct StairFwd<B> {
+struct StairFwd {
     /// (B, N, kk).
     shape: (usize, usize, usize),
-    ctx: DTensor<B>,
-    targets: DTensor<B>,
+    ctx: DTensor,
+    targets: DTensor,
     pos: Vec<u32>,
     ap: AttnParams,
-    noise: NoiseSaved<B>,
-    blocks: Vec<BlockSaved<B>>,
+    noise: NoiseSaved,
+    blocks: Vec<BlockSaved>,
     /// The hint rows of the last block's output `[B M, d]`.
-    hh: DTensor<B>,
-    lnf: LayerNormOut<B>,
+    hh: DTensor,
+    lnf: LayerNormOut,
     /// `[B M, V]`.
-    logits: DTensor<B>,
-    ce: bw::CrossEntropy<B>,
+    logits: DTensor,
+    ce: bw::CrossEntropy,
     loss: f64,
 }
 
@@ -176,12 +176,12 @@ pub struct DevTrainer<'d, D: KernelDevice> {
     cfg: DditConfig,
     opt: OptimConfig,
     names: Vec<String>,
-    params: Vec<DTensor<D::Buf>>,
-    m: Vec<DTensor<D::Buf>>,
-    v: Vec<DTensor<D::Buf>>,
+    params: Vec<DTensor>,
+    m: Vec<DTensor>,
+    v: Vec<DTensor>,
     decay: Vec<bool>,
     /// RoPE tables per position list.
-    rope: Vec<RopeAt<D::Buf>>,
+    rope: Vec<RopeAt>,
     /// A PFLM student: the window k (its noise encoder's parameters follow the backbone's).
     noise: Option<usize>,
     step: u64,
@@ -190,9 +190,9 @@ pub struct DevTrainer<'d, D: KernelDevice> {
 fn gemm<D: KernelDevice>(
     dev: &D,
     spec: &GemmSpec,
-    a: &DTensor<D::Buf>,
-    b: &DTensor<D::Buf>,
-    c: &DTensor<D::Buf>,
+    a: &DTensor,
+    b: &DTensor,
+    c: &DTensor,
 ) -> Result<()> {
     bw::gemm(dev, spec, a, b, c)
 }
@@ -285,7 +285,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
             .collect()
     }
 
-    fn p(&self, i: usize) -> &DTensor<D::Buf> {
+    fn p(&self, i: usize) -> &DTensor {
         &self.params[i]
     }
     fn bi(&self, layer: usize, which: usize) -> usize {
@@ -318,7 +318,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         Ok(())
     }
 
-    fn tables(&self, pos: &[u32]) -> Result<Tables<'_, D::Buf>> {
+    fn tables(&self, pos: &[u32]) -> Result<Tables<'_>> {
         let r = self
             .rope
             .iter()
@@ -328,13 +328,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     }
 
     /// `x [N, d] · W[rows r0.. r0+n of w]ᵀ`: `[N, n]` (one row block of a fused weight).
-    fn linear_rows(
-        &self,
-        x: &DTensor<D::Buf>,
-        w: &DTensor<D::Buf>,
-        r0: usize,
-        n: usize,
-    ) -> Result<DTensor<D::Buf>> {
+    fn linear_rows(&self, x: &DTensor, w: &DTensor, r0: usize, n: usize) -> Result<DTensor> {
         let (rows, k) = (x.numel() / x.shape()[x.rank() - 1], x.shape()[x.rank() - 1]);
         let out = DTensor::uninit(self.dev, &[rows, n], DType::F32)?;
         let spec = GemmSpec {
@@ -351,12 +345,12 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     /// soon as the next block has its input: a forward-only pass, the list empty).
     fn backbone_fwd(
         &self,
-        h0: DTensor<D::Buf>,
+        h0: DTensor,
         (b, t): (usize, usize),
         pos: &[u32],
         ap: &AttnParams,
         save: bool,
-    ) -> Result<BackboneOut<D::Buf>> {
+    ) -> Result<BackboneOut> {
         let dev = self.dev;
         let c = &self.cfg;
         let (d, nh, hd) = (c.d_model, c.n_heads, c.head_dim());
@@ -375,7 +369,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         for layer in 0..c.n_layers {
             let ln1 = fw::layer_norm(dev, &h, self.p(self.bi(layer, NORM1)), None, eps)?;
             let wqkv = self.p(self.bi(layer, QKV));
-            let part = |i: usize| -> Result<DTensor<D::Buf>> {
+            let part = |i: usize| -> Result<DTensor> {
                 self.linear_rows(&ln1.y, wqkv, i * d, d)?
                     .reshape(&[b, t, nh, hd])
             };
@@ -437,7 +431,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     }
 
     /// The final layer on rows `h [R, d]`: LN_f (weight only) and the output linear.
-    fn head_fwd(&self, h: &DTensor<D::Buf>) -> Result<HeadOut<D::Buf>> {
+    fn head_fwd(&self, h: &DTensor) -> Result<HeadOut> {
         let f = self.final_idx();
         let lnf = fw::layer_norm(self.dev, h, self.p(f), None, self.cfg.ln_eps as f32)?;
         let logits = fw::linear(self.dev, &lnf.y, self.p(f + 1), Some(self.p(f + 2)))?;
@@ -448,13 +442,13 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     /// `h [R, d]` (the head's parameter gradients go to `grads`).
     fn loss_head_bwd(
         &self,
-        h: &DTensor<D::Buf>,
-        lnf: &LayerNormOut<D::Buf>,
-        logits: &DTensor<D::Buf>,
-        targets: &DTensor<D::Buf>,
-        ce: &bw::CrossEntropy<D::Buf>,
-        grads: &mut [Option<DTensor<D::Buf>>],
-    ) -> Result<DTensor<D::Buf>> {
+        h: &DTensor,
+        lnf: &LayerNormOut,
+        logits: &DTensor,
+        targets: &DTensor,
+        ce: &bw::CrossEntropy,
+        grads: &mut [Option<DTensor>],
+    ) -> Result<DTensor> {
         let dev = self.dev;
         let one = DTensor::from_slice(dev, &[1.0f32], &[1])?;
         let dlogits = bw::cross_entropy_bwd(dev, logits, targets, ce, &one, None)?;
@@ -474,13 +468,13 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     #[allow(clippy::too_many_arguments)]
     fn backbone_bwd(
         &self,
-        blocks: &[BlockSaved<D::Buf>],
-        mut dh: DTensor<D::Buf>,
+        blocks: &[BlockSaved],
+        mut dh: DTensor,
         (b, t): (usize, usize),
         pos: &[u32],
         ap: &AttnParams,
-        grads: &mut [Option<DTensor<D::Buf>>],
-    ) -> Result<DTensor<D::Buf>> {
+        grads: &mut [Option<DTensor>],
+    ) -> Result<DTensor> {
         let dev = self.dev;
         let c = &self.cfg;
         let (d, nh, hd) = (c.d_model, c.n_heads, c.head_dim());
@@ -579,7 +573,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         Ok(dh)
     }
 
-    fn collect(&self, grads: Vec<Option<DTensor<D::Buf>>>) -> Result<Vec<DTensor<D::Buf>>> {
+    fn collect(&self, grads: Vec<Option<DTensor>>) -> Result<Vec<DTensor>> {
         grads
             .into_iter()
             .zip(&self.names)
@@ -590,7 +584,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     /// The teacher's forward on one batch (the CPU's `forward_train` + mean cross-entropy),
     /// shared by [`Self::loss_and_grads`] (`save`: the blocks' activations for the backward)
     /// and [`Self::eval_loss`] (forward only).
-    fn teacher_fwd(&mut self, batch: &Batch, save: bool) -> Result<TeacherFwd<D::Buf>> {
+    fn teacher_fwd(&mut self, batch: &Batch, save: bool) -> Result<TeacherFwd> {
         let (b, t) = (batch.b, batch.t);
         let c = self.cfg.clone();
         ensure!(
@@ -641,11 +635,10 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
 
     /// The teacher's mean next-token cross-entropy of one batch and the gradient of every
     /// parameter (checkpoint order), on the device.
-    pub fn loss_and_grads(&mut self, batch: &Batch) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
+    pub fn loss_and_grads(&mut self, batch: &Batch) -> Result<(f64, Vec<DTensor>)> {
         let (b, t) = (batch.b, batch.t);
         let f = self.teacher_fwd(batch, true)?;
-        let mut grads: Vec<Option<DTensor<D::Buf>>> =
-            (0..self.params.len()).map(|_| None).collect();
+        let mut grads: Vec<Option<DTensor>> = (0..self.params.len()).map(|_| None).collect();
         let dh = self.loss_head_bwd(&f.h, &f.lnf, &f.logits, &f.targets, &f.ce, &mut grads)?;
         let dh0 = self.backbone_bwd(&f.blocks, dh, (b, t), &f.pos, &f.ap, &mut grads)?;
         grads[0] = Some(
@@ -665,7 +658,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     /// the logits of the hint rows and their cross-entropy against the targets), shared by
     /// [`Self::staircase_loss_and_grads`] (`save`: the blocks' activations for the backward)
     /// and [`Self::staircase_eval`] (forward only).
-    fn staircase_fwd(&mut self, sb: &StairBatch, save: bool) -> Result<StairFwd<D::Buf>> {
+    fn staircase_fwd(&mut self, sb: &StairBatch, save: bool) -> Result<StairFwd> {
         ensure!(
             self.noise.is_some(),
             "device trainer: staircase batches train a PFLM student (new_pflm)"
@@ -674,7 +667,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         let (b, n, kk) = (sb.b, sb.n, sb.kk);
         ensure!(
             b >= 1 && n >= 1 && kk >= 1,
-            "staircase batch: B, N and k must be >= 1"
+            "staircase batch: DeviceBuf, N and k must be >= 1"
         );
         let (m, d, v) = (n * kk, c.d_model, c.vocab_size);
         let t = n + m;
@@ -770,10 +763,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     /// A PFLM student's staircase loss (`Pflm::forward_staircase` on `[context | hints]`,
     /// then the mean cross-entropy of the hint rows against the targets) and the gradient of
     /// every parameter (`Pflm::params` order), on the device. Any window `kk >= 1`.
-    pub fn staircase_loss_and_grads(
-        &mut self,
-        sb: &StairBatch,
-    ) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
+    pub fn staircase_loss_and_grads(&mut self, sb: &StairBatch) -> Result<(f64, Vec<DTensor>)> {
         self.staircase_grads(sb, None)
     }
 
@@ -783,7 +773,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         &mut self,
         sb: &StairBatch,
         rows: Option<&mut Vec<TargetRows>>,
-    ) -> Result<(f64, Vec<DTensor<D::Buf>>)> {
+    ) -> Result<(f64, Vec<DTensor>)> {
         let mut f = self.staircase_fwd(sb, true)?;
         if let Some(out) = rows {
             out.push(self.target_rows(&mut f)?);
@@ -794,8 +784,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         let t = n + m;
         let nb = self.params.len() - NOISE_PARAMS;
         let np = |i: usize| &self.params[nb + i];
-        let mut grads: Vec<Option<DTensor<D::Buf>>> =
-            (0..self.params.len()).map(|_| None).collect();
+        let mut grads: Vec<Option<DTensor>> = (0..self.params.len()).map(|_| None).collect();
         let dhh = self.loss_head_bwd(&f.hh, &f.lnf, &f.logits, &f.targets, &f.ce, &mut grads)?;
         // the head read only the hint rows: the context rows' gradient is zero
         let dh = DTensor::zeros(dev, &[b * t, d], DType::F32)?;
@@ -855,7 +844,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
     }
 
     /// The per-target losses and argmax predictions of a staircase forward.
-    fn target_rows(&self, f: &mut StairFwd<D::Buf>) -> Result<TargetRows> {
+    fn target_rows(&self, f: &mut StairFwd) -> Result<TargetRows> {
         let dev = self.dev;
         let (b, n, kk) = f.shape;
         let v = self.cfg.vocab_size;
@@ -899,7 +888,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
 
     fn update<F>(&mut self, count: usize, mut loss_fn: F) -> Result<DevStepStats>
     where
-        F: FnMut(&mut Self, usize) -> Result<(f64, Vec<DTensor<D::Buf>>)>,
+        F: FnMut(&mut Self, usize) -> Result<(f64, Vec<DTensor>)>,
     {
         let accum = self.opt.grad_accum;
         ensure!(
@@ -909,7 +898,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         let dev = self.dev;
         let i = self.step;
         let step1 = i + 1;
-        let mut acc: Option<Vec<DTensor<D::Buf>>> = None;
+        let mut acc: Option<Vec<DTensor>> = None;
         let mut loss_sum = 0.0;
         for j in 0..count {
             let (loss, grads) =
@@ -935,7 +924,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
         }
         let acc = acc.context("no micro-batches")?;
         let inv = 1.0 / accum as f64;
-        let refs: Vec<&DTensor<D::Buf>> = acc.iter().collect();
+        let refs: Vec<&DTensor> = acc.iter().collect();
         let sq = bw::sumsq(dev, &refs)?.to_vec::<D, f32>(dev)?[0] as f64;
         let grad_norm = (sq * inv * inv).sqrt();
         if !grad_norm.is_finite() {

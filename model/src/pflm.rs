@@ -132,7 +132,8 @@ impl NoiseEncoder {
                 Init::Ones => Tensor::ones(&spec.shape, DType::F32, Device::Cpu)?,
                 Init::Zeros => Tensor::zeros(&spec.shape, DType::F32, Device::Cpu)?,
                 Init::Normal(_)
-                    if how == NoiseInit::ZeroProj && spec.name.ends_with("combined_proj.weight") =>
+                    if how == NoiseInit::ZeroProj
+                        && spec.name.ends_with("combined_proj.weight") =>
                 {
                     Tensor::zeros(&spec.shape, DType::F32, Device::Cpu)?
                 }

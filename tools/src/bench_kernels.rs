@@ -153,7 +153,7 @@ pub fn bench<D: KernelDevice>(dev: &D, sz: Size, runs: usize) -> Result<Report> 
     );
     let hd = d / h;
     let r = sz.rows();
-    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor<D::Buf>> {
+    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
         DTensor::from_slice(dev, &values(n, salt), shape)
     };
 

@@ -40,14 +40,14 @@ pub trait DevModel {
     ) -> Result<Generated>;
 }
 
-enum DevWeights<B> {
-    Ar(DevDdit<B>),
-    Pflm(DevPflm<B>),
+enum DevWeights {
+    Ar(DevDdit),
+    Pflm(DevPflm),
 }
 
 struct OnDevice<D: KernelDevice> {
     dev: D,
-    weights: DevWeights<D::Buf>,
+    weights: DevWeights,
 }
 
 impl<D: KernelDevice> DevModel for OnDevice<D> {
@@ -140,8 +140,8 @@ pub fn probes<D: KernelDevice>(dev: &D, bytes: usize, gemm: usize) -> Result<(f6
 /// Teacher and student on a kernel device for `kfrun eval`.
 struct EvalOnDevice<D: KernelDevice> {
     dev: D,
-    teacher: DevDdit<D::Buf>,
-    student: DevPflm<D::Buf>,
+    teacher: DevDdit,
+    student: DevPflm,
 }
 
 impl<D: KernelDevice> EvalBackend for EvalOnDevice<D> {

@@ -1,11 +1,11 @@
-//! The emulator as a `kf_ops::kdev::KernelDevice`: buffers are `DeviceBuffer`s, launches go
+//! The emulator as a `KernelDevice`: buffers are `DeviceBuffer`s (behind `DeviceBuf`), launches go
 //! through `launch`, and the GEMM — cuBLAS's job on a GPU — is the CPU GEMM of kf-ops
 //! (`kf_ops::gemm::gemm`, f32) run directly on the emulator's host memory, with alpha and beta
 //! applied as cuBLAS does (beta = 0: C is not read).
 
 use crate::{launch, Arg, DeviceBuffer, LaunchConfig};
 use anyhow::{ensure, Context, Result};
-use kf_ops::kdev::{GemmSpec, KArg, KernelDevice};
+use kf_ops::kdev::{DeviceBuf, DeviceMemory, GemmSpec, KArg, KernelDevice};
 
 /// The CPU emulator of kernels/*.cu as a kernel device.
 #[derive(Clone, Copy, Debug, Default)]
@@ -20,35 +20,40 @@ fn range_in(what: &str, off: usize, bytes: usize, b: &DeviceBuffer) -> Result<()
     Ok(())
 }
 
-impl KernelDevice for Emu {
-    type Buf = DeviceBuffer;
+impl DeviceMemory for DeviceBuffer {
+    fn bytes(&self) -> usize {
+        self.len_bytes()
+    }
+    fn backend(&self) -> &'static str {
+        "emu"
+    }
+}
 
+impl KernelDevice for Emu {
     fn name(&self) -> String {
         "emu".into()
     }
-    fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuffer> {
-        Ok(DeviceBuffer::zeros::<u8>(bytes))
+    fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuf> {
+        Ok(DeviceBuf::new(DeviceBuffer::zeros::<u8>(bytes)))
     }
-    fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
-        Ok(DeviceBuffer::uninit(bytes))
+    fn alloc(&self, bytes: usize) -> Result<DeviceBuf> {
+        Ok(DeviceBuf::new(DeviceBuffer::uninit(bytes)))
     }
-    fn upload(&self, data: &[u8]) -> Result<DeviceBuffer> {
-        Ok(DeviceBuffer::from_slice(data))
+    fn upload(&self, data: &[u8]) -> Result<DeviceBuf> {
+        Ok(DeviceBuf::new(DeviceBuffer::from_slice(data)))
     }
-    fn download(&self, buf: &DeviceBuffer) -> Result<Vec<u8>> {
-        Ok(buf.to_vec::<u8>())
-    }
-    fn buf_bytes(&self, buf: &DeviceBuffer) -> usize {
-        buf.len_bytes()
+    fn download(&self, buf: &DeviceBuf) -> Result<Vec<u8>> {
+        Ok(buf.get::<DeviceBuffer>()?.to_vec::<u8>())
     }
     fn copy(
         &self,
-        src: &DeviceBuffer,
+        src: &DeviceBuf,
         src_off: usize,
-        dst: &DeviceBuffer,
+        dst: &DeviceBuf,
         dst_off: usize,
         bytes: usize,
     ) -> Result<()> {
+        let (src, dst) = (src.get::<DeviceBuffer>()?, dst.get::<DeviceBuffer>()?);
         range_in("source", src_off, bytes, src)?;
         range_in("destination", dst_off, bytes, dst)?;
         if std::ptr::eq(src, dst) {
@@ -62,33 +67,30 @@ impl KernelDevice for Emu {
         unsafe { std::ptr::copy(src.ptr.add(src_off), dst.ptr.add(dst_off), bytes) };
         Ok(())
     }
-    fn launch(
-        &self,
-        entry: &str,
-        cfg: LaunchConfig,
-        args: &[KArg<'_, DeviceBuffer>],
-    ) -> Result<()> {
-        let args: Vec<Arg<'_>> = args
+    fn launch(&self, entry: &str, cfg: LaunchConfig, args: &[KArg<'_>]) -> Result<()> {
+        let args = args
             .iter()
-            .map(|a| match *a {
-                KArg::Buf(b) => Arg::Buf(b),
-                KArg::Null => Arg::Null,
-                KArg::I32(v) => Arg::I32(v),
-                KArg::U32(v) => Arg::U32(v),
-                KArg::U64(v) => Arg::U64(v),
-                KArg::F32(v) => Arg::F32(v),
-                KArg::F64(v) => Arg::F64(v),
+            .map(|a| {
+                Ok(match *a {
+                    KArg::Buf(b) => Arg::Buf(b.get::<DeviceBuffer>()?),
+                    KArg::Null => Arg::Null,
+                    KArg::I32(v) => Arg::I32(v),
+                    KArg::U32(v) => Arg::U32(v),
+                    KArg::U64(v) => Arg::U64(v),
+                    KArg::F32(v) => Arg::F32(v),
+                    KArg::F64(v) => Arg::F64(v),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<Arg<'_>>>>()
+            .with_context(|| format!("arguments of {entry}"))?;
         launch(entry, cfg, &args).with_context(|| format!("emulated launch of {entry}"))
     }
-    fn gemm(
-        &self,
-        s: &GemmSpec,
-        a: &DeviceBuffer,
-        b: &DeviceBuffer,
-        c: &DeviceBuffer,
-    ) -> Result<()> {
+    fn gemm(&self, s: &GemmSpec, a: &DeviceBuf, b: &DeviceBuf, c: &DeviceBuf) -> Result<()> {
+        let (a, b, c) = (
+            a.get::<DeviceBuffer>()?,
+            b.get::<DeviceBuffer>()?,
+            c.get::<DeviceBuffer>()?,
+        );
         let len = |x: &DeviceBuffer| x.len_bytes() / 4;
         s.check(len(a), len(b), len(c))?;
         ensure!(

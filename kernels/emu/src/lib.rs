@@ -118,6 +118,10 @@ pub struct DeviceBuffer {
 }
 // SAFETY: a plain heap allocation; kernels touch it only during launch(), which borrows it.
 unsafe impl Send for DeviceBuffer {}
+// SAFETY: shared references only read the pointer and length; the memory behind it is written
+// by launches and copies, which (like CUDA work on one stream) the caller orders: the emulator
+// runs them synchronously on the calling thread.
+unsafe impl Sync for DeviceBuffer {}
 
 impl DeviceBuffer {
     /// `bytes` of uninitialised (0xFF-filled) device memory.

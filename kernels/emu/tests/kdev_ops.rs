@@ -22,10 +22,10 @@ fn f32v(seed: u64, n: usize, lo: f64, hi: f64) -> Vec<f32> {
         .map(|&x| x as f32)
         .collect()
 }
-fn up<D: KernelDevice>(dev: &D, v: &[f32], shape: &[usize]) -> DTensor<D::Buf> {
+fn up<D: KernelDevice>(dev: &D, v: &[f32], shape: &[usize]) -> DTensor {
     DTensor::from_slice(dev, v, shape).unwrap()
 }
-fn got<D: KernelDevice>(dev: &D, d: &DTensor<D::Buf>) -> Vec<f64> {
+fn got<D: KernelDevice>(dev: &D, d: &DTensor) -> Vec<f64> {
     d.to_vec::<D, f32>(dev)
         .unwrap()
         .iter()
@@ -65,7 +65,7 @@ fn elementwise_and_gelu_match_the_cpu_ops_on<D: KernelDevice>(dev: &D) {
     );
     let (ta, tb) = (t(&a, &[r, c]), t(&b, &[r, c]));
     use kf_ops::elementwise as ew;
-    let cases: Vec<(&str, DTensor<D::Buf>, Tensor)> = vec![
+    let cases: Vec<(&str, DTensor, Tensor)> = vec![
         (
             "add",
             kl::add(dev, &da, &db).unwrap(),

@@ -29,12 +29,7 @@ fn vals(seed: u64, n: usize, lo: f64, hi: f64) -> Vec<f32> {
 }
 
 /// Weights in `dt` (f16 or bf16) on the device, and their exact f32 values.
-fn weights<D: KernelDevice>(
-    dev: &D,
-    dt: DType,
-    v: &[f32],
-    shape: &[usize],
-) -> (DTensor<D::Buf>, Vec<f32>) {
+fn weights<D: KernelDevice>(dev: &D, dt: DType, v: &[f32], shape: &[usize]) -> (DTensor, Vec<f32>) {
     match dt {
         DType::F16 => {
             let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
@@ -225,8 +220,8 @@ fn on<D: KernelDevice>(dev: &D) {
     }
     // refused before any launch: a transposed A, a batch, alpha != 1, half activations, a
     // weight buffer too small for the spec
-    let err = |spec: GemmSpec, a: &DTensor<D::Buf>, w: &DTensor<D::Buf>| -> String {
-        let c = DTensor::<D::Buf>::zeros(dev, &[spec.m * spec.n.max(1) + 64], DType::F32).unwrap();
+    let err = |spec: GemmSpec, a: &DTensor, w: &DTensor| -> String {
+        let c = DTensor::zeros(dev, &[spec.m * spec.n.max(1) + 64], DType::F32).unwrap();
         match kl::matmul_into(dev, &spec, a, w, &c) {
             Ok(()) => panic!("{spec:?} ran"),
             Err(e) => format!("{e:#}"),

@@ -198,10 +198,10 @@ impl<D: KernelDevice> Session for DevTeacherSession<'_, D> {
 }
 
 /// A distillation stage's teacher on the device (the student is the trainer's).
-enum StageTeacher<B> {
-    Ar(DevDdit<B>),
-    Pflm(Box<DevPflm<B>>),
-    Inversion(DevDdit<B>),
+enum StageTeacher {
+    Ar(DevDdit),
+    Pflm(Box<DevPflm>),
+    Inversion(DevDdit),
 }
 
 /// A distillation stage on a kernel device: the teacher's targets (stage 1: the AR
@@ -211,7 +211,7 @@ enum StageTeacher<B> {
 struct DevStageSession<'d, D: KernelDevice> {
     dev: &'d D,
     trainer: DevTrainer<'d, D>,
-    teacher: StageTeacher<D::Buf>,
+    teacher: StageTeacher,
     task: DistillTask,
     total: u64,
     accum: usize,
@@ -221,7 +221,7 @@ struct DevStageSession<'d, D: KernelDevice> {
 /// targets (as `DistillTeacher::batch` on the CPU).
 fn stair_batch<D: KernelDevice>(
     dev: &D,
-    teacher: &StageTeacher<D::Buf>,
+    teacher: &StageTeacher,
     n: usize,
     k: usize,
     mi: &MicroInputs,

@@ -20,14 +20,14 @@ use kf_kernels::{
     layernorm_bwd, reduce, rope, softmax,
 };
 
-type Out<D> = Result<DTensor<<D as KernelDevice>::Buf>>;
+type Out = Result<DTensor>;
 
-fn f32_in<B>(op: &str, what: &str, t: &DTensor<B>) -> Result<()> {
+fn f32_in(op: &str, what: &str, t: &DTensor) -> Result<()> {
     t.expect_dtype(op, what, DType::F32)
 }
 
 /// (rows, last dim) of a tensor of rank >= 1.
-fn rows_cols<B>(op: &str, t: &DTensor<B>) -> Result<(usize, usize)> {
+fn rows_cols(op: &str, t: &DTensor) -> Result<(usize, usize)> {
     ensure!(
         t.rank() >= 1,
         "{op}: input must have at least one dimension"
@@ -36,7 +36,7 @@ fn rows_cols<B>(op: &str, t: &DTensor<B>) -> Result<(usize, usize)> {
     Ok((t.numel() / c.max(1), c))
 }
 
-fn same_shape<B>(op: &str, a: &DTensor<B>, b: &DTensor<B>) -> Result<()> {
+fn same_shape(op: &str, a: &DTensor, b: &DTensor) -> Result<()> {
     ensure!(
         a.shape() == b.shape(),
         "{op}: shapes {:?} and {:?} differ",
@@ -57,7 +57,7 @@ fn u32_fits(op: &str, vals: &[usize]) -> Result<()> {
 // ------------------------------------------------------------------ reduce
 
 /// Column sums of `x [.., C]` over all rows: `[C]` (f32 accumulation, fixed order).
-pub fn colsum<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>) -> Out<D> {
+pub fn colsum<D: KernelDevice>(dev: &D, x: &DTensor) -> Out {
     let op = "colsum";
     f32_in(op, "x", x)?;
     let (rows, cols) = rows_cols(op, x)?;
@@ -110,7 +110,7 @@ pub fn colsum<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>) -> Out<D> {
 }
 
 /// The sum of squares of every element of `xs` (f32 tensors): `[1]` on the device.
-pub fn sumsq<D: KernelDevice>(dev: &D, xs: &[&DTensor<D::Buf>]) -> Out<D> {
+pub fn sumsq<D: KernelDevice>(dev: &D, xs: &[&DTensor]) -> Out {
     let op = "sumsq";
     for (i, x) in xs.iter().enumerate() {
         f32_in(op, &format!("buffer {i}"), x)?;
@@ -144,7 +144,7 @@ pub fn sumsq<D: KernelDevice>(dev: &D, xs: &[&DTensor<D::Buf>]) -> Out<D> {
 // ------------------------------------------------------------------ elementwise helpers
 
 /// `s * x` into a new tensor (the elementwise `scale` kernel).
-pub fn scale<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, s: f32) -> Out<D> {
+pub fn scale<D: KernelDevice>(dev: &D, x: &DTensor, s: f32) -> Out {
     f32_in("scale", "x", x)?;
     let n = x.numel();
     let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
@@ -166,19 +166,19 @@ pub fn scale<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, s: f32) -> Out<D> {
 
 /// Gradients of `y = x wᵀ (+ b)` with `x [R, in]` (any shape of R * in elements), `w [out, in]`, from `g [.., out]`:
 /// `dx = g w` (shape of x), `dw = gᵀ x` ([out, in]), `db = colsum(g)` (when `bias`).
-pub struct LinearGrads<B> {
-    pub dx: DTensor<B>,
-    pub dw: DTensor<B>,
-    pub db: Option<DTensor<B>>,
+pub struct LinearGrads {
+    pub dx: DTensor,
+    pub dw: DTensor,
+    pub db: Option<DTensor>,
 }
 
 pub fn linear_bwd<D: KernelDevice>(
     dev: &D,
-    x: &DTensor<D::Buf>,
-    w: &DTensor<D::Buf>,
-    g: &DTensor<D::Buf>,
+    x: &DTensor,
+    w: &DTensor,
+    g: &DTensor,
     bias: bool,
-) -> Result<LinearGrads<D::Buf>> {
+) -> Result<LinearGrads> {
     let op = "linear_bwd";
     f32_in(op, "x", x)?;
     f32_in(op, "weight", w)?;
@@ -218,9 +218,9 @@ pub fn linear_bwd<D: KernelDevice>(
 pub fn gemm<D: KernelDevice>(
     dev: &D,
     spec: &GemmSpec,
-    a: &DTensor<D::Buf>,
-    b: &DTensor<D::Buf>,
-    c: &DTensor<D::Buf>,
+    a: &DTensor,
+    b: &DTensor,
+    c: &DTensor,
 ) -> Result<()> {
     super::launch::matmul_into(dev, spec, a, b, c)
 }
@@ -229,21 +229,21 @@ pub fn gemm<D: KernelDevice>(
 
 /// Gradients of LayerNorm over the last dimension: `dx` (shape of x), `dw [D]`, `db [D]`
 /// (when `bias`), from the forward's saved per-row `mean` and `rstd`.
-pub struct LayerNormGrads<B> {
-    pub dx: DTensor<B>,
-    pub dw: DTensor<B>,
-    pub db: Option<DTensor<B>>,
+pub struct LayerNormGrads {
+    pub dx: DTensor,
+    pub dw: DTensor,
+    pub db: Option<DTensor>,
 }
 
 pub fn layer_norm_bwd<D: KernelDevice>(
     dev: &D,
-    x: &DTensor<D::Buf>,
-    w: &DTensor<D::Buf>,
-    g: &DTensor<D::Buf>,
-    mean: &DTensor<D::Buf>,
-    rstd: &DTensor<D::Buf>,
+    x: &DTensor,
+    w: &DTensor,
+    g: &DTensor,
+    mean: &DTensor,
+    rstd: &DTensor,
     bias: bool,
-) -> Result<LayerNormGrads<D::Buf>> {
+) -> Result<LayerNormGrads> {
     let op = "layer_norm_bwd";
     for (what, t) in [
         ("x", x),
@@ -359,12 +359,7 @@ pub fn layer_norm_bwd<D: KernelDevice>(
 /// Gradient of the table `[V, D]` of an embedding gather at u32 `ids [..]` from
 /// `g [.., D]`: rows summed in position order (deterministic, no atomics). Ids >= V are an
 /// error (checked on the host, as the CPU op does).
-pub fn embedding_bwd<D: KernelDevice>(
-    dev: &D,
-    ids: &DTensor<D::Buf>,
-    g: &DTensor<D::Buf>,
-    v: usize,
-) -> Out<D> {
+pub fn embedding_bwd<D: KernelDevice>(dev: &D, ids: &DTensor, g: &DTensor, v: usize) -> Out {
     let op = "embedding_bwd";
     ids.expect_dtype(op, "ids", DType::U32)?;
     f32_in(op, "grad", g)?;
@@ -407,12 +402,7 @@ pub fn embedding_bwd<D: KernelDevice>(
 
 /// Gradient of RoPE: `g [B, T, H, Dh]` contiguous through the inverse rotation with the
 /// forward's tables `cos`, `sin` (`[T, Dh/2]` or `[B*T, Dh/2]`); contiguous output.
-pub fn rope_bwd<D: KernelDevice>(
-    dev: &D,
-    g: &DTensor<D::Buf>,
-    cos: &DTensor<D::Buf>,
-    sin: &DTensor<D::Buf>,
-) -> Out<D> {
+pub fn rope_bwd<D: KernelDevice>(dev: &D, g: &DTensor, cos: &DTensor, sin: &DTensor) -> Out {
     let op = "rope_bwd";
     f32_in(op, "grad", g)?;
     f32_in(op, "cos", cos)?;
@@ -464,32 +454,22 @@ pub fn rope_bwd<D: KernelDevice>(
 }
 
 /// `entry(x, g, out, n)`: a GELU backward at the forward's input `x`.
-fn gelu_bwd<D: KernelDevice>(
-    dev: &D,
-    entry: &str,
-    x: &DTensor<D::Buf>,
-    g: &DTensor<D::Buf>,
-) -> Out<D> {
+fn gelu_bwd<D: KernelDevice>(dev: &D, entry: &str, x: &DTensor, g: &DTensor) -> Out {
     same_shape_binary(dev, entry, entry, gelu::config(x.numel()), x, g)
 }
 
 /// Gradient of GELU (tanh approximation) at the forward's input `x`.
-pub fn gelu_tanh_bwd<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, g: &DTensor<D::Buf>) -> Out<D> {
+pub fn gelu_tanh_bwd<D: KernelDevice>(dev: &D, x: &DTensor, g: &DTensor) -> Out {
     gelu_bwd(dev, "gelu_tanh_bwd_f32", x, g)
 }
 
 /// Gradient of GELU (erf) at the forward's input `x`.
-pub fn gelu_erf_bwd<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, g: &DTensor<D::Buf>) -> Out<D> {
+pub fn gelu_erf_bwd<D: KernelDevice>(dev: &D, x: &DTensor, g: &DTensor) -> Out {
     gelu_bwd(dev, "gelu_erf_bwd_f32", x, g)
 }
 
 /// Gradient of softmax (or log-softmax) over the last dimension from its output `y`.
-pub fn softmax_bwd<D: KernelDevice>(
-    dev: &D,
-    y: &DTensor<D::Buf>,
-    g: &DTensor<D::Buf>,
-    log: bool,
-) -> Out<D> {
+pub fn softmax_bwd<D: KernelDevice>(dev: &D, y: &DTensor, g: &DTensor, log: bool) -> Out {
     let op = "softmax_bwd";
     f32_in(op, "y", y)?;
     f32_in(op, "grad", g)?;
@@ -520,18 +500,18 @@ pub fn softmax_bwd<D: KernelDevice>(
 
 /// Cross-entropy of `logits [N, V]` against u32 `targets [N]`: per-row loss and
 /// log-sum-exp (`[N]`), the mean over rows not ignored (`[1]` f32) and their count (`[1]` u32).
-pub struct CrossEntropy<B> {
-    pub loss: DTensor<B>,
-    pub lse: DTensor<B>,
-    pub mean: DTensor<B>,
-    pub count: DTensor<B>,
+pub struct CrossEntropy {
+    pub loss: DTensor,
+    pub lse: DTensor,
+    pub mean: DTensor,
+    pub count: DTensor,
 }
 
 fn ce_checks<D: KernelDevice>(
     dev: &D,
     op: &str,
-    logits: &DTensor<D::Buf>,
-    targets: &DTensor<D::Buf>,
+    logits: &DTensor,
+    targets: &DTensor,
     ignore: Option<u32>,
 ) -> Result<(usize, usize)> {
     f32_in(op, "logits", logits)?;
@@ -561,10 +541,10 @@ fn ce_checks<D: KernelDevice>(
 
 pub fn cross_entropy<D: KernelDevice>(
     dev: &D,
-    logits: &DTensor<D::Buf>,
-    targets: &DTensor<D::Buf>,
+    logits: &DTensor,
+    targets: &DTensor,
     ignore: Option<u32>,
-) -> Result<CrossEntropy<D::Buf>> {
+) -> Result<CrossEntropy> {
     let op = "cross_entropy";
     let (n, v) = ce_checks(dev, op, logits, targets, ignore)?;
     let loss = DTensor::uninit(dev, &[n], DType::F32)?;
@@ -615,12 +595,12 @@ pub fn cross_entropy<D: KernelDevice>(
 /// (`[1]` f32, the gradient of the mean loss; 1 for a loss that is the mean itself).
 pub fn cross_entropy_bwd<D: KernelDevice>(
     dev: &D,
-    logits: &DTensor<D::Buf>,
-    targets: &DTensor<D::Buf>,
-    fwd: &CrossEntropy<D::Buf>,
-    g: &DTensor<D::Buf>,
+    logits: &DTensor,
+    targets: &DTensor,
+    fwd: &CrossEntropy,
+    g: &DTensor,
     ignore: Option<u32>,
-) -> Out<D> {
+) -> Out {
     let op = "cross_entropy_bwd";
     f32_in(op, "logits", logits)?;
     targets.expect_dtype(op, "targets", DType::U32)?;
@@ -668,24 +648,24 @@ pub fn cross_entropy_bwd<D: KernelDevice>(
 /// Gradients of attention `o = Attn(q, k, v)` from `go [B, Tq, H, Dh]` (contiguous), the
 /// forward's output `o` (contiguous) and `lse [B, H, Tq]`: `dq [B, Tq, H, Dh]`,
 /// `dk`, `dv [B, Tk, H, Dh]`, all contiguous. q, k, v are the forward's (strided) views.
-pub struct AttnGrads<B> {
-    pub dq: DTensor<B>,
-    pub dk: DTensor<B>,
-    pub dv: DTensor<B>,
+pub struct AttnGrads {
+    pub dq: DTensor,
+    pub dk: DTensor,
+    pub dv: DTensor,
 }
 
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<D: KernelDevice>(
     dev: &D,
-    q: AttnView<'_, D::Buf>,
-    k: AttnView<'_, D::Buf>,
-    v: AttnView<'_, D::Buf>,
-    o: &DTensor<D::Buf>,
-    lse: &DTensor<D::Buf>,
-    go: &DTensor<D::Buf>,
+    q: AttnView<'_>,
+    k: AttnView<'_>,
+    v: AttnView<'_>,
+    o: &DTensor,
+    lse: &DTensor,
+    go: &DTensor,
     dims: AttnDims,
     p: &AttnParams,
-) -> Result<AttnGrads<D::Buf>> {
+) -> Result<AttnGrads> {
     let op = "attention_bwd";
     let AttnDims { b, h, d, tq, tk } = dims;
     f32_in(op, "o", o)?;
@@ -787,10 +767,10 @@ pub fn attention_bwd<D: KernelDevice>(
 /// (`kf_kernels::adamw::Scalars`, PyTorch's order), so the result has the CPU op's bits.
 pub fn adamw_step<D: KernelDevice>(
     dev: &D,
-    p: &DTensor<D::Buf>,
-    g: &DTensor<D::Buf>,
-    m: &DTensor<D::Buf>,
-    v: &DTensor<D::Buf>,
+    p: &DTensor,
+    g: &DTensor,
+    m: &DTensor,
+    v: &DTensor,
     step: u64,
     cfg: &crate::adamw::AdamWConfig,
 ) -> Result<()> {

@@ -5,7 +5,7 @@
 //! whole 32-bit words (the allocator's element type), with their byte length kept apart.
 //! Without a driver or GPU, [`Cuda::new`] fails with the engine's one-sentence reason.
 
-use super::{GemmSpec, KArg, KernelDevice, LaunchConfig};
+use super::{DeviceBuf, DeviceMemory, GemmSpec, KArg, KernelDevice, LaunchConfig};
 use anyhow::{anyhow, ensure, Context, Result};
 use kf_engine::cuda::{CudaBuffer, CudaDevice, KernelArg, RawGemm};
 use std::sync::Arc;
@@ -66,14 +66,16 @@ impl Cuda {
         &self.dev
     }
 
-    fn own(&self, b: &CudaBuf) -> Result<()> {
+    /// The CUDA buffer behind `b`, checked to belong to this GPU.
+    fn own<'a>(&self, b: &'a DeviceBuf) -> Result<&'a CudaBuf> {
+        let b = b.get::<CudaBuf>()?;
         ensure!(
             Arc::ptr_eq(b.words.device(), &self.dev),
             "a buffer of cuda:{} used on cuda:{}",
             b.words.device().ordinal(),
             self.dev.ordinal()
         );
-        Ok(())
+        Ok(b)
     }
 }
 
@@ -86,58 +88,60 @@ fn family_of(entry: &str) -> Result<&'static str> {
         .ok_or_else(|| anyhow!("no kernel family has an entry point named {entry}"))
 }
 
-impl KernelDevice for Cuda {
-    type Buf = CudaBuf;
+impl DeviceMemory for CudaBuf {
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+    fn backend(&self) -> &'static str {
+        "cuda"
+    }
+}
 
+impl KernelDevice for Cuda {
     fn name(&self) -> String {
         format!("cuda:{}", self.dev.ordinal())
     }
 
-    fn alloc_zeroed(&self, bytes: usize) -> Result<CudaBuf> {
-        Ok(CudaBuf {
+    fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuf> {
+        Ok(DeviceBuf::new(CudaBuf {
             words: self.dev.zeros::<u32>(words(bytes))?,
             bytes,
-        })
+        }))
     }
 
-    fn alloc(&self, bytes: usize) -> Result<CudaBuf> {
-        Ok(CudaBuf {
+    fn alloc(&self, bytes: usize) -> Result<DeviceBuf> {
+        Ok(DeviceBuf::new(CudaBuf {
             words: self.dev.alloc::<u32>(words(bytes))?,
             bytes,
-        })
+        }))
     }
 
-    fn upload(&self, data: &[u8]) -> Result<CudaBuf> {
+    fn upload(&self, data: &[u8]) -> Result<DeviceBuf> {
         let mut w = vec![0u32; words(data.len())];
         bytemuck::cast_slice_mut::<u32, u8>(&mut w)[..data.len()].copy_from_slice(data);
-        Ok(CudaBuf {
+        Ok(DeviceBuf::new(CudaBuf {
             words: self.dev.htod(&w)?,
             bytes: data.len(),
-        })
+        }))
     }
 
-    fn download(&self, buf: &CudaBuf) -> Result<Vec<u8>> {
-        self.own(buf)?;
+    fn download(&self, buf: &DeviceBuf) -> Result<Vec<u8>> {
+        let buf = self.own(buf)?;
         let w = self.dev.dtoh(&buf.words)?;
         let mut out: Vec<u8> = bytemuck::cast_slice(&w).to_vec();
         out.truncate(buf.bytes);
         Ok(out)
     }
 
-    fn buf_bytes(&self, buf: &CudaBuf) -> usize {
-        buf.bytes
-    }
-
     fn copy(
         &self,
-        src: &CudaBuf,
+        src: &DeviceBuf,
         src_off: usize,
-        dst: &CudaBuf,
+        dst: &DeviceBuf,
         dst_off: usize,
         bytes: usize,
     ) -> Result<()> {
-        self.own(src)?;
-        self.own(dst)?;
+        let (src, dst) = (self.own(src)?, self.own(dst)?);
         let fits = |off: usize, b: &CudaBuf| off.checked_add(bytes).is_some_and(|e| e <= b.bytes);
         ensure!(
             fits(src_off, src) && fits(dst_off, dst),
@@ -156,15 +160,12 @@ impl KernelDevice for Cuda {
         unsafe { self.dev.copy_raw(d, s, bytes) }
     }
 
-    fn launch(&self, entry: &str, cfg: LaunchConfig, args: &[KArg<'_, CudaBuf>]) -> Result<()> {
+    fn launch(&self, entry: &str, cfg: LaunchConfig, args: &[KArg<'_>]) -> Result<()> {
         let family = family_of(entry)?;
         let mut kargs = Vec::with_capacity(args.len());
         for a in args {
             kargs.push(match *a {
-                KArg::Buf(b) => {
-                    self.own(b)?;
-                    KernelArg::Ptr(b.ptr())
-                }
+                KArg::Buf(b) => KernelArg::Ptr(self.own(b)?.ptr()),
                 KArg::Null => KernelArg::Ptr(0),
                 KArg::I32(v) => KernelArg::I32(v),
                 KArg::U32(v) => KernelArg::U32(v),
@@ -180,10 +181,9 @@ impl KernelDevice for Cuda {
             .with_context(|| format!("{entry} on {}", self.name()))
     }
 
-    fn gemm(&self, s: &GemmSpec, a: &CudaBuf, b: &CudaBuf, c: &CudaBuf) -> Result<()> {
-        for x in [a, b, c] {
-            self.own(x)?;
-        }
+    fn gemm(&self, s: &GemmSpec, a: &DeviceBuf, b: &DeviceBuf, c: &DeviceBuf) -> Result<()> {
+        let c_buf = c;
+        let (a, b, c) = (self.own(a)?, self.own(b)?, self.own(c)?);
         s.check(a.bytes / 4, b.bytes / 4, c.bytes / 4)?;
         ensure!(
             c.ptr() != a.ptr() && c.ptr() != b.ptr(),
@@ -218,7 +218,7 @@ impl KernelDevice for Cuda {
             for i in 0..s.batch {
                 for r in 0..s.m {
                     let off = 4 * (s.c_off + i * s.stride_c + r * s.ldc);
-                    self.copy(&zeros, 0, c, off, 4 * s.n)?;
+                    self.copy(&zeros, 0, c_buf, off, 4 * s.n)?;
                 }
             }
             return Ok(());

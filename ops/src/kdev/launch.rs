@@ -7,7 +7,7 @@
 //! token sentinels turned into errors by [`tokens_to_host`].
 //! Letters: n elements, R rows, D features, V vocabulary, B batch, T rows of a sequence, H heads.
 
-use super::{DTensor, GemmSpec, KArg, KernelDevice};
+use super::{DTensor, DeviceBuf, GemmSpec, KArg, KernelDevice};
 use crate::attention::{AttnParams, AttnPattern};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::DType;
@@ -16,25 +16,25 @@ use kf_kernels::{
     rope, sampling, softmax,
 };
 
-type Out<D> = Result<DTensor<<D as KernelDevice>::Buf>>;
+type Out = Result<DTensor>;
 
 /// Launches `entry`, naming it (and the op) in the error.
 pub fn run<D: KernelDevice>(
     dev: &D,
     entry: &str,
     cfg: kf_kernels::LaunchConfig,
-    args: &[KArg<'_, D::Buf>],
+    args: &[KArg<'_>],
 ) -> Result<()> {
     dev.launch(entry, cfg, args)
         .with_context(|| format!("launching {entry} on {} ({cfg:?})", dev.name()))
 }
 
-fn f32_in<B>(op: &str, what: &str, t: &DTensor<B>) -> Result<()> {
+fn f32_in(op: &str, what: &str, t: &DTensor) -> Result<()> {
     t.expect_dtype(op, what, DType::F32)
 }
 
 /// A weight matrix: f32, or f16 / bf16 storage (see [`matmul_into`]).
-fn weight_in<B>(op: &str, w: &DTensor<B>) -> Result<()> {
+fn weight_in(op: &str, w: &DTensor) -> Result<()> {
     ensure!(
         matches!(w.dtype(), DType::F32 | DType::F16 | DType::BF16),
         "{op}: weight is {}, expected f32, f16 or bf16",
@@ -44,7 +44,7 @@ fn weight_in<B>(op: &str, w: &DTensor<B>) -> Result<()> {
 }
 
 /// (rows, last dim) of a tensor of rank >= 1.
-fn rows_cols<B>(op: &str, t: &DTensor<B>) -> Result<(usize, usize)> {
+fn rows_cols(op: &str, t: &DTensor) -> Result<(usize, usize)> {
     ensure!(
         t.rank() >= 1,
         "{op}: input must have at least one dimension"
@@ -56,7 +56,7 @@ fn rows_cols<B>(op: &str, t: &DTensor<B>) -> Result<(usize, usize)> {
 // ------------------------------------------------------------------ elementwise
 
 /// Elementwise binary op (`add`, `sub`, `mul`) of two f32 tensors of the same shape.
-fn binary<D: KernelDevice>(dev: &D, op: &str, a: &DTensor<D::Buf>, b: &DTensor<D::Buf>) -> Out<D> {
+fn binary<D: KernelDevice>(dev: &D, op: &str, a: &DTensor, b: &DTensor) -> Out {
     let entry = format!("{op}_f32");
     same_shape_binary(dev, op, &entry, elementwise::config(a.numel()), a, b)
 }
@@ -68,9 +68,9 @@ pub(crate) fn same_shape_binary<D: KernelDevice>(
     op: &str,
     entry: &str,
     cfg: kf_kernels::LaunchConfig,
-    a: &DTensor<D::Buf>,
-    b: &DTensor<D::Buf>,
-) -> Out<D> {
+    a: &DTensor,
+    b: &DTensor,
+) -> Out {
     f32_in(op, "a", a)?;
     f32_in(op, "b", b)?;
     ensure!(
@@ -96,20 +96,20 @@ pub(crate) fn same_shape_binary<D: KernelDevice>(
 }
 
 /// `a + b` (same shapes).
-pub fn add<D: KernelDevice>(dev: &D, a: &DTensor<D::Buf>, b: &DTensor<D::Buf>) -> Out<D> {
+pub fn add<D: KernelDevice>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
     binary(dev, "add", a, b)
 }
 /// `a - b` (same shapes).
-pub fn sub<D: KernelDevice>(dev: &D, a: &DTensor<D::Buf>, b: &DTensor<D::Buf>) -> Out<D> {
+pub fn sub<D: KernelDevice>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
     binary(dev, "sub", a, b)
 }
 /// `a * b` (same shapes).
-pub fn mul<D: KernelDevice>(dev: &D, a: &DTensor<D::Buf>, b: &DTensor<D::Buf>) -> Out<D> {
+pub fn mul<D: KernelDevice>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
     binary(dev, "mul", a, b)
 }
 
 /// `s * x`.
-pub fn scale<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, s: f32) -> Out<D> {
+pub fn scale<D: KernelDevice>(dev: &D, x: &DTensor, s: f32) -> Out {
     f32_in("scale", "x", x)?;
     let n = x.numel();
     let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
@@ -128,26 +128,17 @@ pub fn scale<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, s: f32) -> Out<D> {
 }
 
 /// `x [..., C] + b [C]` (the bias broadcast over rows).
-pub fn bias_add<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, b: &DTensor<D::Buf>) -> Out<D> {
+pub fn bias_add<D: KernelDevice>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
     row_bias(dev, "bias_add", x, b)
 }
 
 /// `gelu_tanh(x [..., C] + b [C])` in one pass (the MLP's bias fused into its activation).
-pub fn bias_gelu_tanh<D: KernelDevice>(
-    dev: &D,
-    x: &DTensor<D::Buf>,
-    b: &DTensor<D::Buf>,
-) -> Out<D> {
+pub fn bias_gelu_tanh<D: KernelDevice>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
     row_bias(dev, "bias_gelu_tanh", x, b)
 }
 
 /// An elementwise kernel of `x [..., C]` and a row bias `b [C]`: `<op>_f32(x, b, out, n, C)`.
-fn row_bias<D: KernelDevice>(
-    dev: &D,
-    op: &str,
-    x: &DTensor<D::Buf>,
-    b: &DTensor<D::Buf>,
-) -> Out<D> {
+fn row_bias<D: KernelDevice>(dev: &D, op: &str, x: &DTensor, b: &DTensor) -> Out {
     f32_in(op, "x", x)?;
     f32_in(op, "bias", b)?;
     let (_, cols) = rows_cols(op, x)?;
@@ -176,12 +167,7 @@ fn row_bias<D: KernelDevice>(
 
 /// `acc += x [..., in] · wᵀ` with `w [out, in]`, `acc [..., out]`: the residual add done by
 /// the GEMM itself (beta = 1), no separate pass over `acc`.
-pub fn linear_acc<D: KernelDevice>(
-    dev: &D,
-    x: &DTensor<D::Buf>,
-    w: &DTensor<D::Buf>,
-    acc: &DTensor<D::Buf>,
-) -> Result<()> {
+pub fn linear_acc<D: KernelDevice>(dev: &D, x: &DTensor, w: &DTensor, acc: &DTensor) -> Result<()> {
     let op = "linear_acc";
     f32_in(op, "x", x)?;
     weight_in(op, w)?;
@@ -207,12 +193,7 @@ pub fn linear_acc<D: KernelDevice>(
     matmul_into(dev, &spec, x, w, acc)
 }
 
-fn unary<D: KernelDevice>(
-    dev: &D,
-    entry: &str,
-    cfg: kf_kernels::LaunchConfig,
-    x: &DTensor<D::Buf>,
-) -> Out<D> {
+fn unary<D: KernelDevice>(dev: &D, entry: &str, cfg: kf_kernels::LaunchConfig, x: &DTensor) -> Out {
     f32_in(entry, "x", x)?;
     let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
     run(
@@ -229,32 +210,32 @@ fn unary<D: KernelDevice>(
 }
 
 /// GELU, tanh approximation (the elementwise family's `gelu_tanh`).
-pub fn gelu_tanh<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>) -> Out<D> {
+pub fn gelu_tanh<D: KernelDevice>(dev: &D, x: &DTensor) -> Out {
     unary(dev, "gelu_tanh_f32", elementwise::config(x.numel()), x)
 }
 
 /// GELU with the exact erf.
-pub fn gelu_erf<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>) -> Out<D> {
+pub fn gelu_erf<D: KernelDevice>(dev: &D, x: &DTensor) -> Out {
     unary(dev, "gelu_erf_f32", gelu::config(x.numel()), x)
 }
 
 // ------------------------------------------------------------------ layernorm
 
 /// LayerNorm output and the saved statistics (per row, f32) the backward takes.
-pub struct LayerNormOut<B> {
-    pub y: DTensor<B>,
-    pub mean: DTensor<B>,
-    pub rstd: DTensor<B>,
+pub struct LayerNormOut {
+    pub y: DTensor,
+    pub mean: DTensor,
+    pub rstd: DTensor,
 }
 
 /// LayerNorm over the last dimension of `x [..., D]` with weight `[D]` and optional bias `[D]`.
 pub fn layer_norm<D: KernelDevice>(
     dev: &D,
-    x: &DTensor<D::Buf>,
-    w: &DTensor<D::Buf>,
-    b: Option<&DTensor<D::Buf>>,
+    x: &DTensor,
+    w: &DTensor,
+    b: Option<&DTensor>,
     eps: f32,
-) -> Result<LayerNormOut<D::Buf>> {
+) -> Result<LayerNormOut> {
     let op = "layer_norm";
     f32_in(op, "x", x)?;
     f32_in(op, "weight", w)?;
@@ -312,11 +293,7 @@ pub fn layer_norm<D: KernelDevice>(
 
 /// Rows of `table [V, D]` at u32 `ids [...]`: `[..., D]`. An id >= V gives a NaN row (the
 /// kernel reads nothing out of range; the CPU op errors instead).
-pub fn embedding<D: KernelDevice>(
-    dev: &D,
-    ids: &DTensor<D::Buf>,
-    table: &DTensor<D::Buf>,
-) -> Out<D> {
+pub fn embedding<D: KernelDevice>(dev: &D, ids: &DTensor, table: &DTensor) -> Out {
     let op = "embedding";
     ids.expect_dtype(op, "ids", DType::U32)?;
     f32_in(op, "table", table)?;
@@ -356,16 +333,16 @@ pub fn embedding<D: KernelDevice>(
 // ------------------------------------------------------------------ rope
 
 /// `(cos, sin)` tables of [`rope_tables`].
-pub type RopeTables<B> = (DTensor<B>, DTensor<B>);
+pub type RopeTables = (DTensor, DTensor);
 
 /// The RoPE tables of u32 positions `pos [P]` at head dim `d` (even): `(cos, sin)`, each
 /// `[P, d/2]` f32 (the `rope_tables_f32` kernel; within one f32 ulp of the CPU's f64 tables).
 pub fn rope_tables<D: KernelDevice>(
     dev: &D,
-    pos: &DTensor<D::Buf>,
+    pos: &DTensor,
     d: usize,
     base: f64,
-) -> Result<RopeTables<D::Buf>> {
+) -> Result<RopeTables> {
     let op = "rope_tables";
     pos.expect_dtype(op, "positions", DType::U32)?;
     ensure!(
@@ -412,12 +389,12 @@ fn view_span(dims: [usize; 4], strides: [usize; 3]) -> usize {
 /// `[B, T, H, D]` contiguous.
 pub fn rope_view<D: KernelDevice>(
     dev: &D,
-    x: &D::Buf,
+    x: &DeviceBuf,
     dims: [usize; 4],
     strides: [usize; 3],
-    cos: &DTensor<D::Buf>,
-    sin: &DTensor<D::Buf>,
-) -> Out<D> {
+    cos: &DTensor,
+    sin: &DTensor,
+) -> Out {
     let op = "rope";
     let [b, t, h, d] = dims;
     ensure!(
@@ -481,12 +458,7 @@ pub fn rope_view<D: KernelDevice>(
 }
 
 /// RoPE of a contiguous `x [B, T, H, D]` (see [`rope_view`]).
-pub fn rope<D: KernelDevice>(
-    dev: &D,
-    x: &DTensor<D::Buf>,
-    cos: &DTensor<D::Buf>,
-    sin: &DTensor<D::Buf>,
-) -> Out<D> {
+pub fn rope<D: KernelDevice>(dev: &D, x: &DTensor, cos: &DTensor, sin: &DTensor) -> Out {
     f32_in("rope", "x", x)?;
     ensure!(
         x.rank() == 4,
@@ -509,7 +481,7 @@ pub fn rope<D: KernelDevice>(
 
 /// Softmax (or log-softmax) over the last dimension of `x [..., V]`; a row with no entry
 /// above -inf is an error naming the first such row, as in the CPU op.
-pub fn softmax<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, log: bool) -> Out<D> {
+pub fn softmax<D: KernelDevice>(dev: &D, x: &DTensor, log: bool) -> Out {
     let op = if log { "log_softmax" } else { "softmax" };
     f32_in(op, "x", x)?;
     let (rows, v) = rows_cols(op, x)?;
@@ -554,12 +526,7 @@ pub fn softmax<D: KernelDevice>(dev: &D, x: &DTensor<D::Buf>, log: bool) -> Out<
 
 /// `x [..., in] · wᵀ + b` with `w [out, in]` (PyTorch layout) and optional `b [out]`:
 /// `[..., out]`, by [`KernelDevice::gemm`] and the `bias_add` kernel.
-pub fn linear<D: KernelDevice>(
-    dev: &D,
-    x: &DTensor<D::Buf>,
-    w: &DTensor<D::Buf>,
-    b: Option<&DTensor<D::Buf>>,
-) -> Out<D> {
+pub fn linear<D: KernelDevice>(dev: &D, x: &DTensor, w: &DTensor, b: Option<&DTensor>) -> Out {
     let op = "linear";
     f32_in(op, "x", x)?;
     weight_in(op, w)?;
@@ -592,9 +559,9 @@ pub fn linear<D: KernelDevice>(
 pub fn matmul_into<D: KernelDevice>(
     dev: &D,
     spec: &GemmSpec,
-    a: &DTensor<D::Buf>,
-    b: &DTensor<D::Buf>,
-    c: &DTensor<D::Buf>,
+    a: &DTensor,
+    b: &DTensor,
+    c: &DTensor,
 ) -> Result<()> {
     if matches!(b.dtype(), DType::F16 | DType::BF16) {
         return matmul_half_weights(dev, spec, a, b, c);
@@ -616,9 +583,9 @@ pub fn matmul_into<D: KernelDevice>(
 pub fn matmul_half_weights<D: KernelDevice>(
     dev: &D,
     spec: &GemmSpec,
-    a: &DTensor<D::Buf>,
-    w: &DTensor<D::Buf>,
-    c: &DTensor<D::Buf>,
+    a: &DTensor,
+    w: &DTensor,
+    c: &DTensor,
 ) -> Result<()> {
     let op = "gemm with half weights";
     f32_in(op, "A", a)?;
@@ -688,14 +655,14 @@ pub fn matmul_half_weights<D: KernelDevice>(
 /// A strided `[B, T, H, D]` operand of attention: a buffer of f32 and its strides over
 /// (batch, row, head) in elements (D unit-stride), e.g. a KV cache `[B, Tmax, H, D]` of which
 /// the first Tk rows are used.
-pub struct AttnView<'a, B> {
-    pub buf: &'a B,
+pub struct AttnView<'a> {
+    pub buf: &'a DeviceBuf,
     pub strides: [usize; 3],
 }
 
-impl<'a, B> AttnView<'a, B> {
+impl<'a> AttnView<'a> {
     /// A contiguous `[B, T, H, D]` tensor.
-    pub fn contiguous(t: &'a DTensor<B>) -> Result<AttnView<'a, B>> {
+    pub fn contiguous(t: &'a DTensor) -> Result<AttnView<'a>> {
         ensure!(
             t.rank() == 4,
             "attention: operand must be [B, T, H, D], got {:?}",
@@ -734,9 +701,9 @@ pub enum AttnPath {
 
 /// Attention output `o [B, Tq, H, D]` and the log-sum-exp `lse [B, H, Tq]` (f32) the
 /// backward takes.
-pub struct AttnOut<B> {
-    pub o: DTensor<B>,
-    pub lse: DTensor<B>,
+pub struct AttnOut {
+    pub o: DTensor,
+    pub lse: DTensor,
 }
 
 /// Errors unless the attention kernels have an instance for head dim `d` (64 and 128).
@@ -758,9 +725,9 @@ fn pattern_code(p: AttnPattern) -> (i32, u32, u32) {
 /// key_skip per batch row, head dim with a kernel, views inside their buffers.
 fn check_attention<D: KernelDevice>(
     dev: &D,
-    q: &AttnView<'_, D::Buf>,
-    k: &AttnView<'_, D::Buf>,
-    v: &AttnView<'_, D::Buf>,
+    q: &AttnView<'_>,
+    k: &AttnView<'_>,
+    v: &AttnView<'_>,
     dims: AttnDims,
     p: &AttnParams,
 ) -> Result<()> {
@@ -838,7 +805,7 @@ pub(crate) fn key_skip_tensor<D: KernelDevice>(
     dev: &D,
     p: &AttnParams,
     b: usize,
-) -> Result<Option<DTensor<D::Buf>>> {
+) -> Result<Option<DTensor>> {
     if p.key_skip.is_empty() {
         return Ok(None);
     }
@@ -848,16 +815,16 @@ pub(crate) fn key_skip_tensor<D: KernelDevice>(
 
 /// The inputs every attention kernel takes first (`IN` in kf_kernels::attention): q, k, v,
 /// key_skip, their strides, Tq, Tk, q_start, the pattern code and its (n, k), the scale.
-pub(crate) fn attn_common_args<'a, B>(
-    q: &AttnView<'a, B>,
-    k: &AttnView<'a, B>,
-    v: &AttnView<'a, B>,
-    skip: Option<&'a DTensor<B>>,
+pub(crate) fn attn_common_args<'a>(
+    q: &AttnView<'a>,
+    k: &AttnView<'a>,
+    v: &AttnView<'a>,
+    skip: Option<&'a DTensor>,
     dims: AttnDims,
     p: &AttnParams,
-) -> Vec<KArg<'a, B>> {
+) -> Vec<KArg<'a>> {
     let (kind, pn, pk) = pattern_code(p.pattern);
-    let mut args: Vec<KArg<'a, B>> = vec![
+    let mut args: Vec<KArg<'a>> = vec![
         KArg::Buf(q.buf),
         KArg::Buf(k.buf),
         KArg::Buf(v.buf),
@@ -883,13 +850,13 @@ pub(crate) fn attn_common_args<'a, B>(
 /// kernels and their combine (`path`). Head dims 64 and 128 only (others: an error).
 pub fn attention<D: KernelDevice>(
     dev: &D,
-    q: AttnView<'_, D::Buf>,
-    k: AttnView<'_, D::Buf>,
-    v: AttnView<'_, D::Buf>,
+    q: AttnView<'_>,
+    k: AttnView<'_>,
+    v: AttnView<'_>,
     dims: AttnDims,
     p: &AttnParams,
     path: AttnPath,
-) -> Result<AttnOut<D::Buf>> {
+) -> Result<AttnOut> {
     check_attention(dev, &q, &k, &v, dims, p)?;
     let AttnDims { b, h, d, tq, tk } = dims;
     let o = DTensor::uninit(dev, &[b, tq, h, d], DType::F32)?;
@@ -970,7 +937,7 @@ pub fn attention<D: KernelDevice>(
 // ------------------------------------------------------------------ noise, read-off, sampling
 
 /// Sinusoidal features of f64 noise levels `s [N]` (the CPU op `noise_features`): `[N, d]` f32.
-pub fn noise_features<D: KernelDevice>(dev: &D, s: &DTensor<D::Buf>, d: usize) -> Out<D> {
+pub fn noise_features<D: KernelDevice>(dev: &D, s: &DTensor, d: usize) -> Out {
     let out = DTensor::uninit(dev, &[s.numel(), d], DType::F32)?;
     noise_features_into(dev, s, d, &out.buf, d)?;
     Ok(out)
@@ -979,9 +946,9 @@ pub fn noise_features<D: KernelDevice>(dev: &D, s: &DTensor<D::Buf>, d: usize) -
 /// [`noise_features`] into rows `ld` f32 apart of `out` (columns `d..ld` untouched).
 pub fn noise_features_into<D: KernelDevice>(
     dev: &D,
-    s: &DTensor<D::Buf>,
+    s: &DTensor,
     d: usize,
-    out: &D::Buf,
+    out: &DeviceBuf,
     ld: usize,
 ) -> Result<()> {
     let op = "noise_features";
@@ -1026,10 +993,10 @@ pub const TOKEN_ALL_NEG_INF: u32 = 0xffff_fffe;
 /// [`TOKEN_ALL_NEG_INF`] (see [`tokens_to_host`]).
 pub fn argmax_penalty<D: KernelDevice>(
     dev: &D,
-    logits: &DTensor<D::Buf>,
-    counts: &DTensor<D::Buf>,
+    logits: &DTensor,
+    counts: &DTensor,
     penalty: f64,
-) -> Out<D> {
+) -> Out {
     let op = "argmax_penalty";
     f32_in(op, "logits", logits)?;
     counts.expect_dtype(op, "counts", DType::U32)?;
@@ -1071,10 +1038,10 @@ pub fn argmax_penalty<D: KernelDevice>(
 /// [`argmax_penalty`]).
 pub fn sample_inverse_cdf<D: KernelDevice>(
     dev: &D,
-    logits: &DTensor<D::Buf>,
-    u: &DTensor<D::Buf>,
+    logits: &DTensor,
+    u: &DTensor,
     tau: f64,
-) -> Out<D> {
+) -> Out {
     let op = "sample_inverse_cdf";
     f32_in(op, "logits", logits)?;
     u.expect_dtype(op, "u", DType::F64)?;
@@ -1115,7 +1082,7 @@ pub fn sample_inverse_cdf<D: KernelDevice>(
 }
 
 /// Tokens on the host; a sentinel (a NaN or all -inf logit row) is an error naming its index.
-pub fn tokens_to_host<D: KernelDevice>(dev: &D, tokens: &DTensor<D::Buf>) -> Result<Vec<u32>> {
+pub fn tokens_to_host<D: KernelDevice>(dev: &D, tokens: &DTensor) -> Result<Vec<u32>> {
     let t = tokens.to_vec::<D, u32>(dev)?;
     if let Some(i) = t
         .iter()
@@ -1142,7 +1109,7 @@ pub fn philox_uniform_f32<D: KernelDevice>(
     seed: u64,
     stream: u64,
     start: u64,
-) -> Out<D> {
+) -> Out {
     philox_uniform(
         dev,
         "philox_uniform_f32",
@@ -1162,7 +1129,7 @@ pub fn philox_uniform_f64<D: KernelDevice>(
     seed: u64,
     stream: u64,
     start: u64,
-) -> Out<D> {
+) -> Out {
     philox_uniform(
         dev,
         "philox_uniform_f64",
@@ -1185,7 +1152,7 @@ fn philox_uniform<D: KernelDevice>(
     seed: u64,
     stream: u64,
     start: u64,
-) -> Out<D> {
+) -> Out {
     ensure!(
         start.checked_add(n as u64).is_some(),
         "{entry}: start {start} + n {n} overflows"
@@ -1215,7 +1182,7 @@ pub fn philox_u32<D: KernelDevice>(
     seed: u64,
     stream: u64,
     counter: u64,
-) -> Out<D> {
+) -> Out {
     let out = DTensor::uninit(dev, &[nb, 4], DType::U32)?;
     if nb > 0 {
         run(

@@ -1,15 +1,16 @@
-//! The kernel-device abstraction: what a backend that runs the CUDA kernels of kernels/*.cu
-//! must offer (device buffers, host <-> device copies, kernel launches by entry point name,
-//! and a row-major f32 GEMM), a small device tensor [`DTensor`], and (in [`launch`]) one
+//! Kernel devices for the ops: the device trait itself lives in the engine
+//! ([`kf_engine::kernel_device`], re-exported here), so tensors can hold device memory. This
+//! module adds a small device tensor [`DTensor`] and (in [`launch`] and [`backward`]) one
 //! launcher per kernel op, generic over the device. Two backends implement [`KernelDevice`]:
 //! the CPU emulator (`kf_kernels_emu::device::Emu`, which runs the unmodified .cu files and
 //! stands in for cuBLAS with the CPU GEMM of [`crate::gemm`]) and, with the `cuda` feature,
 //! the CUDA layer of the engine (`cuda::Cuda`: cuBLAS for [`KernelDevice::gemm`]).
 //!
-//! Buffers are handles: launches write through `&Buf`, as CUDA kernels write through device
-//! pointers. Every method returns `anyhow::Result` with the entry point or operation named.
+//! Buffers are handles: launches write through `&DeviceBuf`, as CUDA kernels write through
+//! device pointers. Every method returns `anyhow::Result` with the entry point or operation named.
 
 use anyhow::{ensure, Context, Result};
+pub use kf_engine::kernel_device::{DeviceBuf, DeviceMemory, GemmSpec, KArg, KernelDevice};
 use kf_engine::{DType, Device, Tensor};
 pub use kf_kernels::LaunchConfig;
 
@@ -18,213 +19,16 @@ pub mod backward;
 pub mod cuda;
 pub mod launch;
 
-/// One kernel argument, passed by value like `cuLaunchKernel`'s parameters (the same
-/// variants as `kf_kernels_emu::Arg`).
-#[derive(Debug)]
-pub enum KArg<'a, B> {
-    /// The device pointer of a buffer (its first byte).
-    Buf(&'a B),
-    /// A null device pointer (optional inputs / outputs).
-    Null,
-    I32(i32),
-    U32(u32),
-    U64(u64),
-    F32(f32),
-    F64(f64),
-}
-
-impl<B> Clone for KArg<'_, B> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<B> Copy for KArg<'_, B> {}
-
-/// A (batched, strided) row-major f32 GEMM: for each batch index `i`,
-/// `C_i (m x n) = alpha * op(A_i) (m x k) * op(B_i) (k x n) + beta * C_i`, with
-/// `A_i` at element `a_off + i * stride_a` of its buffer, stored row-major with leading dimension
-/// `lda` (`op(A) = A`, m x k with `lda >= k`; with `trans_a`, A is stored k x m, `lda >= m`, and
-/// `op(A) = Aᵀ`), likewise B (k x n, or n x k with `trans_b`) and C (m x n, `ldc >= n`).
-/// `beta == 0` means C is only written (it may hold anything, NaN included, on entry), as in cuBLAS.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GemmSpec {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub trans_a: bool,
-    pub trans_b: bool,
-    pub lda: usize,
-    pub ldb: usize,
-    pub ldc: usize,
-    pub stride_a: usize,
-    pub stride_b: usize,
-    pub stride_c: usize,
-    pub batch: usize,
-    pub alpha: f32,
-    pub beta: f32,
-    /// Element offsets of the first A, B and C in their buffers.
-    pub a_off: usize,
-    pub b_off: usize,
-    pub c_off: usize,
-}
-
-impl GemmSpec {
-    /// One contiguous product `C = A (m x k) * op(B)`, B `k x n` or (with `trans_b`) `n x k`
-    /// (the `x · Wᵀ` of a linear layer with W stored `[out, in]`).
-    pub fn simple(m: usize, n: usize, k: usize, trans_b: bool) -> GemmSpec {
-        GemmSpec {
-            m,
-            n,
-            k,
-            trans_a: false,
-            trans_b,
-            lda: k,
-            ldb: if trans_b { k } else { n },
-            ldc: n,
-            stride_a: 0,
-            stride_b: 0,
-            stride_c: 0,
-            batch: 1,
-            alpha: 1.0,
-            beta: 0.0,
-            a_off: 0,
-            b_off: 0,
-            c_off: 0,
-        }
-    }
-
-    /// (rows, cols) of the stored A and B.
-    pub fn stored_a(&self) -> (usize, usize) {
-        if self.trans_a {
-            (self.k, self.m)
-        } else {
-            (self.m, self.k)
-        }
-    }
-    pub fn stored_b(&self) -> (usize, usize) {
-        if self.trans_b {
-            (self.n, self.k)
-        } else {
-            (self.k, self.n)
-        }
-    }
-
-    /// Checks leading dimensions and that every operand fits its buffer (`*_len` in f32
-    /// elements); both backends call this before touching memory.
-    pub fn check(&self, a_len: usize, b_len: usize, c_len: usize) -> Result<()> {
-        ensure!(self.batch >= 1, "gemm: batch must be >= 1");
-        let need = |name: &str,
-                    (r, c): (usize, usize),
-                    ld: usize,
-                    off: usize,
-                    stride: usize,
-                    len: usize| {
-            ensure!(
-                ld >= c.max(1),
-                "gemm {self:?}: leading dimension of {name} is {ld}, below its {c} columns"
-            );
-            if r == 0 || c == 0 {
-                return Ok(());
-            }
-            let last = off + (self.batch - 1) * stride + (r - 1) * ld + c;
-            ensure!(
-                last <= len,
-                "gemm {self:?}: {name} ({r} x {c}, ld {ld}, offset {off}, batch stride {stride}) \
-                 needs {last} elements, its buffer holds {len}"
-            );
-            Ok(())
-        };
-        need(
-            "A",
-            self.stored_a(),
-            self.lda,
-            self.a_off,
-            self.stride_a,
-            a_len,
-        )?;
-        need(
-            "B",
-            self.stored_b(),
-            self.ldb,
-            self.b_off,
-            self.stride_b,
-            b_len,
-        )?;
-        need(
-            "C",
-            (self.m, self.n),
-            self.ldc,
-            self.c_off,
-            self.stride_c,
-            c_len,
-        )?;
-        ensure!(
-            self.batch == 1
-                || self.m == 0
-                || self.n == 0
-                || self.stride_c >= (self.m - 1) * self.ldc + self.n,
-            "gemm {self:?}: batches of C overlap (stride_c {} < one {}x{} matrix of ld {})",
-            self.stride_c,
-            self.m,
-            self.n,
-            self.ldc
-        );
-        Ok(())
-    }
-}
-
-/// A backend that runs the kernels of kernels/*.cu: device memory, copies, launches, GEMM.
-pub trait KernelDevice {
-    /// A device buffer (owned allocation; freed on drop).
-    type Buf;
-
-    /// A short name for messages ("emu", "cuda:0").
-    fn name(&self) -> String;
-    /// `bytes` of zeroed device memory.
-    fn alloc_zeroed(&self, bytes: usize) -> Result<Self::Buf>;
-    /// `bytes` of device memory with unspecified contents (the emulator fills it with 0xFF:
-    /// NaN as floats, so an unwritten read shows).
-    fn alloc(&self, bytes: usize) -> Result<Self::Buf> {
-        self.alloc_zeroed(bytes)
-    }
-    /// A device copy of `data` (host to device).
-    fn upload(&self, data: &[u8]) -> Result<Self::Buf>;
-    /// The whole buffer (device to host; waits for the launches before it).
-    fn download(&self, buf: &Self::Buf) -> Result<Vec<u8>>;
-    /// Size of a buffer in bytes.
-    fn buf_bytes(&self, buf: &Self::Buf) -> usize;
-    /// Device to device copy of `bytes` bytes, `src[src_off..]` to `dst[dst_off..]` (offsets
-    /// in bytes; the ranges must lie in the buffers and, within one buffer, not overlap).
-    fn copy(
-        &self,
-        src: &Self::Buf,
-        src_off: usize,
-        dst: &Self::Buf,
-        dst_off: usize,
-        bytes: usize,
-    ) -> Result<()>;
-    /// Launches the `extern "C" __global__` entry point `entry` (a name of
-    /// `kf_kernels::FAMILIES`) over `cfg` with `args`.
-    fn launch(&self, entry: &str, cfg: LaunchConfig, args: &[KArg<'_, Self::Buf>]) -> Result<()>;
-    /// The f32 GEMM of `spec` on buffers of f32 (cuBLAS on a GPU; the CPU GEMM on the
-    /// emulator). `c` must not share memory with `a` or `b`.
-    fn gemm(&self, spec: &GemmSpec, a: &Self::Buf, b: &Self::Buf, c: &Self::Buf) -> Result<()>;
-    /// Waits for the work queued so far (a no-op where launches are synchronous).
-    fn synchronize(&self) -> Result<()> {
-        Ok(())
-    }
-}
-
 /// A contiguous row-major tensor on a kernel device: buffer, shape and element type
 /// (F32 for activations and weights, U32 for ids / tokens / counts, F64 for noise levels
 /// and uniforms).
-pub struct DTensor<B> {
-    pub buf: B,
+pub struct DTensor {
+    pub buf: DeviceBuf,
     shape: Vec<usize>,
     dtype: DType,
 }
 
-impl<B> std::fmt::Debug for DTensor<B> {
+impl std::fmt::Debug for DTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "DTensor({:?}, {:?})", self.shape, self.dtype)
     }
@@ -234,14 +38,14 @@ fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
-impl<B> DTensor<B> {
+impl DTensor {
     /// Wraps a buffer; errors when it is smaller than `shape` of `dtype` needs.
-    pub fn from_buf<D: KernelDevice<Buf = B>>(
+    pub fn from_buf<D: KernelDevice + ?Sized>(
         dev: &D,
-        buf: B,
+        buf: DeviceBuf,
         shape: &[usize],
         dtype: DType,
-    ) -> Result<DTensor<B>> {
+    ) -> Result<DTensor> {
         let need = numel(shape) * dtype.size();
         ensure!(
             dev.buf_bytes(&buf) >= need,
@@ -255,11 +59,11 @@ impl<B> DTensor<B> {
         })
     }
     /// Zeros of `shape` and `dtype`.
-    pub fn zeros<D: KernelDevice<Buf = B>>(
+    pub fn zeros<D: KernelDevice + ?Sized>(
         dev: &D,
         shape: &[usize],
         dtype: DType,
-    ) -> Result<DTensor<B>> {
+    ) -> Result<DTensor> {
         let buf = dev
             .alloc_zeroed(numel(shape) * dtype.size())
             .with_context(|| format!("allocating {shape:?} {dtype:?} on {}", dev.name()))?;
@@ -270,11 +74,11 @@ impl<B> DTensor<B> {
         })
     }
     /// Unspecified contents of `shape` and `dtype` (for outputs a kernel writes in full).
-    pub fn uninit<D: KernelDevice<Buf = B>>(
+    pub fn uninit<D: KernelDevice + ?Sized>(
         dev: &D,
         shape: &[usize],
         dtype: DType,
-    ) -> Result<DTensor<B>> {
+    ) -> Result<DTensor> {
         let buf = dev
             .alloc(numel(shape) * dtype.size())
             .with_context(|| format!("allocating {shape:?} {dtype:?} on {}", dev.name()))?;
@@ -285,11 +89,11 @@ impl<B> DTensor<B> {
         })
     }
     /// A device copy of host values.
-    pub fn from_slice<D: KernelDevice<Buf = B>, T: kf_engine::Element>(
+    pub fn from_slice<D: KernelDevice + ?Sized, T: kf_engine::Element>(
         dev: &D,
         data: &[T],
         shape: &[usize],
-    ) -> Result<DTensor<B>> {
+    ) -> Result<DTensor> {
         ensure!(
             data.len() == numel(shape),
             "DTensor::from_slice: {} values for shape {shape:?}",
@@ -306,7 +110,7 @@ impl<B> DTensor<B> {
     }
     /// A device copy of a CPU tensor (any layout; F32, F16, BF16, F64, U32 or I32; kernels
     /// compute in f32, half tensors are weights of [`launch::matmul_into`]).
-    pub fn upload<D: KernelDevice<Buf = B>>(dev: &D, t: &Tensor) -> Result<DTensor<B>> {
+    pub fn upload<D: KernelDevice + ?Sized>(dev: &D, t: &Tensor) -> Result<DTensor> {
         match t.dtype() {
             DType::F32 => Self::from_slice(dev, &t.to_vec::<f32>()?, t.shape()),
             DType::F16 => Self::from_slice(dev, &t.to_vec::<half::f16>()?, t.shape()),
@@ -317,7 +121,7 @@ impl<B> DTensor<B> {
         }
     }
     /// The values as `T` (which must be this tensor's dtype).
-    pub fn to_vec<D: KernelDevice<Buf = B>, T: kf_engine::Element>(
+    pub fn to_vec<D: KernelDevice + ?Sized, T: kf_engine::Element>(
         &self,
         dev: &D,
     ) -> Result<Vec<T>> {
@@ -342,7 +146,7 @@ impl<B> DTensor<B> {
         Ok(out)
     }
     /// A CPU tensor of the values (same shape and dtype).
-    pub fn download<D: KernelDevice<Buf = B>>(&self, dev: &D) -> Result<Tensor> {
+    pub fn download<D: KernelDevice + ?Sized>(&self, dev: &D) -> Result<Tensor> {
         match self.dtype {
             DType::F32 => Tensor::from_vec(self.to_vec::<D, f32>(dev)?, &self.shape, Device::Cpu),
             DType::F16 => {
@@ -369,7 +173,7 @@ impl<B> DTensor<B> {
         self.shape.len()
     }
     /// The same values under another shape of as many elements.
-    pub fn reshape(mut self, shape: &[usize]) -> Result<DTensor<B>> {
+    pub fn reshape(mut self, shape: &[usize]) -> Result<DTensor> {
         self.set_shape(shape)?;
         Ok(self)
     }

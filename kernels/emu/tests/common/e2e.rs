@@ -334,7 +334,7 @@ pub fn check_grads<D: KernelDevice>(
     what: &str,
     params: &[(String, Tensor)],
     cpu_g: &BTreeMap<String, Vec<f64>>,
-    dev_g: &[DTensor<D::Buf>],
+    dev_g: &[DTensor],
 ) {
     assert_eq!(dev_g.len(), params.len(), "{what}: gradient count");
     for ((name, _), g) in params.iter().zip(dev_g) {
