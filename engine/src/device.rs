@@ -1,56 +1,79 @@
-//! Where a tensor lives. CPU is always available and is the reference;
-//! `Device::Cuda(ordinal)` names a GPU, usable when kfrun is built with the
-//! `cuda` feature (engine/src/cuda/) and a driver and device are present.
+//! Where a tensor lives and a model runs — the one name for it, with the one parser of
+//! `--device`: `cpu` (the CPU ops; always available, the reference), `emu` (the CUDA kernels
+//! of kernels/*.cu on the CPU emulator) or `cuda[:N]` (a GPU, in a build with the `cuda`
+//! feature and with a driver and device present). [`Device::kernel`] opens the kernel device
+//! behind `emu` / `cuda:N`.
 
+use crate::kernel_device::KernelDevice;
 use anyhow::{bail, Result};
+use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Device {
     #[default]
     Cpu,
+    /// The CUDA kernels on the CPU emulator (kernels/emu): a slow, exact correctness check.
+    Emu,
     /// A CUDA GPU by ordinal (`cuda` = `cuda:0`).
     Cuda(usize),
 }
 
+/// The one message for a CUDA device in a build without the `cuda` feature.
+pub fn built_without_cuda(device: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "device \"{device}\": this kfrun was built without the cuda feature \
+         (cargo build --release -p kf-tools --features cuda); use --device cpu or emu"
+    )
+}
+
 impl Device {
-    /// Parse a `--device` flag value: `cpu`, `cuda`, `cuda:N` (`gpu` = `cuda`).
+    /// Parse a `--device` flag value: `cpu`, `emu`, `cuda`, `cuda:N` (`gpu` = `cuda`).
     /// Without the `cuda` feature a CUDA device is an error saying so.
     pub fn parse(s: &str) -> Result<Device> {
         let ordinal = match s {
             "cpu" => return Ok(Device::Cpu),
+            "emu" => return Ok(Device::Emu),
             "cuda" | "gpu" => 0,
             other => match other.strip_prefix("cuda:") {
                 Some(n) => match n.parse::<usize>() {
                     Ok(n) => n,
                     Err(_) => bail!("device \"{other}\": the ordinal after cuda: must be a number"),
                 },
-                None => bail!("unknown device \"{other}\" (expected cpu, cuda or cuda:N)"),
+                None => bail!("unknown device \"{other}\" (expected cpu, emu, cuda or cuda:N)"),
             },
         };
         if !cfg!(feature = "cuda") {
-            bail!(
-                "device \"{s}\": this kfrun was built without the cuda feature \
-                 (cargo build --release -p kf-tools --features cuda); use --device cpu"
-            );
+            return Err(built_without_cuda(s));
         }
         Ok(Device::Cuda(ordinal))
     }
 
-    /// Ok if this device can be used now: always for the CPU; for a GPU, the
-    /// driver library, a device with this ordinal and a new enough
-    /// architecture must be there (the error is one sentence naming what is not).
+    /// Ok if this device can be used now: always for the CPU and the emulator; for a GPU,
+    /// the driver library, a device with this ordinal and a new enough architecture must be
+    /// there (the error is one sentence naming what is not).
     pub fn ensure_available(&self) -> Result<()> {
         match *self {
-            Device::Cpu => Ok(()),
+            Device::Cpu | Device::Emu => Ok(()),
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => crate::cuda::CudaDevice::get(n).map(|_| ()),
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => bail!("{self}: this kfrun was built without the cuda feature"),
+            Device::Cuda(_) => Err(built_without_cuda(&self.to_string())),
         }
+    }
+
+    /// The kernel device behind `emu` or `cuda:N` (one per process and device, opened on
+    /// first use); an error for `cpu`, which runs the CPU ops instead.
+    pub fn kernel(&self) -> Result<Arc<dyn KernelDevice>> {
+        crate::kernel_device::open(*self)
     }
 
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
+    }
+
+    /// True for the devices that run the CUDA kernels (`emu`, `cuda:N`).
+    pub fn is_kernel_device(&self) -> bool {
+        !self.is_cpu()
     }
 }
 
@@ -58,6 +81,7 @@ impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
+            Device::Emu => f.write_str("emu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
         }
     }
@@ -70,7 +94,9 @@ mod tests {
     #[test]
     fn parse_names_and_errors() {
         assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
-        for bad in ["tpu", "cuda:", "cuda:x", "cuda:-1", "CPU"] {
+        assert_eq!(Device::parse("emu").unwrap(), Device::Emu);
+        assert_eq!(Device::Emu.to_string(), "emu");
+        for bad in ["tpu", "cuda:", "cuda:x", "cuda:-1", "CPU", "EMU"] {
             assert!(Device::parse(bad).is_err(), "{bad}");
         }
         let e = Device::parse("cuda:x").unwrap_err().to_string();
@@ -92,5 +118,8 @@ mod tests {
             }
         }
         assert!(Device::Cpu.ensure_available().is_ok());
+        assert!(Device::Emu.ensure_available().is_ok());
+        assert!(Device::Cpu.kernel().is_err());
+        assert_eq!(Device::Emu.kernel().unwrap().name(), "emu");
     }
 }

@@ -39,7 +39,7 @@ pub fn load(path: &Path) -> Result<LoadedTensors> {
     })
 }
 
-/// Save tensors (any layout, CPU) atomically to `path`.
+/// Save tensors (any layout, any device: device tensors are downloaded) atomically to `path`.
 pub fn save(
     path: &Path,
     tensors: &[(&str, &Tensor)],
@@ -47,12 +47,12 @@ pub fn save(
 ) -> Result<()> {
     let contig: Vec<Tensor> = tensors
         .iter()
-        .map(|(_, t)| t.contiguous())
+        .map(|(_, t)| t.to_device(crate::Device::Cpu)?.contiguous())
         .collect::<Result<_>>()?;
     let guards: Vec<_> = contig.iter().map(|t| t.storage()).collect::<Result<_>>()?;
     let mut items = Vec::with_capacity(tensors.len());
     for ((name, _), (t, g)) in tensors.iter().zip(contig.iter().zip(&guards)) {
-        let Storage::Cpu(s) = &**g;
+        let s = g.cpu()?;
         let esize = t.dtype().size();
         let start = t.layout().offset() * esize;
         let bytes = &s.as_bytes()[start..start + t.numel() * esize];

@@ -241,3 +241,31 @@ pub trait KernelDevice: Send + Sync {
         Ok(())
     }
 }
+
+/// The kernel device behind `device` ([`crate::Device::kernel`]): one per process and device,
+/// opened on first use and shared (a GPU context is expensive; the emulator is stateless).
+pub fn open(device: crate::Device) -> Result<std::sync::Arc<dyn KernelDevice>> {
+    use crate::Device;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static OPEN: OnceLock<Mutex<HashMap<Device, Arc<dyn KernelDevice>>>> = OnceLock::new();
+    let open = OPEN.get_or_init(Default::default);
+    let mut open = open
+        .lock()
+        .map_err(|_| anyhow!("kernel device table poisoned by an earlier panic"))?;
+    if let Some(d) = open.get(&device) {
+        return Ok(d.clone());
+    }
+    let d: Arc<dyn KernelDevice> = match device {
+        Device::Cpu => {
+            anyhow::bail!("cpu is not a kernel device: it runs the CPU ops, not kernels/*.cu")
+        }
+        Device::Emu => Arc::new(crate::emu::Emu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => Arc::new(crate::cuda::Cuda::new(n)?),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => return Err(crate::device::built_without_cuda(&device.to_string())),
+    };
+    open.insert(device, d.clone());
+    Ok(d)
+}

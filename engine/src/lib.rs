@@ -8,6 +8,8 @@ pub mod autograd;
 pub mod cuda;
 pub mod device;
 pub mod dtype;
+pub mod emu;
+pub mod gemm;
 pub mod io;
 pub mod kernel_device;
 pub mod layout;

@@ -1,8 +1,10 @@
-//! Device storage behind tensors. CPU buffers are either owned vectors or
-//! zero-copy windows into a memory-mapped safetensors file (copied on first
-//! write). The CUDA issue adds a `Storage::Cuda` variant next to `Cpu`.
+//! Storage behind tensors: CPU buffers (owned vectors, or zero-copy windows into a
+//! memory-mapped safetensors file, copied on first write) or the memory of a kernel device
+//! (`emu`, `cuda:N`: a [`DeviceBuf`] with the device that owns it).
 
 use crate::dtype::{DType, Element};
+use crate::kernel_device::{DeviceBuf, KernelDevice};
+use anyhow::{anyhow, bail, ensure, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use std::sync::Arc;
@@ -315,20 +317,60 @@ pub mod pool {
     }
 }
 
+/// Contiguous elements of one dtype in the memory of a kernel device.
+pub struct KernelStorage {
+    pub buf: DeviceBuf,
+    /// The device that owns `buf` (launches and copies go through it).
+    pub dev: Arc<dyn KernelDevice>,
+    pub device: crate::Device,
+    dtype: DType,
+    len: usize,
+}
+
+impl KernelStorage {
+    /// `len` elements of `dtype` in `buf`; errors when the buffer is smaller than that.
+    pub fn new(
+        buf: DeviceBuf,
+        dev: Arc<dyn KernelDevice>,
+        device: crate::Device,
+        dtype: DType,
+        len: usize,
+    ) -> Result<KernelStorage> {
+        let need = len
+            .checked_mul(dtype.size())
+            .ok_or_else(|| anyhow!("{len} elements of {dtype} overflow"))?;
+        ensure!(
+            buf.bytes() >= need,
+            "{len} elements of {dtype} need {need} bytes, the {device} buffer has {}",
+            buf.bytes()
+        );
+        Ok(KernelStorage {
+            buf,
+            dev,
+            device,
+            dtype,
+            len,
+        })
+    }
+}
+
 /// Storage on some device.
 pub enum Storage {
     Cpu(CpuStorage),
+    Kernel(KernelStorage),
 }
 
 impl Storage {
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.dtype(),
+            Storage::Kernel(s) => s.dtype,
         }
     }
     pub fn len(&self) -> usize {
         match self {
             Storage::Cpu(s) => s.len(),
+            Storage::Kernel(s) => s.len,
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -337,8 +379,39 @@ impl Storage {
     pub fn device(&self) -> crate::Device {
         match self {
             Storage::Cpu(_) => crate::Device::Cpu,
+            Storage::Kernel(s) => s.device,
         }
     }
+    /// The CPU buffer, or an error naming the device the data is on.
+    pub fn cpu(&self) -> Result<&CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Ok(s),
+            Storage::Kernel(s) => Err(not_on_cpu(s.device)),
+        }
+    }
+    /// [`Self::cpu`], mutable.
+    pub fn cpu_mut(&mut self) -> Result<&mut CpuStorage> {
+        match self {
+            Storage::Cpu(s) => Ok(s),
+            Storage::Kernel(s) => Err(not_on_cpu(s.device)),
+        }
+    }
+    /// The kernel-device storage, or an error for CPU data.
+    pub fn kernel(&self) -> Result<&KernelStorage> {
+        match self {
+            Storage::Kernel(s) => Ok(s),
+            Storage::Cpu(_) => {
+                bail!("this needs the tensor on a kernel device (emu, cuda:N); it is on the cpu")
+            }
+        }
+    }
+}
+
+fn not_on_cpu(device: crate::Device) -> anyhow::Error {
+    anyhow!(
+        "the tensor is on {device} and this needs its data on the cpu: move it with \
+         to_device(Device::Cpu) first"
+    )
 }
 
 #[cfg(test)]

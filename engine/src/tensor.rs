@@ -6,7 +6,7 @@
 use crate::autograd::{self, BackwardOp, GradStore};
 use crate::dtype::{DType, Element};
 use crate::layout::{checked_numel, Layout};
-use crate::storage::{Buf, CpuStorage, Storage};
+use crate::storage::{Buf, CpuStorage, KernelStorage, Storage};
 use crate::Device;
 use anyhow::{bail, ensure, Context, Result};
 use half::{bf16, f16};
@@ -62,7 +62,9 @@ pub struct CpuRef<'a, T> {
 impl<T: Element> std::ops::Deref for CpuRef<'_, T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        let Storage::Cpu(s) = &*self.guard;
+        let Storage::Cpu(s) = &*self.guard else {
+            unreachable!("a CpuRef is made for CPU storage only")
+        };
         let buf = T::buf(s).expect("dtype checked when the CpuRef was made");
         &buf.as_slice()[self.start..self.start + self.len]
     }
@@ -72,10 +74,15 @@ fn poisoned<T>(_: T) -> anyhow::Error {
     anyhow::anyhow!("tensor storage lock poisoned by an earlier panic")
 }
 
-/// Tensors keep CPU storage so far; the CUDA device layer (feature `cuda`)
-/// has buffers, kernels and GEMMs but no tensor storage yet.
-fn no_device_tensors(device: Device) -> Result<Tensor> {
-    bail!("tensors on {device} are not implemented yet: tensor storage is CPU-only")
+/// A contiguous tensor of `shape` on a kernel device holding `bytes` (host to device).
+fn upload_bytes(bytes: &[u8], dtype: DType, shape: &[usize], device: Device) -> Result<Tensor> {
+    let dev = device.kernel()?;
+    let n = checked_numel(shape)?;
+    let buf = dev
+        .upload(bytes)
+        .with_context(|| format!("uploading {shape:?} {dtype} to {device}"))?;
+    let storage = KernelStorage::new(buf, dev, device, dtype, n)?;
+    Tensor::from_storage(Storage::Kernel(storage), Layout::contiguous(shape), None)
 }
 
 impl Tensor {
@@ -124,7 +131,14 @@ impl Tensor {
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize], device: Device) -> Result<Tensor> {
         match device {
             Device::Cpu => Tensor::from_cpu_op(data, shape, None),
-            Device::Cuda(_) => no_device_tensors(device),
+            Device::Emu | Device::Cuda(_) => {
+                ensure!(
+                    data.len() == checked_numel(shape)?,
+                    "{} elements do not fill shape {shape:?}",
+                    data.len()
+                );
+                upload_bytes(bytemuck::cast_slice(&data), T::DTYPE, shape, device)
+            }
         }
     }
 
@@ -144,7 +158,17 @@ impl Tensor {
                 Layout::contiguous(shape),
                 None,
             ),
-            Device::Cuda(_) => no_device_tensors(device),
+            Device::Emu | Device::Cuda(_) => {
+                let dev = device.kernel()?;
+                let bytes = n
+                    .checked_mul(dtype.size())
+                    .context("tensor size overflows")?;
+                let buf = dev
+                    .alloc_zeroed(bytes)
+                    .with_context(|| format!("allocating {shape:?} {dtype} on {device}"))?;
+                let storage = KernelStorage::new(buf, dev, device, dtype, n)?;
+                Tensor::from_storage(Storage::Kernel(storage), Layout::contiguous(shape), None)
+            }
         }
     }
 
@@ -158,12 +182,8 @@ impl Tensor {
             DType::U32 => u32::wrap(vec![value as u32; n]),
             DType::I32 => i32::wrap(vec![value as i32; n]),
         };
-        match device {
-            Device::Cpu => {
-                Tensor::from_storage(Storage::Cpu(storage), Layout::contiguous(shape), None)
-            }
-            Device::Cuda(_) => no_device_tensors(device),
-        }
+        Tensor::from_storage(Storage::Cpu(storage), Layout::contiguous(shape), None)?
+            .to_device(device)
     }
 
     pub fn ones(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
@@ -247,6 +267,7 @@ impl Tensor {
         let g = self.0.storage.read().map_err(poisoned)?;
         Ok(match &*g {
             Storage::Cpu(s) => s.is_mapped(),
+            Storage::Kernel(_) => false,
         })
     }
 
@@ -281,9 +302,7 @@ impl Tensor {
             self.strides()
         );
         let guard = self.storage()?;
-        match &*guard {
-            Storage::Cpu(_) => {}
-        }
+        guard.cpu().context("cpu_data")?;
         Ok(CpuRef {
             guard,
             start: self.0.layout.offset(),
@@ -303,7 +322,7 @@ impl Tensor {
         );
         let (start, len) = (self.0.layout.offset(), self.numel());
         let mut g = self.storage_mut()?;
-        let Storage::Cpu(s) = &mut *g;
+        let s = g.cpu_mut().context("with_cpu_data_mut")?;
         let buf: &mut Buf<T> = T::buf_mut(s).context("dtype checked above")?;
         Ok(f(&mut buf.as_mut_slice()[start..start + len]))
     }
@@ -311,8 +330,11 @@ impl Tensor {
     /// Copy out all elements in logical (row-major) order.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         self.check_dtype::<T>("to_vec")?;
+        if !self.device().is_cpu() {
+            return self.to_device(Device::Cpu)?.to_vec::<T>();
+        }
         let g = self.storage()?;
-        let Storage::Cpu(s) = &*g;
+        let s = g.cpu()?;
         let data = T::buf(s).context("dtype checked above")?.as_slice();
         let mut out = Vec::with_capacity(self.numel());
         self.0.layout.for_each_index(|i| out.push(data[i]));
@@ -508,6 +530,42 @@ impl Tensor {
         ))
     }
 
+    /// The same values on `device` (self when already there): the explicit move between the
+    /// CPU and a kernel device (contiguous on arrival; not recorded by autograd).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        if !self.device().is_cpu() {
+            // device -> host: the whole buffer, then this tensor's window of it
+            let bytes = {
+                let g = self.storage()?;
+                let k = g.kernel()?;
+                k.dev
+                    .download(&k.buf)
+                    .with_context(|| format!("downloading {:?} from {}", self.shape(), k.device))?
+            };
+            let host = Tensor::from_storage(
+                Storage::Cpu(CpuStorage::from_bytes(self.dtype(), &bytes)),
+                self.0.layout.clone(),
+                None,
+            )?
+            .contiguous()?;
+            return host.to_device(device);
+        }
+        let c = self.contiguous()?;
+        let g = c.storage()?;
+        let bytes = g.cpu()?.as_bytes();
+        let esize = self.dtype().size();
+        let start = c.0.layout.offset() * esize;
+        upload_bytes(
+            &bytes[start..start + c.numel() * esize],
+            self.dtype(),
+            self.shape(),
+            device,
+        )
+    }
+
     /// A contiguous tensor with the same values (self when already contiguous).
     pub fn contiguous(&self) -> Result<Tensor> {
         if self.is_contiguous() {
@@ -515,8 +573,7 @@ impl Tensor {
         }
         let storage = {
             let g = self.storage()?;
-            let Storage::Cpu(s) = &*g;
-            Storage::Cpu(gather(s, &self.0.layout))
+            Storage::Cpu(gather(g.cpu().context("contiguous")?, &self.0.layout))
         };
         let node = self.view_node(ViewKind::Copy);
         Tensor::from_storage(storage, Layout::contiguous(self.shape()), node)
@@ -625,9 +682,9 @@ impl Tensor {
         );
         {
             let src = self.storage()?;
-            let Storage::Cpu(src) = &*src;
+            let src = src.cpu().context("pad_narrow")?;
             let mut dst = out.storage_mut()?;
-            let Storage::Cpu(dst) = &mut *dst;
+            let dst = dst.cpu_mut().context("pad_narrow")?;
             scatter(src, self.layout(), dst, &window)?;
         }
         Ok(out)

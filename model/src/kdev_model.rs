@@ -38,7 +38,7 @@ use kf_ops::kdev::{DTensor, DeviceBuf, GemmSpec, KernelDevice};
 use std::time::Instant;
 
 /// An f32 copy of a CPU parameter.
-fn up<D: KernelDevice>(dev: &D, t: &Tensor, name: &str) -> Result<DTensor> {
+fn up<D: KernelDevice + ?Sized>(dev: &D, t: &Tensor, name: &str) -> Result<DTensor> {
     ensure!(
         t.dtype() == DType::F32,
         "kernel device: parameter {name} is {}, only f32 models run on the kernels",
@@ -73,7 +73,7 @@ fn exact_dtype(v: &[f32]) -> DType {
 }
 
 /// A weight matrix on the device, stored as `store` says.
-fn up_matrix<D: KernelDevice>(
+fn up_matrix<D: KernelDevice + ?Sized>(
     dev: &D,
     t: &Tensor,
     name: &str,
@@ -134,7 +134,7 @@ fn param<'a>(m: &'a Ddit, name: &str) -> Result<&'a Tensor> {
 }
 
 /// Rows `start..start + len` of the time axis of `x [B, T, d]` (device copies).
-pub fn narrow_time<D: KernelDevice>(
+pub fn narrow_time<D: KernelDevice + ?Sized>(
     dev: &D,
     x: &DTensor,
     start: usize,
@@ -166,7 +166,7 @@ pub fn narrow_time<D: KernelDevice>(
 }
 
 /// `[B, Ta, d]` and `[B, Tb, d]` -> `[B, Ta + Tb, d]` (device copies).
-pub fn cat_time<D: KernelDevice>(dev: &D, a: &DTensor, b: &DTensor) -> Result<DTensor> {
+pub fn cat_time<D: KernelDevice + ?Sized>(dev: &D, a: &DTensor, b: &DTensor) -> Result<DTensor> {
     ensure!(
         a.rank() == 3
             && b.rank() == 3
@@ -198,7 +198,7 @@ pub fn cat_time<D: KernelDevice>(dev: &D, a: &DTensor, b: &DTensor) -> Result<DT
 }
 
 /// The first `l` columns of `x [..., V]` (device copies, one per row).
-fn narrow_last<D: KernelDevice>(dev: &D, x: &DTensor, l: usize) -> Result<DTensor> {
+fn narrow_last<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, l: usize) -> Result<DTensor> {
     let v = *x.shape().last().context("narrow_last: scalar")?;
     let rows = x.numel() / v.max(1);
     let mut shape = x.shape().to_vec();
@@ -239,7 +239,7 @@ pub struct DevKvCache {
 
 impl DevKvCache {
     /// An empty cache for `batch` sequences of up to `capacity` rows.
-    pub fn new<D: KernelDevice>(
+    pub fn new<D: KernelDevice + ?Sized>(
         dev: &D,
         cfg: &DditConfig,
         batch: usize,
@@ -303,12 +303,16 @@ pub struct DevDdit {
 impl DevDdit {
     /// Uploads an f32 model with f32 weights (head dim 64 or 128: the attention kernels'
     /// instances).
-    pub fn upload<D: KernelDevice>(dev: &D, m: &Ddit) -> Result<Self> {
+    pub fn upload<D: KernelDevice + ?Sized>(dev: &D, m: &Ddit) -> Result<Self> {
         Self::upload_with(dev, m, WeightStore::F32)
     }
 
     /// Uploads an f32 model, its weight matrices stored as `store` says.
-    pub fn upload_with<D: KernelDevice>(dev: &D, m: &Ddit, store: WeightStore) -> Result<Self> {
+    pub fn upload_with<D: KernelDevice + ?Sized>(
+        dev: &D,
+        m: &Ddit,
+        store: WeightStore,
+    ) -> Result<Self> {
         let cfg = m.cfg.clone();
         cfg.validate()?;
         kl::check_head_dim(cfg.head_dim()).with_context(|| {
@@ -383,7 +387,7 @@ impl DevDdit {
     }
 
     /// Token embeddings `[B, T, d]` of host ids (`ids.len() = B * T`).
-    pub fn embed<D: KernelDevice>(
+    pub fn embed<D: KernelDevice + ?Sized>(
         &self,
         dev: &D,
         ids: &[u32],
@@ -409,7 +413,7 @@ impl DevDdit {
     /// (`T` shared or `B * T`), attention parameters and an optional device KV cache (then
     /// `attn.q_start` must be its committed length; the pass writes T rows after it; commit
     /// with [`DevKvCache::commit`]). As `Ddit::backbone_hidden`.
-    pub fn backbone_hidden<D: KernelDevice>(
+    pub fn backbone_hidden<D: KernelDevice + ?Sized>(
         &self,
         dev: &D,
         h0: &DTensor,
@@ -542,14 +546,14 @@ impl DevDdit {
     }
 
     /// The final layer on `h [.., d]`: LN_f, Linear(d, V), the reserved token at -1000.
-    pub fn head<D: KernelDevice>(&self, dev: &D, h: &DTensor) -> Result<DTensor> {
+    pub fn head<D: KernelDevice + ?Sized>(&self, dev: &D, h: &DTensor) -> Result<DTensor> {
         let x = kl::layer_norm(dev, h, &self.norm_f, None, self.cfg.ln_eps as f32)?.y;
         kl::linear(dev, &x, &self.head_w, Some(&self.head_b))
     }
 
     /// The AR forward without a cache: logits `[B, T, V]` of host ids `[B, T]` at positions
     /// `0..T`, causal (`Ddit::forward_train` off the tape).
-    pub fn forward<D: KernelDevice>(
+    pub fn forward<D: KernelDevice + ?Sized>(
         &self,
         dev: &D,
         ids: &[u32],
@@ -569,7 +573,7 @@ impl DevDdit {
 
     /// One KV-cached AR pass: host ids `[B, T]` at positions `cache.len()..`, causal over the
     /// cache and themselves; commits all T rows. Logits `[B, T, V]`.
-    pub fn forward_cached<D: KernelDevice>(
+    pub fn forward_cached<D: KernelDevice + ?Sized>(
         &self,
         dev: &D,
         cache: &mut DevKvCache,
@@ -618,7 +622,12 @@ struct DevNoise {
 
 impl DevNoise {
     /// Hint embeddings `[M, d]` of f64 noises `u [M]` at temperatures `tau [M]`.
-    fn forward<D: KernelDevice>(&self, dev: &D, u: &DTensor, tau: &DTensor) -> Result<DTensor> {
+    fn forward<D: KernelDevice + ?Sized>(
+        &self,
+        dev: &D,
+        u: &DTensor,
+        tau: &DTensor,
+    ) -> Result<DTensor> {
         let (m, d) = (u.numel(), self.d);
         ensure!(
             tau.numel() == m,
@@ -654,7 +663,7 @@ pub struct DevPflm {
 
 impl DevPflm {
     /// Uploads an f32 student with f32 weights.
-    pub fn upload<D: KernelDevice>(dev: &D, m: &Pflm) -> Result<Self> {
+    pub fn upload<D: KernelDevice + ?Sized>(dev: &D, m: &Pflm) -> Result<Self> {
         Self::upload_with(dev, m, WeightStore::F32)
     }
 
@@ -678,7 +687,11 @@ impl DevPflm {
     }
 
     /// Uploads an f32 student, its weight matrices stored as `store` says.
-    pub fn upload_with<D: KernelDevice>(dev: &D, m: &Pflm, store: WeightStore) -> Result<Self> {
+    pub fn upload_with<D: KernelDevice + ?Sized>(
+        dev: &D,
+        m: &Pflm,
+        store: WeightStore,
+    ) -> Result<Self> {
         let backbone = DevDdit::upload_with(dev, &m.backbone, store)?;
         let d = backbone.cfg.d_model;
         let p = |s: &str| -> Result<DTensor> {
@@ -722,7 +735,7 @@ impl DevPflm {
     /// `key_skip` per sequence (empty = none), f64 noises `u [B, K]` on the device, `tau` (one
     /// value or one per sequence). Commits the n_new token rows. Hint logits `[B, K, V]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn step_logits<D: KernelDevice>(
+    pub fn step_logits<D: KernelDevice + ?Sized>(
         &self,
         dev: &D,
         cache: &mut DevKvCache,
@@ -799,7 +812,7 @@ impl DevPflm {
     /// never emitted; `counts` is then `[B, limit]`), argmax with frequency penalty (`counts`
     /// u32 updated in place, left to right). Tokens `[B, K]` on the host.
     #[allow(clippy::too_many_arguments)]
-    pub fn step<D: KernelDevice>(
+    pub fn step<D: KernelDevice + ?Sized>(
         &self,
         dev: &D,
         cache: &mut DevKvCache,
@@ -837,7 +850,7 @@ struct Start {
 
 impl Start {
     /// Also refuses `use_cache = false` (only the KV-cached path runs on a kernel device).
-    fn new<D: KernelDevice>(
+    fn new<D: KernelDevice + ?Sized>(
         dev: &D,
         cfg: &DditConfig,
         prompts: &[Vec<u32>],
@@ -871,7 +884,7 @@ impl Start {
 /// the same prompts' tail handling, noise stream (`noise_u(seed, first_stream + b, j)`, drawn by
 /// the Philox kernel), frequency penalty, `vocab_limit`, EOS and `on_token` order. With equal
 /// weights, prompts and options it returns the CPU's tokens (the logits agree to f32 rounding).
-pub fn generate_pflm_dev<D: KernelDevice>(
+pub fn generate_pflm_dev<D: KernelDevice + ?Sized>(
     dev: &D,
     model: &DevPflm,
     prompts: &[Vec<u32>],
@@ -990,7 +1003,11 @@ pub fn generate_pflm_dev<D: KernelDevice>(
 /// The last-row logits `[B, V']` of a `[B, T, V]` logits tensor, keeping the first `v_read`
 /// columns (the `vocab_limit` of a request: the CPU path sets the rest to -inf, which gives the
 /// sampler the same CDF over the kept ones).
-fn last_row_logits<D: KernelDevice>(dev: &D, logits: &DTensor, v_read: usize) -> Result<DTensor> {
+fn last_row_logits<D: KernelDevice + ?Sized>(
+    dev: &D,
+    logits: &DTensor,
+    v_read: usize,
+) -> Result<DTensor> {
     let (b, t, v) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
     let out = DTensor::uninit(dev, &[b, v_read], DType::F32)?;
     for i in 0..b {
@@ -1009,7 +1026,7 @@ fn last_row_logits<D: KernelDevice>(dev: &D, logits: &DTensor, v_read: usize) ->
 /// noise stream (`noise_u(seed, first_stream + b, j)`, drawn by the Philox kernel), fused
 /// inverse-CDF sampling at `tau` (0 = greedy), `vocab_limit`, EOS and `on_token` order; with
 /// equal weights it returns the CPU's tokens (the logits agree to f32 rounding).
-pub fn generate_ar_dev<D: KernelDevice>(
+pub fn generate_ar_dev<D: KernelDevice + ?Sized>(
     dev: &D,
     model: &DevDdit,
     prompts: &[Vec<u32>],
@@ -1097,7 +1114,7 @@ pub fn generate_ar_dev<D: KernelDevice>(
 
 impl DevPflm {
     /// Hint embeddings `[B, M, d]` of host noises `u [B, M]` (row-major) at one temperature.
-    fn hints_host<D: KernelDevice>(
+    fn hints_host<D: KernelDevice + ?Sized>(
         &self,
         dev: &D,
         u: &[f64],
@@ -1143,7 +1160,7 @@ fn check_ctx(ctx: &[u32], b: usize, n: usize, u: &[f64], per: usize, tau: f64) -
 
 /// The AR teacher's full-sequence logits `[B, T, V]` of host ids `[B, T]` (positions `0..T`,
 /// causal; `Ddit::forward_train` off the tape), on the host (row-major).
-pub fn teacher_logits_dev<D: KernelDevice>(
+pub fn teacher_logits_dev<D: KernelDevice + ?Sized>(
     dev: &D,
     teacher: &DevDdit,
     ids: &[u32],
@@ -1160,7 +1177,7 @@ pub fn teacher_logits_dev<D: KernelDevice>(
 /// Stage-1 targets (`pflm::stage1_targets`) on a kernel device: the AR teacher's
 /// full-sequence logits of `ctx [B, N]`, then the inverse-CDF sampler (`sample_inverse_cdf`)
 /// on every row with `u [B, N]` at temperature `tau`. Targets `[B, N]` on the host.
-pub fn stage1_targets_dev<D: KernelDevice>(
+pub fn stage1_targets_dev<D: KernelDevice + ?Sized>(
     dev: &D,
     teacher: &DevDdit,
     ctx: &[u32],
@@ -1183,7 +1200,7 @@ pub fn stage1_targets_dev<D: KernelDevice>(
 /// it (staircase, q_start = N) and reads off F1 by argmax; pass 2 runs `[F1 tokens | hints of
 /// u[.., k..]]` (double staircase, q_start = N) and reads off F2 at its hints (argmax, no
 /// penalty). Tokens `[B, N, 2k]` = `[F1 | F2]` per window, on the host.
-pub fn rollout_double_dev<D: KernelDevice>(
+pub fn rollout_double_dev<D: KernelDevice + ?Sized>(
     dev: &D,
     teacher: &DevPflm,
     ctx: &[u32],

@@ -171,7 +171,7 @@ struct StairFwd {
 }
 
 /// The teacher's parameters, AdamW moments and step on a kernel device.
-pub struct DevTrainer<'d, D: KernelDevice> {
+pub struct DevTrainer<'d, D: KernelDevice + ?Sized> {
     dev: &'d D,
     cfg: DditConfig,
     opt: OptimConfig,
@@ -187,7 +187,7 @@ pub struct DevTrainer<'d, D: KernelDevice> {
     step: u64,
 }
 
-fn gemm<D: KernelDevice>(
+fn gemm<D: KernelDevice + ?Sized>(
     dev: &D,
     spec: &GemmSpec,
     a: &DTensor,
@@ -197,7 +197,7 @@ fn gemm<D: KernelDevice>(
     bw::gemm(dev, spec, a, b, c)
 }
 
-impl<'d, D: KernelDevice> DevTrainer<'d, D> {
+impl<'d, D: KernelDevice + ?Sized> DevTrainer<'d, D> {
     /// Uploads the AR teacher's f32 parameters (checkpoint order); moments start at zero,
     /// step 0.
     pub fn new(dev: &'d D, model: &Ddit, opt: OptimConfig) -> Result<DevTrainer<'d, D>> {
@@ -982,7 +982,7 @@ impl<'d, D: KernelDevice> DevTrainer<'d, D> {
 }
 
 /// The optimizer state in and out of the device (checkpoints; `train::device`).
-impl<D: KernelDevice> DevTrainer<'_, D> {
+impl<D: KernelDevice + ?Sized> DevTrainer<'_, D> {
     /// Parameter names and shapes in checkpoint order.
     pub fn param_shapes(&self) -> Vec<(&str, &[usize])> {
         self.names

@@ -10,7 +10,6 @@
 
 use crate::config::DditConfig;
 use anyhow::{ensure, Context, Result};
-use kf_engine::storage::Storage;
 use kf_engine::{DType, Device, Element, Tensor};
 
 pub struct KvCache {
@@ -221,7 +220,7 @@ fn copy_rows<T: Element>(src: &Tensor, dst: &Tensor, at: usize) -> Result<()> {
     let st = src.strides().to_vec();
     let off = src.layout().offset();
     let g = src.storage()?;
-    let Storage::Cpu(s) = &*g;
+    let s = g.cpu()?;
     let sd = T::buf(s)
         .context("KV cache: source storage dtype")?
         .as_slice();

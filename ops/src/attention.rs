@@ -306,7 +306,7 @@ fn readable(t: &Tensor) -> Result<Tensor> {
 }
 
 fn src<'a, T: Kern>(t: &Tensor, g: &'a Storage) -> Result<Src<'a, T>> {
-    let Storage::Cpu(s) = g;
+    let s = g.cpu()?;
     let data = T::buf(s)
         .with_context(|| format!("attention: storage is not {}", T::DTYPE))?
         .as_slice();

@@ -9,7 +9,6 @@ use crate::util::{expect_rank, float_dtype};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::{should_record, BackwardOp};
 use kf_engine::layout::Layout;
-use kf_engine::storage::Storage;
 use kf_engine::{Element, Float, OutBuf, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -27,7 +26,7 @@ pub(crate) fn with_raw<T: Element, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> 
         T::DTYPE
     );
     let g = t.storage()?;
-    let Storage::Cpu(s) = &*g;
+    let s = g.cpu()?;
     let buf = T::buf(s).context("storage variant differs from the tensor dtype")?;
     Ok(f(buf.as_slice()))
 }

@@ -10,7 +10,8 @@ pub mod util;
 pub mod adamw;
 pub mod elementwise;
 pub mod embedding;
-pub mod gemm;
+/// The CPU GEMM lives in the engine (the emulator device multiplies with it too).
+pub use kf_engine::gemm;
 pub mod matmul;
 pub mod reduce;
 

@@ -9,7 +9,6 @@ use crate::util::float_dtype;
 use crate::util::for_each_row;
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::should_record;
-use kf_engine::storage::Storage;
 use kf_engine::{BackwardOp, DType, Float, OutBuf, Tensor};
 use std::sync::Arc;
 
@@ -111,7 +110,7 @@ fn rotate<T: Float>(
         let st = xv.strides().to_vec();
         let off = xv.layout().offset();
         let guard = xv.storage()?;
-        let Storage::Cpu(cpu) = &*guard;
+        let cpu = guard.cpu()?;
         let data = T::buf(cpu)
             .with_context(|| format!("rope: storage does not hold {}", T::DTYPE))?
             .as_slice();

@@ -14,7 +14,6 @@
 //! AR: 1 row per sequence per token; PFLM: 2K rows per sequence (K committed + K hints) per K
 //! tokens. Predicted speedup = AR time per token / (PFLM step time / K).
 
-use crate::device_arg::Target;
 use crate::devmodel::{self, DevModel, HostModel};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::{DType, Device, Tensor};
@@ -269,7 +268,7 @@ fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
 }
 
 pub fn run(threads: usize, a: &Args) -> Result<()> {
-    let target = crate::device_arg::select_target(&a.device)?;
+    let device = crate::device_arg::select_device(&a.device)?;
     ensure!(a.runs >= 1, "--runs must be at least 1");
     ensure!(a.max_new >= 1, "--max-new must be at least 1");
     ensure!(a.prompt_len >= 1, "--prompt-len must be at least 1");
@@ -297,11 +296,11 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         a.max_new,
         a.runs
     );
-    let on_dev = match target {
-        Target::Cpu => None,
+    let on_dev = match device {
+        Device::Cpu => None,
         t => Some((
-            devmodel::upload(&t, HostModel::Ar(&ar))?.expect("a kernel device"),
-            devmodel::upload(&t, HostModel::Pflm(&pf))?.expect("a kernel device"),
+            devmodel::upload(t, HostModel::Ar(&ar))?.expect("a kernel device"),
+            devmodel::upload(t, HostModel::Pflm(&pf))?.expect("a kernel device"),
         )),
     };
     let machine = match &on_dev {
@@ -312,7 +311,7 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         },
         Some((d, _)) => {
             // the emulator is slow: small probes there
-            let (bytes, g) = if target == Target::Emu {
+            let (bytes, g) = if device == Device::Emu {
                 (1 << 22, 256)
             } else {
                 (1 << 30, 4096)

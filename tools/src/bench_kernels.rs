@@ -116,7 +116,11 @@ pub struct Report {
 }
 
 /// Median wall time (s) of `runs` calls of `f`, each synchronised, after one warm-up call.
-fn time<D: KernelDevice>(dev: &D, runs: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+fn time<D: KernelDevice + ?Sized>(
+    dev: &D,
+    runs: usize,
+    f: &mut dyn FnMut() -> Result<()>,
+) -> Result<f64> {
     f()?;
     dev.synchronize()?;
     let mut t = Vec::with_capacity(runs);
@@ -142,7 +146,7 @@ fn values(n: usize, salt: u32) -> Vec<f32> {
 }
 
 /// Runs every family on `dev` with shapes `sz`.
-pub fn bench<D: KernelDevice>(dev: &D, sz: Size, runs: usize) -> Result<Report> {
+pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result<Report> {
     ensure!(runs >= 1, "--runs must be at least 1");
     let s = 4.0; // f32 storage
     let (b, t, d, h, v) = (sz.batch, sz.seq, sz.d, sz.heads, sz.vocab);
@@ -497,14 +501,6 @@ pub fn bench<D: KernelDevice>(dev: &D, sz: Size, runs: usize) -> Result<Report> 
     })
 }
 
-#[cfg(feature = "cuda")]
-fn bench_cuda(device: kf_engine::Device, sz: Size, runs: usize) -> Result<Report> {
-    let kf_engine::Device::Cuda(n) = device else {
-        bail!("{device} is not a CUDA device")
-    };
-    bench(&kf_ops::kdev::cuda::Cuda::new(n)?, sz, runs)
-}
-
 fn print(rep: &Report) {
     println!(
         "kernels on {} ({} shapes), median of {} calls; device copy {:.1} GB/s, f32 GEMM {}^3 \
@@ -529,33 +525,21 @@ fn print(rep: &Report) {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    let report = match a.device.as_str() {
-        "emu" => {
-            let sz = Size::parse(a.size.as_deref().unwrap_or("tiny"))?;
-            bench(&kf_kernels_emu::device::Emu, sz, a.runs)?
-        }
-        "cpu" => bail!(
+    let device = crate::device_arg::select_device(&a.device)?;
+    if device.is_cpu() {
+        bail!(
             "--device cpu: kfrun bench kernels runs the CUDA kernels; use --device cuda (a GPU) \
              or emu (the CPU emulator)"
-        ),
-        #[cfg(not(feature = "cuda"))]
-        flag if flag == "gpu" || flag.starts_with("cuda") => bail!(
-            "--device {flag}: this kfrun was built without the cuda feature (cargo build --release \
-             -p kf-tools --features cuda); --device emu runs the same kernels on the CPU emulator"
-        ),
-        #[cfg(not(feature = "cuda"))]
-        flag => bail!("--device {flag}: unknown device (expected cuda, cuda:N or emu)"),
-        #[cfg(feature = "cuda")]
-        flag => {
-            let device = kf_engine::Device::parse(flag)
-                .with_context(|| format!("--device {flag} (expected emu, cuda or cuda:N)"))?;
-            device
-                .ensure_available()
-                .with_context(|| format!("--device {flag}"))?;
-            let sz = Size::parse(a.size.as_deref().unwrap_or("paper"))?;
-            bench_cuda(device, sz, a.runs)?
-        }
+        );
+    }
+    // the emulator is slow: tiny shapes unless asked otherwise
+    let default_size = if device == kf_engine::Device::Emu {
+        "tiny"
+    } else {
+        "paper"
     };
+    let sz = Size::parse(a.size.as_deref().unwrap_or(default_size))?;
+    let report = bench(&*device.kernel()?, sz, a.runs)?;
     print(&report);
     if let Some(p) = &a.json {
         kf_model::data::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;

@@ -4,8 +4,8 @@
 //! Weight matrices keep the precision the model was read at (`WeightStore::Exact`: an f16 model
 //! file serves from f16 matrices, half the bytes a decode step reads; the maths stays f32).
 
-use crate::device_arg::Target;
 use anyhow::{Context, Result};
+use kf_engine::Device;
 use kf_model::eval::EvalBackend;
 use kf_model::generate::{GenerateOptions, Generated};
 use kf_model::kdev_model::{
@@ -15,6 +15,7 @@ use kf_model::pflm::{Pflm, PflmGenerateOptions};
 use kf_model::Ddit;
 use kf_ops::kdev::launch as kl;
 use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The host model to upload.
@@ -45,12 +46,12 @@ enum DevWeights {
     Pflm(DevPflm),
 }
 
-struct OnDevice<D: KernelDevice> {
-    dev: D,
+struct OnDevice {
+    dev: Arc<dyn KernelDevice>,
     weights: DevWeights,
 }
 
-impl<D: KernelDevice> DevModel for OnDevice<D> {
+impl DevModel for OnDevice {
     fn name(&self) -> String {
         self.dev.name()
     }
@@ -61,7 +62,7 @@ impl<D: KernelDevice> DevModel for OnDevice<D> {
         }
     }
     fn probes(&self, bytes: usize, gemm: usize) -> Result<(f64, f64)> {
-        probes(&self.dev, bytes, gemm)
+        probes(&*self.dev, bytes, gemm)
     }
     fn generate(
         &self,
@@ -70,40 +71,33 @@ impl<D: KernelDevice> DevModel for OnDevice<D> {
         on_token: &mut dyn FnMut(usize, u32) -> Result<()>,
     ) -> Result<Generated> {
         match &self.weights {
-            DevWeights::Ar(m) => generate_ar_dev(&self.dev, m, prompts, &opts.base, on_token),
-            DevWeights::Pflm(m) => generate_pflm_dev(&self.dev, m, prompts, opts, on_token),
+            DevWeights::Ar(m) => generate_ar_dev(&*self.dev, m, prompts, &opts.base, on_token),
+            DevWeights::Pflm(m) => generate_pflm_dev(&*self.dev, m, prompts, opts, on_token),
         }
     }
 }
 
-fn on_device<D: KernelDevice + 'static>(dev: D, model: HostModel) -> Result<Box<dyn DevModel>> {
+fn on_device(dev: Arc<dyn KernelDevice>, model: HostModel) -> Result<Box<dyn DevModel>> {
     let weights = match model {
-        HostModel::Ar(m) => DevWeights::Ar(DevDdit::upload_with(&dev, m, WeightStore::Exact)?),
-        HostModel::Pflm(m) => DevWeights::Pflm(DevPflm::upload_with(&dev, m, WeightStore::Exact)?),
+        HostModel::Ar(m) => DevWeights::Ar(DevDdit::upload_with(&*dev, m, WeightStore::Exact)?),
+        HostModel::Pflm(m) => DevWeights::Pflm(DevPflm::upload_with(&*dev, m, WeightStore::Exact)?),
     };
     Ok(Box::new(OnDevice { dev, weights }))
 }
 
-/// The model's weights on the kernel device of `target` (matrices at the precision they were
-/// read at, see the module's text), or `None` for the CPU.
-pub fn upload(target: &Target, model: HostModel) -> Result<Option<Box<dyn DevModel>>> {
-    let what = |t: &str| format!("uploading the model to {t}");
-    match *target {
-        Target::Cpu => Ok(None),
-        Target::Emu => on_device(kf_kernels_emu::device::Emu, model)
-            .with_context(|| what("the emulator"))
-            .map(Some),
-        #[cfg(feature = "cuda")]
-        Target::Cuda(n) => on_device(kf_ops::kdev::cuda::Cuda::new(n)?, model)
-            .with_context(|| what(&format!("cuda:{n}")))
-            .map(Some),
-        #[cfg(not(feature = "cuda"))]
-        Target::Cuda(n) => anyhow::bail!("cuda:{n}: this kfrun was built without the cuda feature"),
+/// The model's weights on kernel device `device` (matrices at the precision they were read
+/// at, see the module's text), or `None` for the CPU.
+pub fn upload(device: Device, model: HostModel) -> Result<Option<Box<dyn DevModel>>> {
+    if device.is_cpu() {
+        return Ok(None);
     }
+    on_device(device.kernel()?, model)
+        .with_context(|| format!("uploading the model to {device}"))
+        .map(Some)
 }
 
 /// Median of three synchronised runs of `f` (after one warm-up), in seconds.
-fn median3<D: KernelDevice>(dev: &D, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+fn median3<D: KernelDevice + ?Sized>(dev: &D, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     dev.synchronize()?;
     let mut t = [0.0; 3];
@@ -118,7 +112,7 @@ fn median3<D: KernelDevice>(dev: &D, f: &mut dyn FnMut() -> Result<()>) -> Resul
 }
 
 /// Copy bandwidth (GB/s, read + write) and f32 GEMM rate (GFLOP/s) of a kernel device.
-pub fn probes<D: KernelDevice>(dev: &D, bytes: usize, gemm: usize) -> Result<(f64, f64)> {
+pub fn probes<D: KernelDevice + ?Sized>(dev: &D, bytes: usize, gemm: usize) -> Result<(f64, f64)> {
     let (src, dst) = (dev.alloc_zeroed(bytes)?, dev.alloc_zeroed(bytes)?);
     let tc = median3(dev, &mut || dev.copy(&src, 0, &dst, 0, bytes))?;
     drop((src, dst));
@@ -138,24 +132,24 @@ pub fn probes<D: KernelDevice>(dev: &D, bytes: usize, gemm: usize) -> Result<(f6
 }
 
 /// Teacher and student on a kernel device for `kfrun eval`.
-struct EvalOnDevice<D: KernelDevice> {
-    dev: D,
+struct EvalOnDevice {
+    dev: Arc<dyn KernelDevice>,
     teacher: DevDdit,
     student: DevPflm,
 }
 
-impl<D: KernelDevice> EvalBackend for EvalOnDevice<D> {
+impl EvalBackend for EvalOnDevice {
     fn generate_ar(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Generated> {
-        generate_ar_dev(&self.dev, &self.teacher, prompts, opts, |_, _| Ok(()))
+        generate_ar_dev(&*self.dev, &self.teacher, prompts, opts, |_, _| Ok(()))
     }
     fn generate_pflm(&self, prompts: &[Vec<u32>], opts: &PflmGenerateOptions) -> Result<Generated> {
-        generate_pflm_dev(&self.dev, &self.student, prompts, opts, |_, _| Ok(()))
+        generate_pflm_dev(&*self.dev, &self.student, prompts, opts, |_, _| Ok(()))
     }
     fn teacher_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>> {
         let (b, t) = (rows.len(), rows[0].len());
         self.teacher
-            .forward(&self.dev, &rows.concat(), b, t)?
-            .to_vec::<D, f32>(&self.dev)
+            .forward(&*self.dev, &rows.concat(), b, t)?
+            .to_vec::<dyn KernelDevice, f32>(&*self.dev)
     }
     fn teacher_last_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>> {
         let (b, t) = (rows.len(), rows[0].len());
@@ -167,62 +161,44 @@ impl<D: KernelDevice> EvalBackend for EvalOnDevice<D> {
     }
 }
 
-fn eval_on<D: KernelDevice + 'static>(
-    dev: D,
-    teacher: &Ddit,
-    student: &Pflm,
-) -> Result<Box<dyn EvalBackend>> {
-    let teacher = DevDdit::upload_with(&dev, teacher, WeightStore::Exact)?;
-    let student = DevPflm::upload_with(&dev, student, WeightStore::Exact)?;
-    Ok(Box::new(EvalOnDevice {
-        dev,
-        teacher,
-        student,
-    }))
-}
-
-/// Teacher and student on the kernel device of `target` for `kfrun eval`, or `None` (CPU).
+/// Teacher and student on kernel device `device` for `kfrun eval`, or `None` (CPU).
 pub fn eval_backend(
-    target: &Target,
+    device: Device,
     teacher: &Ddit,
     student: &Pflm,
 ) -> Result<Option<Box<dyn EvalBackend>>> {
-    let what = |t: &str| format!("uploading teacher and student to {t}");
-    match *target {
-        Target::Cpu => Ok(None),
-        Target::Emu => eval_on(kf_kernels_emu::device::Emu, teacher, student)
-            .with_context(|| what("the emulator"))
-            .map(Some),
-        #[cfg(feature = "cuda")]
-        Target::Cuda(n) => eval_on(kf_ops::kdev::cuda::Cuda::new(n)?, teacher, student)
-            .with_context(|| what(&format!("cuda:{n}")))
-            .map(Some),
-        #[cfg(not(feature = "cuda"))]
-        Target::Cuda(n) => {
-            anyhow::bail!("cuda:{n}: this kfrun was built without the cuda feature")
-        }
+    if device.is_cpu() {
+        return Ok(None);
     }
+    let dev = device.kernel()?;
+    let upload = || -> Result<Box<dyn EvalBackend>> {
+        let teacher = DevDdit::upload_with(&*dev, teacher, WeightStore::Exact)?;
+        let student = DevPflm::upload_with(&*dev, student, WeightStore::Exact)?;
+        Ok(Box::new(EvalOnDevice {
+            dev: dev.clone(),
+            teacher,
+            student,
+        }))
+    };
+    upload()
+        .with_context(|| format!("uploading teacher and student to {device}"))
+        .map(Some)
 }
 
-/// Runs `f` with the training backend of `target` (`kfrun train` and `distill`): the CPU
+/// Runs `f` with the training backend of `device` (`kfrun train` and `distill`): the CPU
 /// autograd trainer, or the kernel-device trainer on the emulator or a GPU.
 pub fn with_train_backend<R>(
-    target: Target,
+    device: Device,
     f: impl FnOnce(&dyn kf_model::train::TrainBackend) -> Result<R>,
 ) -> Result<R> {
     use kf_model::train::{CpuBackend, DevBackend};
-    match target {
-        Target::Cpu => f(&CpuBackend),
-        Target::Emu => f(&DevBackend::new(
-            &kf_kernels_emu::device::Emu,
-            "the emulator",
-        )),
-        #[cfg(feature = "cuda")]
-        Target::Cuda(n) => {
-            let dev = kf_ops::kdev::cuda::Cuda::new(n)?;
-            f(&DevBackend::new(&dev, format!("cuda:{n}")))
-        }
-        #[cfg(not(feature = "cuda"))]
-        Target::Cuda(n) => anyhow::bail!("cuda:{n}: this kfrun was built without the cuda feature"),
+    if device.is_cpu() {
+        return f(&CpuBackend);
     }
+    let dev = device.kernel()?;
+    let name = match device {
+        Device::Emu => "the emulator".to_string(),
+        d => d.to_string(),
+    };
+    f(&DevBackend::new(&*dev, name))
 }

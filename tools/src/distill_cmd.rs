@@ -51,7 +51,7 @@ pub struct DistillArgs {
 }
 
 pub fn run(a: &DistillArgs) -> Result<()> {
-    let target = crate::device_arg::select_target(&a.device)?;
+    let device = crate::device_arg::select_device(&a.device)?;
     ensure!(a.k >= 1, "--k must be at least 1");
     let mut recipe = Recipe::from_file(&a.recipe)?;
     match a.variant.as_deref() {
@@ -73,7 +73,7 @@ pub fn run(a: &DistillArgs) -> Result<()> {
         stop: Some(stop),
     };
     let mut dir = a.out.clone();
-    let res = crate::devmodel::with_train_backend(target, |backend| {
+    let res = crate::devmodel::with_train_backend(device, |backend| {
         if !backend.on_host() {
             progress.say(format!("updates and validation on {}", backend.name()));
         }

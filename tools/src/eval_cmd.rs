@@ -59,7 +59,7 @@ pub struct Args {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    let target = crate::device_arg::select_target(&a.device)?;
+    let device = crate::device_arg::select_device(&a.device)?;
     ensure!(
         a.tau.is_finite() && a.tau > 0.0,
         "--tau must be finite and > 0, got {}",
@@ -121,7 +121,7 @@ pub fn run(a: &Args) -> Result<()> {
         a.seed,
         student.k
     );
-    let on_dev = crate::devmodel::eval_backend(&target, &teacher, &student)?;
+    let on_dev = crate::devmodel::eval_backend(device, &teacher, &student)?;
     let cpu = CpuEval {
         teacher: &teacher,
         student: Some(&student),

@@ -81,9 +81,9 @@ impl Model {
 }
 
 pub fn run(a: &Args) -> Result<()> {
-    let target = crate::device_arg::select_target(&a.device)?;
+    let device = crate::device_arg::select_device(&a.device)?;
     ensure!(
-        !(a.no_cache && target.is_kernel_device()),
+        !(a.no_cache && device.is_kernel_device()),
         "--no-cache: the cache-free reference path runs on the CPU only; drop it for --device {}",
         a.device
     );
@@ -139,8 +139,8 @@ pub fn run(a: &Args) -> Result<()> {
         Model::Pflm(m) => a.k.unwrap_or(m.k),
     };
     let dev_model = match &model {
-        Model::Ar(m) => devmodel::upload(&target, HostModel::Ar(m))?,
-        Model::Pflm(m) => devmodel::upload(&target, HostModel::Pflm(m))?,
+        Model::Ar(m) => devmodel::upload(device, HostModel::Ar(m))?,
+        Model::Pflm(m) => devmodel::upload(device, HostModel::Pflm(m))?,
     };
     let cfg = model.cfg();
     let tok = checkpoint::read_tokenizer(&a.model, cfg)?;

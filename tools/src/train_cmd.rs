@@ -39,7 +39,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
-    let target = crate::device_arg::select_target(&a.device)?;
+    let device = crate::device_arg::select_device(&a.device)?;
     let stop = install_stop_handler()?;
     let mut progress = RunProgress::new(a.resume);
     let opts = TeacherOptions {
@@ -51,7 +51,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         max_steps: a.max_steps,
         stop: Some(stop),
     };
-    let res = crate::devmodel::with_train_backend(target, |backend| {
+    let res = crate::devmodel::with_train_backend(device, |backend| {
         if !backend.on_host() {
             progress.say(format!("updates and validation on {}", backend.name()));
         }

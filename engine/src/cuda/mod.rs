@@ -4,14 +4,13 @@
 //! host<->device copies and cuBLAS GEMMs. libcuda and libcublas are opened at
 //! run time (cudarc dynamic loading), so this builds with no toolkit and no GPU;
 //! a missing driver or device is an `Err` with one clear sentence, never a panic.
-//!
-//! Tensors do not live here yet: `Tensor` keeps CPU storage, and the ops of
-//! kf-ops have no CUDA path. The pieces here are what that integration uses.
+//! [`Cuda`] (kernel.rs) is this layer as a [`crate::KernelDevice`].
 
 mod alloc;
 mod blas;
 mod buffer;
 mod context;
+mod kernel;
 mod launch;
 mod module;
 mod probe;
@@ -20,6 +19,7 @@ pub use alloc::{size_class, AllocStats, CachingAllocator, RawMemory};
 pub use blas::{GemmElem, GemmShape, RawGemm};
 pub use buffer::{CudaBuffer, DeviceElem};
 pub use context::CudaDevice;
+pub use kernel::{Cuda, CudaBuf};
 pub use launch::{check_launch_config, KernelArg, ParamKind};
 pub use module::ptx_params;
 pub use probe::{check_cublas, check_driver, DRIVER_SYMBOLS};

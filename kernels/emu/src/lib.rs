@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 
 pub use kf_kernels::LaunchConfig;
 
-/// The emulator as a `kf_ops::kdev::KernelDevice`.
-pub mod device;
+// The emulator as a kernel device (`KernelDevice`) is `kf_engine::emu::Emu`, over this crate's
+// launches and buffers.
 
 #[repr(C)]
 pub(crate) struct RawEntry {
@@ -159,6 +159,10 @@ impl DeviceBuffer {
     /// The emulator's number of this buffer (named in out-of-bounds errors).
     pub fn id(&self) -> u64 {
         self.id
+    }
+    /// The host address of the first byte (what the engine's `Emu` copies and multiplies on).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
     }
     /// The device pointer, as a kernel receives it.
     pub fn device_ptr(&self) -> u64 {

@@ -18,8 +18,8 @@
 mod e2e;
 
 use e2e::*;
+use kf_engine::emu::Emu;
 use kf_engine::{no_grad, Device, Tensor};
-use kf_kernels_emu::device::Emu;
 use kf_model::kdev_model::{
     rollout_double_dev, stage1_targets_dev, teacher_logits_dev, DevDdit, DevPflm,
 };
@@ -70,7 +70,7 @@ fn teacher_eval_loss_and_logits_match_the_cpu() {
 
 /// `eval_loss` against the CPU loss and bit for bit against `loss_and_grads`'s loss (no
 /// update), and `teacher_logits_dev` against `forward_train`.
-fn teacher_eval_loss_and_logits<D: KernelDevice>(dev: &D) {
+fn teacher_eval_loss_and_logits<D: KernelDevice + ?Sized>(dev: &D) {
     let t0 = Instant::now();
     let cfg = config();
     let v = cfg.vocab_size;
@@ -128,7 +128,7 @@ fn stage1_targets_match_the_cpu() {
 }
 
 /// `stage1_targets_dev` equals `stage1_targets` at tau 1, 0.7 and 0 (greedy).
-fn stage1_targets_on<D: KernelDevice>(dev: &D) {
+fn stage1_targets_on<D: KernelDevice + ?Sized>(dev: &D) {
     let cfg = config();
     let model = Ddit::init(&cfg, 11).unwrap();
     let dm = DevDdit::upload(dev, &model).unwrap();
@@ -181,7 +181,7 @@ fn double_rollout_matches_the_cpu() {
 }
 
 /// `rollout_double_dev` equals `Pflm::rollout_double` for k = 1 and k = 2 teachers.
-fn double_rollout_on<D: KernelDevice>(dev: &D) {
+fn double_rollout_on<D: KernelDevice + ?Sized>(dev: &D) {
     let _g = no_grad();
     let cfg = config();
     for k in [1, 2] {
@@ -277,7 +277,7 @@ fn stage_k_to_2k_staircase_eval_and_steps_match_the_cpu_kk4() {
 /// A student of window `kk` on stage k -> 2k batches: `staircase_eval` against the CPU's
 /// per-target losses and predictions, the staircase loss and every gradient against the CPU
 /// autograd, then two clipped updates against the CPU trainer.
-fn staircase_eval_and_steps<D: KernelDevice>(dev: &D, kk: usize) {
+fn staircase_eval_and_steps<D: KernelDevice + ?Sized>(dev: &D, kk: usize) {
     let t0 = Instant::now();
     let cfg = config();
     let batches = [stair_batch(31, kk), stair_batch(32, kk)];
@@ -332,7 +332,7 @@ fn staircase_eval_and_steps<D: KernelDevice>(dev: &D, kk: usize) {
 #[cfg(feature = "cuda")]
 #[test]
 fn on_a_gpu_distillation_pieces_match_the_cpu() {
-    let Some(dev) = kf_ops::kdev::cuda::Cuda::for_tests() else {
+    let Some(dev) = kf_engine::cuda::Cuda::for_tests() else {
         return;
     };
     teacher_eval_loss_and_logits(&dev);

@@ -8,8 +8,8 @@
 //!   `WeightStore::Exact`: every weight matrix on the device in the file's precision (the
 //!   gemv kernels multiply by them), tokens identical to the CPU's.
 
+use kf_engine::emu::Emu;
 use kf_engine::{no_grad, DType, Device, Tensor};
-use kf_kernels_emu::device::Emu;
 use kf_model::config::DditConfig;
 use kf_model::generate::GenerateOptions;
 use kf_model::kdev_model::{
@@ -181,7 +181,7 @@ fn half_model_files_generate_the_cpu_tokens_from_half_weights() {
 /// limit) equals `generate_pflm` on the CPU: tokens, `on_token` order, passes. With `half`, the
 /// student goes through a model file of that dtype first and is uploaded with
 /// `WeightStore::Exact`.
-fn pflm_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D, half: Option<DType>) {
+fn pflm_generation_gives_the_cpu_tokens<D: KernelDevice + ?Sized>(emu: &D, half: Option<DType>) {
     let _g = no_grad();
     for (k, kk, penalty, tau, limit) in [(4, 4, 0.5, 0.8, None), (2, 2, 0.0, 0.0, Some(90))] {
         let teacher = Ddit::init(&cfg(), 5).unwrap();
@@ -253,7 +253,7 @@ fn ar_generation_on_the_emulator_gives_the_cpu_tokens() {
 
 /// AR generation on `emu` equals `generate` on the CPU (see the test above; `half` as for
 /// the PFLM).
-fn ar_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D, half: Option<DType>) {
+fn ar_generation_gives_the_cpu_tokens<D: KernelDevice + ?Sized>(emu: &D, half: Option<DType>) {
     let _g = no_grad();
     let mut model = Ddit::init(&cfg(), 9).unwrap();
     let dev = match half {
@@ -318,7 +318,7 @@ fn ar_generation_gives_the_cpu_tokens<D: KernelDevice>(emu: &D, half: Option<DTy
 #[cfg(feature = "cuda")]
 #[test]
 fn on_a_gpu_generation_gives_the_cpu_tokens() {
-    let Some(dev) = kf_ops::kdev::cuda::Cuda::for_tests() else {
+    let Some(dev) = kf_engine::cuda::Cuda::for_tests() else {
         return;
     };
     pflm_generation_gives_the_cpu_tokens(&dev, None);

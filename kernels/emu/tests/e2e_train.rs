@@ -1,6 +1,6 @@
 //! End to end: one (and two) training steps of a tiny AR teacher (DDiT, d = 128, 2 heads of
 //! 64, 2 layers, V = 97, B = 2, T = 40: ragged against every tile) on the emulated kernels
-//! (kf_model::kdev_train::DevTrainer on kf_kernels_emu::device::Emu) against the CPU
+//! (kf_model::kdev_train::DevTrainer on kf_engine::emu::Emu) against the CPU
 //! trainer's step (kf_model::train::optim::Trainer::train_step on the teacher's loss: mean
 //! next-token cross-entropy of `Ddit::forward_train`), from the same initial weights and
 //! batches: the loss, every parameter's gradient (step 1; and bit-for-bit equal on a second
@@ -15,8 +15,8 @@
 mod e2e;
 
 use e2e::*;
+use kf_engine::emu::Emu;
 use kf_engine::Tensor;
-use kf_kernels_emu::device::Emu;
 use kf_model::kdev_train::{Batch, DevTrainer, StairBatch};
 use kf_model::pflm::{stage1_targets, Pflm};
 use kf_model::train::optim::OptimConfig;
@@ -61,7 +61,7 @@ fn tiny_teacher_loss_and_gradients_match_the_cpu_autograd() {
 
 /// The loss and every gradient of one teacher forward / backward on `emu` against the CPU
 /// autograd, and the same bits on a second run.
-fn teacher_loss_and_gradients_on<D: KernelDevice>(emu: &D) {
+fn teacher_loss_and_gradients_on<D: KernelDevice + ?Sized>(emu: &D) {
     let t0 = Instant::now();
     let cfg = config();
     let mut cpu = Ddit::init(&cfg, 11).unwrap();
@@ -146,7 +146,7 @@ fn accumulated_unclipped_steps_match_the_cpu_trainer() {
 
 /// Runs `micro.len()` updates on both sides (update s takes the micro-batches `micro[s]`)
 /// and compares loss, gradient norm, learning rate and every weight after each.
-fn steps<D: KernelDevice>(emu: &D, opt: OptimConfig, micro: &[Vec<Batch>], clipped: bool) {
+fn steps<D: KernelDevice + ?Sized>(emu: &D, opt: OptimConfig, micro: &[Vec<Batch>], clipped: bool) {
     let cfg = config();
     let mut cpu = Ddit::init(&cfg, 11).unwrap();
     let mut dev = DevTrainer::new(emu, &cpu, opt.clone()).unwrap();
@@ -241,7 +241,7 @@ fn pflm_stage1_staircase_steps_match_the_cpu_trainer() {
 }
 
 /// Stage-1 staircase loss, gradients and two steps of a student on `emu` against the CPU.
-fn pflm_stage1_steps_on<D: KernelDevice>(emu: &D) {
+fn pflm_stage1_steps_on<D: KernelDevice + ?Sized>(emu: &D) {
     let t0 = Instant::now();
     let cfg = config();
     let v = cfg.vocab_size;
@@ -320,7 +320,7 @@ fn pflm_stage1_steps_on<D: KernelDevice>(emu: &D) {
 #[cfg(feature = "cuda")]
 #[test]
 fn on_a_gpu_training_steps_match_the_cpu() {
-    let Some(dev) = kf_ops::kdev::cuda::Cuda::for_tests() else {
+    let Some(dev) = kf_engine::cuda::Cuda::for_tests() else {
         return;
     };
     teacher_loss_and_gradients_on(&dev);

@@ -4,9 +4,9 @@
 //! of the wrong shape (or dtype) that must be an error, not a launch.
 //! Letters: n elements, R rows, D features, V vocabulary, B batch, T rows, H heads.
 
+use kf_engine::emu::Emu;
 use kf_engine::rng::Philox;
 use kf_engine::{no_grad, DType, Device, Tensor};
-use kf_kernels_emu::device::Emu;
 use kf_ops::attention::{attention_with_lse, AttnParams, AttnPattern};
 use kf_ops::kdev::launch as kl;
 use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
@@ -22,10 +22,10 @@ fn f32v(seed: u64, n: usize, lo: f64, hi: f64) -> Vec<f32> {
         .map(|&x| x as f32)
         .collect()
 }
-fn up<D: KernelDevice>(dev: &D, v: &[f32], shape: &[usize]) -> DTensor {
+fn up<D: KernelDevice + ?Sized>(dev: &D, v: &[f32], shape: &[usize]) -> DTensor {
     DTensor::from_slice(dev, v, shape).unwrap()
 }
-fn got<D: KernelDevice>(dev: &D, d: &DTensor) -> Vec<f64> {
+fn got<D: KernelDevice + ?Sized>(dev: &D, d: &DTensor) -> Vec<f64> {
     d.to_vec::<D, f32>(dev)
         .unwrap()
         .iter()
@@ -52,7 +52,7 @@ fn elementwise_and_gelu_match_the_cpu_ops() {
     elementwise_and_gelu_match_the_cpu_ops_on(&Emu);
 }
 
-fn elementwise_and_gelu_match_the_cpu_ops_on<D: KernelDevice>(dev: &D) {
+fn elementwise_and_gelu_match_the_cpu_ops_on<D: KernelDevice + ?Sized>(dev: &D) {
     let _g = no_grad();
     let (r, c) = (8, 125); // n = 1000: not a multiple of the 256-thread block
     let n = r * c;
@@ -128,7 +128,7 @@ fn layer_norm_matches_the_cpu_op() {
     layer_norm_matches_the_cpu_op_on(&Emu);
 }
 
-fn layer_norm_matches_the_cpu_op_on<D: KernelDevice>(dev: &D) {
+fn layer_norm_matches_the_cpu_op_on<D: KernelDevice + ?Sized>(dev: &D) {
     let _g = no_grad();
     let (r, d) = (5, 77);
     let x = f32v(4, r * d, 2.0, 4.0);
@@ -166,7 +166,7 @@ fn embedding_matches_the_cpu_op() {
     embedding_matches_the_cpu_op_on(&Emu);
 }
 
-fn embedding_matches_the_cpu_op_on<D: KernelDevice>(dev: &D) {
+fn embedding_matches_the_cpu_op_on<D: KernelDevice + ?Sized>(dev: &D) {
     let _g = no_grad();
     let (v, d) = (50, 37);
     let table = f32v(7, v * d, -1.0, 1.0);
@@ -189,7 +189,7 @@ fn rope_matches_the_cpu_op_on_contiguous_and_strided_inputs() {
     rope_matches_the_cpu_op_on_contiguous_and_strided_inputs_on(&Emu);
 }
 
-fn rope_matches_the_cpu_op_on_contiguous_and_strided_inputs_on<D: KernelDevice>(dev: &D) {
+fn rope_matches_the_cpu_op_on_contiguous_and_strided_inputs_on<D: KernelDevice + ?Sized>(dev: &D) {
     let _g = no_grad();
     let (b, tt, h, d) = (2, 7, 3, 6);
     let base = 10_000.0;
@@ -264,7 +264,7 @@ fn softmax_matches_the_cpu_op_and_reports_masked_rows() {
     softmax_matches_the_cpu_op_and_reports_masked_rows_on(&Emu);
 }
 
-fn softmax_matches_the_cpu_op_and_reports_masked_rows_on<D: KernelDevice>(dev: &D) {
+fn softmax_matches_the_cpu_op_and_reports_masked_rows_on<D: KernelDevice + ?Sized>(dev: &D) {
     let _g = no_grad();
     let (r, v) = (3, 1000);
     let mut x = f32v(9, r * v, -8.0, 8.0);
@@ -302,7 +302,7 @@ fn linear_and_gemm_match_the_cpu() {
     linear_and_gemm_match_the_cpu_on(&Emu);
 }
 
-fn linear_and_gemm_match_the_cpu_on<D: KernelDevice>(dev: &D) {
+fn linear_and_gemm_match_the_cpu_on<D: KernelDevice + ?Sized>(dev: &D) {
     let _g = no_grad();
     let (b, tt, k, n) = (2, 5, 37, 19);
     let x = f32v(10, b * tt * k, -1.0, 1.0);
@@ -404,7 +404,7 @@ fn attention_matches_the_cpu_op_on_every_pattern_and_path() {
     attention_matches_the_cpu_op_on_every_pattern_and_path_on(&Emu);
 }
 
-fn attention_matches_the_cpu_op_on_every_pattern_and_path_on<D: KernelDevice>(dev: &D) {
+fn attention_matches_the_cpu_op_on_every_pattern_and_path_on<D: KernelDevice + ?Sized>(dev: &D) {
     let _g = no_grad();
     use kl::AttnPath::*;
     let d = 64;
@@ -520,7 +520,7 @@ fn noise_features_match_the_cpu_op() {
     noise_features_match_the_cpu_op_on(&Emu);
 }
 
-fn noise_features_match_the_cpu_op_on<D: KernelDevice>(dev: &D) {
+fn noise_features_match_the_cpu_op_on<D: KernelDevice + ?Sized>(dev: &D) {
     let (n, d) = (7, 64);
     let mut s = Gen::new(50).vec(n, 0.0, 1.0);
     s[0] = 1.0;
@@ -548,7 +548,7 @@ fn argmax_penalty_and_sampling_match_the_cpu_ops_bit_for_bit() {
     argmax_penalty_and_sampling_match_the_cpu_ops_bit_for_bit_on(&Emu);
 }
 
-fn argmax_penalty_and_sampling_match_the_cpu_ops_bit_for_bit_on<D: KernelDevice>(dev: &D) {
+fn argmax_penalty_and_sampling_match_the_cpu_ops_bit_for_bit_on<D: KernelDevice + ?Sized>(dev: &D) {
     let _g = no_grad();
     let (b, k, v) = (2, 3, 1000);
     let mut g = Gen::new(60);
@@ -622,7 +622,7 @@ fn philox_matches_the_engine_rng() {
     philox_matches_the_engine_rng_on(&Emu);
 }
 
-fn philox_matches_the_engine_rng_on<D: KernelDevice>(dev: &D) {
+fn philox_matches_the_engine_rng_on<D: KernelDevice + ?Sized>(dev: &D) {
     let (seed, stream, start) = (42, 7, 5);
     let p = Philox::new(seed, stream);
     let n = 1001;
@@ -646,7 +646,7 @@ fn philox_matches_the_engine_rng_on<D: KernelDevice>(dev: &D) {
 #[cfg(feature = "cuda")]
 #[test]
 fn on_a_gpu_every_launcher_matches_the_cpu_ops() {
-    let Some(dev) = kf_ops::kdev::cuda::Cuda::for_tests() else {
+    let Some(dev) = kf_engine::cuda::Cuda::for_tests() else {
         return;
     };
     elementwise_and_gelu_match_the_cpu_ops_on(&dev);

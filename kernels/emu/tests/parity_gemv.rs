@@ -10,9 +10,9 @@
 //! GPU (skipped without one). Letters: M rows, N output columns, K inputs.
 
 use half::{bf16, f16};
+use kf_engine::emu::Emu;
 use kf_engine::DType;
 use kf_kernels::gemv;
-use kf_kernels_emu::device::Emu;
 use kf_ops::kdev::launch as kl;
 use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
 use kf_tests::harness::Gen;
@@ -29,7 +29,12 @@ fn vals(seed: u64, n: usize, lo: f64, hi: f64) -> Vec<f32> {
 }
 
 /// Weights in `dt` (f16 or bf16) on the device, and their exact f32 values.
-fn weights<D: KernelDevice>(dev: &D, dt: DType, v: &[f32], shape: &[usize]) -> (DTensor, Vec<f32>) {
+fn weights<D: KernelDevice + ?Sized>(
+    dev: &D,
+    dt: DType,
+    v: &[f32],
+    shape: &[usize],
+) -> (DTensor, Vec<f32>) {
     match dt {
         DType::F16 => {
             let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
@@ -72,7 +77,13 @@ fn reference(spec: &GemmSpec, a: &[f32], w: &[f32], c0: &[f32]) -> (Vec<f64>, Ve
     (want, bound)
 }
 
-fn check<D: KernelDevice>(dev: &D, dt: DType, spec: &GemmSpec, seed: u64, what: &str) -> Vec<f32> {
+fn check<D: KernelDevice + ?Sized>(
+    dev: &D,
+    dt: DType,
+    spec: &GemmSpec,
+    seed: u64,
+    what: &str,
+) -> Vec<f32> {
     let a_len = spec.a_off + spec.m.saturating_sub(1) * spec.lda + spec.k;
     let w_len = spec.b_off + spec.n.saturating_sub(1) * spec.ldb + spec.k;
     let c_len = spec.c_off + spec.m.saturating_sub(1) * spec.ldc + spec.n;
@@ -130,7 +141,7 @@ fn half_weight_products_match_the_f64_sums() {
     on(&Emu);
 }
 
-fn on<D: KernelDevice>(dev: &D) {
+fn on<D: KernelDevice + ?Sized>(dev: &D) {
     for dt in [DType::F16, DType::BF16] {
         for (si, &(m, n, k)) in SHAPES.iter().enumerate() {
             for beta in [0.0, 1.0] {
@@ -257,7 +268,7 @@ fn on<D: KernelDevice>(dev: &D) {
 #[cfg(feature = "cuda")]
 #[test]
 fn on_a_gpu_half_weight_products_match_the_f64_sums() {
-    let Some(dev) = kf_ops::kdev::cuda::Cuda::for_tests() else {
+    let Some(dev) = kf_engine::cuda::Cuda::for_tests() else {
         return;
     };
     on(&dev);

@@ -28,12 +28,12 @@ use kf_ops::kdev::KernelDevice;
 use std::path::Path;
 
 /// Sessions on the kernel device `dev`, named `name` in messages ("emu", "cuda:0").
-pub struct DevBackend<'d, D: KernelDevice> {
+pub struct DevBackend<'d, D: KernelDevice + ?Sized> {
     pub dev: &'d D,
     pub name: String,
 }
 
-impl<'d, D: KernelDevice> DevBackend<'d, D> {
+impl<'d, D: KernelDevice + ?Sized> DevBackend<'d, D> {
     pub fn new(dev: &'d D, name: impl Into<String>) -> Self {
         DevBackend {
             dev,
@@ -43,7 +43,7 @@ impl<'d, D: KernelDevice> DevBackend<'d, D> {
 }
 
 /// Restores the optimizer state of `resume` into `tr` (the CPU trainer's file and checks).
-fn restore<D: KernelDevice>(
+fn restore<D: KernelDevice + ?Sized>(
     tr: &mut DevTrainer<'_, D>,
     resume: Option<ResumeFrom<'_>>,
 ) -> Result<()> {
@@ -56,7 +56,7 @@ fn restore<D: KernelDevice>(
 }
 
 /// Writes `tr`'s optimizer state in the CPU trainer's format.
-fn save_state<D: KernelDevice>(tr: &DevTrainer<'_, D>, path: &Path) -> Result<()> {
+fn save_state<D: KernelDevice + ?Sized>(tr: &DevTrainer<'_, D>, path: &Path) -> Result<()> {
     let mv = tr.moments_to_host()?;
     let items: Vec<(&str, &Tensor, &Tensor)> =
         mv.iter().map(|(n, m, v)| (n.as_str(), m, v)).collect();
@@ -73,7 +73,7 @@ fn stats(s: DevStepStats, extras: Extras) -> StepStats {
     }
 }
 
-impl<D: KernelDevice> TrainBackend for DevBackend<'_, D> {
+impl<D: KernelDevice + ?Sized> TrainBackend for DevBackend<'_, D> {
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -124,14 +124,14 @@ impl<D: KernelDevice> TrainBackend for DevBackend<'_, D> {
 }
 
 /// The AR teacher on a kernel device.
-struct DevTeacherSession<'d, D: KernelDevice> {
+struct DevTeacherSession<'d, D: KernelDevice + ?Sized> {
     trainer: DevTrainer<'d, D>,
     task: TeacherTask,
     total: u64,
     accum: usize,
 }
 
-impl<D: KernelDevice> DevTeacherSession<'_, D> {
+impl<D: KernelDevice + ?Sized> DevTeacherSession<'_, D> {
     /// The device's parameters into the task's host model.
     fn sync(&mut self) -> Result<()> {
         let cfg = self.task.model.cfg.clone();
@@ -150,7 +150,7 @@ fn batch(w: &crate::data::WindowBatch) -> Batch {
     }
 }
 
-impl<D: KernelDevice> Session for DevTeacherSession<'_, D> {
+impl<D: KernelDevice + ?Sized> Session for DevTeacherSession<'_, D> {
     type Task = TeacherTask;
     fn step(&self) -> u64 {
         self.trainer.step()
@@ -208,7 +208,7 @@ enum StageTeacher {
 /// teacher's inverse-CDF map; k -> 2k: the previous student's double-staircase rollout;
 /// the inversion variant: the AR teacher's logits, inverted on the host), the student's
 /// staircase updates and the validation all run on the device.
-struct DevStageSession<'d, D: KernelDevice> {
+struct DevStageSession<'d, D: KernelDevice + ?Sized> {
     dev: &'d D,
     trainer: DevTrainer<'d, D>,
     teacher: StageTeacher,
@@ -219,7 +219,7 @@ struct DevStageSession<'d, D: KernelDevice> {
 
 /// The staircase batch of `mi`: the contexts, the student's noises and the teacher's
 /// targets (as `DistillTeacher::batch` on the CPU).
-fn stair_batch<D: KernelDevice>(
+fn stair_batch<D: KernelDevice + ?Sized>(
     dev: &D,
     teacher: &StageTeacher,
     n: usize,
@@ -284,7 +284,7 @@ fn metrics_of(rl: &[f64], pred: &[u32], sb: &StairBatch) -> DistillMetrics {
     s.finish()
 }
 
-impl<D: KernelDevice> DevStageSession<'_, D> {
+impl<D: KernelDevice + ?Sized> DevStageSession<'_, D> {
     /// The device's parameters into the task's host student.
     fn sync(&mut self) -> Result<()> {
         let s = &self.task.student;
@@ -312,7 +312,7 @@ impl<D: KernelDevice> DevStageSession<'_, D> {
     }
 }
 
-impl<D: KernelDevice> Session for DevStageSession<'_, D> {
+impl<D: KernelDevice + ?Sized> Session for DevStageSession<'_, D> {
     type Task = DistillTask;
     fn step(&self) -> u64 {
         self.trainer.step()

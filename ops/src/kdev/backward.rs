@@ -57,7 +57,7 @@ fn u32_fits(op: &str, vals: &[usize]) -> Result<()> {
 // ------------------------------------------------------------------ reduce
 
 /// Column sums of `x [.., C]` over all rows: `[C]` (f32 accumulation, fixed order).
-pub fn colsum<D: KernelDevice>(dev: &D, x: &DTensor) -> Out {
+pub fn colsum<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor) -> Out {
     let op = "colsum";
     f32_in(op, "x", x)?;
     let (rows, cols) = rows_cols(op, x)?;
@@ -110,7 +110,7 @@ pub fn colsum<D: KernelDevice>(dev: &D, x: &DTensor) -> Out {
 }
 
 /// The sum of squares of every element of `xs` (f32 tensors): `[1]` on the device.
-pub fn sumsq<D: KernelDevice>(dev: &D, xs: &[&DTensor]) -> Out {
+pub fn sumsq<D: KernelDevice + ?Sized>(dev: &D, xs: &[&DTensor]) -> Out {
     let op = "sumsq";
     for (i, x) in xs.iter().enumerate() {
         f32_in(op, &format!("buffer {i}"), x)?;
@@ -144,7 +144,7 @@ pub fn sumsq<D: KernelDevice>(dev: &D, xs: &[&DTensor]) -> Out {
 // ------------------------------------------------------------------ elementwise helpers
 
 /// `s * x` into a new tensor (the elementwise `scale` kernel).
-pub fn scale<D: KernelDevice>(dev: &D, x: &DTensor, s: f32) -> Out {
+pub fn scale<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, s: f32) -> Out {
     f32_in("scale", "x", x)?;
     let n = x.numel();
     let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
@@ -172,7 +172,7 @@ pub struct LinearGrads {
     pub db: Option<DTensor>,
 }
 
-pub fn linear_bwd<D: KernelDevice>(
+pub fn linear_bwd<D: KernelDevice + ?Sized>(
     dev: &D,
     x: &DTensor,
     w: &DTensor,
@@ -215,7 +215,7 @@ pub fn linear_bwd<D: KernelDevice>(
 }
 
 /// The GEMM of `spec` on f32 tensors, checked against their sizes.
-pub fn gemm<D: KernelDevice>(
+pub fn gemm<D: KernelDevice + ?Sized>(
     dev: &D,
     spec: &GemmSpec,
     a: &DTensor,
@@ -235,7 +235,7 @@ pub struct LayerNormGrads {
     pub db: Option<DTensor>,
 }
 
-pub fn layer_norm_bwd<D: KernelDevice>(
+pub fn layer_norm_bwd<D: KernelDevice + ?Sized>(
     dev: &D,
     x: &DTensor,
     w: &DTensor,
@@ -359,7 +359,12 @@ pub fn layer_norm_bwd<D: KernelDevice>(
 /// Gradient of the table `[V, D]` of an embedding gather at u32 `ids [..]` from
 /// `g [.., D]`: rows summed in position order (deterministic, no atomics). Ids >= V are an
 /// error (checked on the host, as the CPU op does).
-pub fn embedding_bwd<D: KernelDevice>(dev: &D, ids: &DTensor, g: &DTensor, v: usize) -> Out {
+pub fn embedding_bwd<D: KernelDevice + ?Sized>(
+    dev: &D,
+    ids: &DTensor,
+    g: &DTensor,
+    v: usize,
+) -> Out {
     let op = "embedding_bwd";
     ids.expect_dtype(op, "ids", DType::U32)?;
     f32_in(op, "grad", g)?;
@@ -402,7 +407,12 @@ pub fn embedding_bwd<D: KernelDevice>(dev: &D, ids: &DTensor, g: &DTensor, v: us
 
 /// Gradient of RoPE: `g [B, T, H, Dh]` contiguous through the inverse rotation with the
 /// forward's tables `cos`, `sin` (`[T, Dh/2]` or `[B*T, Dh/2]`); contiguous output.
-pub fn rope_bwd<D: KernelDevice>(dev: &D, g: &DTensor, cos: &DTensor, sin: &DTensor) -> Out {
+pub fn rope_bwd<D: KernelDevice + ?Sized>(
+    dev: &D,
+    g: &DTensor,
+    cos: &DTensor,
+    sin: &DTensor,
+) -> Out {
     let op = "rope_bwd";
     f32_in(op, "grad", g)?;
     f32_in(op, "cos", cos)?;
@@ -454,22 +464,22 @@ pub fn rope_bwd<D: KernelDevice>(dev: &D, g: &DTensor, cos: &DTensor, sin: &DTen
 }
 
 /// `entry(x, g, out, n)`: a GELU backward at the forward's input `x`.
-fn gelu_bwd<D: KernelDevice>(dev: &D, entry: &str, x: &DTensor, g: &DTensor) -> Out {
+fn gelu_bwd<D: KernelDevice + ?Sized>(dev: &D, entry: &str, x: &DTensor, g: &DTensor) -> Out {
     same_shape_binary(dev, entry, entry, gelu::config(x.numel()), x, g)
 }
 
 /// Gradient of GELU (tanh approximation) at the forward's input `x`.
-pub fn gelu_tanh_bwd<D: KernelDevice>(dev: &D, x: &DTensor, g: &DTensor) -> Out {
+pub fn gelu_tanh_bwd<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, g: &DTensor) -> Out {
     gelu_bwd(dev, "gelu_tanh_bwd_f32", x, g)
 }
 
 /// Gradient of GELU (erf) at the forward's input `x`.
-pub fn gelu_erf_bwd<D: KernelDevice>(dev: &D, x: &DTensor, g: &DTensor) -> Out {
+pub fn gelu_erf_bwd<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, g: &DTensor) -> Out {
     gelu_bwd(dev, "gelu_erf_bwd_f32", x, g)
 }
 
 /// Gradient of softmax (or log-softmax) over the last dimension from its output `y`.
-pub fn softmax_bwd<D: KernelDevice>(dev: &D, y: &DTensor, g: &DTensor, log: bool) -> Out {
+pub fn softmax_bwd<D: KernelDevice + ?Sized>(dev: &D, y: &DTensor, g: &DTensor, log: bool) -> Out {
     let op = "softmax_bwd";
     f32_in(op, "y", y)?;
     f32_in(op, "grad", g)?;
@@ -507,7 +517,7 @@ pub struct CrossEntropy {
     pub count: DTensor,
 }
 
-fn ce_checks<D: KernelDevice>(
+fn ce_checks<D: KernelDevice + ?Sized>(
     dev: &D,
     op: &str,
     logits: &DTensor,
@@ -539,7 +549,7 @@ fn ce_checks<D: KernelDevice>(
     Ok((n, v))
 }
 
-pub fn cross_entropy<D: KernelDevice>(
+pub fn cross_entropy<D: KernelDevice + ?Sized>(
     dev: &D,
     logits: &DTensor,
     targets: &DTensor,
@@ -593,7 +603,7 @@ pub fn cross_entropy<D: KernelDevice>(
 
 /// Gradient of the mean cross-entropy w.r.t. the logits, scaled by the device scalar `g`
 /// (`[1]` f32, the gradient of the mean loss; 1 for a loss that is the mean itself).
-pub fn cross_entropy_bwd<D: KernelDevice>(
+pub fn cross_entropy_bwd<D: KernelDevice + ?Sized>(
     dev: &D,
     logits: &DTensor,
     targets: &DTensor,
@@ -655,7 +665,7 @@ pub struct AttnGrads {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn attention_bwd<D: KernelDevice>(
+pub fn attention_bwd<D: KernelDevice + ?Sized>(
     dev: &D,
     q: AttnView<'_>,
     k: AttnView<'_>,
@@ -765,7 +775,7 @@ pub fn attention_bwd<D: KernelDevice>(
 /// One AdamW step (`step` counted from 1) in place on f32 `p`, moments `m`, `v` with
 /// gradient `g` (same shapes): the CPU op's hyper-parameters and scalars
 /// (`kf_kernels::adamw::Scalars`, PyTorch's order), so the result has the CPU op's bits.
-pub fn adamw_step<D: KernelDevice>(
+pub fn adamw_step<D: KernelDevice + ?Sized>(
     dev: &D,
     p: &DTensor,
     g: &DTensor,

@@ -19,7 +19,7 @@ use kf_kernels::{
 type Out = Result<DTensor>;
 
 /// Launches `entry`, naming it (and the op) in the error.
-pub fn run<D: KernelDevice>(
+pub fn run<D: KernelDevice + ?Sized>(
     dev: &D,
     entry: &str,
     cfg: kf_kernels::LaunchConfig,
@@ -56,14 +56,14 @@ fn rows_cols(op: &str, t: &DTensor) -> Result<(usize, usize)> {
 // ------------------------------------------------------------------ elementwise
 
 /// Elementwise binary op (`add`, `sub`, `mul`) of two f32 tensors of the same shape.
-fn binary<D: KernelDevice>(dev: &D, op: &str, a: &DTensor, b: &DTensor) -> Out {
+fn binary<D: KernelDevice + ?Sized>(dev: &D, op: &str, a: &DTensor, b: &DTensor) -> Out {
     let entry = format!("{op}_f32");
     same_shape_binary(dev, op, &entry, elementwise::config(a.numel()), a, b)
 }
 
 /// A kernel `entry(a, b, out, n)` over two f32 tensors of the same shape (the elementwise
 /// binary ops, and the GELU backward of kdev::backward), launched over `cfg`; errors name `op`.
-pub(crate) fn same_shape_binary<D: KernelDevice>(
+pub(crate) fn same_shape_binary<D: KernelDevice + ?Sized>(
     dev: &D,
     op: &str,
     entry: &str,
@@ -96,20 +96,20 @@ pub(crate) fn same_shape_binary<D: KernelDevice>(
 }
 
 /// `a + b` (same shapes).
-pub fn add<D: KernelDevice>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
+pub fn add<D: KernelDevice + ?Sized>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
     binary(dev, "add", a, b)
 }
 /// `a - b` (same shapes).
-pub fn sub<D: KernelDevice>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
+pub fn sub<D: KernelDevice + ?Sized>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
     binary(dev, "sub", a, b)
 }
 /// `a * b` (same shapes).
-pub fn mul<D: KernelDevice>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
+pub fn mul<D: KernelDevice + ?Sized>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
     binary(dev, "mul", a, b)
 }
 
 /// `s * x`.
-pub fn scale<D: KernelDevice>(dev: &D, x: &DTensor, s: f32) -> Out {
+pub fn scale<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, s: f32) -> Out {
     f32_in("scale", "x", x)?;
     let n = x.numel();
     let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
@@ -128,17 +128,17 @@ pub fn scale<D: KernelDevice>(dev: &D, x: &DTensor, s: f32) -> Out {
 }
 
 /// `x [..., C] + b [C]` (the bias broadcast over rows).
-pub fn bias_add<D: KernelDevice>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
+pub fn bias_add<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
     row_bias(dev, "bias_add", x, b)
 }
 
 /// `gelu_tanh(x [..., C] + b [C])` in one pass (the MLP's bias fused into its activation).
-pub fn bias_gelu_tanh<D: KernelDevice>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
+pub fn bias_gelu_tanh<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
     row_bias(dev, "bias_gelu_tanh", x, b)
 }
 
 /// An elementwise kernel of `x [..., C]` and a row bias `b [C]`: `<op>_f32(x, b, out, n, C)`.
-fn row_bias<D: KernelDevice>(dev: &D, op: &str, x: &DTensor, b: &DTensor) -> Out {
+fn row_bias<D: KernelDevice + ?Sized>(dev: &D, op: &str, x: &DTensor, b: &DTensor) -> Out {
     f32_in(op, "x", x)?;
     f32_in(op, "bias", b)?;
     let (_, cols) = rows_cols(op, x)?;
@@ -167,7 +167,12 @@ fn row_bias<D: KernelDevice>(dev: &D, op: &str, x: &DTensor, b: &DTensor) -> Out
 
 /// `acc += x [..., in] · wᵀ` with `w [out, in]`, `acc [..., out]`: the residual add done by
 /// the GEMM itself (beta = 1), no separate pass over `acc`.
-pub fn linear_acc<D: KernelDevice>(dev: &D, x: &DTensor, w: &DTensor, acc: &DTensor) -> Result<()> {
+pub fn linear_acc<D: KernelDevice + ?Sized>(
+    dev: &D,
+    x: &DTensor,
+    w: &DTensor,
+    acc: &DTensor,
+) -> Result<()> {
     let op = "linear_acc";
     f32_in(op, "x", x)?;
     weight_in(op, w)?;
@@ -193,7 +198,12 @@ pub fn linear_acc<D: KernelDevice>(dev: &D, x: &DTensor, w: &DTensor, acc: &DTen
     matmul_into(dev, &spec, x, w, acc)
 }
 
-fn unary<D: KernelDevice>(dev: &D, entry: &str, cfg: kf_kernels::LaunchConfig, x: &DTensor) -> Out {
+fn unary<D: KernelDevice + ?Sized>(
+    dev: &D,
+    entry: &str,
+    cfg: kf_kernels::LaunchConfig,
+    x: &DTensor,
+) -> Out {
     f32_in(entry, "x", x)?;
     let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
     run(
@@ -210,12 +220,12 @@ fn unary<D: KernelDevice>(dev: &D, entry: &str, cfg: kf_kernels::LaunchConfig, x
 }
 
 /// GELU, tanh approximation (the elementwise family's `gelu_tanh`).
-pub fn gelu_tanh<D: KernelDevice>(dev: &D, x: &DTensor) -> Out {
+pub fn gelu_tanh<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor) -> Out {
     unary(dev, "gelu_tanh_f32", elementwise::config(x.numel()), x)
 }
 
 /// GELU with the exact erf.
-pub fn gelu_erf<D: KernelDevice>(dev: &D, x: &DTensor) -> Out {
+pub fn gelu_erf<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor) -> Out {
     unary(dev, "gelu_erf_f32", gelu::config(x.numel()), x)
 }
 
@@ -229,7 +239,7 @@ pub struct LayerNormOut {
 }
 
 /// LayerNorm over the last dimension of `x [..., D]` with weight `[D]` and optional bias `[D]`.
-pub fn layer_norm<D: KernelDevice>(
+pub fn layer_norm<D: KernelDevice + ?Sized>(
     dev: &D,
     x: &DTensor,
     w: &DTensor,
@@ -293,7 +303,7 @@ pub fn layer_norm<D: KernelDevice>(
 
 /// Rows of `table [V, D]` at u32 `ids [...]`: `[..., D]`. An id >= V gives a NaN row (the
 /// kernel reads nothing out of range; the CPU op errors instead).
-pub fn embedding<D: KernelDevice>(dev: &D, ids: &DTensor, table: &DTensor) -> Out {
+pub fn embedding<D: KernelDevice + ?Sized>(dev: &D, ids: &DTensor, table: &DTensor) -> Out {
     let op = "embedding";
     ids.expect_dtype(op, "ids", DType::U32)?;
     f32_in(op, "table", table)?;
@@ -337,7 +347,7 @@ pub type RopeTables = (DTensor, DTensor);
 
 /// The RoPE tables of u32 positions `pos [P]` at head dim `d` (even): `(cos, sin)`, each
 /// `[P, d/2]` f32 (the `rope_tables_f32` kernel; within one f32 ulp of the CPU's f64 tables).
-pub fn rope_tables<D: KernelDevice>(
+pub fn rope_tables<D: KernelDevice + ?Sized>(
     dev: &D,
     pos: &DTensor,
     d: usize,
@@ -387,7 +397,7 @@ fn view_span(dims: [usize; 4], strides: [usize; 3]) -> usize {
 /// elements, D unit-stride: e.g. q of a fused qkv) with tables from [`rope_tables`]: cos/sin
 /// `[T, D/2]` (positions shared by the batch) or `[B*T, D/2]` (per batch row). Output
 /// `[B, T, H, D]` contiguous.
-pub fn rope_view<D: KernelDevice>(
+pub fn rope_view<D: KernelDevice + ?Sized>(
     dev: &D,
     x: &DeviceBuf,
     dims: [usize; 4],
@@ -458,7 +468,7 @@ pub fn rope_view<D: KernelDevice>(
 }
 
 /// RoPE of a contiguous `x [B, T, H, D]` (see [`rope_view`]).
-pub fn rope<D: KernelDevice>(dev: &D, x: &DTensor, cos: &DTensor, sin: &DTensor) -> Out {
+pub fn rope<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, cos: &DTensor, sin: &DTensor) -> Out {
     f32_in("rope", "x", x)?;
     ensure!(
         x.rank() == 4,
@@ -481,7 +491,7 @@ pub fn rope<D: KernelDevice>(dev: &D, x: &DTensor, cos: &DTensor, sin: &DTensor)
 
 /// Softmax (or log-softmax) over the last dimension of `x [..., V]`; a row with no entry
 /// above -inf is an error naming the first such row, as in the CPU op.
-pub fn softmax<D: KernelDevice>(dev: &D, x: &DTensor, log: bool) -> Out {
+pub fn softmax<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, log: bool) -> Out {
     let op = if log { "log_softmax" } else { "softmax" };
     f32_in(op, "x", x)?;
     let (rows, v) = rows_cols(op, x)?;
@@ -526,7 +536,12 @@ pub fn softmax<D: KernelDevice>(dev: &D, x: &DTensor, log: bool) -> Out {
 
 /// `x [..., in] · wᵀ + b` with `w [out, in]` (PyTorch layout) and optional `b [out]`:
 /// `[..., out]`, by [`KernelDevice::gemm`] and the `bias_add` kernel.
-pub fn linear<D: KernelDevice>(dev: &D, x: &DTensor, w: &DTensor, b: Option<&DTensor>) -> Out {
+pub fn linear<D: KernelDevice + ?Sized>(
+    dev: &D,
+    x: &DTensor,
+    w: &DTensor,
+    b: Option<&DTensor>,
+) -> Out {
     let op = "linear";
     f32_in(op, "x", x)?;
     weight_in(op, w)?;
@@ -556,7 +571,7 @@ pub fn linear<D: KernelDevice>(dev: &D, x: &DTensor, w: &DTensor, b: Option<&DTe
 /// The GEMM of `spec` on f32 tensors (checked against their sizes first). B may also be f16 or
 /// bf16 weights in the `x · Wᵀ` form of a linear layer (`trans_b`, no `trans_a`, batch 1,
 /// alpha 1; offsets, leading dimensions and beta as for f32): see [`matmul_half_weights`].
-pub fn matmul_into<D: KernelDevice>(
+pub fn matmul_into<D: KernelDevice + ?Sized>(
     dev: &D,
     spec: &GemmSpec,
     a: &DTensor,
@@ -580,7 +595,7 @@ pub fn matmul_into<D: KernelDevice>(
 /// to `kf_kernels::gemv::MAX_ROWS` rows the `gemv_wt` kernel reads the half weights directly (a
 /// decode step moves half the bytes of f32 weights); more rows widen the weights the GEMM reads
 /// into a temporary f32 buffer (`widen`) and run the f32 GEMM (cuBLAS on a GPU).
-pub fn matmul_half_weights<D: KernelDevice>(
+pub fn matmul_half_weights<D: KernelDevice + ?Sized>(
     dev: &D,
     spec: &GemmSpec,
     a: &DTensor,
@@ -723,7 +738,7 @@ fn pattern_code(p: AttnPattern) -> (i32, u32, u32) {
 
 /// Checks of the CPU op that do not need the data: pattern length, query rows inside the keys,
 /// key_skip per batch row, head dim with a kernel, views inside their buffers.
-fn check_attention<D: KernelDevice>(
+fn check_attention<D: KernelDevice + ?Sized>(
     dev: &D,
     q: &AttnView<'_>,
     k: &AttnView<'_>,
@@ -801,7 +816,7 @@ fn check_attention<D: KernelDevice>(
 }
 
 /// The per-batch `key_skip` of `p` as a u32 device tensor `[B]`, or `None` when there is none.
-pub(crate) fn key_skip_tensor<D: KernelDevice>(
+pub(crate) fn key_skip_tensor<D: KernelDevice + ?Sized>(
     dev: &D,
     p: &AttnParams,
     b: usize,
@@ -848,7 +863,7 @@ pub(crate) fn attn_common_args<'a>(
 /// Attention forward over key-range patterns (causal, staircase, double staircase, `q_start`,
 /// `key_skip`) on the attention kernels: the 64-row forward tiles, or the split-key decode
 /// kernels and their combine (`path`). Head dims 64 and 128 only (others: an error).
-pub fn attention<D: KernelDevice>(
+pub fn attention<D: KernelDevice + ?Sized>(
     dev: &D,
     q: AttnView<'_>,
     k: AttnView<'_>,
@@ -937,14 +952,14 @@ pub fn attention<D: KernelDevice>(
 // ------------------------------------------------------------------ noise, read-off, sampling
 
 /// Sinusoidal features of f64 noise levels `s [N]` (the CPU op `noise_features`): `[N, d]` f32.
-pub fn noise_features<D: KernelDevice>(dev: &D, s: &DTensor, d: usize) -> Out {
+pub fn noise_features<D: KernelDevice + ?Sized>(dev: &D, s: &DTensor, d: usize) -> Out {
     let out = DTensor::uninit(dev, &[s.numel(), d], DType::F32)?;
     noise_features_into(dev, s, d, &out.buf, d)?;
     Ok(out)
 }
 
 /// [`noise_features`] into rows `ld` f32 apart of `out` (columns `d..ld` untouched).
-pub fn noise_features_into<D: KernelDevice>(
+pub fn noise_features_into<D: KernelDevice + ?Sized>(
     dev: &D,
     s: &DTensor,
     d: usize,
@@ -991,7 +1006,7 @@ pub const TOKEN_ALL_NEG_INF: u32 = 0xffff_fffe;
 /// counting each chosen token into `counts [B, V]` (u32, updated in place on the device).
 /// Returns tokens `[B, K]` u32; a NaN row gives [`TOKEN_NAN`], an all -inf row
 /// [`TOKEN_ALL_NEG_INF`] (see [`tokens_to_host`]).
-pub fn argmax_penalty<D: KernelDevice>(
+pub fn argmax_penalty<D: KernelDevice + ?Sized>(
     dev: &D,
     logits: &DTensor,
     counts: &DTensor,
@@ -1036,7 +1051,7 @@ pub fn argmax_penalty<D: KernelDevice>(
 /// Inverse-CDF sampling (`kf_ops::sampling::sample_inverse_cdf`) of `logits [R, V]` at
 /// temperature `tau` (0 = greedy) with f64 uniforms `u [R]`: tokens `[R]` u32 (sentinels as in
 /// [`argmax_penalty`]).
-pub fn sample_inverse_cdf<D: KernelDevice>(
+pub fn sample_inverse_cdf<D: KernelDevice + ?Sized>(
     dev: &D,
     logits: &DTensor,
     u: &DTensor,
@@ -1082,7 +1097,7 @@ pub fn sample_inverse_cdf<D: KernelDevice>(
 }
 
 /// Tokens on the host; a sentinel (a NaN or all -inf logit row) is an error naming its index.
-pub fn tokens_to_host<D: KernelDevice>(dev: &D, tokens: &DTensor) -> Result<Vec<u32>> {
+pub fn tokens_to_host<D: KernelDevice + ?Sized>(dev: &D, tokens: &DTensor) -> Result<Vec<u32>> {
     let t = tokens.to_vec::<D, u32>(dev)?;
     if let Some(i) = t
         .iter()
@@ -1103,7 +1118,7 @@ pub fn tokens_to_host<D: KernelDevice>(dev: &D, tokens: &DTensor) -> Result<Vec<
 
 /// Elements `start .. start + n` of the f32 uniform stream (seed, stream) of
 /// `kf_engine::rng::Philox::fill_uniform_f32`.
-pub fn philox_uniform_f32<D: KernelDevice>(
+pub fn philox_uniform_f32<D: KernelDevice + ?Sized>(
     dev: &D,
     n: usize,
     seed: u64,
@@ -1123,7 +1138,7 @@ pub fn philox_uniform_f32<D: KernelDevice>(
 }
 
 /// Elements `start .. start + n` of the f64 uniform stream (`Philox::fill_uniform_f64`).
-pub fn philox_uniform_f64<D: KernelDevice>(
+pub fn philox_uniform_f64<D: KernelDevice + ?Sized>(
     dev: &D,
     n: usize,
     seed: u64,
@@ -1143,7 +1158,7 @@ pub fn philox_uniform_f64<D: KernelDevice>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn philox_uniform<D: KernelDevice>(
+fn philox_uniform<D: KernelDevice + ?Sized>(
     dev: &D,
     entry: &str,
     dtype: DType,
@@ -1176,7 +1191,7 @@ fn philox_uniform<D: KernelDevice>(
 }
 
 /// `nb` raw Philox blocks (4 u32 words each) from `counter` (`Philox::block`): `[nb, 4]` u32.
-pub fn philox_u32<D: KernelDevice>(
+pub fn philox_u32<D: KernelDevice + ?Sized>(
     dev: &D,
     nb: usize,
     seed: u64,

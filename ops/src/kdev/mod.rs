@@ -2,9 +2,9 @@
 //! ([`kf_engine::kernel_device`], re-exported here), so tensors can hold device memory. This
 //! module adds a small device tensor [`DTensor`] and (in [`launch`] and [`backward`]) one
 //! launcher per kernel op, generic over the device. Two backends implement [`KernelDevice`]:
-//! the CPU emulator (`kf_kernels_emu::device::Emu`, which runs the unmodified .cu files and
+//! the CPU emulator (`kf_engine::emu::Emu`, which runs the unmodified .cu files and
 //! stands in for cuBLAS with the CPU GEMM of [`crate::gemm`]) and, with the `cuda` feature,
-//! the CUDA layer of the engine (`cuda::Cuda`: cuBLAS for [`KernelDevice::gemm`]).
+//! the CUDA layer of the engine (`kf_engine::cuda::Cuda`: cuBLAS for [`KernelDevice::gemm`]).
 //!
 //! Buffers are handles: launches write through `&DeviceBuf`, as CUDA kernels write through
 //! device pointers. Every method returns `anyhow::Result` with the entry point or operation named.
@@ -15,8 +15,6 @@ use kf_engine::{DType, Device, Tensor};
 pub use kf_kernels::LaunchConfig;
 
 pub mod backward;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod launch;
 
 /// A contiguous row-major tensor on a kernel device: buffer, shape and element type

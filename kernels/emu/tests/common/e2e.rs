@@ -179,7 +179,7 @@ pub type DevStep<'a, 'd, D, Bt> =
 /// trainable handles (updated in place by the CPU trainer), `init` a copy of the initial
 /// weights, `cpu_loss` the CPU loss of one micro-batch, `dev_step` the device update.
 #[allow(clippy::too_many_arguments)]
-pub fn run_steps<'d, D: KernelDevice, Bt>(
+pub fn run_steps<'d, D: KernelDevice + ?Sized, Bt>(
     opt: &OptimConfig,
     micro: &[Vec<Bt>],
     clipped: bool,
@@ -329,7 +329,7 @@ pub fn pflm_loss(st: &Pflm, sb: &StairBatch) -> anyhow::Result<Tensor> {
 /// Checks every device gradient `dev_g` (in `params` order) against the CPU's `cpu_g` (by
 /// name) within [`grad_tols`]; a parameter whose CPU gradient is all zero fails (it would test
 /// nothing).
-pub fn check_grads<D: KernelDevice>(
+pub fn check_grads<D: KernelDevice + ?Sized>(
     dev: &D,
     what: &str,
     params: &[(String, Tensor)],

@@ -1,13 +1,13 @@
 //! The CUDA backend of [`KernelDevice`] (cargo feature `cuda`): the engine's CUDA layer
-//! (`kf_engine::cuda`: one stream per device, caching allocator, PTX modules of kf-kernels
+//! (`crate::cuda`: one stream per device, caching allocator, PTX modules of kf-kernels
 //! loaded lazily per family, argument-checked launches) runs the kernels, cuBLAS runs the
 //! GEMM (`CudaDevice::gemm_raw`, f32 accumulation). Buffers are byte buffers rounded up to
 //! whole 32-bit words (the allocator's element type), with their byte length kept apart.
 //! Without a driver or GPU, [`Cuda::new`] fails with the engine's one-sentence reason.
 
-use super::{DeviceBuf, DeviceMemory, GemmSpec, KArg, KernelDevice, LaunchConfig};
+use super::{CudaBuffer, CudaDevice, KernelArg, RawGemm};
+use crate::kernel_device::{DeviceBuf, DeviceMemory, GemmSpec, KArg, KernelDevice, LaunchConfig};
 use anyhow::{anyhow, ensure, Context, Result};
-use kf_engine::cuda::{CudaBuffer, CudaDevice, KernelArg, RawGemm};
 use std::sync::Arc;
 
 /// One GPU as a kernel device.

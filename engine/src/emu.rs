@@ -1,11 +1,12 @@
-//! The emulator as a `KernelDevice`: buffers are `DeviceBuffer`s (behind `DeviceBuf`), launches go
-//! through `launch`, and the GEMM — cuBLAS's job on a GPU — is the CPU GEMM of kf-ops
-//! (`kf_ops::gemm::gemm`, f32) run directly on the emulator's host memory, with alpha and beta
-//! applied as cuBLAS does (beta = 0: C is not read).
+//! The CPU emulator of kernels/*.cu (kf-kernels-emu) as a [`KernelDevice`]: buffers are the
+//! emulator's `DeviceBuffer`s (behind [`DeviceBuf`]), launches go through its `launch`, and
+//! the GEMM — cuBLAS's job on a GPU — is the engine's CPU GEMM ([`crate::gemm::gemm`], f32)
+//! run directly on the emulator's host memory, with alpha and beta applied as cuBLAS does
+//! (beta = 0: C is not read).
 
-use crate::{launch, Arg, DeviceBuffer, LaunchConfig};
+use crate::kernel_device::{DeviceBuf, DeviceMemory, GemmSpec, KArg, KernelDevice, LaunchConfig};
 use anyhow::{ensure, Context, Result};
-use kf_ops::kdev::{DeviceBuf, DeviceMemory, GemmSpec, KArg, KernelDevice};
+use kf_kernels_emu::{launch, Arg, DeviceBuffer};
 
 /// The CPU emulator of kernels/*.cu as a kernel device.
 #[derive(Clone, Copy, Debug, Default)]
@@ -64,7 +65,7 @@ impl KernelDevice for Emu {
         }
         // SAFETY: both ranges lie inside their allocations (checked above) and do not overlap
         // (distinct allocations, or disjoint ranges of one); nothing else runs on them now.
-        unsafe { std::ptr::copy(src.ptr.add(src_off), dst.ptr.add(dst_off), bytes) };
+        unsafe { std::ptr::copy(src.as_ptr().add(src_off), dst.as_ptr().add(dst_off), bytes) };
         Ok(())
     }
     fn launch(&self, entry: &str, cfg: LaunchConfig, args: &[KArg<'_>]) -> Result<()> {
@@ -102,9 +103,9 @@ impl KernelDevice for Emu {
         // (checked above), so the mutable slice aliases neither shared one.
         let (a, b, c) = unsafe {
             (
-                std::slice::from_raw_parts(a.ptr as *const f32, len(a)),
-                std::slice::from_raw_parts(b.ptr as *const f32, len(b)),
-                std::slice::from_raw_parts_mut(c.ptr as *mut f32, len(c)),
+                std::slice::from_raw_parts(a.as_ptr() as *const f32, len(a)),
+                std::slice::from_raw_parts(b.as_ptr() as *const f32, len(b)),
+                std::slice::from_raw_parts_mut(c.as_ptr() as *mut f32, len(c)),
             )
         };
         // (row stride, column stride) of op(A) m x k and op(B) k x n
@@ -122,7 +123,7 @@ impl KernelDevice for Emu {
             let c = &mut c[co.min(cl)..];
             let plain = s.alpha == 1.0 && (s.beta == 0.0 || s.beta == 1.0);
             if plain {
-                kf_ops::gemm::gemm(
+                crate::gemm::gemm(
                     s.m,
                     s.n,
                     s.k,
@@ -139,7 +140,7 @@ impl KernelDevice for Emu {
                 )?;
             } else {
                 tmp.resize(s.m * s.n, 0.0f32);
-                kf_ops::gemm::gemm(
+                crate::gemm::gemm(
                     s.m, s.n, s.k, a, a_rs, a_cs, b, b_rs, b_cs, &mut tmp, s.n, 1, false,
                 )?;
                 for r in 0..s.m {
