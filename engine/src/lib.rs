@@ -9,6 +9,7 @@ pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod emu;
+pub mod fs;
 pub mod gemm;
 pub mod io;
 pub mod kernel_device;

@@ -132,9 +132,8 @@ pub struct TensorToWrite<'a> {
 }
 
 /// Writes `tensors` (in the given order, contiguous) and `metadata` to `path`
-/// atomically: a temporary file `.<filename>.tmp.<pid>` in the same directory
-/// is written, fsynced and renamed over the target. The data section starts at
-/// a multiple of 8 bytes.
+/// atomically ([`crate::fs::write_atomic_with`]: never half-written). The data section
+/// starts at a multiple of 8 bytes.
 pub fn save(
     path: &Path,
     tensors: &[TensorToWrite<'_>],
@@ -143,41 +142,16 @@ pub fn save(
     let label = path.display().to_string();
     let header = build_header(tensors, metadata).map_err(|e| anyhow!("{label}: {e}"))?;
 
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{label}: path has no file name"))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-
-    let result = write_file(&tmp, &header, tensors)
-        .and_then(|()| std::fs::rename(&tmp, path).context("cannot rename temporary file"));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("{label}: cannot save (via {})", tmp.display())));
-    }
-    // Best effort: make the rename itself durable.
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::fs::write_atomic_with(path, |w| write_body(w, &header, tensors))
+        .with_context(|| format!("{label}: cannot save"))
 }
 
-fn write_file(tmp: &Path, header: &str, tensors: &[TensorToWrite<'_>]) -> Result<()> {
-    let file = File::create(tmp).context("cannot create temporary file")?;
-    let mut w = std::io::BufWriter::new(file);
+fn write_body(w: &mut impl Write, header: &str, tensors: &[TensorToWrite<'_>]) -> Result<()> {
     w.write_all(&(header.len() as u64).to_le_bytes())?;
     w.write_all(header.as_bytes())?;
     for t in tensors {
         w.write_all(t.data)?;
     }
-    let file = w.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all().context("cannot fsync temporary file")?;
     Ok(())
 }
 

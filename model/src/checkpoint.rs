@@ -54,7 +54,7 @@ pub fn read_config(dir: &Path) -> Result<DditConfig> {
 /// Writes `config.json` atomically.
 pub fn write_config(dir: &Path, cfg: &DditConfig) -> Result<()> {
     let p = dir.join(CONFIG_FILE);
-    crate::data::write_atomic(&p, cfg.to_json()?.as_bytes())
+    kf_engine::fs::write_atomic(&p, cfg.to_json()?.as_bytes())
         .with_context(|| format!("cannot write model config {}", p.display()))
 }
 

@@ -32,7 +32,8 @@
 //! seed, the teacher and the data — the condition for exact resume.
 //!
 //! # Temperature
-//! [`TauDist`] is the configured distribution of `tau` (only `Const` for now; default 1);
+//! [`TauDist`] is the configured distribution of `tau` (a constant, default 1, or uniform on
+//! a range per micro-batch, evaluated at its top);
 //! `tau` is fed to the student's noise encoder and divides the AR teacher's logits.
 //!
 //! # Noise-inversion variant (6.3)
@@ -935,7 +936,7 @@ pub fn distill_stage_on(
         let metrics = metrics
             .as_ref()
             .context("the final evaluation left no metrics")?;
-        crate::data::write_atomic(
+        kf_engine::fs::write_atomic(
             &opts.out.join(STAGE_METRICS_FILE),
             serde_json::to_string_pretty(metrics)?.as_bytes(),
         )?;

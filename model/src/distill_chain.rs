@@ -14,7 +14,6 @@
 //! stage learns from the AR teacher; the first starts from the AR teacher's backbone, later
 //! ones from the previous stage's student.
 
-use crate::data::write_atomic;
 use crate::distill::{
     distill_stage_on, DistillConfig, DistillMetrics, StageOptions, TauDist, Variant,
     STAGE_METRICS_FILE,
@@ -22,6 +21,7 @@ use crate::distill::{
 use crate::pflm::NoiseInit;
 use crate::train::{CpuBackend, Event, OptimConfig, Outcome, TrainBackend};
 use anyhow::{bail, ensure, Context, Result};
+use kf_engine::fs::write_atomic;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

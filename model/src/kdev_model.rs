@@ -1,5 +1,5 @@
 //! The DDiT backbone and the PFLM student on a kernel device (`kf_ops::kdev::KernelDevice`:
-//! the CPU emulator now, CUDA later): f32 weights uploaded once, the AR forward (uncached, and
+//! the CPU emulator or a GPU): f32 weights uploaded once, the AR forward (uncached, and
 //! prefill + KV-cached steps with the cache on the device), the PFLM inference step
 //! (`Pflm::step_logits` / `Pflm::step`) and the generation loop mirroring `generate_pflm`:
 //! the same Philox noise stream (drawn on the device by the `philox_uniform_f64` kernel), the

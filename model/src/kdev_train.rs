@@ -1,5 +1,5 @@
 //! Training steps on a kernel device (`kf_ops::kdev::KernelDevice`: the CPU emulator of
-//! kernels/*.cu now, CUDA later), equal to the CPU trainer's step
+//! kernels/*.cu or a GPU), equal to the CPU trainer's step
 //! (`train::optim::Trainer::train_step`): the AR teacher on `TeacherTask`'s loss (mean
 //! next-token cross-entropy of `Ddit::forward_train`), and a PFLM student on the
 //! distillation stage's loss (`Pflm::forward_staircase` on `[context | hints]`, mean

@@ -157,7 +157,7 @@ impl Tokenizer {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let json = self.to_json()?;
-        crate::data::write_atomic(path, json.as_bytes())
+        kf_engine::fs::write_atomic(path, json.as_bytes())
             .with_context(|| format!("cannot write tokenizer {}", path.display()))
     }
 

@@ -30,7 +30,7 @@ pub mod argmax;
 pub mod noise;
 pub mod sampling;
 
-// the kernels of kernels/*.cu on a kernel device (emulator now, CUDA later)
+// the kernels of kernels/*.cu on a kernel device (the emulator or a GPU)
 pub mod kdev;
 
 pub use registry::OpKind;

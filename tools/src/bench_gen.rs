@@ -429,11 +429,11 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
             "batch1_ar_weight_read_gb_s": read_gb_s,
             "rows": rows,
         });
-        kf_model::data::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
+        kf_engine::fs::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
         eprintln!("kfrun bench: wrote {}", p.display());
     }
     if let Some(p) = &a.plot {
-        kf_model::data::write_atomic(p, speedup_svg(&rows, pf.k, &label).as_bytes())?;
+        kf_engine::fs::write_atomic(p, speedup_svg(&rows, pf.k, &label).as_bytes())?;
         eprintln!("kfrun bench: wrote {}", p.display());
     }
     Ok(())

@@ -542,7 +542,7 @@ pub fn run(a: &Args) -> Result<()> {
     let report = bench(&*device.kernel()?, sz, a.runs)?;
     print(&report);
     if let Some(p) = &a.json {
-        kf_model::data::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        kf_engine::fs::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(())
 }

@@ -1428,7 +1428,7 @@ pub fn run(a: &Args) -> Result<()> {
             "transc_flops": TRANSC, "transc_f64_flops": TRANSC_F64,
             "modes": modes_json, "kernels": kernels_json, "families": fam,
         });
-        kf_model::data::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
+        kf_engine::fs::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
         eprintln!("kfrun bench cost: wrote {}", p.display());
     }
     Ok(())

@@ -156,7 +156,7 @@ pub fn run(a: &Args) -> Result<()> {
             "seed": a.seed,
             "rows": rows,
         });
-        kf_model::data::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())
+        kf_engine::fs::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())
             .with_context(|| format!("--json {}", p.display()))?;
         eprintln!("kfrun eval: wrote {}", p.display());
     }

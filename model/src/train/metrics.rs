@@ -311,7 +311,7 @@ pub fn loss_svg(curves: &Curves, title: &str) -> String {
 
 /// Writes the plot to `path` atomically.
 pub fn write_loss_svg(path: &Path, curves: &Curves, title: &str) -> Result<()> {
-    crate::data::write_atomic(path, loss_svg(curves, title).as_bytes())
+    kf_engine::fs::write_atomic(path, loss_svg(curves, title).as_bytes())
 }
 
 #[cfg(test)]

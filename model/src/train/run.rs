@@ -390,7 +390,7 @@ pub fn drive<S: Session + ?Sized>(
         "config": spec.config,
         "final_dir": final_dir,
     });
-    crate::data::write_atomic(
+    kf_engine::fs::write_atomic(
         &spec.out.join(SUMMARY_FILE),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
