@@ -319,7 +319,8 @@ pub mod pool {
 
 /// Contiguous elements of one dtype in the memory of a kernel device.
 pub struct KernelStorage {
-    pub buf: DeviceBuf,
+    /// Shared with the device tensors of the kernel launchers (no copy between the two).
+    pub buf: Arc<DeviceBuf>,
     /// The device that owns `buf` (launches and copies go through it).
     pub dev: Arc<dyn KernelDevice>,
     pub device: crate::Device,
@@ -330,12 +331,13 @@ pub struct KernelStorage {
 impl KernelStorage {
     /// `len` elements of `dtype` in `buf`; errors when the buffer is smaller than that.
     pub fn new(
-        buf: DeviceBuf,
+        buf: impl Into<Arc<DeviceBuf>>,
         dev: Arc<dyn KernelDevice>,
         device: crate::Device,
         dtype: DType,
         len: usize,
     ) -> Result<KernelStorage> {
+        let buf = buf.into();
         let need = len
             .checked_mul(dtype.size())
             .ok_or_else(|| anyhow!("{len} elements of {dtype} overflow"))?;

@@ -320,6 +320,26 @@ impl Ddit {
         Ok(m)
     }
 
+    /// A copy with every parameter on `device` (the explicit move; not trainable there yet:
+    /// kernel-device ops record no gradients).
+    pub fn to_device(&self, device: Device) -> Result<Ddit> {
+        let params = self
+            .params
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.detach().to_device(device)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Ddit {
+            cfg: self.cfg.clone(),
+            params,
+            trainable: false,
+        })
+    }
+
+    /// Where the parameters are.
+    pub fn device(&self) -> Device {
+        self.p(0).device()
+    }
+
     fn p(&self, i: usize) -> &Tensor {
         &self.params[i].1
     }
@@ -362,7 +382,7 @@ impl Ddit {
             self.cfg.max_seq_len
         );
         let h0 = self.embed(ids)?;
-        let pos = positions(t)?;
+        let pos = positions(t)?.to_device(self.device())?;
         self.backbone(&h0, &pos, &self.attn_params(0, vec![]), None)
     }
 
@@ -504,6 +524,9 @@ fn mask_logit(logits: Tensor, id: Option<u32>) -> Result<Tensor> {
     let col = id as usize;
     let v = logits.dim(logits.rank() - 1)?;
     ensure!(col < v, "mask token {id} outside the {v} logits");
+    if logits.device().is_kernel_device() {
+        return mask_logit_on_device(logits, v, col);
+    }
     fn set_col<T: Float>(x: &mut [T], v: usize, col: usize) {
         for row in x.chunks_exact_mut(v) {
             row[col] = T::from_f64(MASK_LOGIT);
@@ -539,6 +562,31 @@ fn mask_logit(logits: Tensor, id: Option<u32>) -> Result<Tensor> {
         DType::F64 => go::<f64>(logits, v, col),
         other => bail!("mask_logit: unsupported dtype {other}"),
     }
+}
+
+/// [`mask_logit`] on a kernel device (inference only): one f32 `MASK_LOGIT` copied into
+/// column `col` of every row. One copy per row: fine for the emulator's checks; a GPU decode
+/// wants this folded into the head's bias kernel.
+fn mask_logit_on_device(logits: Tensor, v: usize, col: usize) -> Result<Tensor> {
+    ensure!(
+        !should_record(&[&logits]),
+        "mask_logit on {}: gradients through kernel-device ops are not recorded yet",
+        logits.device()
+    );
+    ensure!(
+        logits.dtype() == DType::F32 && logits.is_contiguous() && logits.layout().offset() == 0,
+        "mask_logit on {}: the head's logits must be contiguous f32",
+        logits.device()
+    );
+    let val = Tensor::from_vec(vec![MASK_LOGIT as f32], &[1], logits.device())?;
+    {
+        let (src, dst) = (val.storage()?, logits.storage()?);
+        let (src, dst) = (src.kernel()?, dst.kernel()?);
+        for r in 0..logits.numel() / v {
+            dst.dev.copy(&src.buf, 0, &dst.buf, 4 * (r * v + col), 4)?;
+        }
+    }
+    Ok(logits)
 }
 
 struct MaskLogitBackward {

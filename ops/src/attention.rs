@@ -3,6 +3,7 @@
 //! blocks with an online softmax, so no [Tq, Tk] score or mask matrix ever exists in memory.
 //! Dimensions: B batch, Tq query rows, Tk keys, H heads, D head dim; N context, k hints per window.
 
+use crate::kdev::{bridge, launch, DTensor};
 use crate::util::exp_f32;
 use crate::util::float_dtype;
 use anyhow::{ensure, Context, Result};
@@ -1375,12 +1376,15 @@ pub fn rope_attention(
     rope_base: f64,
     p: &AttnParams,
 ) -> Result<Tensor> {
-    let dt = float_dtype("rope_attention", &[qkv])?;
     ensure!(
         qkv.rank() == 5 && qkv.shape()[2] == 3,
         "rope_attention: qkv must be [B, T, 3, H, D], got {:?}",
         qkv.shape()
     );
+    if let Some(on) = bridge::device_of("rope_attention", &[qkv, pos])? {
+        return rope_attention_on(&on, qkv, pos, rope_base, p);
+    }
+    let dt = float_dtype("rope_attention", &[qkv])?;
     let (q, k, v) = {
         let _g = kf_engine::autograd::no_grad();
         let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
@@ -1396,6 +1400,57 @@ pub fn rope_attention(
         dt,
         rope_attention_t::<T>(qkv, pos, rope_base, p, (q, k, v), dims)
     )
+}
+
+/// [`rope_attention`] on a kernel device: the RoPE tables of `pos`, q roped straight from the
+/// qkv buffer (a strided view at offset 0), k and v copied out row by row (the launchers take
+/// views at offset 0 only), then the attention kernels.
+fn rope_attention_on(
+    on: &bridge::OnDevice,
+    qkv: &Tensor,
+    pos: &Tensor,
+    rope_base: f64,
+    p: &AttnParams,
+) -> Result<Tensor> {
+    let dev = &*on.dev;
+    let [b, t, _, h, d] = qkv.shape().try_into().expect("rank 5 checked");
+    ensure!(
+        pos.shape() == [t] || pos.shape() == [b, t],
+        "rope_attention: positions must be [T] or [B, T] = [{b}, {t}], got {:?}",
+        pos.shape()
+    );
+    let x = bridge::dt(qkv)?;
+    let pos = bridge::dt(&pos.reshape(&[pos.numel()])?)?;
+    let (cos, sin) = launch::rope_tables(dev, &pos, d, rope_base)?;
+    let strides = [t * 3 * h * d, 3 * h * d, d];
+    let q = launch::rope_view(dev, &x.buf, [b, t, h, d], strides, &cos, &sin)?;
+    let row = h * d * 4;
+    let part = |i: usize| -> Result<DTensor> {
+        let out = DTensor::uninit(dev, &[b, t, h, d], kf_engine::DType::F32)?;
+        for r in 0..b * t {
+            dev.copy(&x.buf, (3 * r + i) * row, &out.buf, r * row, row)?;
+        }
+        Ok(out)
+    };
+    let k = launch::rope(dev, &part(1)?, &cos, &sin)?;
+    let v = part(2)?;
+    let dims = launch::AttnDims {
+        b,
+        h,
+        d,
+        tq: t,
+        tk: t,
+    };
+    let out = launch::attention(
+        dev,
+        launch::AttnView::contiguous(&q)?,
+        launch::AttnView::contiguous(&k)?,
+        launch::AttnView::contiguous(&v)?,
+        dims,
+        p,
+        launch::AttnPath::Auto,
+    )?;
+    bridge::back(on, out.o)
 }
 
 fn rope_attention_t<T: Kern>(

@@ -4,6 +4,7 @@
 //! Letters: N the last (feature) dimension, R all leading dims flattened.
 
 use crate::dispatch_float;
+use crate::kdev::{bridge, launch};
 use crate::reduce::{sum_axis_into, sum_to_shape};
 use crate::util::{expect_rank, float_dtype};
 use anyhow::{bail, ensure, Context, Result};
@@ -162,6 +163,23 @@ impl BinOp {
 }
 
 fn binary(a: &Tensor, b: &Tensor, op: BinOp) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of(op.name(), &[a, b])? {
+        ensure!(
+            a.shape() == b.shape(),
+            "{} on {}: broadcasting {:?} with {:?} has no kernel (shapes must be equal)",
+            op.name(),
+            on.device,
+            a.shape(),
+            b.shape()
+        );
+        let (a, b) = (bridge::dt(a)?, bridge::dt(b)?);
+        let r = match op {
+            BinOp::Add => launch::add(&*on.dev, &a, &b)?,
+            BinOp::Sub => launch::sub(&*on.dev, &a, &b)?,
+            BinOp::Mul => launch::mul(&*on.dev, &a, &b)?,
+        };
+        return bridge::back(&on, r);
+    }
     let d = float_dtype(op.name(), &[a, b])?;
     let shape = broadcast_shapes(op.name(), a.shape(), b.shape())?;
     let node = should_record(&[a, b]).then(|| {

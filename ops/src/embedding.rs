@@ -4,6 +4,7 @@
 //! races and the same bits at any thread count. Letters: V vocabulary, D width.
 
 use crate::dispatch_float;
+use crate::kdev::{bridge, launch};
 use crate::util::{expect_rank, float_dtype};
 use anyhow::{bail, ensure, Result};
 use kf_engine::autograd::{should_record, BackwardOp};
@@ -17,6 +18,10 @@ const PAR_MIN: usize = 1 << 14;
 /// The row `table[ids[..]]` for every id. Ids are u32; an id >= V is an error
 /// naming the id, its position and V.
 pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("embedding", &[ids, table])? {
+        let y = launch::embedding(&*on.dev, &bridge::dt(ids)?, &bridge::dt(table)?)?;
+        return bridge::back(&on, y);
+    }
     ensure!(
         ids.dtype() == DType::U32,
         "embedding: ids must be u32, got {} (shape {:?})",

@@ -3,6 +3,7 @@
 //! with analytic derivatives. Also the erfc they rest on (fdlibm's, in f64).
 
 use crate::dispatch_float;
+use crate::kdev::{bridge, launch};
 use crate::util::{fast_exp, float_dtype, has_avx2};
 use anyhow::{bail, Result};
 use kf_engine::autograd::should_record;
@@ -28,6 +29,9 @@ enum Kind {
 /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, computed as the equal
 /// `x * sigmoid(2u)` so that no `1 + tanh` cancels for negative x.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("gelu_tanh", &[x])? {
+        return bridge::back(&on, launch::gelu_tanh(&*on.dev, &bridge::dt(x)?)?);
+    }
     let d = float_dtype("gelu_tanh", &[x])?;
     dispatch_float!("gelu_tanh", d, gelu_t::<T>(x, Kind::Tanh))
 }
@@ -35,6 +39,9 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// `0.5 x (1 + erf(x / sqrt(2)))`, computed as `0.5 x erfc(-x / sqrt(2))`
 /// (accurate in the negative tail too). f32 inputs are evaluated in f64.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("gelu_erf", &[x])? {
+        return bridge::back(&on, launch::gelu_erf(&*on.dev, &bridge::dt(x)?)?);
+    }
     let d = float_dtype("gelu_erf", &[x])?;
     dispatch_float!("gelu_erf", d, gelu_t::<T>(x, Kind::Erf))
 }

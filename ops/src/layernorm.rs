@@ -4,6 +4,7 @@
 //! for the backward. Letters: R rows (product of the leading dims), D features.
 
 use crate::dispatch_float;
+use crate::kdev::{bridge, launch};
 use crate::util::{expect_shape, float_dtype};
 use crate::util::{for_each_row, sum_map};
 use anyhow::{ensure, Result};
@@ -21,6 +22,18 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Resul
     let op = "layer_norm";
     let mut all = vec![x, w];
     all.extend(b);
+    if let Some(on) = bridge::device_of(op, &all)? {
+        let b = b.map(bridge::dt).transpose()?;
+        let y = launch::layer_norm(
+            &*on.dev,
+            &bridge::dt(x)?,
+            &bridge::dt(w)?,
+            b.as_ref(),
+            eps as f32,
+        )?
+        .y;
+        return bridge::back(&on, y);
+    }
     let dt = float_dtype(op, &all)?;
     ensure!(
         x.rank() >= 1,

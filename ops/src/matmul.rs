@@ -6,6 +6,7 @@
 use crate::dispatch_float;
 use crate::elementwise::{sum_rows, with_raw};
 use crate::gemm::{gemm, GemmElem};
+use crate::kdev::{bridge, launch};
 use crate::util::{expect_rank, expect_shape, float_dtype};
 use anyhow::{ensure, Result};
 use kf_engine::autograd::{should_record, BackwardOp};
@@ -291,6 +292,11 @@ impl BackwardOp for MatmulBackward {
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut ts = vec![x, w];
     ts.extend(b);
+    if let Some(on) = bridge::device_of("linear", &ts)? {
+        let b = b.map(bridge::dt).transpose()?;
+        let y = launch::linear(&*on.dev, &bridge::dt(x)?, &bridge::dt(w)?, b.as_ref())?;
+        return bridge::back(&on, y);
+    }
     let d = float_dtype("linear", &ts)?;
     expect_rank("linear", "weight", w, 2)?;
     ensure!(x.rank() >= 1, "linear: x must have rank >= 1, got shape []");

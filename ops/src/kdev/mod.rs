@@ -11,17 +11,22 @@
 
 use anyhow::{ensure, Context, Result};
 pub use kf_engine::kernel_device::{DeviceBuf, DeviceMemory, GemmSpec, KArg, KernelDevice};
-use kf_engine::{DType, Device, Tensor};
+use kf_engine::storage::{KernelStorage, Storage};
+use kf_engine::{DType, Device, Layout, Tensor};
 pub use kf_kernels::LaunchConfig;
+use std::sync::Arc;
 
 pub mod backward;
+pub mod bridge;
 pub mod launch;
 
 /// A contiguous row-major tensor on a kernel device: buffer, shape and element type
 /// (F32 for activations and weights, U32 for ids / tokens / counts, F64 for noise levels
 /// and uniforms).
 pub struct DTensor {
-    pub buf: DeviceBuf,
+    /// Shared with the [`Tensor`] it was made from or into ([`DTensor::from_tensor`],
+    /// [`DTensor::into_tensor`]): no copy between the two.
+    pub buf: Arc<DeviceBuf>,
     shape: Vec<usize>,
     dtype: DType,
 }
@@ -51,7 +56,7 @@ impl DTensor {
             dev.buf_bytes(&buf)
         );
         Ok(DTensor {
-            buf,
+            buf: Arc::new(buf),
             shape: shape.to_vec(),
             dtype,
         })
@@ -66,7 +71,7 @@ impl DTensor {
             .alloc_zeroed(numel(shape) * dtype.size())
             .with_context(|| format!("allocating {shape:?} {dtype:?} on {}", dev.name()))?;
         Ok(DTensor {
-            buf,
+            buf: Arc::new(buf),
             shape: shape.to_vec(),
             dtype,
         })
@@ -81,7 +86,7 @@ impl DTensor {
             .alloc(numel(shape) * dtype.size())
             .with_context(|| format!("allocating {shape:?} {dtype:?} on {}", dev.name()))?;
         Ok(DTensor {
-            buf,
+            buf: Arc::new(buf),
             shape: shape.to_vec(),
             dtype,
         })
@@ -101,7 +106,7 @@ impl DTensor {
             .upload(bytemuck::cast_slice(data))
             .with_context(|| format!("uploading {shape:?} to {}", dev.name()))?;
         Ok(DTensor {
-            buf,
+            buf: Arc::new(buf),
             shape: shape.to_vec(),
             dtype: T::DTYPE,
         })
@@ -157,6 +162,35 @@ impl DTensor {
             DType::U32 => Tensor::from_vec(self.to_vec::<D, u32>(dev)?, &self.shape, Device::Cpu),
             DType::I32 => Tensor::from_vec(self.to_vec::<D, i32>(dev)?, &self.shape, Device::Cpu),
         }
+    }
+    /// The device tensor of a contiguous [`Tensor`] on a kernel device, sharing its memory.
+    pub fn from_tensor(t: &Tensor) -> Result<DTensor> {
+        let g = t.storage()?;
+        let k = g.kernel()?;
+        ensure!(
+            t.is_contiguous() && t.layout().offset() == 0,
+            "a device view of shape {:?} (strides {:?}, offset {}) is not a whole contiguous \
+             buffer; the kernel ops take whole buffers",
+            t.shape(),
+            t.strides(),
+            t.layout().offset()
+        );
+        Ok(DTensor {
+            buf: k.buf.clone(),
+            shape: t.shape().to_vec(),
+            dtype: t.dtype(),
+        })
+    }
+    /// This device tensor as a [`Tensor`] on `device` (the device that made it), sharing its
+    /// memory.
+    pub fn into_tensor(self, device: Device) -> Result<Tensor> {
+        let n = self.numel();
+        let storage = KernelStorage::new(self.buf, device.kernel()?, device, self.dtype, n)?;
+        Tensor::from_storage(
+            Storage::Kernel(storage),
+            Layout::contiguous(&self.shape),
+            None,
+        )
     }
     pub fn shape(&self) -> &[usize] {
         &self.shape
