@@ -764,6 +764,9 @@ fn map_tasks<R: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> R + Sync + 
 
 /// q [B, Tq, H, D], k and v [B, Tk, H, D] -> out [B, Tq, H, D].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("attention", &[q, k, v])? {
+        return bridge::back(&on, attention_on(&on, q, k, v, p)?.o);
+    }
     Ok(attention_with_lse(q, k, v, p)?.0)
 }
 
@@ -775,6 +778,10 @@ pub fn attention_with_lse(
     v: &Tensor,
     p: &AttnParams,
 ) -> Result<(Tensor, Tensor)> {
+    if let Some(on) = bridge::device_of("attention", &[q, k, v])? {
+        let out = attention_on(&on, q, k, v, p)?;
+        return Ok((bridge::back(&on, out.o)?, bridge::back(&on, out.lse)?));
+    }
     let dt = float_dtype("attention", &[q, k, v])?;
     let dims = validate(q, k, v, p)?;
     crate::dispatch_float!("attention", dt, forward_t::<T>(q, k, v, p, dims, simd_ok()))
@@ -1399,6 +1406,49 @@ pub fn rope_attention(
         "rope_attention",
         dt,
         rope_attention_t::<T>(qkv, pos, rope_base, p, (q, k, v), dims)
+    )
+}
+
+/// [`attention`] on a kernel device: q `[B, Tq, H, D]`, k and v `[B, Tk, H, D]` (gathered
+/// into whole buffers when they are views).
+fn attention_on(
+    on: &bridge::OnDevice,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &AttnParams,
+) -> Result<launch::AttnOut> {
+    ensure!(
+        q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
+        "attention: q, k, v must be [B, T, H, D], got {:?} {:?} {:?}",
+        q.shape(),
+        k.shape(),
+        v.shape()
+    );
+    let (q, k, v) = (bridge::dt(q)?, bridge::dt(k)?, bridge::dt(v)?);
+    let [b, tq, h, d] = q.shape().try_into().expect("rank 4 checked");
+    ensure!(
+        k.shape() == v.shape() && k.shape()[0] == b && k.shape()[2] == h && k.shape()[3] == d,
+        "attention: k {:?} and v {:?} do not fit q {:?}",
+        k.shape(),
+        v.shape(),
+        q.shape()
+    );
+    let dims = launch::AttnDims {
+        b,
+        h,
+        d,
+        tq,
+        tk: k.shape()[1],
+    };
+    launch::attention(
+        &*on.dev,
+        launch::AttnView::contiguous(&q)?,
+        launch::AttnView::contiguous(&k)?,
+        launch::AttnView::contiguous(&v)?,
+        dims,
+        p,
+        launch::AttnPath::Auto,
     )
 }
 

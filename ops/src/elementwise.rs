@@ -164,15 +164,12 @@ impl BinOp {
 
 fn binary(a: &Tensor, b: &Tensor, op: BinOp) -> Result<Tensor> {
     if let Some(on) = bridge::device_of(op.name(), &[a, b])? {
-        ensure!(
-            a.shape() == b.shape(),
-            "{} on {}: broadcasting {:?} with {:?} has no kernel (shapes must be equal)",
-            op.name(),
-            on.device,
-            a.shape(),
-            b.shape()
+        // the kernels take equal shapes: a broadcast operand is materialised (bridge::dt)
+        let shape = broadcast_shapes(op.name(), a.shape(), b.shape())?;
+        let (a, b) = (
+            bridge::dt(&a.broadcast_as(&shape)?)?,
+            bridge::dt(&b.broadcast_as(&shape)?)?,
         );
-        let (a, b) = (bridge::dt(a)?, bridge::dt(b)?);
         let r = match op {
             BinOp::Add => launch::add(&*on.dev, &a, &b)?,
             BinOp::Sub => launch::sub(&*on.dev, &a, &b)?,

@@ -141,6 +141,9 @@ pub struct Case {
     /// Floating-point operations and bytes moved per call (perf mode).
     pub flops: f64,
     pub bytes: f64,
+    /// False for a case outside the domain of the op's kernels (e.g. an attention head dim
+    /// with no kernel instance): on a kernel device it must fail with an error.
+    pub on_kernels: bool,
 }
 
 impl Case {
@@ -161,7 +164,12 @@ impl Case {
             tol_f64: Tol::new(1e-10, 1e-9),
             flops: 0.0,
             bytes: 0.0,
+            on_kernels: true,
         }
+    }
+    pub fn on_kernels(mut self, yes: bool) -> Case {
+        self.on_kernels = yes;
+        self
     }
     pub fn grad(mut self, wrt: &[usize]) -> Case {
         self.grad_wrt = wrt.to_vec();
@@ -348,6 +356,73 @@ pub fn check_grad(case: &Case) -> Result<()> {
     Ok(())
 }
 
+/// Whether an op runs its kernels when its inputs are on a kernel device (the backend axis of
+/// the harness). Exhaustive: a new op does not compile until it is placed here.
+pub fn on_kernel_devices(op: kf_ops::OpKind) -> bool {
+    use kf_ops::OpKind::*;
+    match op {
+        Linear | Add | Mul | Embedding | LayerNorm | LayerNormBias | GeluTanh | GeluErf
+        | Attention => true,
+        // CPU only so far: on a kernel device these are one clear error (checked below)
+        Matmul | Scale | BiasAdd | Sum | Mean | Rope | Softmax | CrossEntropy | NoiseFeatures
+        | SampleInverseCdf | ArgmaxPenalty | AdamW => false,
+    }
+}
+
+/// The kernel devices the harness runs ops on: the emulator always, GPU 0 where usable.
+pub fn kernel_devices() -> Vec<Device> {
+    let mut v = vec![Device::Emu];
+    if cfg!(feature = "cuda") && Device::Cuda(0).ensure_available().is_ok() {
+        v.push(Device::Cuda(0));
+    }
+    v
+}
+
+/// The f32 forward with every input moved to `device`, against the reference. An op without
+/// kernels must fail with an error (never a panic or a silent CPU fallback).
+pub fn check_forward_on(case: &Case, op: kf_ops::OpKind, device: Device) -> Result<()> {
+    let _g = no_grad();
+    let inputs = build_inputs(case, DType::F32)?
+        .iter()
+        .map(|t| t.to_device(device))
+        .collect::<Result<Vec<_>>>()?;
+    let run = (case.forward)(&inputs);
+    if !on_kernel_devices(op) || !case.on_kernels {
+        ensure!(
+            run.is_err(),
+            "{} on {device}: no kernel covers this case, yet it returned a result",
+            case.name
+        );
+        return Ok(());
+    }
+    let outs = run.with_context(|| format!("{} on {device}: forward failed", case.name))?;
+    let ref_inputs: Vec<Vec<f64>> = case.inputs.iter().map(|i| i.rounded(DType::F32)).collect();
+    let want = (case.reference)(&ref_inputs);
+    ensure!(
+        outs.len() == want.len(),
+        "{} on {device}: op returned {} outputs, reference {}",
+        case.name,
+        outs.len(),
+        want.len()
+    );
+    for (k, (o, w)) in outs.iter().zip(&want).enumerate() {
+        ensure!(
+            o.device() == device,
+            "{} on {device}: output {k} came back on {}",
+            case.name,
+            o.device()
+        );
+        let got = o.to_vec_f64()?;
+        compare(
+            &format!("{} [f32 on {device}] output {k}", case.name),
+            &got,
+            w,
+            case.tol,
+        )?;
+    }
+    Ok(())
+}
+
 /// Run every check of every case of `op`; returns the number of cases.
 pub fn check_op(op: kf_ops::OpKind) -> Result<usize> {
     let cases = crate::cases::cases(op);
@@ -362,6 +437,11 @@ pub fn check_op(op: kf_ops::OpKind) -> Result<usize> {
         if let Err(e) = check_grad(c) {
             failures.push(format!("{e:#}"));
         }
+        for device in kernel_devices() {
+            if let Err(e) = check_forward_on(c, op, device) {
+                failures.push(format!("{e:#}"));
+            }
+        }
     }
     if op.differentiable() {
         ensure!(
@@ -370,6 +450,16 @@ pub fn check_op(op: kf_ops::OpKind) -> Result<usize> {
             op.name()
         );
     }
+    let on_dev = cases
+        .iter()
+        .filter(|c| on_kernel_devices(op) && c.on_kernels)
+        .count();
+    eprintln!(
+        "{}: {on_dev} of {} cases also on {:?} (the rest: a clear error there)",
+        op.name(),
+        cases.len(),
+        kernel_devices()
+    );
     if !failures.is_empty() {
         bail!(
             "{} of the checks of op {} failed:\n  {}",

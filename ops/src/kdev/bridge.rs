@@ -46,9 +46,16 @@ pub fn device_of(op: &str, inputs: &[&Tensor]) -> Result<Option<OnDevice>> {
     }))
 }
 
-/// The launchers' view of a device tensor (contiguous; shares the buffer).
+/// The launchers' view of a device tensor: shares the buffer when the tensor is a whole
+/// contiguous buffer; a view (transposed, narrowed, broadcast) is first gathered into a new
+/// contiguous device buffer — through the host, as there is no strided-copy kernel yet (a
+/// synchronising round trip: correct everywhere, slow on a GPU).
 pub fn dt(t: &Tensor) -> Result<DTensor> {
-    DTensor::from_tensor(t)
+    if t.is_contiguous() && t.layout().offset() == 0 {
+        return DTensor::from_tensor(t);
+    }
+    let device = t.device();
+    DTensor::from_tensor(&t.to_device(Device::Cpu)?.to_device(device)?)
 }
 
 /// A launcher's result as a tensor on `on.device` (shares the buffer).

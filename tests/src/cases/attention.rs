@@ -258,6 +258,12 @@ fn reference(s: &Spec, x: &[Vec<f64>]) -> Vec<f64> {
     out
 }
 
+/// The attention kernels have instances for head dims 64 and 128; on a kernel device other
+/// head dims must be a clear error.
+fn kernel_head_dim(d: usize) -> bool {
+    kf_ops::kdev::launch::check_head_dim(d).is_ok()
+}
+
 fn case(s: Spec, seed: u64, grad: bool) -> Case {
     let mut g = Gen::new(seed);
     let inputs = s.inputs(&mut g);
@@ -275,7 +281,8 @@ fn case(s: Spec, seed: u64, grad: bool) -> Case {
         },
         move |x| vec![reference(&sr, x)],
     )
-    .cost(flops, bytes);
+    .cost(flops, bytes)
+    .on_kernels(kernel_head_dim(s.d));
     if grad {
         c.grad(&(0..n_in).collect::<Vec<_>>())
     } else {
@@ -401,7 +408,8 @@ fn rope_attention_case(s: Spec, batched_pos: bool, seed: u64, grad: bool) -> Cas
             vec![reference(&sr, &[q, k, part(2)])]
         },
     )
-    .cost(flops, bytes);
+    .cost(flops, bytes)
+    .on_kernels(kernel_head_dim(d));
     if grad {
         c.grad(&[0])
     } else {
