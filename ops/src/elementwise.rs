@@ -292,6 +292,9 @@ impl BackwardOp for BinaryBackward {
 
 /// `x * s` for a constant `s`.
 pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("scale", &[x])? {
+        return bridge::back(&on, launch::scale(&*on.dev, &bridge::dt(x)?, s as f32)?);
+    }
     let d = float_dtype("scale", &[x])?;
     dispatch_float!("scale", d, scale_t::<T>(x, s))
 }
@@ -336,6 +339,10 @@ impl BackwardOp for ScaleBackward {
 
 /// `x [.., N] + b [N]`, b added to every row.
 pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("bias_add", &[x, b])? {
+        let y = launch::bias_add(&*on.dev, &bridge::dt(x)?, &bridge::dt(b)?)?;
+        return bridge::back(&on, y);
+    }
     let d = float_dtype("bias_add", &[x, b])?;
     expect_rank("bias_add", "bias", b, 1)?;
     ensure!(

@@ -5,6 +5,7 @@
 //! Letters: B batch, T time, H heads, D head dim (even), D/2 frequencies.
 
 use crate::dispatch_float;
+use crate::kdev::{bridge, launch};
 use crate::util::float_dtype;
 use crate::util::for_each_row;
 use anyhow::{bail, ensure, Context, Result};
@@ -38,6 +39,22 @@ pub fn rope_tables(pos: &[u32], d: usize, base: f64) -> (Vec<f64>, Vec<f64>) {
 /// stride 1; it is read in place. The output is contiguous.
 pub fn rope(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
     let op = "rope";
+    if let Some(on) = bridge::device_of(op, &[x, pos])? {
+        ensure!(
+            x.rank() == 4,
+            "{op}: x must be [B, T, H, D], got shape {:?}",
+            x.shape()
+        );
+        let (b, t, d) = (x.shape()[0], x.shape()[1], x.shape()[3]);
+        ensure!(
+            pos.shape() == [t] || pos.shape() == [b, t],
+            "{op}: positions must be [T] or [B, T] = [{b}, {t}], got {:?}",
+            pos.shape()
+        );
+        let pos = bridge::dt(&pos.reshape(&[pos.numel()])?)?;
+        let (cos, sin) = launch::rope_tables(&*on.dev, &pos, d, base)?;
+        return bridge::back(&on, launch::rope(&*on.dev, &bridge::dt(x)?, &cos, &sin)?);
+    }
     let dt = float_dtype(op, &[x])?;
     ensure!(
         x.rank() == 4,

@@ -3,6 +3,7 @@
 //! `-inf` entries get probability 0; a row with no finite entry is an error.
 
 use crate::dispatch_float;
+use crate::kdev::{bridge, launch};
 use crate::util::{float_dtype, for_each_row, row_max, sum_map, FirstBadRow};
 use anyhow::{bail, ensure, Result};
 use kf_engine::autograd::should_record;
@@ -26,12 +27,18 @@ fn masked_row_error(op: &str, shape: &[usize], row: usize) -> anyhow::Error {
 
 /// Softmax over the last dimension of `x [..., V]`.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("softmax", &[x])? {
+        return bridge::back(&on, launch::softmax(&*on.dev, &bridge::dt(x)?, false)?);
+    }
     let d = float_dtype("softmax", &[x])?;
     dispatch_float!("softmax", d, softmax_t::<T>(x, false))
 }
 
 /// Log-softmax over the last dimension of `x [..., V]` (`-inf` stays `-inf`).
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("log_softmax", &[x])? {
+        return bridge::back(&on, launch::softmax(&*on.dev, &bridge::dt(x)?, true)?);
+    }
     let d = float_dtype("log_softmax", &[x])?;
     dispatch_float!("log_softmax", d, softmax_t::<T>(x, true))
 }

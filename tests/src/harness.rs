@@ -361,11 +361,11 @@ pub fn check_grad(case: &Case) -> Result<()> {
 pub fn on_kernel_devices(op: kf_ops::OpKind) -> bool {
     use kf_ops::OpKind::*;
     match op {
-        Linear | Add | Mul | Embedding | LayerNorm | LayerNormBias | GeluTanh | GeluErf
-        | Attention => true,
+        Linear | Add | Mul | Scale | BiasAdd | Embedding | LayerNorm | LayerNormBias | Rope
+        | GeluTanh | GeluErf | Softmax | Attention => true,
         // CPU only so far: on a kernel device these are one clear error (checked below)
-        Matmul | Scale | BiasAdd | Sum | Mean | Rope | Softmax | CrossEntropy | NoiseFeatures
-        | SampleInverseCdf | ArgmaxPenalty | AdamW => false,
+        Matmul | Sum | Mean | CrossEntropy | NoiseFeatures | SampleInverseCdf | ArgmaxPenalty
+        | AdamW => false,
     }
 }
 
