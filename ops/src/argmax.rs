@@ -2,6 +2,7 @@
 //! argmax with an optional frequency penalty whose counts are updated left to
 //! right inside the block. B batch rows, K hint positions, V vocabulary.
 
+use crate::kdev::{bridge, launch};
 use anyhow::{bail, ensure, Result};
 use kf_engine::{DType, Float, OutBuf, Tensor};
 use rayon::prelude::*;
@@ -27,6 +28,15 @@ enum PosError {
 /// a position whose logits are all -inf. Parallel over b.
 pub fn argmax_penalty(logits: &Tensor, counts: &Tensor, penalty: f64) -> Result<Tensor> {
     const OP: &str = "argmax_penalty";
+    if let Some(on) = bridge::device_of(OP, &[logits, counts])? {
+        let y = launch::argmax_penalty(
+            &*on.dev,
+            &bridge::dt(logits)?,
+            &bridge::dt(counts)?,
+            penalty,
+        )?;
+        return bridge::back(&on, y);
+    }
     let d = crate::util::float_dtype(OP, &[logits])?;
     ensure!(
         logits.rank() == 3,

@@ -2,6 +2,7 @@
 //! `u` and of `tau`, KFORCING.md section 4). N positions, d feature channels
 //! (d/2 frequencies). Not differentiable: its inputs are noise, not parameters.
 
+use crate::kdev::{bridge, launch};
 use anyhow::{ensure, Result};
 use kf_engine::{DType, Device, Element, OutBuf, Tensor};
 use rayon::prelude::*;
@@ -19,6 +20,25 @@ const PAR_MIN_ELEMS: usize = 1 << 15;
 /// it. Computed in f64 whatever the input dtype, then cast to `dtype` (f32 or
 /// f64). `d` must be even and positive. No backward node is ever recorded.
 pub fn noise_features(s: &Tensor, d: usize, dtype: DType) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("noise_features", &[s])? {
+        ensure!(
+            s.rank() == 1 && dtype == DType::F32,
+            "noise_features on {}: s must be [N] and the features f32 (got {:?}, {dtype})",
+            on.device,
+            s.shape()
+        );
+        // the kernel reads f64 levels (the spec computes the features in f64); other float
+        // levels are widened through the host (N values, one per hint)
+        let s = match s.dtype() {
+            DType::F64 => s.clone(),
+            _ => s
+                .to_device(Device::Cpu)?
+                .to_dtype(DType::F64)?
+                .to_device(on.device)?,
+        };
+        let y = launch::noise_features(&*on.dev, &bridge::dt(&s)?, d)?;
+        return bridge::back(&on, y);
+    }
     ensure!(
         s.rank() == 1,
         "noise_features: s must have shape [N], got {:?}",

@@ -38,6 +38,7 @@
 //! `tau == 0` is greedy: the first maximum of the logits, whatever `u` is.
 //! `+inf` logits: the limit of the softmax — equal mass on the `+inf` entries.
 
+use crate::kdev::{bridge, launch};
 use anyhow::{bail, ensure, Result};
 use kf_engine::{DType, Device, Float, OutBuf, Tensor};
 use rayon::prelude::*;
@@ -544,6 +545,33 @@ fn map_rows<T: Float, O: Send>(
 pub fn sample_inverse_cdf(logits: &Tensor, u: &Tensor, tau: f64) -> Result<Tensor> {
     const OP: &str = "sample_inverse_cdf";
     check_tau(OP, tau)?;
+    if let Some(on) = bridge::device_of(OP, &[logits, u])? {
+        ensure!(logits.rank() >= 1, "{OP}: logits must be [.., V]");
+        let v = logits.shape()[logits.rank() - 1];
+        let rows = logits.numel() / v.max(1);
+        ensure!(
+            u.numel() == rows,
+            "{OP}: {} uniforms for {rows} rows of logits {:?}",
+            u.numel(),
+            logits.shape()
+        );
+        let y = launch::sample_inverse_cdf(
+            &*on.dev,
+            &bridge::dt(&logits.reshape(&[rows, v])?)?,
+            // the kernel reads f64 uniforms; others are widened through the host (one per row)
+            &bridge::dt(&match u.dtype() {
+                DType::F64 => u.reshape(&[rows])?,
+                _ => u
+                    .to_device(Device::Cpu)?
+                    .to_dtype(DType::F64)?
+                    .reshape(&[rows])?
+                    .to_device(on.device)?,
+            })?,
+            tau,
+        )?;
+        let shape = &logits.shape()[..logits.rank() - 1];
+        return bridge::back(&on, y)?.reshape(shape);
+    }
     let (rows, vocab, d, lc) = logits_rv(OP, logits)?;
     let us = per_row_f64(OP, "u", u, rows)?;
     if let Some(r) = us.iter().position(|&x| !(x > 0.0 && x < 1.0)) {

@@ -4,7 +4,7 @@
 //! d features, R rows, B batch, K hint positions, V vocabulary.
 
 use crate::harness::{Case, Gen, Input, Tol};
-use kf_engine::{Device, Tensor};
+use kf_engine::Tensor;
 use kf_ops::OpKind;
 
 pub fn cases(op: OpKind) -> Vec<Case> {
@@ -295,7 +295,8 @@ fn argmax_cases() -> Vec<Case> {
                     move |t| {
                         // The op updates counts in place: work on a copy so a
                         // case run twice sees the same input.
-                        let c = Tensor::from_vec(t[1].to_vec::<u32>()?, t[1].shape(), Device::Cpu)?;
+                        let c =
+                            Tensor::from_vec(t[1].to_vec::<u32>()?, t[1].shape(), t[1].device())?;
                         let toks = kf_ops::argmax::argmax_penalty(&t[0], &c, penalty)?;
                         Ok(vec![toks, c])
                     },
