@@ -372,8 +372,14 @@ pub fn on_kernel_devices(op: kf_ops::OpKind) -> bool {
 /// The kernel devices the harness runs ops on: the emulator always, GPU 0 where usable.
 pub fn kernel_devices() -> Vec<Device> {
     let mut v = vec![Device::Emu];
-    if cfg!(feature = "cuda") && Device::Cuda(0).ensure_available().is_ok() {
-        v.push(Device::Cuda(0));
+    if cfg!(feature = "cuda") {
+        match Device::Cuda(0).ensure_available() {
+            Ok(()) => v.push(Device::Cuda(0)),
+            Err(e) => assert!(
+                std::env::var_os("KF_REQUIRE_GPU").is_none(),
+                "KF_REQUIRE_GPU is set but: {e:#}"
+            ),
+        }
     }
     v
 }
