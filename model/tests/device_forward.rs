@@ -4,23 +4,17 @@
 
 mod common;
 
-use common::{ids, random_model};
+use common::{ids, random_model, small_cfg};
 use kf_engine::{no_grad, Device, Tensor};
 use kf_model::DditConfig;
 
-/// Head dim 64: the attention kernels have instances for 64 and 128 only.
+/// The small test model at head dim 64 (the attention kernels have instances for 64 and
+/// 128 only); mask token 5.
 fn cfg() -> DditConfig {
     DditConfig {
-        n_layers: 2,
         d_model: 128,
         n_heads: 2,
-        vocab_size: 97,
-        max_seq_len: 64,
-        rope_base: 10000.0,
-        ln_eps: 1e-5,
-        mask_token_id: Some(5),
-        eos_token_id: None,
-        k: None,
+        ..small_cfg()
     }
 }
 

@@ -39,13 +39,13 @@ pub fn rope_tables(pos: &[u32], d: usize, base: f64) -> (Vec<f64>, Vec<f64>) {
 /// stride 1; it is read in place. The output is contiguous.
 pub fn rope(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
     let op = "rope";
+    ensure!(
+        x.rank() == 4,
+        "{op}: x must be [B, T, H, D], got shape {:?}",
+        x.shape()
+    );
+    let (b, t, d) = (x.shape()[0], x.shape()[1], x.shape()[3]);
     if let Some(on) = bridge::device_of(op, &[x, pos])? {
-        ensure!(
-            x.rank() == 4,
-            "{op}: x must be [B, T, H, D], got shape {:?}",
-            x.shape()
-        );
-        let (b, t, d) = (x.shape()[0], x.shape()[1], x.shape()[3]);
         ensure!(
             pos.shape() == [t] || pos.shape() == [b, t],
             "{op}: positions must be [T] or [B, T] = [{b}, {t}], got {:?}",
@@ -56,12 +56,6 @@ pub fn rope(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
         return bridge::back(&on, launch::rope(&*on.dev, &bridge::dt(x)?, &cos, &sin)?);
     }
     let dt = float_dtype(op, &[x])?;
-    ensure!(
-        x.rank() == 4,
-        "{op}: x must be [B, T, H, D], got shape {:?}",
-        x.shape()
-    );
-    let (b, t, d) = (x.shape()[0], x.shape()[1], x.shape()[3]);
     ensure!(
         d % 2 == 0,
         "{op}: head dim D must be even for rotate-half, got shape {:?}",

@@ -247,23 +247,41 @@ pub fn check_forward(case: &Case, dtype: DType) -> Result<()> {
     let _g = no_grad();
     let inputs = build_inputs(case, dtype)?;
     let outs = (case.forward)(&inputs).with_context(|| format!("{}: forward failed", case.name))?;
-    let ref_inputs: Vec<Vec<f64>> = case.inputs.iter().map(|i| i.rounded(dtype)).collect();
-    let want = (case.reference)(&ref_inputs);
-    ensure!(
-        outs.len() == want.len(),
-        "{}: op returned {} outputs, reference {}",
-        case.name,
-        outs.len(),
-        want.len()
-    );
     let tol = if dtype == DType::F64 {
         case.tol_f64
     } else {
         case.tol
     };
+    compare_outputs(case, &outs, dtype, tol, &format!("[{dtype}]"), Device::Cpu)
+}
+
+/// The op's outputs (on `device`) against the reference on the inputs rounded to `dtype`.
+fn compare_outputs(
+    case: &Case,
+    outs: &[Tensor],
+    dtype: DType,
+    tol: Tol,
+    tag: &str,
+    device: Device,
+) -> Result<()> {
+    let ref_inputs: Vec<Vec<f64>> = case.inputs.iter().map(|i| i.rounded(dtype)).collect();
+    let want = (case.reference)(&ref_inputs);
+    ensure!(
+        outs.len() == want.len(),
+        "{} {tag}: op returned {} outputs, reference {}",
+        case.name,
+        outs.len(),
+        want.len()
+    );
     for (k, (o, w)) in outs.iter().zip(&want).enumerate() {
+        ensure!(
+            o.device() == device,
+            "{} {tag}: output {k} came back on {}",
+            case.name,
+            o.device()
+        );
         let got = o.to_vec_f64()?;
-        compare(&format!("{} [{dtype}] output {k}", case.name), &got, w, tol)?;
+        compare(&format!("{} {tag} output {k}", case.name), &got, w, tol)?;
     }
     Ok(())
 }
@@ -402,31 +420,8 @@ pub fn check_forward_on(case: &Case, op: kf_ops::OpKind, device: Device) -> Resu
         return Ok(());
     }
     let outs = run.with_context(|| format!("{} on {device}: forward failed", case.name))?;
-    let ref_inputs: Vec<Vec<f64>> = case.inputs.iter().map(|i| i.rounded(DType::F32)).collect();
-    let want = (case.reference)(&ref_inputs);
-    ensure!(
-        outs.len() == want.len(),
-        "{} on {device}: op returned {} outputs, reference {}",
-        case.name,
-        outs.len(),
-        want.len()
-    );
-    for (k, (o, w)) in outs.iter().zip(&want).enumerate() {
-        ensure!(
-            o.device() == device,
-            "{} on {device}: output {k} came back on {}",
-            case.name,
-            o.device()
-        );
-        let got = o.to_vec_f64()?;
-        compare(
-            &format!("{} [f32 on {device}] output {k}", case.name),
-            &got,
-            w,
-            case.tol,
-        )?;
-    }
-    Ok(())
+    let tag = format!("[f32 on {device}]");
+    compare_outputs(case, &outs, DType::F32, case.tol, &tag, device)
 }
 
 /// Run every check of every case of `op`; returns the number of cases.
