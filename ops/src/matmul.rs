@@ -140,7 +140,6 @@ fn batch_offsets(t: &Tensor) -> Vec<usize> {
 /// `a [.., M, K] · b [.., K, N] -> [.., M, N]`. The batch dims of `a` and `b`
 /// are equal, or `b` has rank 2 and is shared by every batch.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let d = float_dtype("matmul", &[a, b])?;
     ensure!(
         a.rank() >= 2 && b.rank() >= 2,
         "matmul: operands need rank >= 2, got {:?} and {:?}",
@@ -158,6 +157,23 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     );
     let mut shape = a.shape()[..ra - 2].to_vec();
     shape.extend([m, n]);
+    if let Some(on) = bridge::device_of("matmul", &[a, b])? {
+        // one batched GEMM over the leading dims (a rank-2 right operand is shared: stride 0)
+        let batch: usize = a.shape()[..ra - 2].iter().product();
+        let spec = crate::kdev::GemmSpec {
+            stride_a: m * k,
+            stride_b: if rb == 2 { 0 } else { k * n },
+            stride_c: m * n,
+            batch: batch.max(1),
+            ..crate::kdev::GemmSpec::simple(m, n, k, false)
+        };
+        let c = crate::kdev::DTensor::zeros(&*on.dev, &shape, kf_engine::DType::F32)?;
+        if m * n > 0 {
+            launch::matmul_into(&*on.dev, &spec, &bridge::dt(a)?, &bridge::dt(b)?, &c)?;
+        }
+        return bridge::back(&on, c);
+    }
+    let d = float_dtype("matmul", &[a, b])?;
     let node = should_record(&[a, b]).then(|| {
         Arc::new(MatmulBackward {
             a: a.clone(),

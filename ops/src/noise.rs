@@ -51,7 +51,8 @@ pub fn noise_features(s: &Tensor, d: usize, dtype: DType) -> Result<Tensor> {
     );
     ensure!(
         s.device() == Device::Cpu,
-        "noise_features: only the CPU backend is built"
+        "noise_features: s is on {}, the CPU body needs it on the cpu",
+        s.device()
     );
     ensure!(
         d > 0 && d & 1 == 0,

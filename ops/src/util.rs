@@ -20,7 +20,9 @@ pub fn float_dtype(op: &str, ts: &[&Tensor]) -> Result<DType> {
         );
         ensure!(
             t.device() == Device::Cpu,
-            "{op}: only the CPU backend is built"
+            "{op} runs on the cpu only (no kernel path yet), and an input is on {}: move it \
+             with to_device(Device::Cpu)",
+            t.device()
         );
     }
     match d {
