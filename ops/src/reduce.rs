@@ -4,6 +4,7 @@
 //! by the shape, so results are accurate and identical at any thread count.
 
 use crate::dispatch_float;
+use crate::kdev::{bridge, launch};
 use crate::util::float_dtype;
 use anyhow::{ensure, Result};
 use kf_engine::autograd::{should_record, BackwardOp};
@@ -170,6 +171,9 @@ fn sum_axis_t<T: Float>(
 
 /// Sum of all elements, as a tensor of shape [].
 pub fn sum(x: &Tensor) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("sum", &[x])? {
+        return full_sum_on(&on, x, 1.0);
+    }
     let d = float_dtype("sum", &[x])?;
     let node = should_record(&[x]).then(|| {
         Arc::new(FullBackward {
@@ -182,10 +186,33 @@ pub fn sum(x: &Tensor) -> Result<Tensor> {
     dispatch_float!("sum", d, sum_axis_t::<T>(x, (1, n, 1), 1.0, &[], node))
 }
 
+/// `scale * sum(x)` of all elements on a kernel device, shape []: the deterministic column-sum
+/// kernels over `x` as one column (f32 accumulation in a fixed order).
+fn full_sum_on(on: &bridge::OnDevice, x: &Tensor, scale: f64) -> Result<Tensor> {
+    let n = x.numel();
+    if n == 0 {
+        return Tensor::zeros(&[], x.dtype(), on.device);
+    }
+    let dev = &*on.dev;
+    let col = crate::kdev::backward::colsum(dev, &bridge::dt(x)?.reshape(&[n, 1])?)?;
+    let col = if scale == 1.0 {
+        col
+    } else {
+        launch::scale(dev, &col, scale as f32)?
+    };
+    bridge::back(on, col.reshape(&[])?)
+}
+
 /// Mean of all elements, as a tensor of shape [] (NaN for an empty tensor).
 pub fn mean(x: &Tensor) -> Result<Tensor> {
-    let d = float_dtype("mean", &[x])?;
     let n = x.numel();
+    if let Some(on) = bridge::device_of("mean", &[x])? {
+        if n == 0 {
+            return Tensor::full(&[], f64::NAN, x.dtype(), on.device);
+        }
+        return full_sum_on(&on, x, 1.0 / n as f64);
+    }
+    let d = float_dtype("mean", &[x])?;
     let scale = 1.0 / n as f64;
     let node = should_record(&[x]).then(|| {
         Arc::new(FullBackward {
@@ -223,7 +250,6 @@ impl BackwardOp for FullBackward {
 
 /// Sum along `dim`; `keepdim` keeps it as a size-1 dimension.
 pub fn sum_dim(x: &Tensor, dim: usize, keepdim: bool) -> Result<Tensor> {
-    let d = float_dtype("sum_dim", &[x])?;
     ensure!(
         dim < x.rank(),
         "sum_dim: dimension {dim} out of range for shape {:?}",
@@ -238,6 +264,16 @@ pub fn sum_dim(x: &Tensor, dim: usize, keepdim: bool) -> Result<Tensor> {
     } else {
         out_shape.remove(dim);
     }
+    if let Some(on) = bridge::device_of("sum_dim", &[x])? {
+        // `dim` first (a view, gathered by the bridge), then the column-sum kernels over it
+        let mut perm: Vec<usize> = vec![dim];
+        perm.extend((0..x.rank()).filter(|&i| i != dim));
+        let rest = x.numel() / shape[dim].max(1);
+        let xt = bridge::dt(&x.permute(&perm)?)?.reshape(&[shape[dim], rest])?;
+        let s = crate::kdev::backward::colsum(&*on.dev, &xt)?;
+        return bridge::back(&on, s.reshape(&out_shape)?);
+    }
+    let d = float_dtype("sum_dim", &[x])?;
     let node = should_record(&[x])
         .then(|| Arc::new(SumDimBackward { x: x.clone(), dim }) as Arc<dyn BackwardOp>);
     dispatch_float!(
