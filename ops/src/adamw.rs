@@ -3,6 +3,7 @@
 //! Not differentiable; runs outside the tape. All tensors share one shape.
 
 use crate::dispatch_float;
+use crate::kdev::bridge;
 use crate::util::{expect_shape, float_dtype};
 use anyhow::{bail, ensure, Result};
 use kf_engine::{Float, Tensor};
@@ -46,6 +47,20 @@ pub fn adamw_step(
     step: u64,
     cfg: &AdamWConfig,
 ) -> Result<()> {
+    if let Some(on) = bridge::device_of("adamw", &[param, grad, m, v])? {
+        // in place on the device buffers the tensors share with their DTensor views: the
+        // updated ones must be whole buffers (a gathered copy would drop the update)
+        let inplace = crate::kdev::bridge::dt_in_place;
+        return crate::kdev::backward::adamw_step(
+            &*on.dev,
+            &inplace(param)?,
+            &bridge::dt(grad)?,
+            &inplace(m)?,
+            &inplace(v)?,
+            step,
+            cfg,
+        );
+    }
     let d = float_dtype("adamw", &[param, grad, m, v])?;
     for (what, t) in [("grad", grad), ("m", m), ("v", v)] {
         expect_shape("adamw", what, t, param.shape())?;

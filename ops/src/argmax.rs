@@ -32,7 +32,7 @@ pub fn argmax_penalty(logits: &Tensor, counts: &Tensor, penalty: f64) -> Result<
         let y = launch::argmax_penalty(
             &*on.dev,
             &bridge::dt(logits)?,
-            &bridge::dt(counts)?,
+            &bridge::dt_in_place(counts)?,
             penalty,
         )?;
         return bridge::back(&on, y);

@@ -5,6 +5,7 @@
 //! Letters: N rows (positions), V vocabulary.
 
 use crate::dispatch_float;
+use crate::kdev::bridge;
 use crate::util::{expect_rank, expect_shape, float_dtype};
 use crate::util::{fast_exp, for_each_row, has_avx2, row_max_sumexp, FirstBadRow, PAR_MIN_ELEMS};
 use anyhow::{bail, ensure, Result};
@@ -24,6 +25,18 @@ pub fn cross_entropy(
     ignore_index: Option<u32>,
 ) -> Result<(Tensor, Tensor)> {
     let op = "cross_entropy";
+    if let Some(on) = bridge::device_of(op, &[logits, targets])? {
+        let ce = crate::kdev::backward::cross_entropy(
+            &*on.dev,
+            &bridge::dt(logits)?,
+            &bridge::dt(targets)?,
+            ignore_index,
+        )?;
+        return Ok((
+            bridge::back(&on, ce.mean.reshape(&[])?)?,
+            bridge::back(&on, ce.loss)?,
+        ));
+    }
     let dt = float_dtype(op, &[logits])?;
     expect_rank(op, "logits", logits, 2)?;
     let (n, v) = (logits.shape()[0], logits.shape()[1]);

@@ -379,11 +379,9 @@ pub fn check_grad(case: &Case) -> Result<()> {
 pub fn on_kernel_devices(op: kf_ops::OpKind) -> bool {
     use kf_ops::OpKind::*;
     match op {
-        Matmul | Sum | Mean | Linear | Add | Mul | Scale | BiasAdd | Embedding | LayerNorm
-        | LayerNormBias | Rope | GeluTanh | GeluErf | Softmax | Attention | NoiseFeatures
-        | SampleInverseCdf | ArgmaxPenalty => true,
-        // CPU only so far: on a kernel device these are one clear error (checked below)
-        CrossEntropy | AdamW => false,
+        Matmul | Sum | Mean | CrossEntropy | AdamW | Linear | Add | Mul | Scale | BiasAdd
+        | Embedding | LayerNorm | LayerNormBias | Rope | GeluTanh | GeluErf | Softmax
+        | Attention | NoiseFeatures | SampleInverseCdf | ArgmaxPenalty => true,
     }
 }
 

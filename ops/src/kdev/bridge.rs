@@ -58,6 +58,12 @@ pub fn dt(t: &Tensor) -> Result<DTensor> {
     DTensor::from_tensor(&t.to_device(Device::Cpu)?.to_device(device)?)
 }
 
+/// The launchers' view of a device tensor a kernel updates in place (optimiser state, penalty
+/// counts): it must be a whole contiguous buffer, as a gathered copy would drop the update.
+pub fn dt_in_place(t: &Tensor) -> Result<DTensor> {
+    DTensor::from_tensor(t)
+}
+
 /// A launcher's result as a tensor on `on.device` (shares the buffer).
 pub fn back(on: &OnDevice, d: DTensor) -> Result<Tensor> {
     d.into_tensor(on.device)

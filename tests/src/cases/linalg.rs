@@ -664,8 +664,11 @@ fn adamw_ref(x: &[Vec<f64>], steps: usize, cfg: AdamWConfig) -> Vec<Vec<f64>> {
 }
 
 /// A fresh copy of `t` (the forward must not change the case's inputs).
+/// A fresh copy of `t` on its device (the optimiser updates it in place).
 fn fresh(t: &Tensor) -> anyhow::Result<Tensor> {
-    Tensor::from_vec(t.to_vec_f64()?, t.shape(), Device::Cpu)?.to_dtype(t.dtype())
+    Tensor::from_vec(t.to_vec_f64()?, t.shape(), Device::Cpu)?
+        .to_dtype(t.dtype())?
+        .to_device(t.device())
 }
 
 fn adamw_cases() -> Vec<Case> {
