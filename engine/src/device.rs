@@ -18,10 +18,11 @@ pub enum Device {
     Cuda(usize),
 }
 
-/// The one message for a CUDA device in a build without the `cuda` feature.
-pub fn built_without_cuda(device: &str) -> anyhow::Error {
+/// The one message for a CUDA device in a build without the `cuda` feature (callers put the
+/// device or the flag in front).
+pub fn built_without_cuda() -> anyhow::Error {
     anyhow::anyhow!(
-        "device \"{device}\": this kfrun was built without the cuda feature \
+        "this kfrun was built without the cuda feature \
          (cargo build --release -p kf-tools --features cuda); use --device cpu or emu"
     )
 }
@@ -43,7 +44,7 @@ impl Device {
             },
         };
         if !cfg!(feature = "cuda") {
-            return Err(built_without_cuda(s));
+            return Err(built_without_cuda());
         }
         Ok(Device::Cuda(ordinal))
     }
@@ -57,7 +58,7 @@ impl Device {
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => crate::cuda::CudaDevice::get(n).map(|_| ()),
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(built_without_cuda(&self.to_string())),
+            Device::Cuda(_) => Err(built_without_cuda().context(self.to_string())),
         }
     }
 

@@ -264,7 +264,9 @@ pub fn open(device: crate::Device) -> Result<std::sync::Arc<dyn KernelDevice>> {
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => Arc::new(crate::cuda::Cuda::new(n)?),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => return Err(crate::device::built_without_cuda(&device.to_string())),
+        Device::Cuda(_) => {
+            return Err(crate::device::built_without_cuda().context(device.to_string()))
+        }
     };
     open.insert(device, d.clone());
     Ok(d)
