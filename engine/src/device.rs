@@ -38,7 +38,7 @@ impl Device {
             other => match other.strip_prefix("cuda:") {
                 Some(n) => match n.parse::<usize>() {
                     Ok(n) => n,
-                    Err(_) => bail!("device \"{other}\": the ordinal after cuda: must be a number"),
+                    Err(_) => bail!("the ordinal after cuda: must be a number, got \"{n}\""),
                 },
                 None => bail!("unknown device \"{other}\" (expected cpu, emu, cuda or cuda:N)"),
             },
