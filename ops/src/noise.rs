@@ -27,16 +27,8 @@ pub fn noise_features(s: &Tensor, d: usize, dtype: DType) -> Result<Tensor> {
             on.device,
             s.shape()
         );
-        // the kernel reads f64 levels (the spec computes the features in f64); other float
-        // levels are widened through the host (N values, one per hint)
-        let s = match s.dtype() {
-            DType::F64 => s.clone(),
-            _ => s
-                .to_device(Device::Cpu)?
-                .to_dtype(DType::F64)?
-                .to_device(on.device)?,
-        };
-        let y = launch::noise_features(&*on.dev, &bridge::dt(&s)?, d)?;
+        // the kernel reads f64 levels (the spec computes the features in f64)
+        let y = launch::noise_features(&*on.dev, &bridge::dt_as(s, DType::F64)?, d)?;
         return bridge::back(&on, y);
     }
     ensure!(

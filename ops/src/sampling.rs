@@ -558,15 +558,8 @@ pub fn sample_inverse_cdf(logits: &Tensor, u: &Tensor, tau: f64) -> Result<Tenso
         let y = launch::sample_inverse_cdf(
             &*on.dev,
             &bridge::dt(&logits.reshape(&[rows, v])?)?,
-            // the kernel reads f64 uniforms; others are widened through the host (one per row)
-            &bridge::dt(&match u.dtype() {
-                DType::F64 => u.reshape(&[rows])?,
-                _ => u
-                    .to_device(Device::Cpu)?
-                    .to_dtype(DType::F64)?
-                    .reshape(&[rows])?
-                    .to_device(on.device)?,
-            })?,
+            // the kernel reads f64 uniforms
+            &bridge::dt_as(&u.reshape(&[rows])?, DType::F64)?,
             tau,
         )?;
         let shape = &logits.shape()[..logits.rank() - 1];

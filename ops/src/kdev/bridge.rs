@@ -58,6 +58,20 @@ pub fn dt(t: &Tensor) -> Result<DTensor> {
     DTensor::from_tensor(&t.to_device(Device::Cpu)?.to_device(device)?)
 }
 
+/// [`dt`] of `t` in `dtype`, for kernels that read one element type (f64 noise levels and
+/// uniforms): another dtype is converted through the host, like a view (small per-row inputs).
+pub fn dt_as(t: &Tensor, dtype: kf_engine::DType) -> Result<DTensor> {
+    if t.dtype() == dtype {
+        return dt(t);
+    }
+    let device = t.device();
+    DTensor::from_tensor(
+        &t.to_device(Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?,
+    )
+}
+
 /// The launchers' view of a device tensor a kernel updates in place (optimiser state, penalty
 /// counts): it must be a whole contiguous buffer, as a gathered copy would drop the update.
 pub fn dt_in_place(t: &Tensor) -> Result<DTensor> {
