@@ -4,7 +4,7 @@
 
 use crate::dtype::{DType, Element};
 use crate::kernel_device::{DeviceBuf, KernelDevice};
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use std::sync::Arc;
@@ -353,6 +353,23 @@ impl KernelStorage {
             dtype,
             len,
         })
+    }
+}
+
+impl KernelStorage {
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// A new uninitialised buffer of `len` elements of this storage's dtype on its device.
+    pub fn alloc_like(&self, len: usize) -> Result<KernelStorage> {
+        let bytes = len
+            .checked_mul(self.dtype.size())
+            .ok_or_else(|| anyhow!("{len} elements of {} overflow", self.dtype))?;
+        let buf = self
+            .dev
+            .alloc(bytes)
+            .with_context(|| format!("allocating {bytes} bytes on {}", self.device))?;
+        KernelStorage::new(buf, self.dev.clone(), self.device, self.dtype, len)
     }
 }
 

@@ -573,10 +573,33 @@ impl Tensor {
         }
         let storage = {
             let g = self.storage()?;
-            Storage::Cpu(gather(g.cpu().context("contiguous")?, &self.0.layout))
+            match &*g {
+                Storage::Cpu(s) => Storage::Cpu(gather(s, &self.0.layout)),
+                Storage::Kernel(k) => {
+                    let out = k.alloc_like(self.numel())?;
+                    copy_runs_on_device(k, &self.0.layout, &out, &Layout::contiguous(self.shape()))
+                        .context("contiguous")?;
+                    Storage::Kernel(out)
+                }
+            }
         };
         let node = self.view_node(ViewKind::Copy);
         Tensor::from_storage(storage, Layout::contiguous(self.shape()), node)
+    }
+
+    /// This tensor as the whole of a contiguous buffer from its first element (what a
+    /// kernel takes): itself when it already is, else a copy (not recorded by autograd).
+    pub fn whole_buffer(&self) -> Result<Tensor> {
+        if self.is_contiguous() && self.0.layout.offset() == 0 {
+            return Ok(self.clone());
+        }
+        let c = self.contiguous()?;
+        if c.0.layout.offset() == 0 {
+            return Ok(c.rewrap(None));
+        }
+        let out = Tensor::zeros(self.shape(), self.dtype(), self.device())?;
+        out.copy_from(&c)?;
+        Ok(out)
     }
 
     /// Convert to another dtype (differentiable between float dtypes).
@@ -614,11 +637,20 @@ impl Tensor {
         } else {
             None
         };
-        Tensor::from_storage(
+        let out = Tensor::from_storage(
             Storage::Cpu(storage),
             Layout::contiguous(self.shape()),
             node,
-        )
+        )?;
+        // a device tensor is converted through the host (no cast kernel yet) and stays there
+        if self.device().is_cpu() {
+            Ok(out)
+        } else {
+            let _g = autograd::no_grad();
+            Ok(out
+                .to_device(self.device())?
+                .rewrap(out.grad_node().cloned()))
+        }
     }
 
     /// Elementwise sum of two tensors of equal shape and dtype (not recorded;
@@ -632,6 +664,15 @@ impl Tensor {
             other.shape(),
             other.dtype()
         );
+        ensure!(
+            self.device() == other.device(),
+            "add: tensors on {} and {}",
+            self.device(),
+            other.device()
+        );
+        if !self.device().is_cpu() {
+            return add_on_device(self, other);
+        }
         fn go<T: Element>(a: &Tensor, b: &Tensor, f: impl Fn(T, T) -> T + Sync) -> Result<Tensor> {
             let (a, b) = (a.contiguous()?, b.contiguous()?);
             let (x, y) = (a.cpu_data::<T>()?, b.cpu_data::<T>()?);
@@ -680,15 +721,107 @@ impl Tensor {
             self.shape(),
             window.shape()
         );
-        {
-            let src = self.storage()?;
-            let src = src.cpu().context("pad_narrow")?;
-            let mut dst = out.storage_mut()?;
-            let dst = dst.cpu_mut().context("pad_narrow")?;
-            scatter(src, self.layout(), dst, &window)?;
-        }
+        copy_layout(self, &out, &window).context("pad_narrow")?;
         Ok(out)
     }
+
+    /// Writes `src`'s values into this tensor's elements in place (`self` is typically a
+    /// view of a larger buffer: the rows of a KV cache, a window of a concatenation): same
+    /// shape, dtype and device, different storage. Not recorded by autograd.
+    pub fn copy_from(&self, src: &Tensor) -> Result<()> {
+        ensure!(
+            self.shape() == src.shape() && self.dtype() == src.dtype(),
+            "copy_from: source {:?} {} does not fit destination {:?} {}",
+            src.shape(),
+            src.dtype(),
+            self.shape(),
+            self.dtype()
+        );
+        ensure!(
+            self.device() == src.device(),
+            "copy_from: source on {} and destination on {} (move it with to_device first)",
+            src.device(),
+            self.device()
+        );
+        ensure!(
+            !self.same_storage(src),
+            "copy_from: source and destination share storage"
+        );
+        copy_layout(src, self, self.layout())
+    }
+}
+
+/// [`Tensor::add_same_shape`] on a kernel device: the `add_f32` kernel (gradients are f32
+/// there); other dtypes go through the host.
+fn add_on_device(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let device = a.device();
+    if a.dtype() != DType::F32 {
+        let host = a
+            .to_device(Device::Cpu)?
+            .add_same_shape(&b.to_device(Device::Cpu)?)?;
+        return host.to_device(device);
+    }
+    let (a, b) = (a.whole_buffer()?, b.whole_buffer()?);
+    let n = a.numel();
+    let (ga, gb) = (a.storage()?, b.storage()?);
+    let (ka, kb) = (ga.kernel()?, gb.kernel()?);
+    let out = ka.alloc_like(n)?;
+    ka.dev
+        .launch(
+            "add_f32",
+            kf_kernels::elementwise::config(n),
+            &[
+                crate::kernel_device::KArg::Buf(&ka.buf),
+                crate::kernel_device::KArg::Buf(&kb.buf),
+                crate::kernel_device::KArg::Buf(&out.buf),
+                crate::kernel_device::KArg::U64(n as u64),
+            ],
+        )
+        .with_context(|| format!("add_f32 on {device}"))?;
+    Tensor::from_storage(Storage::Kernel(out), Layout::contiguous(a.shape()), None)
+}
+
+/// Copies `src`'s elements to the positions `dst_l` of `dst`'s storage (same device, dtype
+/// and number of elements; different storages).
+fn copy_layout(src: &Tensor, dst: &Tensor, dst_l: &Layout) -> Result<()> {
+    let sg = src.storage()?;
+    let mut dg = dst.storage_mut()?;
+    match (&*sg, &mut *dg) {
+        (Storage::Cpu(s), Storage::Cpu(d)) => scatter(s, src.layout(), d, dst_l),
+        (Storage::Kernel(s), Storage::Kernel(d)) => copy_runs_on_device(s, src.layout(), d, dst_l),
+        _ => bail!(
+            "copy: source on {} and destination on {}",
+            src.device(),
+            dst.device()
+        ),
+    }
+}
+
+/// Copies the elements of `src_l` in `src` to the positions `dst_l` in `dst` (same shape
+/// and dtype, one kernel device), one device-to-device copy per run contiguous in both.
+fn copy_runs_on_device(
+    src: &KernelStorage,
+    src_l: &Layout,
+    dst: &KernelStorage,
+    dst_l: &Layout,
+) -> Result<()> {
+    ensure!(
+        src.device == dst.device && src.dtype() == dst.dtype(),
+        "copy: {} {} to {} {}",
+        src.device,
+        src.dtype(),
+        dst.device,
+        dst.dtype()
+    );
+    let es = src.dtype().size();
+    let mut runs = Vec::new();
+    let run = crate::layout::for_each_common_run(src_l, dst_l, |a, b| runs.push((a, b)));
+    for (a, b) in runs {
+        src.dev
+            .copy(&src.buf, a * es, &dst.buf, b * es, run * es)
+            .with_context(|| format!("device copy on {}", src.device))?;
+    }
+    Ok(())
 }
 
 /// Copy the elements of `layout` out of `s` into a new contiguous buffer.
@@ -696,7 +829,11 @@ fn gather(s: &CpuStorage, layout: &Layout) -> CpuStorage {
     fn go<T: Element>(s: &CpuStorage, layout: &Layout) -> CpuStorage {
         let data = T::buf(s).expect("variant matches dtype").as_slice();
         let mut out = Vec::with_capacity(layout.numel());
-        layout.for_each_index(|i| out.push(data[i]));
+        let dense = Layout::contiguous(layout.shape());
+        let run = crate::layout::common_run_len(layout, &dense);
+        crate::layout::for_each_common_run(layout, &dense, |a, _| {
+            out.extend_from_slice(&data[a..a + run])
+        });
         T::wrap(out)
     }
     match s.dtype() {
@@ -713,15 +850,13 @@ fn gather(s: &CpuStorage, layout: &Layout) -> CpuStorage {
 fn scatter(src: &CpuStorage, src_l: &Layout, dst: &mut CpuStorage, dst_l: &Layout) -> Result<()> {
     fn go<T: Element>(src: &CpuStorage, src_l: &Layout, dst: &mut CpuStorage, dst_l: &Layout) {
         let s = T::buf(src).expect("variant matches dtype").as_slice();
-        let mut vals = Vec::with_capacity(src_l.numel());
-        src_l.for_each_index(|i| vals.push(s[i]));
         let d = T::buf_mut(dst)
             .expect("variant matches dtype")
             .as_mut_slice();
-        let mut k = 0;
-        dst_l.for_each_index(|i| {
-            d[i] = vals[k];
-            k += 1;
+        // one slice copy per run contiguous in both (a KV-cache row block, a window)
+        let run = crate::layout::common_run_len(src_l, dst_l);
+        crate::layout::for_each_common_run(src_l, dst_l, |a, b| {
+            d[b..b + run].copy_from_slice(&s[a..a + run])
         });
     }
     ensure!(src.dtype() == dst.dtype(), "scatter: dtype mismatch");

@@ -19,6 +19,7 @@
 use crate::checkpoint::{self, WEIGHTS_FILE, WEIGHTS_FORMAT};
 use crate::config::DditConfig;
 use crate::kv_cache::KvCache;
+use crate::weights::{stored, WeightStore};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::{grad_enabled, should_record, BackwardOp};
 use kf_engine::{io, DType, Device, Float, Tensor};
@@ -320,13 +321,18 @@ impl Ddit {
         Ok(m)
     }
 
-    /// A copy with every parameter on `device` (the explicit move; not trainable there yet:
-    /// kernel-device ops record no gradients).
+    /// A copy with every parameter on `device` (the explicit move; not trainable).
     pub fn to_device(&self, device: Device) -> Result<Ddit> {
+        self.to_device_with(device, WeightStore::F32)
+    }
+
+    /// [`Ddit::to_device`] with the weight matrices stored as `store` says (an f16 model
+    /// file serves from f16 matrices under `WeightStore::Exact`).
+    pub fn to_device_with(&self, device: Device, store: WeightStore) -> Result<Ddit> {
         let params = self
             .params
             .iter()
-            .map(|(n, t)| Ok((n.clone(), t.detach().to_device(device)?)))
+            .map(|(n, t)| Ok((n.clone(), stored(n, t, store)?.to_device(device)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Ddit {
             cfg: self.cfg.clone(),
@@ -564,29 +570,36 @@ fn mask_logit(logits: Tensor, id: Option<u32>) -> Result<Tensor> {
     }
 }
 
-/// [`mask_logit`] on a kernel device (inference only): one f32 `MASK_LOGIT` copied into
-/// column `col` of every row. One copy per row: fine for the emulator's checks; a GPU decode
-/// wants this folded into the head's bias kernel.
+/// [`mask_logit`] on a kernel device: `MASK_LOGIT` written into column `col` of the head's
+/// fresh logits in place (its linear's backward does not read them), with this op's node
+/// when recorded. One copy per row: fine for the emulator's checks; a GPU decode wants this
+/// folded into the head's bias kernel.
 fn mask_logit_on_device(logits: Tensor, v: usize, col: usize) -> Result<Tensor> {
-    ensure!(
-        !should_record(&[&logits]),
-        "mask_logit on {}: gradients through kernel-device ops are not recorded yet",
-        logits.device()
-    );
     ensure!(
         logits.dtype() == DType::F32 && logits.is_contiguous() && logits.layout().offset() == 0,
         "mask_logit on {}: the head's logits must be contiguous f32",
         logits.device()
     );
-    let val = Tensor::from_vec(vec![MASK_LOGIT as f32], &[1], logits.device())?;
-    {
-        let (src, dst) = (val.storage()?, logits.storage()?);
-        let (src, dst) = (src.kernel()?, dst.kernel()?);
-        for r in 0..logits.numel() / v {
-            dst.dev.copy(&src.buf, 0, &dst.buf, 4 * (r * v + col), 4)?;
-        }
+    set_column_on_device(&logits, v, col, MASK_LOGIT as f32)?;
+    if should_record(&[&logits]) {
+        let node: Arc<dyn BackwardOp> = Arc::new(MaskLogitBackward {
+            x: logits.clone(),
+            col,
+        });
+        return Ok(logits.rewrap(Some(node)));
     }
     Ok(logits)
+}
+
+/// Writes `value` into column `col` of every row of the whole f32 device buffer `t [.., V]`.
+fn set_column_on_device(t: &Tensor, v: usize, col: usize, value: f32) -> Result<()> {
+    let val = Tensor::from_vec(vec![value], &[1], t.device())?;
+    let (src, dst) = (val.storage()?, t.storage()?);
+    let (src, dst) = (src.kernel()?, dst.kernel()?);
+    for r in 0..t.numel() / v {
+        dst.dev.copy(&src.buf, 0, &dst.buf, 4 * (r * v + col), 4)?;
+    }
+    Ok(())
 }
 
 struct MaskLogitBackward {
@@ -615,6 +628,18 @@ impl BackwardOp for MaskLogitBackward {
             let mut d = g.contiguous()?.to_vec::<T>()?;
             d.chunks_exact_mut(v).for_each(|r| r[col] = T::ZERO);
             Tensor::from_vec(d, g.shape(), Device::Cpu)
+        }
+        if g.device().is_kernel_device() {
+            // the cross-entropy's fresh gradient when nobody else holds it, else a copy
+            let gz = if g.is_sole_owner() && g.is_contiguous() && g.layout().offset() == 0 {
+                g.clone()
+            } else {
+                let c = Tensor::zeros(g.shape(), g.dtype(), g.device())?;
+                c.copy_from(g)?;
+                c
+            };
+            set_column_on_device(&gz, g.dim(g.rank() - 1)?, self.col, 0.0)?;
+            return Ok(vec![Some(gz)]);
         }
         let gz = match g.dtype() {
             DType::F32 => go::<f32>(g, self.col)?,

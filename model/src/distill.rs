@@ -55,8 +55,7 @@ use crate::ddit::Ddit;
 use crate::pflm::{stage1_targets, NoiseInit, Pflm};
 use crate::train::checkpoint::TrainerState;
 use crate::train::{
-    drive, CpuBackend, Event, Extras, OptimConfig, Outcome, ResumeFrom, RunSpec, TrainBackend,
-    TrainTask,
+    drive, session, Event, Extras, OptimConfig, Outcome, ResumeFrom, RunSpec, TrainTask,
 };
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::rng::Philox;
@@ -191,6 +190,23 @@ impl DistillTeacher {
         }
     }
 
+    /// Where the teacher's parameters are.
+    pub fn device(&self) -> Device {
+        match self {
+            DistillTeacher::Ar(t) | DistillTeacher::Inversion(t) => t.device(),
+            DistillTeacher::Pflm(t) => t.device(),
+        }
+    }
+
+    /// A copy with the teacher on `device`.
+    pub fn to_device(&self, device: Device) -> Result<DistillTeacher> {
+        Ok(match self {
+            DistillTeacher::Ar(t) => DistillTeacher::Ar(t.to_device(device)?),
+            DistillTeacher::Inversion(t) => DistillTeacher::Inversion(t.to_device(device)?),
+            DistillTeacher::Pflm(t) => DistillTeacher::Pflm(t.to_device(device)?),
+        })
+    }
+
     /// A training batch from `rows` windows of `w >= N + lookahead` tokens each (`tokens`,
     /// row major) and uniforms `noise [B, N, k]`: (context u32 `[B, N]`, the student's
     /// noises `[B, N, k]` f64, targets u32 `[B, N, k]`).
@@ -212,7 +228,7 @@ impl DistillTeacher {
         let ctx: Vec<u32> = (0..rows)
             .flat_map(|r| tokens[r * w..r * w + n].iter().copied())
             .collect();
-        let ctx = Tensor::from_vec(ctx, &[rows, n], Device::Cpu)?;
+        let ctx = Tensor::from_vec(ctx, &[rows, n], self.device())?;
         match self {
             DistillTeacher::Inversion(t) => {
                 let (u, tg) = inversion_pairs(t, tokens, rows, w, n, k, noise, tau)?;
@@ -272,11 +288,21 @@ fn inversion_pairs(
     let seq = inversion_prefixes(tokens, rows, w, n, k);
     let m = n + k - 1;
     let logits = teacher
-        .forward_train(&Tensor::from_vec(seq, &[rows, m], Device::Cpu)?)?
+        .forward_train(&Tensor::from_vec(seq, &[rows, m], teacher.device())?)?
         .to_dtype(DType::F32)?
-        .contiguous()?;
-    let lg = logits.cpu_data::<f32>()?;
-    inversion_pairs_from_logits(&lg, teacher.cfg.vocab_size, tokens, rows, w, n, k, r, tau)
+        .to_vec::<f32>()?;
+    let (u, tg) = inversion_pairs_from_logits(
+        &logits,
+        teacher.cfg.vocab_size,
+        tokens,
+        rows,
+        w,
+        n,
+        k,
+        r,
+        tau,
+    )?;
+    Ok((u, tg.to_device(teacher.device())?))
 }
 
 /// The teacher's input of the inversion pairs: the first `N + k - 1` tokens of each of
@@ -529,10 +555,10 @@ impl DistillTask {
         let (loss, rows) = cross_entropy(&logits.reshape(&[m, v])?, &tg, None)?;
         let pred = {
             let _ng = kf_engine::no_grad();
-            let counts = Tensor::zeros(&[b, v], DType::U32, Device::Cpu)?;
+            let counts = Tensor::zeros(&[b, v], DType::U32, self.student.device())?;
             argmax_penalty(&logits.detach().reshape(&[b, n * k, v])?, &counts, 0.0)?
         };
-        let (pv, tv) = (pred.to_vec::<u32>()?, tg.to_vec::<u32>()?);
+        let (pv, tv) = (crate::generate::tokens_to_host(&pred)?, tg.to_vec::<u32>()?);
         let hits = pv.iter().zip(&tv).map(|(a, b)| a == b).collect();
         Ok((loss, rows.to_vec_f64()?, hits))
     }
@@ -640,6 +666,17 @@ impl TrainTask for DistillTask {
         Ok(l)
     }
 
+    fn params(&self) -> Vec<(String, Tensor)> {
+        self.student.params()
+    }
+
+    fn to_device(&mut self, device: Device) -> Result<()> {
+        self.student = self.student.to_device(device)?;
+        self.student.set_trainable(true);
+        self.teacher = self.teacher.to_device(device)?;
+        Ok(())
+    }
+
     fn save_model(&self, dir: &Path) -> Result<()> {
         self.student.save(dir, DType::F32)?;
         if let Some(tok) = &self.tokenizer {
@@ -715,14 +752,14 @@ fn init_student(dir: &Path, k: usize, seed: u64, how: NoiseInit) -> Result<Pflm>
 /// Runs (or resumes) one distillation stage with [`drive`] on the CPU. The teacher is
 /// loaded from disk on its own, so it shares no storage with the student.
 pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> Result<StageResult> {
-    distill_stage_on(opts, &CpuBackend, on_event)
+    distill_stage_on(opts, Device::Cpu, on_event)
 }
 
-/// [`distill_stage`] with the updates, the teacher's targets and the validation on
-/// `backend` (the CPU or a kernel device).
+/// [`distill_stage`] with the models, the updates, the teacher's targets and the validation
+/// on `device` (the CPU or a kernel device).
 pub fn distill_stage_on(
     opts: &StageOptions,
-    backend: &dyn TrainBackend,
+    device: Device,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<StageResult> {
     let data = TokenData::open(&opts.data)?;
@@ -865,7 +902,7 @@ pub fn distill_stage_on(
         .saturating_add(
             crate::train::estimate_train_bytes(student.cfg(), c.batch_size, positions) / 4,
         );
-    if let (true, Some(avail)) = (backend.on_host(), crate::train::available_memory()) {
+    if let (true, Some(avail)) = (device.is_cpu(), crate::train::available_memory()) {
         ensure!(
             need <= avail,
             "this stage needs about {:.1} GiB ({} parameters, batch {} x context {} x k {k}) but {:.1} GiB are available: lower batch_size (raise grad_accum) or ctx_len",
@@ -905,9 +942,8 @@ pub fn distill_stage_on(
         }),
         _ => None,
     };
-    let mut sess = backend
-        .stage(task, opts.config.optim.clone(), from)
-        .with_context(|| format!("distilling on {}", backend.name()))?;
+    let mut sess = session(task, device, opts.config.optim.clone(), from)
+        .with_context(|| format!("distilling on {device}"))?;
     let spec = RunSpec {
         out: opts.out.clone(),
         kind,

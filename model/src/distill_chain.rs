@@ -19,9 +19,10 @@ use crate::distill::{
     STAGE_METRICS_FILE,
 };
 use crate::pflm::NoiseInit;
-use crate::train::{CpuBackend, Event, OptimConfig, Outcome, TrainBackend};
+use crate::train::{Event, OptimConfig, Outcome};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::fs::write_atomic;
+use kf_engine::Device;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -241,13 +242,13 @@ pub fn distill_chain(
     opts: &ChainOptions,
     on_event: &mut dyn FnMut(ChainEvent),
 ) -> Result<ChainOutcome> {
-    distill_chain_on(opts, &CpuBackend, on_event)
+    distill_chain_on(opts, Device::Cpu, on_event)
 }
 
-/// [`distill_chain`] with every stage on `backend` (the CPU or a kernel device).
+/// [`distill_chain`] with every stage on `device` (the CPU or a kernel device).
 pub fn distill_chain_on(
     opts: &ChainOptions,
-    backend: &dyn TrainBackend,
+    device: Device,
     on_event: &mut dyn FnMut(ChainEvent),
 ) -> Result<ChainOutcome> {
     let stages = opts.recipe.stages_to(opts.k)?;
@@ -303,7 +304,7 @@ pub fn distill_chain_on(
                 max_steps: opts.max_steps,
                 stop: opts.stop.clone(),
             },
-            backend,
+            device,
             &mut |e| on_event(ChainEvent::Run(e)),
         )
         .with_context(|| format!("stage k = {} ({})", s.k, dir.display()))?;

@@ -30,28 +30,15 @@ use kf_ops::sampling::sample_inverse_cdf;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
-/// Where the evaluation's model work runs: the CPU ops ([`CpuEval`]) or a kernel device
-/// (kfrun's `--device cuda|emu`). Sampling for the agreement rollouts and all metrics stay on
+/// The teacher, and a student for its generation: on any one device (the ops dispatch on
+/// it: `kfrun eval --device`). Sampling for the agreement rollouts and all metrics stay on
 /// the host.
-pub trait EvalBackend {
-    /// The teacher's AR generation (`generate`).
-    fn generate_ar(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Generated>;
-    /// The student's generation (`generate_pflm`).
-    fn generate_pflm(&self, prompts: &[Vec<u32>], opts: &PflmGenerateOptions) -> Result<Generated>;
-    /// The teacher's logits `[B, T, V]` (row-major f32) of equal-length rows at positions
-    /// `0..T`, causal.
-    fn teacher_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>>;
-    /// The teacher's logits `[B, V]` of the last position of each equal-length row.
-    fn teacher_last_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>>;
-}
-
-/// The CPU backend of [`evaluate_with`] (a student is needed only for its generation).
-pub struct CpuEval<'a> {
+pub struct Models<'a> {
     pub teacher: &'a Ddit,
     pub student: Option<&'a Pflm>,
 }
 
-impl EvalBackend for CpuEval<'_> {
+impl Models<'_> {
     fn generate_ar(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Generated> {
         generate(self.teacher, prompts, opts, |_, _| Ok(()))
     }
@@ -61,11 +48,15 @@ impl EvalBackend for CpuEval<'_> {
             .ok_or_else(|| anyhow::anyhow!("eval: no student to generate with"))?;
         generate_pflm(student, prompts, opts, |_, _| Ok(()))
     }
+    /// The teacher's logits `[B, T, V]` (row-major f32) of equal-length rows at positions
+    /// `0..T`, causal.
     fn teacher_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>> {
         let _ng = no_grad();
-        let ids = Tensor::from_vec(rows.concat(), &[rows.len(), rows[0].len()], Device::Cpu)?;
+        let shape = [rows.len(), rows[0].len()];
+        let ids = Tensor::from_vec(rows.concat(), &shape, self.teacher.device())?;
         self.teacher.forward_train(&ids)?.to_vec::<f32>()
     }
+    /// The teacher's logits `[B, V]` of the last position of each equal-length row.
     fn teacher_last_logits(&self, rows: &[Vec<u32>]) -> Result<Vec<f32>> {
         let _ng = no_grad();
         full_pass(self.teacher, rows, &vec![0; rows.len()], &[], None)?.to_vec::<f32>()
@@ -148,7 +139,7 @@ pub fn document_prompts(
 }
 
 /// Teacher NLL (tau = 1) of each generated token: rows `prompt ++ gen` of equal length.
-fn teacher_nll(be: &dyn EvalBackend, prompts: &[Vec<u32>], gens: &[Vec<u32>]) -> Result<Vec<f64>> {
+fn teacher_nll(be: &Models, prompts: &[Vec<u32>], gens: &[Vec<u32>]) -> Result<Vec<f64>> {
     let mut nll = Vec::new();
     // a few rows at a time: the logits are [rows, T, V]
     for (ps, gs) in prompts.chunks(8).zip(gens.chunks(8)) {
@@ -208,7 +199,7 @@ fn mean_std(x: &[f64]) -> (f64, f64) {
 /// The teacher's own K-token rollouts from every window start of the student's outputs
 /// (module docs); returns (matching tokens, windows all matching, windows).
 pub fn agreement(
-    be: &dyn EvalBackend,
+    be: &Models,
     vocab_size: usize,
     prompts: &[Vec<u32>],
     gens: &[Vec<u32>],
@@ -258,7 +249,7 @@ pub fn agreement(
 
 #[allow(clippy::too_many_arguments)]
 fn row(
-    be: &dyn EvalBackend,
+    be: &Models,
     prompts: &[Vec<u32>],
     gens: &[Vec<u32>],
     mode: &str,
@@ -287,8 +278,8 @@ fn row(
     })
 }
 
-/// Evaluates AR and every student configuration (module docs). `on_row` sees each row as
-/// it is done (for progress).
+/// Evaluates AR and every student configuration (module docs), the models on any one device.
+/// `on_row` sees each row as it is done (for progress).
 pub fn evaluate(
     teacher: &Ddit,
     student: &Pflm,
@@ -296,29 +287,10 @@ pub fn evaluate(
     opts: &EvalOptions,
     on_row: &mut dyn FnMut(&EvalRow),
 ) -> Result<Vec<EvalRow>> {
-    evaluate_with(
-        &CpuEval {
-            teacher,
-            student: Some(student),
-        },
+    let be = &Models {
         teacher,
-        student,
-        prompts,
-        opts,
-        on_row,
-    )
-}
-
-/// [`evaluate`] with the model work on `be` (`teacher` and `student` give the shapes and
-/// must be the models `be` runs).
-pub fn evaluate_with(
-    be: &dyn EvalBackend,
-    teacher: &Ddit,
-    student: &Pflm,
-    prompts: &[Vec<u32>],
-    opts: &EvalOptions,
-    on_row: &mut dyn FnMut(&EvalRow),
-) -> Result<Vec<EvalRow>> {
+        student: Some(student),
+    };
     ensure!(
         teacher.cfg.vocab_size == student.cfg().vocab_size,
         "teacher and student vocabularies differ ({} vs {})",

@@ -32,7 +32,8 @@ use crate::DditConfig;
 use anyhow::{ensure, Result};
 use kf_engine::autograd::no_grad;
 use kf_engine::rng::Philox;
-use kf_engine::{DType, Device, Float, Tensor};
+use kf_engine::{Device, Tensor};
+use kf_ops::elementwise::bias_add;
 use kf_ops::sampling::sample_inverse_cdf;
 use std::time::Instant;
 
@@ -112,6 +113,7 @@ pub fn generate(
     check_request(cfg, prompts, opts)?;
     let _ng = no_grad();
     let nb = prompts.len();
+    let dev = model.device();
     let LeftPadded {
         lmax,
         skips,
@@ -126,11 +128,12 @@ pub fn generate(
     };
     let mut done = vec![false; nb];
     let mut cache = if opts.use_cache {
-        Some(KvCache::new(
+        Some(KvCache::new_on(
             cfg,
             nb,
             lmax + opts.max_new - 1,
             model.dtype(),
+            dev,
         )?)
     } else {
         None
@@ -157,8 +160,8 @@ pub fn generate(
         if let Some(l) = opts.vocab_limit.filter(|&l| l < cfg.vocab_size) {
             logits = forbid_tail(logits, l)?;
         }
-        let ut = Tensor::from_slice(&u, &[nb], Device::Cpu)?;
-        let toks = sample_inverse_cdf(&logits, &ut, opts.tau)?.to_vec::<u32>()?;
+        let ut = Tensor::from_slice(&u, &[nb], dev)?;
+        let toks = tokens_to_host(&sample_inverse_cdf(&logits, &ut, opts.tau)?)?;
         for b in 0..nb {
             if done[b] {
                 continue;
@@ -182,8 +185,8 @@ pub fn generate(
             Some(c) => {
                 let ids: Vec<u32> = rows.iter().map(|r| *r.last().expect("non-empty")).collect();
                 let pos: Vec<u32> = lens.iter().map(|&l| (l + j) as u32).collect();
-                let ids = Tensor::from_vec(ids, &[nb, 1], Device::Cpu)?;
-                let pos = Tensor::from_vec(pos, &[nb, 1], Device::Cpu)?;
+                let ids = Tensor::from_vec(ids, &[nb, 1], dev)?;
+                let pos = Tensor::from_vec(pos, &[nb, 1], dev)?;
                 let attn = model.attn_params(c.len(), key_skip.clone());
                 let h = model.backbone_hidden(&model.embed(&ids)?, &pos, &attn, Some(&mut *c))?;
                 c.commit(1)?;
@@ -260,8 +263,8 @@ pub(crate) fn full_pass(
         .iter()
         .flat_map(|&s| (0..t).map(move |i| i.saturating_sub(s) as u32))
         .collect();
-    let ids = Tensor::from_vec(ids, &[nb, t], Device::Cpu)?;
-    let pos = Tensor::from_vec(pos, &[nb, t], Device::Cpu)?;
+    let ids = Tensor::from_vec(ids, &[nb, t], model.device())?;
+    let pos = Tensor::from_vec(pos, &[nb, t], model.device())?;
     let q_start = cache.as_ref().map_or(0, |c| c.len());
     let attn = model.attn_params(q_start, key_skip.to_vec());
     let h0 = model.embed(&ids)?;
@@ -280,22 +283,23 @@ pub(crate) fn full_pass(
     model.head(&last)?.reshape(&[nb, model.cfg.vocab_size])
 }
 
-/// `logits [B, V]` with columns `l..V` set to -inf (in place: the logits are our own buffer).
+/// `logits [.., V]` with columns `l..V` set to -inf: a bias row of 0s and -infs added on the
+/// logits' device (x + 0 = x exactly, so the other columns keep their values bit for bit).
 pub(crate) fn forbid_tail(logits: Tensor, l: usize) -> Result<Tensor> {
-    fn go<T: Float>(x: &Tensor, l: usize) -> Result<()> {
-        let v = x.dim(x.rank() - 1)?;
-        x.with_cpu_data_mut::<T, _>(|d| {
-            d.chunks_exact_mut(v)
-                .for_each(|r| r[l..].fill(T::NEG_INFINITY))
-        })
-    }
-    let x = logits.contiguous()?;
-    match x.dtype() {
-        DType::F32 => go::<f32>(&x, l)?,
-        DType::F64 => go::<f64>(&x, l)?,
-        other => anyhow::bail!("forbid_tail: unsupported dtype {other}"),
-    }
-    Ok(x)
+    let v = logits.dim(logits.rank() - 1)?;
+    let row: Vec<f64> = (0..v)
+        .map(|i| if i < l { 0.0 } else { f64::NEG_INFINITY })
+        .collect();
+    let row = Tensor::from_vec(row, &[v], Device::Cpu)?
+        .to_dtype(logits.dtype())?
+        .to_device(logits.device())?;
+    bias_add(&logits, &row)
+}
+
+/// Sampled token ids to the host, with a device kernel's marker for a NaN or all -inf logit
+/// row turned into an error (the CPU sampler reports those itself).
+pub(crate) fn tokens_to_host(t: &Tensor) -> Result<Vec<u32>> {
+    kf_ops::sampling::tokens_to_host(t)
 }
 
 /// A batch of prompts left-padded to a common length.

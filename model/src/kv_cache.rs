@@ -10,7 +10,7 @@
 
 use crate::config::DditConfig;
 use anyhow::{ensure, Context, Result};
-use kf_engine::{DType, Device, Element, Tensor};
+use kf_engine::{DType, Device, Tensor};
 
 pub struct KvCache {
     k: Vec<Tensor>,
@@ -46,8 +46,19 @@ impl std::fmt::Debug for KvCache {
 
 impl KvCache {
     /// An empty cache for `batch` sequences of up to `capacity` rows (padding included),
-    /// in the model's compute dtype.
+    /// in the model's compute dtype, on the CPU.
     pub fn new(cfg: &DditConfig, batch: usize, capacity: usize, dtype: DType) -> Result<KvCache> {
+        Self::new_on(cfg, batch, capacity, dtype, Device::Cpu)
+    }
+
+    /// [`KvCache::new`] on `device` (the model's).
+    pub fn new_on(
+        cfg: &DditConfig,
+        batch: usize,
+        capacity: usize,
+        dtype: DType,
+        device: Device,
+    ) -> Result<KvCache> {
         cfg.validate()?;
         ensure!(batch >= 1, "KV cache: batch must be at least 1");
         ensure!(capacity >= 1, "KV cache: capacity must be at least 1 row");
@@ -59,7 +70,7 @@ impl KvCache {
         let shape = [batch, capacity, h, d];
         let mk = || -> Result<Vec<Tensor>> {
             (0..cfg.n_layers)
-                .map(|_| Tensor::zeros(&shape, dtype, Device::Cpu))
+                .map(|_| Tensor::zeros(&shape, dtype, device))
                 .collect()
         };
         Ok(KvCache {
@@ -179,15 +190,14 @@ impl KvCache {
                 self.pending
             );
         }
-        match self.dtype {
-            DType::F32 => {
-                copy_rows::<f32>(k, &self.k[layer], self.len)?;
-                copy_rows::<f32>(v, &self.v[layer], self.len)?;
-            }
-            _ => {
-                copy_rows::<f64>(k, &self.k[layer], self.len)?;
-                copy_rows::<f64>(v, &self.v[layer], self.len)?;
-            }
+        for (src, dst) in [(k, &self.k[layer]), (v, &self.v[layer])] {
+            ensure!(
+                !src.same_storage(dst),
+                "KV cache: cannot write a view of the cache into itself"
+            );
+            dst.narrow(1, self.len, t)?
+                .copy_from(src)
+                .context("KV cache: writing this step's rows")?;
         }
         self.layers_written += 1;
         let rows = self.len + t;
@@ -196,43 +206,4 @@ impl KvCache {
             self.v[layer].narrow(1, 0, rows)?,
         ))
     }
-}
-
-/// `dst[b, at + t, h, :] = src[b, t, h, :]` for a strided `src` (unit last stride, or a
-/// copy is made) and a contiguous `dst [B, Tmax, H, D]`.
-fn copy_rows<T: Element>(src: &Tensor, dst: &Tensor, at: usize) -> Result<()> {
-    ensure!(
-        !src.same_storage(dst),
-        "KV cache: cannot write a view of the cache into itself"
-    );
-    let src = if src.dim(3)? <= 1 || src.strides()[3] == 1 {
-        src.clone()
-    } else {
-        src.contiguous()?
-    };
-    let (nb, t, nh, d) = (
-        src.shape()[0],
-        src.shape()[1],
-        src.shape()[2],
-        src.shape()[3],
-    );
-    let cap = dst.shape()[1];
-    let st = src.strides().to_vec();
-    let off = src.layout().offset();
-    let g = src.storage()?;
-    let s = g.cpu()?;
-    let sd = T::buf(s)
-        .context("KV cache: source storage dtype")?
-        .as_slice();
-    dst.with_cpu_data_mut::<T, _>(|out| {
-        for b in 0..nb {
-            for r in 0..t {
-                for h in 0..nh {
-                    let so = off + b * st[0] + r * st[1] + h * st[2];
-                    let o = ((b * cap + at + r) * nh + h) * d;
-                    out[o..o + d].copy_from_slice(&sd[so..so + d]);
-                }
-            }
-        }
-    })
 }

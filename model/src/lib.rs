@@ -10,12 +10,11 @@ pub mod distill;
 pub mod distill_chain;
 pub mod eval;
 pub mod generate;
-pub mod kdev_model;
-pub mod kdev_train;
 pub mod kv_cache;
 pub mod pflm;
 pub mod tokenizer;
 pub mod train;
+pub mod weights;
 
 pub use config::DditConfig;
 pub use ddit::Ddit;

@@ -48,9 +48,10 @@ use crate::config::DditConfig;
 use crate::ddit::{Ddit, Init, ParamSpec, INIT_STD};
 use crate::generate::{forbid_tail, left_pad, noise_u, GenerateOptions, Generated, LeftPadded};
 use crate::kv_cache::KvCache;
+use crate::weights::{stored, WeightStore};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::{no_grad, should_record, BackwardOp};
-use kf_engine::{io, DType, Device, Float, Tensor};
+use kf_engine::{io, DType, Device, Tensor};
 use kf_ops::argmax::argmax_penalty;
 use kf_ops::attention::{AttnParams, AttnPattern};
 use kf_ops::elementwise::add;
@@ -221,8 +222,10 @@ impl NoiseEncoder {
     pub fn param(&self, name: &str) -> Option<&Tensor> {
         self.params.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }
+    /// The compute dtype: that of the bias of the first projection (its matrix may be kept in
+    /// half precision, see `weights::WeightStore`).
     pub fn dtype(&self) -> DType {
-        self.params[0].1.dtype()
+        self.params[1].1.dtype()
     }
     pub fn is_trainable(&self) -> bool {
         self.trainable
@@ -234,6 +237,26 @@ impl NoiseEncoder {
         }
         self.trainable = on;
     }
+    /// A copy with every parameter on `device`, matrices stored as `store` says (as
+    /// `Ddit::to_device_with`).
+    pub fn to_device_with(&self, device: Device, store: WeightStore) -> Result<NoiseEncoder> {
+        let params = self
+            .params
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), stored(n, t, store)?.to_device(device)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(NoiseEncoder {
+            d: self.d,
+            eps: self.eps,
+            params,
+            trainable: false,
+        })
+    }
+    /// Where the parameters are.
+    pub fn device(&self) -> Device {
+        self.params[0].1.device()
+    }
+
     /// A copy in `dtype` (f32 or f64), trainable flag kept.
     pub fn to_dtype(&self, dtype: DType) -> Result<NoiseEncoder> {
         ensure!(
@@ -280,7 +303,9 @@ impl NoiseEncoder {
             f.extend_from_slice(&ft[r * d..(r + 1) * d]);
         }
         // computed in f64, then cast (as noise_features does for an f32 output)
-        let f = Tensor::from_vec(f, &[m, 2 * d], Device::Cpu)?.to_dtype(self.dtype())?;
+        let f = Tensor::from_vec(f, &[m, 2 * d], Device::Cpu)?
+            .to_dtype(self.dtype())?
+            .to_device(self.device())?;
         let x = linear(&f, self.p(0), Some(self.p(1)))?;
         let y = layer_norm(&x, self.p(2), Some(self.p(3)), self.eps)?;
         let y = gelu_erf(&linear(&y, self.p(4), Some(self.p(5)))?)?;
@@ -370,6 +395,22 @@ impl Pflm {
     }
     pub fn dtype(&self) -> DType {
         self.backbone.dtype()
+    }
+    /// A copy with every parameter on `device` (the explicit move).
+    pub fn to_device(&self, device: Device) -> Result<Pflm> {
+        self.to_device_with(device, WeightStore::F32)
+    }
+    /// [`Pflm::to_device`] with the weight matrices stored as `store` says.
+    pub fn to_device_with(&self, device: Device, store: WeightStore) -> Result<Pflm> {
+        Ok(Pflm {
+            backbone: self.backbone.to_device_with(device, store)?,
+            noise: self.noise.to_device_with(device, store)?,
+            k: self.k,
+        })
+    }
+    /// Where the parameters are.
+    pub fn device(&self) -> Device {
+        self.backbone.device()
     }
 
     /// Loads a student directory (`config.json` with `k`, `model.safetensors` holding the
@@ -495,7 +536,7 @@ impl Pflm {
                 pos.push((t + i) as u32);
             }
         }
-        let pos = Tensor::from_vec(pos, &[n + n * kk], Device::Cpu)?;
+        let pos = Tensor::from_vec(pos, &[n + n * kk], self.device())?;
         let attn = self.attn(AttnPattern::Staircase { n, k: kk }, 0, vec![]);
         let h = self.backbone.backbone_hidden(&h0, &pos, &attn, None)?;
         let logits = self.backbone.head(&h.narrow(1, n, n * kk)?)?;
@@ -519,9 +560,10 @@ impl Pflm {
             u1.extend_from_slice(&w[..k]);
             u2.extend_from_slice(&w[k..]);
         }
-        let mut cache = KvCache::new(self.cfg(), b, n + 2 * nk, self.dtype())?;
+        let dev = self.device();
+        let mut cache = KvCache::new_on(self.cfg(), b, n + 2 * nk, self.dtype(), dev)?;
         // context K/V once (the hidden output of these rows is not needed)
-        let pos = Tensor::from_vec((0..n as u32).collect::<Vec<_>>(), &[n], Device::Cpu)?;
+        let pos = Tensor::from_vec((0..n as u32).collect::<Vec<_>>(), &[n], dev)?;
         bb.backbone_hidden(
             &bb.embed(ctx)?,
             &pos,
@@ -536,7 +578,7 @@ impl Pflm {
                 p1.push((t + i) as u32);
             }
         }
-        let pos1 = Tensor::from_vec(p1.clone(), &[nk], Device::Cpu)?;
+        let pos1 = Tensor::from_vec(p1.clone(), &[nk], dev)?;
         let h = bb.backbone_hidden(
             &self.hints(&u1, b, nk, tau)?,
             &pos1,
@@ -544,12 +586,12 @@ impl Pflm {
             Some(&mut cache),
         )?;
         cache.commit(0)?;
-        let counts = Tensor::zeros(&[b, v], DType::U32, Device::Cpu)?;
+        let counts = Tensor::zeros(&[b, v], DType::U32, dev)?;
         let f1 = argmax_penalty(&bb.head(&h)?, &counts, 0.0)?; // [B, N·k]
                                                                // pass 2: [F1 tokens | F2 hints] over the same cached context (double staircase)
         let mut p2 = p1;
         p2.extend((0..n).flat_map(|t| (1..=k).map(move |i| (t + k + i) as u32)));
-        let pos2 = Tensor::from_vec(p2, &[2 * nk], Device::Cpu)?;
+        let pos2 = Tensor::from_vec(p2, &[2 * nk], dev)?;
         let h0 = cat_time(&bb.embed(&f1)?, &self.hints(&u2, b, nk, tau)?)?;
         let h = bb.backbone_hidden(
             &h0,
@@ -559,13 +601,16 @@ impl Pflm {
         )?;
         cache.commit(0)?;
         let f2 = argmax_penalty(&bb.head(&h.narrow(1, nk, nk)?)?, &counts, 0.0)?;
-        let (f1, f2) = (f1.to_vec::<u32>()?, f2.to_vec::<u32>()?);
+        let (f1, f2) = (
+            crate::generate::tokens_to_host(&f1)?,
+            crate::generate::tokens_to_host(&f2)?,
+        );
         let mut out = Vec::with_capacity(b * n * k2);
         for w in 0..b * n {
             out.extend_from_slice(&f1[w * k..(w + 1) * k]);
             out.extend_from_slice(&f2[w * k..(w + 1) * k]);
         }
-        Tensor::from_vec(out, &[b, n, k2], Device::Cpu)
+        Tensor::from_vec(out, &[b, n, k2], dev)
     }
 
     /// One KV-cached inference pass: `committed` u32 `[B, n_new]` (tokens not yet in the
@@ -623,7 +668,7 @@ impl Pflm {
             pos.extend((0..n_new).map(|j| (p + j) as u32));
             pos.extend((1..=kk).map(|i| (p + n_new + i - 1) as u32));
         }
-        let pos = Tensor::from_vec(pos, &[b, n_new + kk], Device::Cpu)?;
+        let pos = Tensor::from_vec(pos, &[b, n_new + kk], self.device())?;
         let attn = bb.attn_params(cache.len(), key_skip.to_vec());
         let h = bb.backbone_hidden(&h0, &pos, &attn, Some(&mut *cache))?;
         cache.commit(n_new)?;
@@ -717,7 +762,8 @@ pub fn stage1_targets(teacher: &Ddit, ctx: &Tensor, u: &Tensor, tau: f64) -> Res
     let logits = teacher
         .forward_train(ctx)?
         .reshape(&[b * n, teacher.cfg.vocab_size])?;
-    sample_inverse_cdf(&logits, &u.reshape(&[b * n])?, tau)?.reshape(&[b, n])
+    let u = u.reshape(&[b * n])?.to_device(teacher.device())?;
+    sample_inverse_cdf(&logits, &u, tau)?.reshape(&[b, n])
 }
 
 // ------------------------------------------------------------------ generation
@@ -777,13 +823,15 @@ pub fn generate_pflm(
         ..Default::default()
     };
     let mut done = vec![false; nb];
-    let counts = Tensor::zeros(&[nb, cfg.vocab_size], DType::U32, Device::Cpu)?;
+    let dev = model.device();
+    let counts = Tensor::zeros(&[nb, cfg.vocab_size], DType::U32, dev)?;
     let mut cache = if o.use_cache {
-        Some(KvCache::new(
+        Some(KvCache::new_on(
             cfg,
             nb,
             lmax + o.max_new + opts.k,
             model.dtype(),
+            dev,
         )?)
     } else {
         None
@@ -798,8 +846,8 @@ pub fn generate_pflm(
                 .iter()
                 .flat_map(|&s| (0..t).map(move |i| i.saturating_sub(s) as u32))
                 .collect();
-            let ids = Tensor::from_vec(ids, &[nb, t], Device::Cpu)?;
-            let pos = Tensor::from_vec(pos, &[nb, t], Device::Cpu)?;
+            let ids = Tensor::from_vec(ids, &[nb, t], dev)?;
+            let pos = Tensor::from_vec(pos, &[nb, t], dev)?;
             let bb = &model.backbone;
             bb.backbone_hidden(
                 &bb.embed(&ids)?,
@@ -833,7 +881,7 @@ pub fn generate_pflm(
             Some(c) => {
                 let n_new = pending[0].len();
                 let ids: Vec<u32> = pending.iter().flatten().copied().collect();
-                let ids = Tensor::from_vec(ids, &[nb, n_new], Device::Cpu)?;
+                let ids = Tensor::from_vec(ids, &[nb, n_new], dev)?;
                 let t = model.step(c, &ids, &pos0, &key_skip, &ut, &tau, &read, &counts)?;
                 for (p, pend) in pos0.iter_mut().zip(&pending) {
                     *p += pend.len();
@@ -844,8 +892,8 @@ pub fn generate_pflm(
                 let logits = uncached_logits(model, &rows, &skips, &key_skip, &ut, &tau)?;
                 read_off(logits, &read, &counts)?
             }
-        }
-        .to_vec::<u32>()?;
+        };
+        let toks = crate::generate::tokens_to_host(&toks)?;
         out.passes += 1;
         for b in 0..nb {
             let w = &toks[b * kk..(b + 1) * kk];
@@ -889,15 +937,13 @@ fn uncached_logits(
         let last = t - 1 - s;
         pos.extend((1..=kk).map(|i| (last + i) as u32));
     }
-    let ids = Tensor::from_vec(ids, &[nb, t], Device::Cpu)?;
-    let pos = Tensor::from_vec(pos, &[nb, t + kk], Device::Cpu)?;
+    let ids = Tensor::from_vec(ids, &[nb, t], model.device())?;
+    let pos = Tensor::from_vec(pos, &[nb, t + kk], model.device())?;
     let uv = u.contiguous()?.to_vec_f64()?;
     let h0 = cat_time(&bb.embed(&ids)?, &model.hints(&uv, nb, kk, tau)?)?;
     let h = bb.backbone_hidden(&h0, &pos, &bb.attn_params(0, key_skip.to_vec()), None)?;
     bb.head(&h.narrow(1, t, kk)?)
 }
-
-/// `logits [.., V]` with columns `l..V` set to -inf (a copy; as generate.rs's private helper).
 
 // ------------------------------------------------------------ concat on the tape
 
@@ -919,32 +965,23 @@ pub fn cat_time(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         a.dtype(),
         b.dtype()
     );
-    fn go<T: Float>(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let (nb, ta, tb, d) = (a.shape()[0], a.shape()[1], b.shape()[1], a.shape()[2]);
-        let (av, bv) = (
-            a.contiguous()?.to_vec::<T>()?,
-            b.contiguous()?.to_vec::<T>()?,
-        );
-        let mut out = Vec::with_capacity(nb * (ta + tb) * d);
-        for i in 0..nb {
-            out.extend_from_slice(&av[i * ta * d..(i + 1) * ta * d]);
-            out.extend_from_slice(&bv[i * tb * d..(i + 1) * tb * d]);
-        }
-        let node: Option<Arc<dyn BackwardOp>> = if should_record(&[a, b]) {
-            Some(Arc::new(CatBackward {
-                a: a.clone(),
-                b: b.clone(),
-            }))
-        } else {
-            None
-        };
-        Tensor::from_cpu_op(out, &[nb, ta + tb, d], node)
-    }
-    match a.dtype() {
-        DType::F32 => go::<f32>(a, b),
-        DType::F64 => go::<f64>(a, b),
-        other => bail!("cat_time: unsupported dtype {other}"),
-    }
+    ensure!(
+        a.device() == b.device(),
+        "cat_time: inputs on {} and {}",
+        a.device(),
+        b.device()
+    );
+    let (nb, ta, tb, d) = (a.shape()[0], a.shape()[1], b.shape()[1], a.shape()[2]);
+    let out = Tensor::zeros(&[nb, ta + tb, d], a.dtype(), a.device())?;
+    out.narrow(1, 0, ta)?.copy_from(a)?;
+    out.narrow(1, ta, tb)?.copy_from(b)?;
+    let node: Option<Arc<dyn BackwardOp>> = should_record(&[a, b]).then(|| {
+        Arc::new(CatBackward {
+            a: a.clone(),
+            b: b.clone(),
+        }) as Arc<dyn BackwardOp>
+    });
+    Ok(out.rewrap(node))
 }
 
 struct CatBackward {
@@ -960,28 +997,9 @@ impl BackwardOp for CatBackward {
         vec![self.a.clone(), self.b.clone()]
     }
     fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        fn go<T: Float>(g: &Tensor, ta: usize, tb: usize) -> Result<(Tensor, Tensor)> {
-            let (nb, d) = (g.shape()[0], g.shape()[2]);
-            let gv = g.contiguous()?.to_vec::<T>()?;
-            let (mut ga, mut gb) = (
-                Vec::with_capacity(nb * ta * d),
-                Vec::with_capacity(nb * tb * d),
-            );
-            for row in gv.chunks_exact((ta + tb) * d) {
-                ga.extend_from_slice(&row[..ta * d]);
-                gb.extend_from_slice(&row[ta * d..]);
-            }
-            Ok((
-                Tensor::from_vec(ga, &[nb, ta, d], Device::Cpu)?,
-                Tensor::from_vec(gb, &[nb, tb, d], Device::Cpu)?,
-            ))
-        }
         let (ta, tb) = (self.a.shape()[1], self.b.shape()[1]);
-        let (ga, gb) = match g.dtype() {
-            DType::F32 => go::<f32>(g, ta, tb)?,
-            DType::F64 => go::<f64>(g, ta, tb)?,
-            other => bail!("cat_time backward: unsupported dtype {other}"),
-        };
+        let ga = g.narrow(1, 0, ta)?.whole_buffer()?;
+        let gb = g.narrow(1, ta, tb)?.whole_buffer()?;
         Ok(vec![
             self.a.tracks_grad().then_some(ga),
             self.b.tracks_grad().then_some(gb),

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{ids, random_model, small_cfg};
-use kf_model::eval::{agreement, CpuEval, EvalOptions};
+use kf_model::eval::{agreement, EvalOptions, Models};
 use kf_model::generate::{generate, GenerateOptions};
 
 #[test]
@@ -37,7 +37,7 @@ fn ar_samples_agree_with_teacher_rollouts() {
             |_, _| Ok(()),
         )
         .unwrap();
-        let be = CpuEval {
+        let be = Models {
             teacher: &teacher,
             student: None,
         };

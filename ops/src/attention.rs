@@ -764,9 +764,6 @@ fn map_tasks<R: Send>(n: usize, parallel: bool, f: impl Fn(usize) -> R + Sync + 
 
 /// q [B, Tq, H, D], k and v [B, Tk, H, D] -> out [B, Tq, H, D].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<Tensor> {
-    if let Some(on) = bridge::device_of("attention", &[q, k, v])? {
-        return bridge::back(&on, attention_on(&on, q, k, v, p)?.o);
-    }
     Ok(attention_with_lse(q, k, v, p)?.0)
 }
 
@@ -780,7 +777,17 @@ pub fn attention_with_lse(
 ) -> Result<(Tensor, Tensor)> {
     if let Some(on) = bridge::device_of("attention", &[q, k, v])? {
         let out = attention_on(&on, q, k, v, p)?;
-        return Ok((bridge::back(&on, out.o)?, bridge::back(&on, out.lse)?));
+        let lse = bridge::back(&on, out.lse)?;
+        let o = bridge::back_recorded(&on, out.o, &[q, k, v], || {
+            Arc::new(AttentionBackward {
+                q: q.clone(),
+                k: k.clone(),
+                v: v.clone(),
+                lse: lse.clone(),
+                params: p.clone(),
+            })
+        })?;
+        return Ok((o, lse));
     }
     let dt = float_dtype("attention", &[q, k, v])?;
     let dims = validate(q, k, v, p)?;
@@ -1076,6 +1083,21 @@ impl BackwardOp for AttentionBackward {
         vec![self.q.clone(), self.k.clone(), self.v.clone()]
     }
     fn backward(&self, out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        if let Some(on) = bridge::device_of("attention backward", &[&self.q, out, g])? {
+            let gr = attention_bwd_on(
+                &on,
+                (&self.q, &self.k, &self.v),
+                out,
+                &self.lse,
+                g,
+                &self.params,
+            )?;
+            return Ok(vec![
+                Some(bridge::back(&on, gr.dq)?),
+                Some(bridge::back(&on, gr.dk)?),
+                Some(bridge::back(&on, gr.dv)?),
+            ]);
+        }
         let (dq, dk, dv) =
             attention_backward(&self.q, &self.k, &self.v, out, &self.lse, g, &self.params)?;
         Ok(vec![Some(dq), Some(dk), Some(dv)])
@@ -1425,7 +1447,6 @@ fn attention_on(
         k.shape(),
         v.shape()
     );
-    let (q, k, v) = (bridge::dt(q)?, bridge::dt(k)?, bridge::dt(v)?);
     let [b, tq, h, d] = q.shape().try_into().expect("rank 4 checked");
     ensure!(
         k.shape() == v.shape() && k.shape()[0] == b && k.shape()[2] == h && k.shape()[3] == d,
@@ -1434,6 +1455,55 @@ fn attention_on(
         v.shape(),
         q.shape()
     );
+    for (what, t) in [("k", k), ("v", v)] {
+        ensure!(
+            t.dtype() == kf_engine::DType::F32,
+            "attention: {what} is {}, expected f32",
+            t.dtype()
+        );
+    }
+    let tk = k.shape()[1];
+    let q = bridge::dt(q)?;
+    // k and v as strided views when they are (the rows of a KV cache): no copy
+    let (kb, ks) = bridge::attn_operand(k)?;
+    let (vb, vs) = bridge::attn_operand(v)?;
+    let dims = launch::AttnDims { b, h, d, tq, tk };
+    launch::attention(
+        &*on.dev,
+        launch::AttnView::contiguous(&q)?,
+        launch::AttnView {
+            buf: &kb,
+            strides: ks,
+        },
+        launch::AttnView {
+            buf: &vb,
+            strides: vs,
+        },
+        dims,
+        p,
+        launch::AttnPath::Auto,
+    )
+}
+
+/// The attention gradients on a kernel device: q, k, v read as (strided) views, the
+/// forward's output `out`, its `lse [B, H, Tq]` and the output gradient `g`.
+fn attention_bwd_on(
+    on: &bridge::OnDevice,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    out: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+    p: &AttnParams,
+) -> Result<crate::kdev::backward::AttnGrads> {
+    let [b, tq, h, d] = q.shape().try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "attention backward: q must be [B, T, H, D], got {:?}",
+            q.shape()
+        )
+    })?;
+    let (qb, qs) = bridge::attn_operand(q)?;
+    let (kb, ks) = bridge::attn_operand(k)?;
+    let (vb, vs) = bridge::attn_operand(v)?;
     let dims = launch::AttnDims {
         b,
         h,
@@ -1441,14 +1511,25 @@ fn attention_on(
         tq,
         tk: k.shape()[1],
     };
-    launch::attention(
+    crate::kdev::backward::attention_bwd(
         &*on.dev,
-        launch::AttnView::contiguous(&q)?,
-        launch::AttnView::contiguous(&k)?,
-        launch::AttnView::contiguous(&v)?,
+        launch::AttnView {
+            buf: &qb,
+            strides: qs,
+        },
+        launch::AttnView {
+            buf: &kb,
+            strides: ks,
+        },
+        launch::AttnView {
+            buf: &vb,
+            strides: vs,
+        },
+        &bridge::dt(out)?,
+        &bridge::dt(lse)?,
+        &bridge::dt(g)?,
         dims,
         p,
-        launch::AttnPath::Auto,
     )
 }
 
@@ -1470,6 +1551,7 @@ fn rope_attention_on(
         pos.shape()
     );
     let x = bridge::dt(qkv)?;
+    let pos_t = pos;
     let pos = bridge::dt(&pos.reshape(&[pos.numel()])?)?;
     let (cos, sin) = launch::rope_tables(dev, &pos, d, rope_base)?;
     let strides = [t * 3 * h * d, 3 * h * d, d];
@@ -1500,7 +1582,19 @@ fn rope_attention_on(
         p,
         launch::AttnPath::Auto,
     )?;
-    bridge::back(on, out.o)
+    if !kf_engine::autograd::should_record(&[qkv]) {
+        return bridge::back(on, out.o);
+    }
+    let node = Arc::new(RopeAttentionBackward {
+        qkv: qkv.clone(),
+        q: bridge::back(on, q)?,
+        k: bridge::back(on, k)?,
+        lse: bridge::back(on, out.lse)?,
+        pos: pos_t.clone(),
+        rope_base,
+        params: p.clone(),
+    });
+    Ok(bridge::back(on, out.o)?.rewrap(Some(node)))
 }
 
 fn rope_attention_t<T: Kern>(
@@ -1554,6 +1648,9 @@ impl BackwardOp for RopeAttentionBackward {
             g.shape(),
             self.q.shape()
         );
+        if let Some(on) = bridge::device_of("rope_attention backward", &[&self.q, out, g])? {
+            return Ok(vec![Some(rope_attention_bwd_on(&on, self, &v, out, g)?)]);
+        }
         let dt = float_dtype("rope_attention backward", &[&self.q, out, g])?;
         let d = crate::dispatch_float!(
             "rope_attention backward",
@@ -1562,6 +1659,31 @@ impl BackwardOp for RopeAttentionBackward {
         )?;
         Ok(vec![Some(d)])
     }
+}
+
+/// [`RopeAttentionBackward`] on a kernel device: the attention gradients, dq and dk through
+/// the inverse rotation, written with dv into one `[B, T, 3, H, D]` gradient.
+fn rope_attention_bwd_on(
+    on: &bridge::OnDevice,
+    s: &RopeAttentionBackward,
+    v: &Tensor,
+    out: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    let dev = &*on.dev;
+    let gr = attention_bwd_on(on, (&s.q, &s.k, v), out, &s.lse, g, &s.params)?;
+    let d = s.q.shape()[3];
+    let pos = bridge::dt(&s.pos.reshape(&[s.pos.numel()])?)?;
+    let (cos, sin) = launch::rope_tables(dev, &pos, d, s.rope_base)?;
+    let dq = crate::kdev::backward::rope_bwd(dev, &gr.dq, &cos, &sin)?;
+    let dk = crate::kdev::backward::rope_bwd(dev, &gr.dk, &cos, &sin)?;
+    let dqkv = Tensor::zeros(s.qkv.shape(), kf_engine::DType::F32, on.device)?;
+    for (i, part) in [dq, dk, gr.dv].into_iter().enumerate() {
+        dqkv.narrow(2, i, 1)?
+            .squeeze(2)?
+            .copy_from(&bridge::back(on, part)?)?;
+    }
+    Ok(dqkv)
 }
 
 fn rope_attention_bwd<T: Kern>(

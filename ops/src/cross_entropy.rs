@@ -32,10 +32,18 @@ pub fn cross_entropy(
             &bridge::dt(targets)?,
             ignore_index,
         )?;
-        return Ok((
-            bridge::back(&on, ce.mean.reshape(&[])?)?,
-            bridge::back(&on, ce.loss)?,
-        ));
+        let (lse, count) = (bridge::back(&on, ce.lse)?, bridge::back(&on, ce.count)?);
+        let mean = bridge::back_recorded(&on, ce.mean.reshape(&[])?, &[logits], || {
+            Arc::new(CrossEntropyBackward::<f32> {
+                logits: logits.clone(),
+                targets: targets.clone(),
+                ignore: ignore_index,
+                lse,
+                count,
+                _t: std::marker::PhantomData,
+            })
+        })?;
+        return Ok((mean, bridge::back(&on, ce.loss)?));
     }
     let dt = float_dtype(op, &[logits])?;
     expect_rank(op, "logits", logits, 2)?;
@@ -123,15 +131,18 @@ fn cross_entropy_t<T: Float>(
     } else {
         total / count as f64
     };
-    let node = should_record(&[logits]).then(|| {
-        Arc::new(CrossEntropyBackward::<T> {
+    let node = if should_record(&[logits]) {
+        Some(Arc::new(CrossEntropyBackward::<T> {
             logits: logits.clone(),
             targets: targets.clone(),
             ignore,
-            lse,
-            count,
-        }) as Arc<dyn BackwardOp>
-    });
+            lse: Tensor::from_cpu_op(lse, &[n], None)?,
+            count: Tensor::from_vec(vec![count as u32], &[1], kf_engine::Device::Cpu)?,
+            _t: std::marker::PhantomData,
+        }) as Arc<dyn BackwardOp>)
+    } else {
+        None
+    };
     let mut lb = OutBuf::<T>::uninit(1);
     lb.as_mut_slice()[0] = T::from_f64(mean);
     Ok((lb.finish(&[], node)?, per.finish(&[n], None)?))
@@ -143,8 +154,10 @@ struct CrossEntropyBackward<T> {
     logits: Tensor,
     targets: Tensor,
     ignore: Option<u32>,
-    lse: Vec<T>,
-    count: usize,
+    /// Per-row log-sum-exp `[N]` and the counted rows (u32 `[1]`), on the forward's device.
+    lse: Tensor,
+    count: Tensor,
+    _t: std::marker::PhantomData<T>,
 }
 
 impl<T: Float> BackwardOp for CrossEntropyBackward<T> {
@@ -161,11 +174,24 @@ impl<T: Float> BackwardOp for CrossEntropyBackward<T> {
             g.shape()
         );
         let (n, v) = (self.logits.shape()[0], self.logits.shape()[1]);
+        if let Some(on) = bridge::device_of("cross_entropy backward", &[&self.logits, g])? {
+            let dx = crate::kdev::backward::cross_entropy_bwd(
+                &*on.dev,
+                &bridge::dt(&self.logits)?,
+                &bridge::dt(&self.targets)?,
+                (&bridge::dt(&self.lse)?, &bridge::dt(&self.count)?),
+                &bridge::dt(&g.reshape(&[1])?)?,
+                self.ignore,
+            )?;
+            return Ok(vec![Some(bridge::back(&on, dx)?), None]);
+        }
+        let count = self.count.to_vec::<u32>()?[0] as usize;
+        let lse = self.lse.cpu_data::<T>()?;
         let gv = g.to_vec::<T>()?[0];
-        let scale = if self.count == 0 {
+        let scale = if count == 0 {
             T::ZERO
         } else {
-            gv / T::from_usize(self.count)
+            gv / T::from_usize(count)
         };
         let tv = self.targets.to_vec::<u32>()?;
         let xc = self.logits.contiguous()?;
@@ -175,11 +201,11 @@ impl<T: Float> BackwardOp for CrossEntropyBackward<T> {
             let ignore = self.ignore;
             let simd = has_avx2();
             for_each_row(dx.as_mut_slice(), v, |i, d| {
-                if Some(tv[i]) == ignore || self.count == 0 {
+                if Some(tv[i]) == ignore || count == 0 {
                     d.fill(T::ZERO);
                     return;
                 }
-                grad_row(d, &xs[i * v..(i + 1) * v], self.lse[i], scale, simd);
+                grad_row(d, &xs[i * v..(i + 1) * v], lse[i], scale, simd);
                 d[tv[i] as usize] -= scale;
             });
         }

@@ -108,6 +108,9 @@ pub(crate) fn materialize(t: &Tensor) -> Result<Tensor> {
     if t.is_contiguous() {
         return Ok(t.detach());
     }
+    if !t.device().is_cpu() {
+        return Ok(t.whole_buffer()?.detach());
+    }
     let d = float_dtype("materialize", &[t])?;
     fn go<T: Float>(t: &Tensor) -> Result<Tensor> {
         let mut out = OutBuf::<T>::uninit(t.numel());
@@ -166,16 +169,22 @@ fn binary(a: &Tensor, b: &Tensor, op: BinOp) -> Result<Tensor> {
     if let Some(on) = bridge::device_of(op.name(), &[a, b])? {
         // the kernels take equal shapes: a broadcast operand is materialised (bridge::dt)
         let shape = broadcast_shapes(op.name(), a.shape(), b.shape())?;
-        let (a, b) = (
+        let (da, db) = (
             bridge::dt(&a.broadcast_as(&shape)?)?,
             bridge::dt(&b.broadcast_as(&shape)?)?,
         );
         let r = match op {
-            BinOp::Add => launch::add(&*on.dev, &a, &b)?,
-            BinOp::Sub => launch::sub(&*on.dev, &a, &b)?,
-            BinOp::Mul => launch::mul(&*on.dev, &a, &b)?,
+            BinOp::Add => launch::add(&*on.dev, &da, &db)?,
+            BinOp::Sub => launch::sub(&*on.dev, &da, &db)?,
+            BinOp::Mul => launch::mul(&*on.dev, &da, &db)?,
         };
-        return bridge::back(&on, r);
+        return bridge::back_recorded(&on, r, &[a, b], || {
+            Arc::new(BinaryBackward {
+                a: a.clone(),
+                b: b.clone(),
+                op,
+            })
+        });
     }
     let d = float_dtype(op.name(), &[a, b])?;
     let shape = broadcast_shapes(op.name(), a.shape(), b.shape())?;
@@ -293,7 +302,8 @@ impl BackwardOp for BinaryBackward {
 /// `x * s` for a constant `s`.
 pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
     if let Some(on) = bridge::device_of("scale", &[x])? {
-        return bridge::back(&on, launch::scale(&*on.dev, &bridge::dt(x)?, s as f32)?);
+        let y = launch::scale(&*on.dev, &bridge::dt(x)?, s as f32)?;
+        return bridge::back_recorded(&on, y, &[x], || Arc::new(ScaleBackward { x: x.clone(), s }));
     }
     let d = float_dtype("scale", &[x])?;
     dispatch_float!("scale", d, scale_t::<T>(x, s))
@@ -341,7 +351,12 @@ impl BackwardOp for ScaleBackward {
 pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     if let Some(on) = bridge::device_of("bias_add", &[x, b])? {
         let y = launch::bias_add(&*on.dev, &bridge::dt(x)?, &bridge::dt(b)?)?;
-        return bridge::back(&on, y);
+        return bridge::back_recorded(&on, y, &[x, b], || {
+            Arc::new(BiasAddBackward {
+                x: x.clone(),
+                b: b.clone(),
+            })
+        });
     }
     let d = float_dtype("bias_add", &[x, b])?;
     expect_rank("bias_add", "bias", b, 1)?;
@@ -389,6 +404,10 @@ fn bias_add_t<T: Float>(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Sum of `g [.., N]` over all rows: the gradient of a bias of size N.
 pub(crate) fn sum_rows(g: &Tensor, n: usize) -> Result<Tensor> {
+    if let Some(on) = bridge::device_of("sum_rows", &[g])? {
+        let g2 = bridge::dt(&g.reshape(&[g.numel() / n.max(1), n])?)?;
+        return bridge::back(&on, crate::kdev::backward::colsum(&*on.dev, &g2)?);
+    }
     let d = float_dtype("sum_rows", &[g])?;
     fn go<T: Float>(g: &Tensor, n: usize) -> Result<Tensor> {
         let gc = g.contiguous()?;

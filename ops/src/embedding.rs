@@ -20,7 +20,12 @@ const PAR_MIN: usize = 1 << 14;
 pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     if let Some(on) = bridge::device_of("embedding", &[ids, table])? {
         let y = launch::embedding(&*on.dev, &bridge::dt(ids)?, &bridge::dt(table)?)?;
-        return bridge::back(&on, y);
+        return bridge::back_recorded(&on, y, &[ids, table], || {
+            Arc::new(EmbeddingBackward {
+                ids: ids.clone(),
+                table: table.clone(),
+            })
+        });
     }
     ensure!(
         ids.dtype() == DType::U32,
@@ -99,8 +104,14 @@ impl BackwardOp for EmbeddingBackward {
         vec![self.ids.clone(), self.table.clone()]
     }
     fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let d = float_dtype("embedding backward", &[g, &self.table])?;
         let (v, dim) = (self.table.shape()[0], self.table.shape()[1]);
+        if let Some(on) = bridge::device_of("embedding backward", &[&self.ids, g])? {
+            let ids = bridge::dt(&self.ids.reshape(&[self.ids.numel()])?)?;
+            let g2 = bridge::dt(&g.reshape(&[self.ids.numel(), dim])?)?;
+            let gt = crate::kdev::backward::embedding_bwd(&*on.dev, &ids, &g2, v)?;
+            return Ok(vec![None, Some(bridge::back(&on, gt)?)]);
+        }
+        let d = float_dtype("embedding backward", &[g, &self.table])?;
         let idc = self.ids.contiguous()?;
         let ids = idc.cpu_data::<u32>()?;
         let gt = dispatch_float!("embedding", d, scatter_add_t::<T>(&ids, g, v, dim))?;

@@ -3,7 +3,7 @@
 //! with analytic derivatives. Also the erfc they rest on (fdlibm's, in f64).
 
 use crate::dispatch_float;
-use crate::kdev::{bridge, launch};
+use crate::kdev::{backward, bridge, launch};
 use crate::util::{fast_exp, float_dtype, has_avx2};
 use anyhow::{bail, Result};
 use kf_engine::autograd::should_record;
@@ -30,7 +30,8 @@ enum Kind {
 /// `x * sigmoid(2u)` so that no `1 + tanh` cancels for negative x.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     if let Some(on) = bridge::device_of("gelu_tanh", &[x])? {
-        return bridge::back(&on, launch::gelu_tanh(&*on.dev, &bridge::dt(x)?)?);
+        let y = launch::gelu_tanh(&*on.dev, &bridge::dt(x)?)?;
+        return bridge::back_recorded(&on, y, &[x], || node::<f32>(x, Kind::Tanh));
     }
     let d = float_dtype("gelu_tanh", &[x])?;
     dispatch_float!("gelu_tanh", d, gelu_t::<T>(x, Kind::Tanh))
@@ -40,7 +41,8 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// (accurate in the negative tail too). f32 inputs are evaluated in f64.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if let Some(on) = bridge::device_of("gelu_erf", &[x])? {
-        return bridge::back(&on, launch::gelu_erf(&*on.dev, &bridge::dt(x)?)?);
+        let y = launch::gelu_erf(&*on.dev, &bridge::dt(x)?)?;
+        return bridge::back_recorded(&on, y, &[x], || node::<f32>(x, Kind::Erf));
     }
     let d = float_dtype("gelu_erf", &[x])?;
     dispatch_float!("gelu_erf", d, gelu_t::<T>(x, Kind::Erf))
@@ -179,14 +181,16 @@ fn gelu_t<T: Float>(x: &Tensor, kind: Kind) -> Result<Tensor> {
         Kind::Erf => map_into(out.as_mut_slice(), &xs, erf_fwd::<T>),
     }
     drop(xs);
-    let node = should_record(&[x]).then(|| {
-        Arc::new(GeluBackward::<T> {
-            x: x.clone(),
-            kind,
-            _t: std::marker::PhantomData,
-        }) as Arc<dyn BackwardOp>
-    });
+    let node = should_record(&[x]).then(|| node::<T>(x, kind));
     out.finish(x.shape(), node)
+}
+
+fn node<T: Float>(x: &Tensor, kind: Kind) -> Arc<dyn BackwardOp> {
+    Arc::new(GeluBackward::<T> {
+        x: x.clone(),
+        kind,
+        _t: std::marker::PhantomData,
+    })
 }
 
 /// `dx = g * gelu'(x)` from the saved input.
@@ -207,6 +211,14 @@ impl<T: Float> BackwardOp for GeluBackward<T> {
         vec![self.x.clone()]
     }
     fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        if let Some(on) = bridge::device_of(self.name(), &[&self.x, g])? {
+            let (x, g) = (bridge::dt(&self.x)?, bridge::dt(g)?);
+            let dx = match self.kind {
+                Kind::Tanh => backward::gelu_tanh_bwd(&*on.dev, &x, &g)?,
+                Kind::Erf => backward::gelu_erf_bwd(&*on.dev, &x, &g)?,
+            };
+            return Ok(vec![Some(bridge::back(&on, dx)?)]);
+        }
         let (xc, gc) = (self.x.contiguous()?, g.contiguous()?);
         let (xs, gs) = (xc.cpu_data::<T>()?, gc.cpu_data::<T>()?);
         if xs.len() != gs.len() {

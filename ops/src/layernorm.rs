@@ -23,16 +23,25 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Resul
     let mut all = vec![x, w];
     all.extend(b);
     if let Some(on) = bridge::device_of(op, &all)? {
-        let b = b.map(bridge::dt).transpose()?;
-        let y = launch::layer_norm(
+        let bd = b.map(bridge::dt).transpose()?;
+        let o = launch::layer_norm(
             &*on.dev,
             &bridge::dt(x)?,
             &bridge::dt(w)?,
-            b.as_ref(),
+            bd.as_ref(),
             eps as f32,
-        )?
-        .y;
-        return bridge::back(&on, y);
+        )?;
+        let (mean, rstd) = (bridge::back(&on, o.mean)?, bridge::back(&on, o.rstd)?);
+        return bridge::back_recorded(&on, o.y, &all, || {
+            Arc::new(LayerNormBackward::<f32> {
+                x: x.clone(),
+                w: w.clone(),
+                b: b.cloned(),
+                mean,
+                rstd,
+                _t: std::marker::PhantomData,
+            })
+        });
     }
     let dt = float_dtype(op, &all)?;
     ensure!(
@@ -108,15 +117,18 @@ fn layer_norm_t<T: Float>(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) 
     drop((xs, ws, bs));
     let mut inputs = vec![x, w];
     inputs.extend(b);
-    let node = should_record(&inputs).then(|| {
-        Arc::new(LayerNormBackward::<T> {
+    let node = if should_record(&inputs) {
+        Some(Arc::new(LayerNormBackward::<T> {
             x: x.clone(),
             w: w.clone(),
             b: b.cloned(),
-            mean,
-            rstd,
-        }) as Arc<dyn BackwardOp>
-    });
+            mean: Tensor::from_cpu_op(mean, &[rows], None)?,
+            rstd: Tensor::from_cpu_op(rstd, &[rows], None)?,
+            _t: std::marker::PhantomData,
+        }) as Arc<dyn BackwardOp>)
+    } else {
+        None
+    };
     out.finish(x.shape(), node)
 }
 
@@ -131,8 +143,10 @@ struct LayerNormBackward<T> {
     x: Tensor,
     w: Tensor,
     b: Option<Tensor>,
-    mean: Vec<T>,
-    rstd: Vec<T>,
+    /// Per-row statistics `[rows]` of the forward, on its device.
+    mean: Tensor,
+    rstd: Tensor,
+    _t: std::marker::PhantomData<T>,
 }
 
 impl<T: Float> BackwardOp for LayerNormBackward<T> {
@@ -147,12 +161,32 @@ impl<T: Float> BackwardOp for LayerNormBackward<T> {
     fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let d = self.w.numel();
         expect_shape("layer_norm backward", "gradient", g, self.x.shape())?;
+        if let Some(on) = bridge::device_of("layer_norm backward", &[&self.x, &self.w, g])? {
+            let gr = crate::kdev::backward::layer_norm_bwd(
+                &*on.dev,
+                &bridge::dt(&self.x)?,
+                &bridge::dt(&self.w)?,
+                &bridge::dt(g)?,
+                &bridge::dt(&self.mean)?,
+                &bridge::dt(&self.rstd)?,
+                self.b.is_some(),
+            )?;
+            let mut grads = vec![
+                Some(bridge::back(&on, gr.dx)?),
+                Some(bridge::back(&on, gr.dw)?),
+            ];
+            if let Some(db) = gr.db {
+                grads.push(Some(bridge::back(&on, db)?));
+            }
+            return Ok(grads);
+        }
         let (xc, wc, gc) = (self.x.contiguous()?, self.w.contiguous()?, g.contiguous()?);
         let (xs, ws, gs) = (
             xc.cpu_data::<T>()?,
             wc.cpu_data::<T>()?,
             gc.cpu_data::<T>()?,
         );
+        let (mean, rstd) = (self.mean.cpu_data::<T>()?, self.rstd.cpu_data::<T>()?);
         let mut dx = OutBuf::<T>::uninit(xs.len());
         let mut dw = vec![T::ZERO; d];
         let mut db = vec![T::ZERO; d];
@@ -167,7 +201,7 @@ impl<T: Float> BackwardOp for LayerNormBackward<T> {
                 for (k, dxr) in dxb.chunks_mut(d).enumerate() {
                     let i = bi * BWD_ROWS + k;
                     let (x, g) = (&xs[i * d..(i + 1) * d], &gs[i * d..(i + 1) * d]);
-                    let (m, r) = (self.mean[i], self.rstd[i]);
+                    let (m, r) = (mean[i], rstd[i]);
                     let (mut s1, mut s2) = (T::ZERO, T::ZERO);
                     for j in 0..d {
                         let xh = (x[j] - m) * r;

@@ -10,7 +10,7 @@ use crate::kdev::{bridge, launch};
 use crate::util::{expect_rank, expect_shape, float_dtype};
 use anyhow::{ensure, Result};
 use kf_engine::autograd::{should_record, BackwardOp};
-use kf_engine::{Float, OutBuf, Tensor};
+use kf_engine::{DType, Float, OutBuf, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -159,19 +159,33 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     shape.extend([m, n]);
     if let Some(on) = bridge::device_of("matmul", &[a, b])? {
         // one batched GEMM over the leading dims (a rank-2 right operand is shared: stride 0)
+        // views (a transposed or batched operand) are read in place through lda / ldb
         let batch: usize = a.shape()[..ra - 2].iter().product();
+        let (oa, ob) = (bridge::gemm_operand(a)?, bridge::gemm_operand(b)?);
         let spec = crate::kdev::GemmSpec {
-            stride_a: m * k,
-            stride_b: if rb == 2 { 0 } else { k * n },
+            trans_a: oa.trans,
+            trans_b: ob.trans,
+            lda: oa.ld,
+            ldb: ob.ld,
+            stride_a: oa.stride,
+            stride_b: if rb == 2 { 0 } else { ob.stride },
             stride_c: m * n,
             batch: batch.max(1),
+            a_off: oa.off,
+            b_off: ob.off,
             ..crate::kdev::GemmSpec::simple(m, n, k, false)
         };
         let c = crate::kdev::DTensor::zeros(&*on.dev, &shape, kf_engine::DType::F32)?;
-        if m * n > 0 {
-            launch::matmul_into(&*on.dev, &spec, &bridge::dt(a)?, &bridge::dt(b)?, &c)?;
+        if m * n > 0 && k > 0 {
+            launch::matmul_into(&*on.dev, &spec, &oa.t, &ob.t, &c)?;
         }
-        return bridge::back(&on, c);
+        let node = should_record(&[a, b]).then(|| {
+            Arc::new(MatmulBackward {
+                a: a.clone(),
+                b: b.clone(),
+            }) as Arc<dyn BackwardOp>
+        });
+        return Ok(bridge::back(&on, c)?.rewrap(node));
     }
     let d = float_dtype("matmul", &[a, b])?;
     let node = should_record(&[a, b]).then(|| {
@@ -309,9 +323,20 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut ts = vec![x, w];
     ts.extend(b);
     if let Some(on) = bridge::device_of("linear", &ts)? {
-        let b = b.map(bridge::dt).transpose()?;
-        let y = launch::linear(&*on.dev, &bridge::dt(x)?, &bridge::dt(w)?, b.as_ref())?;
-        return bridge::back(&on, y);
+        let bd = b.map(bridge::dt).transpose()?;
+        let y = launch::linear(&*on.dev, &bridge::dt(x)?, &bridge::dt(w)?, bd.as_ref())?;
+        return bridge::back_recorded(&on, y, &ts, || {
+            Arc::new(LinearBackward {
+                x: x.clone(),
+                w: w.clone(),
+                b: b.cloned(),
+            })
+        });
+    }
+    if matches!(w.dtype(), DType::F16 | DType::BF16) && x.dtype() == DType::F32 {
+        // half-precision weights (a model served from an f16 / bf16 file): widened here, the
+        // product in f32 as on a kernel device
+        return linear(x, &w.to_dtype(DType::F32)?, b);
     }
     let d = float_dtype("linear", &ts)?;
     expect_rank("linear", "weight", w, 2)?;

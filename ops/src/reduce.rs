@@ -172,7 +172,7 @@ fn sum_axis_t<T: Float>(
 /// Sum of all elements, as a tensor of shape [].
 pub fn sum(x: &Tensor) -> Result<Tensor> {
     if let Some(on) = bridge::device_of("sum", &[x])? {
-        return full_sum_on(&on, x, 1.0);
+        return full_sum_on(&on, x, 1.0, "sum");
     }
     let d = float_dtype("sum", &[x])?;
     let node = should_record(&[x]).then(|| {
@@ -188,7 +188,12 @@ pub fn sum(x: &Tensor) -> Result<Tensor> {
 
 /// `scale * sum(x)` of all elements on a kernel device, shape []: the deterministic column-sum
 /// kernels over `x` as one column (f32 accumulation in a fixed order).
-fn full_sum_on(on: &bridge::OnDevice, x: &Tensor, scale: f64) -> Result<Tensor> {
+fn full_sum_on(
+    on: &bridge::OnDevice,
+    x: &Tensor,
+    scale: f64,
+    name: &'static str,
+) -> Result<Tensor> {
     let n = x.numel();
     if n == 0 {
         return Tensor::zeros(&[], x.dtype(), on.device);
@@ -200,7 +205,13 @@ fn full_sum_on(on: &bridge::OnDevice, x: &Tensor, scale: f64) -> Result<Tensor> 
     } else {
         launch::scale(dev, &col, scale as f32)?
     };
-    bridge::back(on, col.reshape(&[])?)
+    bridge::back_recorded(on, col.reshape(&[])?, &[x], || {
+        Arc::new(FullBackward {
+            x: x.clone(),
+            scale,
+            name,
+        })
+    })
 }
 
 /// Mean of all elements, as a tensor of shape [] (NaN for an empty tensor).
@@ -210,7 +221,7 @@ pub fn mean(x: &Tensor) -> Result<Tensor> {
         if n == 0 {
             return Tensor::full(&[], f64::NAN, x.dtype(), on.device);
         }
-        return full_sum_on(&on, x, 1.0 / n as f64);
+        return full_sum_on(&on, x, 1.0 / n as f64, "mean");
     }
     let d = float_dtype("mean", &[x])?;
     let scale = 1.0 / n as f64;
@@ -225,6 +236,37 @@ pub fn mean(x: &Tensor) -> Result<Tensor> {
         return Tensor::full(&[], f64::NAN, d, x.device());
     }
     dispatch_float!("mean", d, sum_axis_t::<T>(x, (1, n, 1), scale, &[], node))
+}
+
+/// `sum over tensors and elements of (x * scale)^2` of f32 tensors on one device, as f64: the
+/// squared global norm of a gradient list. On the CPU each tensor's sum is sequential in f64
+/// (tensors in parallel, added in list order: the same bits at any thread count); on a kernel
+/// device the fixed-order `sumsq` kernels (f32 partials) of the unscaled buffers, times
+/// `scale^2`.
+pub fn sum_squares(ts: &[&Tensor], scale: f64) -> Result<f64> {
+    if let Some(on) = bridge::device_of("sum_squares", ts)? {
+        let d: Vec<crate::kdev::DTensor> =
+            ts.iter().map(|t| bridge::dt(t)).collect::<Result<_>>()?;
+        let refs: Vec<&crate::kdev::DTensor> = d.iter().collect();
+        let s = crate::kdev::backward::sumsq(&*on.dev, &refs)?;
+        let v = bridge::back(&on, s)?.to_vec::<f32>()?[0] as f64;
+        return Ok(v * scale * scale);
+    }
+    let sq: Vec<f64> = ts
+        .par_iter()
+        .map(|t| -> Result<f64> {
+            let c = t.contiguous()?;
+            let xs = c.cpu_data::<f32>()?;
+            Ok(xs
+                .iter()
+                .map(|&x| {
+                    let y = x as f64 * scale;
+                    y * y
+                })
+                .sum())
+        })
+        .collect::<Result<_>>()?;
+    Ok(sq.iter().sum())
 }
 
 /// Backward of `sum` / `mean`: every input element gets `scale * g`.
@@ -271,7 +313,9 @@ pub fn sum_dim(x: &Tensor, dim: usize, keepdim: bool) -> Result<Tensor> {
         let rest = x.numel() / shape[dim].max(1);
         let xt = bridge::dt(&x.permute(&perm)?)?.reshape(&[shape[dim], rest])?;
         let s = crate::kdev::backward::colsum(&*on.dev, &xt)?;
-        return bridge::back(&on, s.reshape(&out_shape)?);
+        return bridge::back_recorded(&on, s.reshape(&out_shape)?, &[x], || {
+            Arc::new(SumDimBackward { x: x.clone(), dim })
+        });
     }
     let d = float_dtype("sum_dim", &[x])?;
     let node = should_record(&[x])
@@ -309,6 +353,11 @@ impl BackwardOp for SumDimBackward {
 pub(crate) fn sum_to_shape(g: &Tensor, shape: &[usize]) -> Result<Tensor> {
     if g.shape() == shape {
         return Ok(g.clone());
+    }
+    if !g.device().is_cpu() {
+        // a broadcast operand's gradient on a kernel device: summed through the host (no
+        // strided reduce kernel; the model's ops broadcast only biases, which bias_add owns)
+        return g.sum_to_shape(shape);
     }
     let d = float_dtype("sum_to_shape", &[g])?;
     ensure!(

@@ -51,9 +51,9 @@ pub fn rope(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
             "{op}: positions must be [T] or [B, T] = [{b}, {t}], got {:?}",
             pos.shape()
         );
-        let pos = bridge::dt(&pos.reshape(&[pos.numel()])?)?;
-        let (cos, sin) = launch::rope_tables(&*on.dev, &pos, d, base)?;
-        return bridge::back(&on, launch::rope(&*on.dev, &bridge::dt(x)?, &cos, &sin)?);
+        let (cos, sin) = tables_on(&on, pos, d, base)?;
+        let y = launch::rope(&*on.dev, &bridge::dt(x)?, &cos, &sin)?;
+        return bridge::back_recorded(&on, y, &[x], || node::<f32>(x, pos, base));
     }
     let dt = float_dtype(op, &[x])?;
     ensure!(
@@ -160,15 +160,28 @@ pub(crate) fn rotate_row<T: Float>(x: &[T], o: &mut [T], c: &[T], s: &[T]) {
 }
 
 fn rope_t<T: Float>(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
-    let node = should_record(&[x]).then(|| {
-        Arc::new(RopeBackward::<T> {
-            x: x.clone(),
-            pos: pos.clone(),
-            base,
-            _t: std::marker::PhantomData,
-        }) as Arc<dyn BackwardOp>
-    });
+    let node = should_record(&[x]).then(|| node::<T>(x, pos, base));
     rotate::<T>(x, pos, base, false, node)
+}
+
+fn node<T: Float>(x: &Tensor, pos: &Tensor, base: f64) -> Arc<dyn BackwardOp> {
+    Arc::new(RopeBackward::<T> {
+        x: x.clone(),
+        pos: pos.clone(),
+        base,
+        _t: std::marker::PhantomData,
+    })
+}
+
+/// The cos / sin tables of device positions `pos` ([T] or [B, T]) on their device.
+fn tables_on(
+    on: &bridge::OnDevice,
+    pos: &Tensor,
+    d: usize,
+    base: f64,
+) -> Result<(crate::kdev::DTensor, crate::kdev::DTensor)> {
+    let pos = bridge::dt(&pos.reshape(&[pos.numel()])?)?;
+    launch::rope_tables(&*on.dev, &pos, d, base)
 }
 
 /// The rotation is orthogonal: `dx` is `g` rotated by the negated angles.
@@ -195,6 +208,11 @@ impl<T: Float> BackwardOp for RopeBackward<T> {
                 self.x.shape(),
                 T::DTYPE
             );
+        }
+        if let Some(on) = bridge::device_of("rope backward", &[g, &self.pos])? {
+            let (cos, sin) = tables_on(&on, &self.pos, g.shape()[3], self.base)?;
+            let dx = crate::kdev::backward::rope_bwd(&*on.dev, &bridge::dt(g)?, &cos, &sin)?;
+            return Ok(vec![Some(bridge::back(&on, dx)?), None]);
         }
         let dx = rotate::<T>(g, &self.pos, self.base, true, None)?;
         Ok(vec![Some(dx), None])

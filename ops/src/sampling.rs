@@ -538,6 +538,17 @@ fn map_rows<T: Float, O: Send>(
     Ok(res)
 }
 
+/// Tokens sampled by this module's or `argmax`'s ops (u32, any shape) on the host. On a
+/// kernel device the kernels mark a NaN or all -inf logit row with a sentinel id instead of
+/// failing mid-launch; that becomes the error the CPU op gives.
+pub fn tokens_to_host(t: &Tensor) -> Result<Vec<u32>> {
+    let v = t.to_vec::<u32>()?;
+    if !t.device().is_cpu() {
+        launch::check_token_markers(&v, t.shape())?;
+    }
+    Ok(v)
+}
+
 /// Sample one token per row: `logits [R, V]` (f32 or f64), `u [R]` (float,
 /// each in the open interval (0, 1)), temperature `tau` (0 = greedy). Returns
 /// u32 `[R]`. Errors name the row for NaN logits, an all -inf row, or `u`

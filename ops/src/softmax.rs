@@ -28,7 +28,8 @@ fn masked_row_error(op: &str, shape: &[usize], row: usize) -> anyhow::Error {
 /// Softmax over the last dimension of `x [..., V]`.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
     if let Some(on) = bridge::device_of("softmax", &[x])? {
-        return bridge::back(&on, launch::softmax(&*on.dev, &bridge::dt(x)?, false)?);
+        let y = launch::softmax(&*on.dev, &bridge::dt(x)?, false)?;
+        return bridge::back_recorded(&on, y, &[x], || node::<f32>(x, false));
     }
     let d = float_dtype("softmax", &[x])?;
     dispatch_float!("softmax", d, softmax_t::<T>(x, false))
@@ -37,7 +38,8 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 /// Log-softmax over the last dimension of `x [..., V]` (`-inf` stays `-inf`).
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     if let Some(on) = bridge::device_of("log_softmax", &[x])? {
-        return bridge::back(&on, launch::softmax(&*on.dev, &bridge::dt(x)?, true)?);
+        let y = launch::softmax(&*on.dev, &bridge::dt(x)?, true)?;
+        return bridge::back_recorded(&on, y, &[x], || node::<f32>(x, true));
     }
     let d = float_dtype("log_softmax", &[x])?;
     dispatch_float!("log_softmax", d, softmax_t::<T>(x, true))
@@ -80,14 +82,16 @@ fn softmax_t<T: Float>(x: &Tensor, log: bool) -> Result<Tensor> {
         }
     }
     drop(xs);
-    let node = should_record(&[x]).then(|| {
-        Arc::new(SoftmaxBackward::<T> {
-            x: x.clone(),
-            log,
-            _t: std::marker::PhantomData,
-        }) as Arc<dyn BackwardOp>
-    });
+    let node = should_record(&[x]).then(|| node::<T>(x, log));
     out.finish(x.shape(), node)
+}
+
+fn node<T: Float>(x: &Tensor, log: bool) -> Arc<dyn BackwardOp> {
+    Arc::new(SoftmaxBackward::<T> {
+        x: x.clone(),
+        log,
+        _t: std::marker::PhantomData,
+    })
 }
 
 /// Backward of softmax (`dx = y * (g - sum(g * y))`) and of log-softmax
@@ -111,6 +115,15 @@ impl<T: Float> BackwardOp for SoftmaxBackward<T> {
     }
     fn backward(&self, out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let v = last_dim(self.name(), out)?;
+        if let Some(on) = bridge::device_of(self.name(), &[out, g])? {
+            let dx = crate::kdev::backward::softmax_bwd(
+                &*on.dev,
+                &bridge::dt(out)?,
+                &bridge::dt(g)?,
+                self.log,
+            )?;
+            return Ok(vec![Some(bridge::back(&on, dx)?)]);
+        }
         let (yc, gc) = (out.contiguous()?, g.contiguous()?);
         let (ys, gs) = (yc.cpu_data::<T>()?, gc.cpu_data::<T>()?);
         if ys.len() != gs.len() {

@@ -422,6 +422,69 @@ pub fn check_forward_on(case: &Case, op: kf_ops::OpKind, device: Device) -> Resu
     compare_outputs(case, &outs, DType::F32, case.tol, &tag, device)
 }
 
+/// The f32 gradients of sum(w * output0) w.r.t. the case's `grad_wrt` inputs with every
+/// input on `device` (autograd over the device's backward kernels), against the same on the
+/// CPU in f32.
+pub fn check_grad_on(case: &Case, op: kf_ops::OpKind, device: Device) -> Result<()> {
+    if case.grad_wrt.is_empty() || !on_kernel_devices(op) || !case.on_kernels {
+        return Ok(());
+    }
+    let grads = |dev: Device| -> Result<Vec<Vec<f64>>> {
+        let vars: Vec<Tensor> = build_inputs(case, DType::F32)?
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let t = t.to_device(dev)?;
+                Ok(if case.grad_wrt.contains(&i) {
+                    t.var()
+                } else {
+                    t
+                })
+            })
+            .collect::<Result<_>>()?;
+        let out = (case.forward)(&vars)?
+            .into_iter()
+            .next()
+            .context("op returned no output")?;
+        let w = Gen::new(0xC0FFEE ^ case.name.len() as u64).vec(out.numel(), -1.0, 1.0);
+        let seed = Tensor::from_vec(w, out.shape(), Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .to_device(dev)?;
+        let store = out.backward_with(seed)?;
+        case.grad_wrt
+            .iter()
+            .map(|&i| {
+                let g = store
+                    .get(&vars[i])
+                    .with_context(|| format!("no gradient reached input {i}"))?;
+                ensure!(
+                    g.device() == dev,
+                    "the gradient of input {i} came back on {}",
+                    g.device()
+                );
+                g.to_vec_f64()
+            })
+            .collect()
+    };
+    let want = grads(Device::Cpu).with_context(|| format!("{}: cpu f32 gradients", case.name))?;
+    let got = grads(device).with_context(|| format!("{} on {device}: gradients", case.name))?;
+    // sums of gradients round in another order on the device (an exact forward, such as the
+    // embedding's gather, still has a summed backward): at least the f32 tolerance
+    let tol = Tol::new(
+        case.tol.atol.max(Tol::F32.atol),
+        case.tol.rtol.max(Tol::F32.rtol),
+    );
+    for ((g, w), i) in got.iter().zip(&want).zip(&case.grad_wrt) {
+        compare(
+            &format!("{} [f32 on {device}] d/d input{i}", case.name),
+            g,
+            w,
+            tol,
+        )?;
+    }
+    Ok(())
+}
+
 /// Run every check of every case of `op`; returns the number of cases.
 pub fn check_op(op: kf_ops::OpKind) -> Result<usize> {
     let cases = crate::cases::cases(op);
@@ -438,6 +501,9 @@ pub fn check_op(op: kf_ops::OpKind) -> Result<usize> {
         }
         for device in kernel_devices() {
             if let Err(e) = check_forward_on(c, op, device) {
+                failures.push(format!("{e:#}"));
+            }
+            if let Err(e) = check_grad_on(c, op, device) {
                 failures.push(format!("{e:#}"));
             }
         }

@@ -14,12 +14,12 @@
 //! AR: 1 row per sequence per token; PFLM: 2K rows per sequence (K committed + K hints) per K
 //! tokens. Predicted speedup = AR time per token / (PFLM step time / K).
 
-use crate::devmodel::{self, DevModel, HostModel};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::{DType, Device, Tensor};
 use kf_model::checkpoint;
 use kf_model::generate::{generate, GenerateOptions};
 use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
+use kf_model::weights::{WeightBytes, WeightStore};
 use kf_model::{Ddit, DditConfig};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -192,7 +192,6 @@ fn random_prompts(b: usize, len: usize, v: usize, seed: u64) -> Vec<Vec<u32>> {
 fn measure(
     ar: &Ddit,
     pf: &Pflm,
-    dev: Option<(&dyn DevModel, &dyn DevModel)>,
     k: usize,
     batch: usize,
     a: &Args,
@@ -209,15 +208,7 @@ fn measure(
     };
     let run = || -> Result<(f64, usize)> {
         let t0 = Instant::now();
-        let popts = PflmGenerateOptions {
-            base: base.clone(),
-            k: k.max(1),
-            freq_penalty: 0.0,
-        };
-        let g = if let Some((dar, dpf)) = dev {
-            let d = if k == 0 { dar } else { dpf };
-            d.generate(&prompts, &popts, &mut |_, _| Ok(()))?
-        } else if k == 0 {
+        let g = if k == 0 {
             generate(ar, &prompts, &base, |_, _| Ok(()))?
         } else {
             generate_pflm(
@@ -296,57 +287,60 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         a.max_new,
         a.runs
     );
-    let on_dev = match device {
-        Device::Cpu => None,
-        t => Some((
-            devmodel::upload(t, HostModel::Ar(&ar))?.expect("a kernel device"),
-            devmodel::upload(t, HostModel::Pflm(&pf))?.expect("a kernel device"),
-        )),
+    // on a kernel device the matrices keep the model file's precision (as kfrun generate)
+    let (ar, pf) = if device.is_cpu() {
+        (ar, pf)
+    } else {
+        let store = WeightStore::Exact;
+        (
+            ar.to_device_with(device, store)?,
+            pf.to_device_with(device, store)?,
+        )
     };
-    let machine = match &on_dev {
-        None => Machine {
+    let machine = if device.is_cpu() {
+        Machine {
             copy_gb_s: copy_bandwidth(),
             gemm_gflop_s: gemm_rate()?,
             threads,
-        },
-        Some((d, _)) => {
-            // the emulator is slow: small probes there
-            let (bytes, g) = if device == Device::Emu {
-                (1 << 22, 256)
-            } else {
-                (1 << 30, 4096)
-            };
-            let (copy_gb_s, gemm_gflop_s) = d.probes(bytes, g)?;
-            Machine {
-                copy_gb_s,
-                gemm_gflop_s,
-                threads,
-            }
+        }
+    } else {
+        // the emulator is slow: small probes there
+        let (bytes, g) = if device == Device::Emu {
+            (1 << 22, 256)
+        } else {
+            (1 << 30, 4096)
+        };
+        let (copy_gb_s, gemm_gflop_s) =
+            crate::bench_kernels::device_probes(&*device.kernel()?, bytes, g)?;
+        Machine {
+            copy_gb_s,
+            gemm_gflop_s,
+            threads,
         }
     };
-    let device = on_dev
-        .as_ref()
-        .map_or("the CPU".to_string(), |(d, _)| d.name());
+    let device_name = if device.is_cpu() {
+        "the CPU".to_string()
+    } else {
+        device.kernel()?.name()
+    };
     eprintln!(
-        "{device}: copy {:.1} GB/s (read + write), f32 GEMM {:.0} GFLOP/s",
+        "{device_name}: copy {:.1} GB/s (read + write), f32 GEMM {:.0} GFLOP/s",
         machine.copy_gb_s, machine.gemm_gflop_s
     );
-    // the parameters as the decode reads them: f32 on the CPU; on a kernel device as uploaded
+    // the parameters as the decode reads them: f32 on the CPU; on a kernel device as moved
     // (weight matrices at the model file's precision)
-    let (weight_bytes, weight_desc) = match &on_dev {
-        None => (cfg.n_params() as f64 * 4.0, "f32".to_string()),
-        Some((d, _)) => {
-            let wb = d.weight_bytes();
-            (wb.total as f64, wb.describe())
-        }
+    let (weight_bytes, weight_desc) = if device.is_cpu() {
+        (cfg.n_params() as f64 * 4.0, "f32".to_string())
+    } else {
+        let wb = WeightBytes::of(&pf.params());
+        (wb.total as f64, wb.describe())
     };
     let ctx = a.prompt_len as f64 + a.max_new as f64 / 2.0;
     let mut rows: Vec<Row> = Vec::new();
     for &b in &a.batches {
         let mut ar_tps = 0.0;
         for k in 0..=pf.k {
-            let dev = on_dev.as_ref().map(|(x, y)| (x.as_ref(), y.as_ref()));
-            let (mut times, passes, peak) = measure(&ar, &pf, dev, k, b, a).with_context(|| {
+            let (mut times, passes, peak) = measure(&ar, &pf, k, b, a).with_context(|| {
                 format!(
                     "batch {b}, {}",
                     if k == 0 {
@@ -418,7 +412,7 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
     if let Some(p) = &a.json {
         let j = serde_json::json!({
             "model": label,
-            "device": device,
+            "device": device_name,
             "config": cfg,
             "k": pf.k,
             "prompt_len": a.prompt_len,

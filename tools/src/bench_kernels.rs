@@ -14,7 +14,7 @@ use kf_engine::DType;
 use kf_ops::attention::{AttnParams, AttnPattern};
 use kf_ops::kdev::backward as bw;
 use kf_ops::kdev::launch::{self as kl, AttnDims, AttnPath, AttnView};
-use kf_ops::kdev::{DTensor, KernelDevice};
+use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -161,7 +161,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         DTensor::from_slice(dev, &values(n, salt), shape)
     };
 
-    let (copy_gb_s, gemm_gflop_s) = crate::devmodel::probes(dev, sz.copy_bytes, sz.gemm)?;
+    let (copy_gb_s, gemm_gflop_s) = device_probes(dev, sz.copy_bytes, sz.gemm)?;
 
     let mut rows = Vec::new();
     let mut push = |family: &'static str,
@@ -408,7 +408,9 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         "cross_entropy_bwd",
         sh(&[r, v]),
         cm::cross_entropy(r, v, s),
-        &mut || bw::cross_entropy_bwd(dev, &lt, &targets, &ce, &one, None).map(drop),
+        &mut || {
+            bw::cross_entropy_bwd(dev, &lt, &targets, (&ce.lse, &ce.count), &one, None).map(drop)
+        },
     )?;
     drop((lt, ce));
     // the optimizer over one block's MLP weight
@@ -545,4 +547,44 @@ pub fn run(a: &Args) -> Result<()> {
         kf_engine::fs::write_atomic(p, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
     Ok(())
+}
+
+/// Median of three synchronised runs of `f` (after one warm-up), in seconds.
+fn median3<D: KernelDevice + ?Sized>(dev: &D, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let mut t = [0.0; 3];
+    for x in &mut t {
+        let t0 = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        *x = t0.elapsed().as_secs_f64();
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[1])
+}
+
+/// Copy bandwidth (GB/s, read + write) and f32 GEMM rate (GFLOP/s) of a kernel device:
+/// medians of three.
+pub(crate) fn device_probes<D: KernelDevice + ?Sized>(
+    dev: &D,
+    bytes: usize,
+    gemm: usize,
+) -> Result<(f64, f64)> {
+    let (src, dst) = (dev.alloc_zeroed(bytes)?, dev.alloc_zeroed(bytes)?);
+    let tc = median3(dev, &mut || dev.copy(&src, 0, &dst, 0, bytes))?;
+    drop((src, dst));
+    let g = gemm;
+    let x = vec![0.5f32; g * g];
+    let (a, b) = (
+        DTensor::from_slice(dev, &x, &[g, g])?,
+        DTensor::from_slice(dev, &x, &[g, g])?,
+    );
+    let c = DTensor::zeros(dev, &[g, g], kf_engine::DType::F32)?;
+    let spec = GemmSpec::simple(g, g, g, true);
+    let tg = median3(dev, &mut || kl::matmul_into(dev, &spec, &a, &b, &c))?;
+    Ok((
+        2.0 * bytes as f64 / tc / 1e9,
+        2.0 * (g as f64).powi(3) / tg / 1e9,
+    ))
 }

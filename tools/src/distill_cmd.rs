@@ -73,39 +73,39 @@ pub fn run(a: &DistillArgs) -> Result<()> {
         stop: Some(stop),
     };
     let mut dir = a.out.clone();
-    let res = crate::devmodel::with_train_backend(device, |backend| {
-        if !backend.on_host() {
-            progress.say(format!("updates and validation on {}", backend.name()));
-        }
-        distill_chain_on(&opts, backend, &mut |ev| match ev {
-            ChainEvent::Stage {
-                index,
-                of,
-                k,
-                dir: d,
-                skipped,
-            } => {
-                dir = d.to_path_buf();
-                match skipped {
-                    Some(r) => progress.say(format!(
-                        "stage {}/{of} (k = {k}): already finished in {} ({} steps, agreement {})",
-                        index + 1,
-                        d.display(),
-                        r.steps,
-                        r.metrics
-                            .as_ref()
-                            .map_or("?".into(), |m| format!("{:.4}", m.acc))
-                    )),
-                    None => progress.say(format!(
-                        "stage {}/{of}: k = {k} ({} variant) into {}",
-                        index + 1,
-                        opts.recipe.variant,
-                        d.display()
-                    )),
-                }
+    if !device.is_cpu() {
+        progress.say(format!(
+            "the models, the updates and validation on {device}"
+        ));
+    }
+    let res = distill_chain_on(&opts, device, &mut |ev| match ev {
+        ChainEvent::Stage {
+            index,
+            of,
+            k,
+            dir: d,
+            skipped,
+        } => {
+            dir = d.to_path_buf();
+            match skipped {
+                Some(r) => progress.say(format!(
+                    "stage {}/{of} (k = {k}): already finished in {} ({} steps, agreement {})",
+                    index + 1,
+                    d.display(),
+                    r.steps,
+                    r.metrics
+                        .as_ref()
+                        .map_or("?".into(), |m| format!("{:.4}", m.acc))
+                )),
+                None => progress.say(format!(
+                    "stage {}/{of}: k = {k} ({} variant) into {}",
+                    index + 1,
+                    opts.recipe.variant,
+                    d.display()
+                )),
             }
-            ChainEvent::Run(e) => progress.event(e, &dir),
-        })
+        }
+        ChainEvent::Run(e) => progress.event(e, &dir),
     });
     progress.finish();
     match res? {

@@ -6,10 +6,9 @@
 use anyhow::{ensure, Context, Result};
 use kf_model::checkpoint;
 use kf_model::data::TokenData;
-use kf_model::eval::{
-    document_prompts, evaluate_with, markdown, CpuEval, EvalBackend, EvalOptions,
-};
+use kf_model::eval::{document_prompts, evaluate, markdown, EvalOptions};
 use kf_model::pflm::Pflm;
+use kf_model::weights::WeightStore;
 use kf_model::Ddit;
 use std::path::PathBuf;
 
@@ -121,16 +120,20 @@ pub fn run(a: &Args) -> Result<()> {
         a.seed,
         student.k
     );
-    let on_dev = crate::devmodel::eval_backend(device, &teacher, &student)?;
-    let cpu = CpuEval {
-        teacher: &teacher,
-        student: Some(&student),
+    // on a kernel device the matrices keep their file's precision (as kfrun generate)
+    let (teacher, student) = if device.is_cpu() {
+        (teacher, student)
+    } else {
+        let store = WeightStore::Exact;
+        let moved = || -> Result<(Ddit, Pflm)> {
+            Ok((
+                teacher.to_device_with(device, store)?,
+                student.to_device_with(device, store)?,
+            ))
+        };
+        moved().with_context(|| format!("moving teacher and student to {device}"))?
     };
-    let be: &dyn EvalBackend = match &on_dev {
-        Some(b) => b.as_ref(),
-        None => &cpu,
-    };
-    let rows = evaluate_with(be, &teacher, &student, &prompts, &opts, &mut |r| {
+    let rows = evaluate(&teacher, &student, &prompts, &opts, &mut |r| {
         eprintln!(
             "  {} K={} penalty {}: gen. ppl {:.2}, entropy {:.3}{} ({:.1} s)",
             r.mode,

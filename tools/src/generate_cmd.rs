@@ -11,12 +11,13 @@
 //! streamed to stdout token by token; with more, each sequence is printed as `[s] text`
 //! when it finishes. Progress and timing go to stderr.
 
-use crate::devmodel::{self, DevModel, HostModel};
 use anyhow::{bail, ensure, Context, Result};
+use kf_engine::Device;
 use kf_model::checkpoint;
 use kf_model::generate::{generate, GenerateOptions, Generated};
 use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
 use kf_model::tokenizer::Tokenizer;
+use kf_model::weights::{WeightBytes, WeightStore};
 use kf_model::{Ddit, DditConfig};
 use std::io::Write;
 use std::path::PathBuf;
@@ -78,15 +79,28 @@ impl Model {
             Model::Pflm(m) => m.cfg(),
         }
     }
+    /// A copy on kernel device `device`, the matrices kept at the precision they were read
+    /// at (an f16 file serves from f16 matrices: half the bytes a decode step reads; the
+    /// maths stays f32).
+    fn to_device(&self, device: Device) -> Result<Model> {
+        let store = WeightStore::Exact;
+        match self {
+            Model::Ar(m) => m.to_device_with(device, store).map(Model::Ar),
+            Model::Pflm(m) => m.to_device_with(device, store).map(Model::Pflm),
+        }
+        .with_context(|| format!("moving the model to {device}"))
+    }
+    /// Bytes of the parameters, matrices by storage.
+    fn weight_bytes(&self) -> WeightBytes {
+        match self {
+            Model::Ar(m) => WeightBytes::of(m.params()),
+            Model::Pflm(m) => WeightBytes::of(&m.params()),
+        }
+    }
 }
 
 pub fn run(a: &Args) -> Result<()> {
     let device = crate::device_arg::select_device(&a.device)?;
-    ensure!(
-        !(a.no_cache && device.is_kernel_device()),
-        "--no-cache: the cache-free reference path runs on the CPU only; drop it for --device {}",
-        a.device
-    );
     ensure!(a.max_new != Some(0), "--max-new must be at least 1");
     ensure!(
         a.tau.is_finite() && a.tau >= 0.0,
@@ -138,9 +152,10 @@ pub fn run(a: &Args) -> Result<()> {
         Model::Ar(_) => 1,
         Model::Pflm(m) => a.k.unwrap_or(m.k),
     };
-    let dev_model = match &model {
-        Model::Ar(m) => devmodel::upload(device, HostModel::Ar(m))?,
-        Model::Pflm(m) => devmodel::upload(device, HostModel::Pflm(m))?,
+    let model = if device.is_cpu() {
+        model
+    } else {
+        model.to_device(device)?
     };
     let cfg = model.cfg();
     let tok = checkpoint::read_tokenizer(&a.model, cfg)?;
@@ -212,11 +227,11 @@ pub fn run(a: &Args) -> Result<()> {
         cfg.vocab_size,
         cfg.n_params() as f64 / 1e6,
         t_load.elapsed().as_secs_f64(),
-        dev_model.as_ref().map_or("the CPU".to_string(), |d| format!(
-            "{} ({})",
-            d.name(),
-            d.weight_bytes().describe()
-        )),
+        if device.is_cpu() {
+            "the CPU".to_string()
+        } else {
+            format!("{} ({})", device.kernel()?.name(), model.weight_bytes().describe())
+        },
         max_new,
         a.tau,
         a.seed,
@@ -254,15 +269,7 @@ pub fn run(a: &Args) -> Result<()> {
             k,
             freq_penalty: a.freq_penalty,
         };
-        let g = run_chunk(
-            &model,
-            dev_model.as_deref(),
-            &tok,
-            &prompts,
-            &texts,
-            start,
-            &popts,
-        )?;
+        let g = run_chunk(&model, &tok, &prompts, &texts, start, &popts)?;
         let n = g.0;
         eprintln!(
             "  sequences {start}..{end}: prefill {:.1} ms, {n} tokens in {:.2} s = {:.1} tokens/s ({} passes)",
@@ -308,18 +315,13 @@ fn generate_bytes(cfg: &DditConfig, batch: usize, positions: usize, k: usize) ->
         .saturating_add(b.saturating_mul(t).saturating_mul(8))
 }
 
-/// Runs the model's generator with `on_token(b, token)`: on its kernel device when it has
-/// one (the CUDA kernels on a GPU or the emulator), else the CPU ops.
+/// Runs the model's generator with `on_token(b, token)` (on the model's device).
 fn gen(
     model: &Model,
-    dev: Option<&dyn DevModel>,
     prompts: &[Vec<u32>],
     opts: &PflmGenerateOptions,
-    mut on_token: impl FnMut(usize, u32) -> Result<()>,
+    on_token: impl FnMut(usize, u32) -> Result<()>,
 ) -> Result<Generated> {
-    if let Some(d) = dev {
-        return d.generate(prompts, opts, &mut on_token);
-    }
     match model {
         Model::Ar(m) => generate(m, prompts, &opts.base, on_token),
         Model::Pflm(m) => generate_pflm(m, prompts, opts, on_token),
@@ -329,7 +331,6 @@ fn gen(
 /// One batch: returns (tokens generated, prefill s, decode s, passes).
 fn run_chunk(
     model: &Model,
-    dev: Option<&dyn DevModel>,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
     texts: &[&str],
@@ -347,7 +348,7 @@ fn run_chunk(
             write!(o, "{}", texts[0])?;
             o.flush()?;
         }
-        let g = gen(model, dev, prompts, popts, |_, t| {
+        let g = gen(model, prompts, popts, |_, t| {
             if Some(t) == opts.eos {
                 return Ok(());
             }
@@ -374,7 +375,7 @@ fn run_chunk(
             o.flush()?;
             Ok(())
         };
-        let g = gen(model, dev, prompts, popts, |b, t| {
+        let g = gen(model, prompts, popts, |b, t| {
             if Some(t) == opts.eos {
                 printed[b] = true;
                 return print(b, &acc[b]);

@@ -17,7 +17,6 @@ mod bench_train;
 mod cost_model;
 mod data_cmd;
 mod device_arg;
-mod devmodel;
 mod distill_cmd;
 mod eval_cmd;
 mod export_cmd;

@@ -51,12 +51,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         max_steps: a.max_steps,
         stop: Some(stop),
     };
-    let res = crate::devmodel::with_train_backend(device, |backend| {
-        if !backend.on_host() {
-            progress.say(format!("updates and validation on {}", backend.name()));
-        }
-        train::train_teacher_on(&opts, backend, &mut |ev| progress.event(ev, &a.out))
-    });
+    if !device.is_cpu() {
+        progress.say(format!("the model, its updates and validation on {device}"));
+    }
+    let res = train::train_teacher_on(&opts, device, &mut |ev| progress.event(ev, &a.out));
     progress.finish();
     match res? {
         Outcome::Finished {

@@ -1,23 +1,21 @@
-//! End to end on the emulated kernels: a tiny random DDiT / PFLM (d 128, 2 heads of head dim
-//! 64, 2 layers, V 97) uploaded to the emulator device (`Emu`) runs
+//! End to end on the emulated kernels, through the one model code: a tiny random DDiT / PFLM
+//! (d 128, 2 heads of head dim 64, 2 layers, V 97) moved to the emulator device
+//! (`Device::Emu`) with `to_device` runs the CPU's own forward, KV cache and generation loops,
+//! the ops dispatching on the tensors' device:
 //! - the AR forward (uncached, and prefill + KV-cached steps with the cache on the device)
 //!   against `Ddit::forward_train` on the CPU: logits within f32 tolerance;
-//! - PFLM generation (`generate_pflm_dev`) against `generate_pflm` on the CPU from the same
-//!   prompts (left-padded batch), seed and options: tokens identical;
-//! - the same models saved as f16 and as bf16 files and loaded (widened) again, uploaded with
+//! - AR and PFLM generation (`generate`, `generate_pflm`) against the same calls on the CPU
+//!   from the same prompts (left-padded batch), seed and options: tokens identical;
+//! - the same models saved as f16 and as bf16 files and loaded (widened) again, moved with
 //!   `WeightStore::Exact`: every weight matrix on the device in the file's precision (the
 //!   gemv kernels multiply by them), tokens identical to the CPU's.
 
-use kf_engine::emu::Emu;
 use kf_engine::{no_grad, DType, Device, Tensor};
 use kf_model::config::DditConfig;
-use kf_model::generate::GenerateOptions;
-use kf_model::kdev_model::{
-    generate_ar_dev, generate_pflm_dev, DevDdit, DevKvCache, DevPflm, WeightStore,
-};
+use kf_model::generate::{generate, GenerateOptions};
 use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
-use kf_model::Ddit;
-use kf_ops::kdev::KernelDevice;
+use kf_model::weights::{WeightBytes, WeightStore};
+use kf_model::{Ddit, KvCache};
 use kf_tests::harness::{compare, Tol};
 
 fn cfg() -> DditConfig {
@@ -43,36 +41,46 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 fn ar_forward_uncached_and_kv_cached_match_the_cpu() {
     let _g = no_grad();
     let m = Ddit::init(&cfg(), 11).unwrap();
-    let dev = DevDdit::upload(&Emu, &m).unwrap();
+    let dev = m.to_device(Device::Emu).unwrap();
     let (b, t) = (2, 9);
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 31 % 96) as u32).collect();
+    let on =
+        |d: Device, ids: &[u32], shape: &[usize]| Tensor::from_vec(ids.to_vec(), shape, d).unwrap();
     let cpu = m
-        .forward_train(&Tensor::from_vec(ids.clone(), &[b, t], Device::Cpu).unwrap())
+        .forward_train(&on(Device::Cpu, &ids, &[b, t]))
         .unwrap()
         .to_vec::<f32>()
         .unwrap();
     let v = m.cfg.vocab_size;
     let got = dev
-        .forward(&Emu, &ids, b, t)
+        .forward_train(&on(Device::Emu, &ids, &[b, t]))
         .unwrap()
-        .to_vec::<Emu, f32>(&Emu)
+        .to_vec::<f32>()
         .unwrap();
     compare("AR forward logits", &f64s(&got), &f64s(&cpu), LOGIT_TOL).unwrap();
     // the reserved token's logit is exactly -1000 on both
     assert!(got.chunks(v).all(|r| r[96] == -1000.0));
 
     // prefill 6 rows, then steps of 2 and 1 rows, against the same rows of the full forward
-    let mut cache = DevKvCache::new(&Emu, &m.cfg, b, t).unwrap();
+    let mut cache = KvCache::new_on(&m.cfg, b, t, DType::F32, Device::Emu).unwrap();
     let mut at = 0;
     for step in [6, 2, 1] {
         let part: Vec<u32> = (0..b)
             .flat_map(|bi| ids[bi * t + at..bi * t + at + step].to_vec())
             .collect();
-        let lg = dev
-            .forward_cached(&Emu, &mut cache, &part, b, step)
-            .unwrap()
-            .to_vec::<Emu, f32>(&Emu)
+        let pos: Vec<u32> = (0..b)
+            .flat_map(|_| (at..at + step).map(|p| p as u32))
+            .collect();
+        let h = dev
+            .backbone_hidden(
+                &dev.embed(&on(Device::Emu, &part, &[b, step])).unwrap(),
+                &on(Device::Emu, &pos, &[b, step]),
+                &dev.attn_params(at, vec![]),
+                Some(&mut cache),
+            )
             .unwrap();
+        cache.commit(step).unwrap();
+        let lg = dev.head(&h).unwrap().to_vec::<f32>().unwrap();
         let want: Vec<f32> = (0..b)
             .flat_map(|bi| cpu[(bi * t + at) * v..(bi * t + at + step) * v].to_vec())
             .collect();
@@ -91,14 +99,14 @@ fn ar_forward_uncached_and_kv_cached_match_the_cpu() {
     let t = 40;
     let ids: Vec<u32> = (0..t).map(|i| (i * 7 % 96) as u32).collect();
     let cpu = m
-        .forward_train(&Tensor::from_vec(ids.clone(), &[1, t], Device::Cpu).unwrap())
+        .forward_train(&on(Device::Cpu, &ids, &[1, t]))
         .unwrap()
         .to_vec::<f32>()
         .unwrap();
     let got = dev
-        .forward(&Emu, &ids, 1, t)
+        .forward_train(&on(Device::Emu, &ids, &[1, t]))
         .unwrap()
-        .to_vec::<Emu, f32>(&Emu)
+        .to_vec::<f32>()
         .unwrap();
     compare(
         "AR forward logits T = 40",
@@ -113,19 +121,19 @@ fn ar_forward_uncached_and_kv_cached_match_the_cpu() {
 fn unsupported_head_dim_is_a_clear_error() {
     let mut c = cfg();
     c.n_heads = 4; // head dim 32
-    let m = Ddit::init(&c, 1).unwrap();
+    let _g = no_grad();
+    let m = Ddit::init(&c, 1).unwrap().to_device(Device::Emu).unwrap();
+    let ids = Tensor::from_vec(vec![1u32, 2, 3], &[1, 3], Device::Emu).unwrap();
     let e = format!(
         "{:#}",
-        DevDdit::upload(&Emu, &m)
-            .err()
-            .expect("head dim 32 must fail")
+        m.forward_train(&ids).err().expect("head dim 32 must fail")
     );
     assert!(e.contains("head dim 32 has no kernel"), "{e}");
 }
 
 #[test]
 fn pflm_generation_on_the_emulator_gives_the_cpu_tokens() {
-    pflm_generation_gives_the_cpu_tokens(&Emu, None);
+    pflm_generation_gives_the_cpu_tokens(Device::Emu, None);
 }
 
 /// A model file of `dtype` in a fresh directory, and the model loaded back (widened to f32).
@@ -146,8 +154,8 @@ fn through_file<M>(
     m
 }
 
-/// Every weight matrix of an upload is `dt` (f32 when None), the rest f32.
-fn assert_matrices(wb: &kf_model::kdev_model::WeightBytes, dt: Option<DType>, n_params: usize) {
+/// Every weight matrix of a moved model is `dt` (f32 when None), the rest f32.
+fn assert_matrices(wb: &WeightBytes, dt: Option<DType>, n_params: usize) {
     let (f, h, b) = wb.matrices;
     match dt {
         None => assert!(
@@ -168,31 +176,31 @@ fn assert_matrices(wb: &kf_model::kdev_model::WeightBytes, dt: Option<DType>, n_
 #[test]
 fn half_model_files_generate_the_cpu_tokens_from_half_weights() {
     for dt in [DType::F16, DType::BF16] {
-        pflm_generation_gives_the_cpu_tokens(&Emu, Some(dt));
-        ar_generation_gives_the_cpu_tokens(&Emu, Some(dt));
+        pflm_generation_gives_the_cpu_tokens(Device::Emu, Some(dt));
+        ar_generation_gives_the_cpu_tokens(Device::Emu, Some(dt));
     }
     // an f32 model stays f32 under Exact (its values are not all f16 or bf16)
     let m = Ddit::init(&cfg(), 3).unwrap();
-    let dev = DevDdit::upload_with(&Emu, &m, WeightStore::Exact).unwrap();
-    assert_matrices(&dev.weight_bytes(), None, m.cfg.n_params());
+    let dev = m.to_device_with(Device::Emu, WeightStore::Exact).unwrap();
+    assert_matrices(&WeightBytes::of(dev.params()), None, m.cfg.n_params());
 }
 
 /// PFLM generation on `dev` (k = 4 with penalty and tau 0.8; k = 2 greedy with a vocabulary
 /// limit) equals `generate_pflm` on the CPU: tokens, `on_token` order, passes. With `half`, the
 /// student goes through a model file of that dtype first and is uploaded with
 /// `WeightStore::Exact`.
-fn pflm_generation_gives_the_cpu_tokens<D: KernelDevice + ?Sized>(emu: &D, half: Option<DType>) {
+fn pflm_generation_gives_the_cpu_tokens(device: Device, half: Option<DType>) {
     let _g = no_grad();
     for (k, kk, penalty, tau, limit) in [(4, 4, 0.5, 0.8, None), (2, 2, 0.0, 0.0, Some(90))] {
         let teacher = Ddit::init(&cfg(), 5).unwrap();
         let mut student = Pflm::from_teacher(teacher, k, 6).unwrap();
         let dev = match half {
-            None => DevPflm::upload(emu, &student).unwrap(),
+            None => student.to_device(device).unwrap(),
             Some(dt) => {
                 student = through_file(dt, "pflm", |d| student.save(d, dt), Pflm::load);
-                let dev = DevPflm::upload_with(emu, &student, WeightStore::Exact).unwrap();
+                let dev = student.to_device_with(device, WeightStore::Exact).unwrap();
                 let n: usize = student.params().iter().map(|(_, t)| t.numel()).sum();
-                assert_matrices(&dev.weight_bytes(), half, n);
+                assert_matrices(&WeightBytes::of(&dev.params()), half, n);
                 dev
             }
         };
@@ -218,7 +226,7 @@ fn pflm_generation_gives_the_cpu_tokens<D: KernelDevice + ?Sized>(emu: &D, half:
         })
         .unwrap();
         let mut seen_dev = vec![];
-        let got = generate_pflm_dev(emu, &dev, &prompts, &opts, |b, t| {
+        let got = generate_pflm(&dev, &prompts, &opts, |b, t| {
             seen_dev.push((b, t));
             Ok(())
         })
@@ -248,20 +256,20 @@ fn pflm_generation_gives_the_cpu_tokens<D: KernelDevice + ?Sized>(emu: &D, half:
 /// greedy, a vocabulary limit and an EOS stop.
 #[test]
 fn ar_generation_on_the_emulator_gives_the_cpu_tokens() {
-    ar_generation_gives_the_cpu_tokens(&Emu, None);
+    ar_generation_gives_the_cpu_tokens(Device::Emu, None);
 }
 
 /// AR generation on `emu` equals `generate` on the CPU (see the test above; `half` as for
 /// the PFLM).
-fn ar_generation_gives_the_cpu_tokens<D: KernelDevice + ?Sized>(emu: &D, half: Option<DType>) {
+fn ar_generation_gives_the_cpu_tokens(device: Device, half: Option<DType>) {
     let _g = no_grad();
     let mut model = Ddit::init(&cfg(), 9).unwrap();
     let dev = match half {
-        None => DevDdit::upload(emu, &model).unwrap(),
+        None => model.to_device(device).unwrap(),
         Some(dt) => {
             model = through_file(dt, "ar", |d| model.save(d, dt), Ddit::load);
-            let dev = DevDdit::upload_with(emu, &model, WeightStore::Exact).unwrap();
-            assert_matrices(&dev.weight_bytes(), half, model.cfg.n_params());
+            let dev = model.to_device_with(device, WeightStore::Exact).unwrap();
+            assert_matrices(&WeightBytes::of(dev.params()), half, model.cfg.n_params());
             dev
         }
     };
@@ -284,13 +292,13 @@ fn ar_generation_gives_the_cpu_tokens<D: KernelDevice + ?Sized>(emu: &D, half: O
             vocab_limit: limit,
         };
         let mut seen_cpu = vec![];
-        let cpu = kf_model::generate::generate(&model, &prompts, &opts, |b, t| {
+        let cpu = generate(&model, &prompts, &opts, |b, t| {
             seen_cpu.push((b, t));
             Ok(())
         })
         .unwrap();
         let mut seen_dev = vec![];
-        let got = generate_ar_dev(emu, &dev, &prompts, &opts, |b, t| {
+        let got = generate(&dev, &prompts, &opts, |b, t| {
             seen_dev.push((b, t));
             Ok(())
         })
@@ -318,13 +326,14 @@ fn ar_generation_gives_the_cpu_tokens<D: KernelDevice + ?Sized>(emu: &D, half: O
 #[cfg(feature = "cuda")]
 #[test]
 fn on_a_gpu_generation_gives_the_cpu_tokens() {
-    let Some(dev) = kf_engine::cuda::Cuda::for_tests() else {
+    if kf_engine::cuda::Cuda::for_tests().is_none() {
         return;
-    };
-    pflm_generation_gives_the_cpu_tokens(&dev, None);
-    ar_generation_gives_the_cpu_tokens(&dev, None);
+    }
+    let gpu = Device::Cuda(0);
+    pflm_generation_gives_the_cpu_tokens(gpu, None);
+    ar_generation_gives_the_cpu_tokens(gpu, None);
     for dt in [DType::F16, DType::BF16] {
-        pflm_generation_gives_the_cpu_tokens(&dev, Some(dt));
-        ar_generation_gives_the_cpu_tokens(&dev, Some(dt));
+        pflm_generation_gives_the_cpu_tokens(gpu, Some(dt));
+        ar_generation_gives_the_cpu_tokens(gpu, Some(dt));
     }
 }

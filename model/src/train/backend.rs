@@ -1,15 +1,14 @@
-//! Where a training run's updates happen: [`TrainBackend`] turns a task (the teacher's
-//! [`TeacherTask`], a distillation stage's [`DistillTask`]) and its optimizer settings into
-//! a [`Session`] for the shared step loop ([`super::drive`]). [`CpuBackend`] is the CPU
-//! autograd [`Trainer`]; `super::device::DevBackend` runs the updates and the validation on
-//! a kernel device (CUDA, or the emulator of the CUDA sources). Both read and write the same
-//! checkpoint files, so a run started on one can be resumed on the other.
+//! Where a training run's updates happen: [`session`] moves a task (the teacher's
+//! [`super::TeacherTask`], a distillation stage's `DistillTask`) to a device — the CPU, or a
+//! kernel device (CUDA, or the emulator of the CUDA sources) — and pairs it with the autograd
+//! [`Trainer`] for the shared step loop ([`super::drive`]). The model code, the autograd and
+//! the trainer are the same on every device; the ops dispatch on where the tensors are. The
+//! checkpoint files are the same too, so a run started on one device resumes on another.
 
 use super::optim::{OptimConfig, Trainer};
-use super::run::{CpuSession, Session};
-use super::TeacherTask;
-use crate::distill::DistillTask;
-use anyhow::Result;
+use super::run::{Session, TrainSession, TrainTask};
+use anyhow::{Context, Result};
+use kf_engine::Device;
 use std::path::Path;
 
 /// A checkpoint's optimizer file and the step it must hold.
@@ -19,66 +18,28 @@ pub struct ResumeFrom<'a> {
     pub step: u64,
 }
 
-/// A boxed session over task `T`, borrowing the backend.
-pub type BoxSession<'s, T> = Box<dyn Session<Task = T> + 's>;
+/// A boxed session over task `T`.
+pub type BoxSession<T> = Box<dyn Session<Task = T>>;
 
-/// Makes training sessions on one device.
-pub trait TrainBackend {
-    /// The device in words, for messages ("cpu", "emu", "cuda:0").
-    fn name(&self) -> String;
-    /// Whether the run's memory is host memory (then the host memory check applies).
-    fn on_host(&self) -> bool;
-    /// The AR teacher's session: `task.model` trainable, f32; the optimizer state from
-    /// `resume` or zero.
-    fn teacher<'s>(
-        &'s self,
-        task: TeacherTask,
-        opt: OptimConfig,
-        resume: Option<ResumeFrom<'_>>,
-    ) -> Result<BoxSession<'s, TeacherTask>>;
-    /// A distillation stage's session (the student `task.student`, its teacher
-    /// `task.teacher`).
-    fn stage<'s>(
-        &'s self,
-        task: DistillTask,
-        opt: OptimConfig,
-        resume: Option<ResumeFrom<'_>>,
-    ) -> Result<BoxSession<'s, DistillTask>>;
-}
-
-/// The CPU autograd trainer.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
-
-impl TrainBackend for CpuBackend {
-    fn name(&self) -> String {
-        "cpu".into()
+/// A training session on `device`: the task's models moved there (the trained one as
+/// variables), the optimizer state from `resume` or zero.
+pub fn session<T: TrainTask + 'static>(
+    mut task: T,
+    device: Device,
+    opt: OptimConfig,
+    resume: Option<ResumeFrom<'_>>,
+) -> Result<BoxSession<T>> {
+    if !device.is_cpu() {
+        task.to_device(device)
+            .with_context(|| format!("moving the models to {device}"))?;
     }
-    fn on_host(&self) -> bool {
-        true
+    let mut trainer = Trainer::new(&task.params(), opt)?;
+    if let Some(r) = resume {
+        trainer.load_optimizer(r.optimizer, r.step)?;
     }
-    fn teacher<'s>(
-        &'s self,
-        task: TeacherTask,
-        opt: OptimConfig,
-        resume: Option<ResumeFrom<'_>>,
-    ) -> Result<BoxSession<'s, TeacherTask>> {
-        let mut trainer = Trainer::new(task.model.params(), opt)?;
-        if let Some(r) = resume {
-            trainer.load_optimizer(r.optimizer, r.step)?;
-        }
-        Ok(Box::new(CpuSession { trainer, task }))
-    }
-    fn stage<'s>(
-        &'s self,
-        task: DistillTask,
-        opt: OptimConfig,
-        resume: Option<ResumeFrom<'_>>,
-    ) -> Result<BoxSession<'s, DistillTask>> {
-        let mut trainer = Trainer::new(&task.student.params(), opt)?;
-        if let Some(r) = resume {
-            trainer.load_optimizer(r.optimizer, r.step)?;
-        }
-        Ok(Box::new(CpuSession { trainer, task }))
-    }
+    Ok(Box::new(TrainSession {
+        trainer,
+        task,
+        device,
+    }))
 }

@@ -6,7 +6,7 @@
 //!   global grad-norm clipping; the loss is a closure `(step, micro) -> (loss, extras)`.
 //! * [`run`]: [`drive`] — the step loop, validation, metrics.jsonl, loss.svg,
 //!   checkpoints, Ctrl-C, NaN stop, the final model directory; the work is a [`TrainTask`].
-//! * [`backend`], [`device`]: where the updates run (a [`Session`] per run).
+//! * [`backend`]: where the updates run (a [`Session`] per run).
 //! * [`checkpoint`]: crash-safe checkpoint directories (temporary dir + rename).
 //! * [`metrics`]: JSONL metrics and the hand-written SVG plot.
 //!
@@ -22,26 +22,24 @@
 //! model is initialised from `seed`, and a checkpoint holds the f32 parameters, both
 //! AdamW moments and the step: a run stopped at any checkpoint and resumed reproduces the
 //! uninterrupted run's losses and parameters bit for bit, given the same thread count (on a
-//! kernel device: given the same device; see [`device`]).
+//! kernel device: given the same device).
 //!
 //! # Devices
-//! [`backend::TrainBackend`] says where the updates run: [`CpuBackend`] (the autograd
-//! [`Trainer`]) or [`DevBackend`] (a kernel device: CUDA or its emulator). Both go through
-//! [`drive`] and write the same checkpoint files.
+//! [`backend::session`] moves the task's models to the CPU or a kernel device (CUDA or its
+//! emulator): the same model code, autograd and [`Trainer`] run there, through [`drive`],
+//! writing the same checkpoint files.
 
 pub mod backend;
 pub mod checkpoint;
-pub mod device;
 pub mod metrics;
 pub mod optim;
 pub mod run;
 
-pub use backend::{BoxSession, CpuBackend, ResumeFrom, TrainBackend};
+pub use backend::{session, BoxSession, ResumeFrom};
 pub use checkpoint::{DataId, TrainerState};
-pub use device::DevBackend;
 pub use metrics::StepRecord;
 pub use optim::{Extras, NonFinite, OptimConfig, StepStats, Trainer};
-pub use run::{drive, CpuSession, Event, Outcome, RunSpec, Session, TrainTask, FINAL_DIR};
+pub use run::{drive, Event, Outcome, RunSpec, Session, TrainSession, TrainTask, FINAL_DIR};
 
 use crate::config::DditConfig;
 use crate::data::{SequentialWindows, TokenData, TokenShard, WindowBatch, WindowSampler};
@@ -323,8 +321,9 @@ impl TeacherTask {
     /// Mean next-token loss of `rows` windows (`tokens` row-major, `seq_len + 1` each).
     fn window_loss(&self, b: &WindowBatch) -> Result<Tensor> {
         let (rows, t) = (b.rows, b.seq_len);
-        let ids = Tensor::from_vec(b.inputs(), &[rows, t], Device::Cpu)?;
-        let tg = Tensor::from_vec(b.targets(), &[rows * t], Device::Cpu)?;
+        let dev = self.model.device();
+        let ids = Tensor::from_vec(b.inputs(), &[rows, t], dev)?;
+        let tg = Tensor::from_vec(b.targets(), &[rows * t], dev)?;
         let logits = self.model.forward_train(&ids)?;
         let v = *logits.shape().last().context("logits have no dimensions")?;
         let flat = logits.reshape(&[rows * t, v])?;
@@ -406,6 +405,16 @@ impl TrainTask for TeacherTask {
             n += k;
         }
         Ok(sum / n.max(1) as f64)
+    }
+
+    fn params(&self) -> Vec<(String, Tensor)> {
+        self.model.params().to_vec()
+    }
+
+    fn to_device(&mut self, device: Device) -> Result<()> {
+        self.model = self.model.to_device(device)?;
+        self.model.set_trainable(true);
+        Ok(())
     }
 
     fn save_model(&self, dir: &Path) -> Result<()> {
@@ -513,13 +522,13 @@ fn load_checkpoint(
 /// `kfrun train`: trains (or resumes) the AR teacher on the CPU. See the module docs for
 /// the files.
 pub fn train_teacher(opts: &TeacherOptions, on_event: &mut dyn FnMut(&Event)) -> Result<Outcome> {
-    train_teacher_on(opts, &CpuBackend, on_event)
+    train_teacher_on(opts, Device::Cpu, on_event)
 }
 
-/// [`train_teacher`] with the updates on `backend` (the CPU or a kernel device).
+/// [`train_teacher`] with the model and its updates on `device` (the CPU or a kernel device).
 pub fn train_teacher_on(
     opts: &TeacherOptions,
-    backend: &dyn TrainBackend,
+    device: Device,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Outcome> {
     let data = TokenData::open(&opts.data)?;
@@ -608,7 +617,7 @@ pub fn train_teacher_on(
         .with_context(|| format!("training config {cfg_label}"))?;
     let need = estimate_train_bytes(&mcfg, cfg.batch_size, cfg.seq_len)
         .saturating_add(window_bytes(cfg.batch_size, cfg.grad_accum, cfg.seq_len));
-    if let (true, Some(avail)) = (backend.on_host(), available_memory()) {
+    if let (true, Some(avail)) = (device.is_cpu(), available_memory()) {
         ensure!(
             need <= avail,
             "this configuration needs about {:.1} GiB for training ({} parameters, batch {} x {} tokens) but {:.1} GiB are available: lower batch_size (raise grad_accum) or the model size",
@@ -636,9 +645,8 @@ pub fn train_teacher_on(
         }),
         _ => None,
     };
-    let mut sess = backend
-        .teacher(task, cfg.optim(), from)
-        .with_context(|| format!("training on {}", backend.name()))?;
+    let mut sess = backend::session(task, device, cfg.optim(), from)
+        .with_context(|| format!("training on {device}"))?;
     let spec = RunSpec {
         out: opts.out.clone(),
         kind: "teacher".into(),

@@ -11,7 +11,8 @@
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::{autograd, DType, Device, Tensor};
 use kf_ops::adamw::{adamw_step, AdamWConfig};
-use rayon::prelude::*;
+use kf_ops::elementwise::scale;
+use kf_ops::reduce::sum_squares;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -207,8 +208,8 @@ impl Trainer {
             out.push(Param {
                 name: name.clone(),
                 tensor: t.clone(),
-                m: Tensor::zeros(t.shape(), DType::F32, Device::Cpu)?,
-                v: Tensor::zeros(t.shape(), DType::F32, Device::Cpu)?,
+                m: Tensor::zeros(t.shape(), DType::F32, t.device())?,
+                v: Tensor::zeros(t.shape(), DType::F32, t.device())?,
                 decay: t.rank() >= 2,
             });
         }
@@ -244,7 +245,8 @@ impl Trainer {
         let i = self.step;
         let step1 = i + 1;
         let accum = self.opt.grad_accum;
-        let mut acc: Vec<Option<Vec<f32>>> = vec![None; self.params.len()];
+        // the summed gradients, on the parameters' device
+        let mut acc: Vec<Option<Tensor>> = vec![None; self.params.len()];
         let mut loss_sum = 0.0;
         let mut extras = ExtrasSum::default();
         for micro in 0..accum {
@@ -275,7 +277,6 @@ impl Trainer {
                 let Some(g) = grads.get(&p.tensor) else {
                     continue;
                 };
-                let g = g.contiguous()?;
                 ensure!(
                     g.dtype() == DType::F32 && g.shape() == p.tensor.shape(),
                     "step {step1}: gradient of {} has {} {:?}, expected f32 {:?}",
@@ -284,30 +285,17 @@ impl Trainer {
                     g.shape(),
                     p.tensor.shape()
                 );
-                let gs = g.cpu_data::<f32>()?;
-                match a {
-                    None => *a = Some(gs.to_vec()),
-                    Some(buf) => buf.iter_mut().zip(gs.iter()).for_each(|(x, &y)| *x += y),
-                }
+                *a = Some(match a.take() {
+                    None => g.whole_buffer()?,
+                    Some(sum) => sum.add_same_shape(g)?,
+                });
             }
         }
-        // global norm of the averaged gradient: per-parameter sums in f64 (each sequential),
-        // added in parameter order, so the same bits at any thread count
+        // global norm of the averaged gradient (kf_ops::reduce::sum_squares: the same bits
+        // at any thread count)
         let inv = 1.0 / accum as f64;
-        let sq: Vec<f64> = acc
-            .par_iter()
-            .map(|a| {
-                a.as_ref().map_or(0.0, |b| {
-                    b.iter()
-                        .map(|&x| {
-                            let y = x as f64 * inv;
-                            y * y
-                        })
-                        .sum()
-                })
-            })
-            .collect();
-        let grad_norm = sq.iter().sum::<f64>().sqrt();
+        let present: Vec<&Tensor> = acc.iter().flatten().collect();
+        let grad_norm = sum_squares(&present, inv)?.sqrt();
         if !grad_norm.is_finite() {
             return Err(NonFinite {
                 step: step1,
@@ -326,11 +314,12 @@ impl Trainer {
         let lr = self.opt.lr_at(i);
         let _ng = autograd::no_grad();
         for (p, a) in self.params.iter().zip(acc) {
-            let Some(mut g) = a else { continue };
-            if factor != 1.0 {
-                g.iter_mut().for_each(|x| *x *= factor);
-            }
-            let gt = Tensor::from_vec(g, p.tensor.shape(), Device::Cpu)?;
+            let Some(g) = a else { continue };
+            let gt = if factor != 1.0 {
+                scale(&g, factor as f64)?
+            } else {
+                g
+            };
             let cfg = AdamWConfig {
                 lr,
                 beta1: self.opt.beta1,
@@ -374,8 +363,8 @@ impl Trainer {
             .collect();
         let fresh = read_optimizer(path, expected_step, &shapes)?;
         for (p, (m, v)) in self.params.iter_mut().zip(fresh) {
-            p.m = m;
-            p.v = v;
+            p.m = m.to_device(p.tensor.device())?;
+            p.v = v.to_device(p.tensor.device())?;
         }
         self.step = expected_step;
         Ok(())

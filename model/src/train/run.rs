@@ -14,7 +14,7 @@ use super::checkpoint::{self, DataId, TrainerState, CKPT_DIR, OPTIMIZER_FILE, TR
 use super::metrics::{Curves, MetricsLog, StepRecord, METRICS_FILE, PLOT_FILE};
 use super::optim::{Extras, NonFinite, StepStats, Trainer};
 use anyhow::{anyhow, Context, Result};
-use kf_engine::Tensor;
+use kf_engine::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,11 +41,13 @@ pub trait TrainTask {
     fn eval_extras(&self) -> Extras {
         Vec::new()
     }
+    /// The trained parameters (variables), in a fixed order.
+    fn params(&self) -> Vec<(String, Tensor)>;
+    /// Moves the task's models to `device`, the trained one as variables again.
+    fn to_device(&mut self, device: Device) -> Result<()>;
 }
 
-/// What the step loop drives: an optimizer and its task together. [`CpuSession`] is the
-/// CPU autograd [`Trainer`] on a [`TrainTask`]; `train::device` has the kernel-device ones
-/// (the same task data, the updates and validation on a GPU or its emulator).
+/// What the step loop drives: an optimizer and its task together ([`TrainSession`]).
 pub trait Session {
     /// The task the session trains (returned by [`Session::into_task`]).
     type Task;
@@ -69,13 +71,14 @@ pub trait Session {
     fn into_task(self: Box<Self>) -> Result<Self::Task>;
 }
 
-/// The CPU autograd trainer on a [`TrainTask`].
-pub struct CpuSession<T: TrainTask> {
+/// The autograd [`Trainer`] on a [`TrainTask`] whose models are on `device`.
+pub struct TrainSession<T: TrainTask> {
     pub trainer: Trainer,
     pub task: T,
+    pub device: Device,
 }
 
-impl<T: TrainTask> Session for CpuSession<T> {
+impl<T: TrainTask> Session for TrainSession<T> {
     type Task = T;
     fn step(&self) -> u64 {
         self.trainer.step()
@@ -103,10 +106,15 @@ impl<T: TrainTask> Session for CpuSession<T> {
         self.task.tokens_per_step()
     }
     fn thread_sensitive(&self) -> bool {
-        true
+        // the CPU ops split their sums by thread count; the kernels' reductions are fixed
+        self.device.is_cpu()
     }
     fn into_task(self: Box<Self>) -> Result<T> {
-        Ok(self.task)
+        let mut task = self.task;
+        if !self.device.is_cpu() {
+            task.to_device(Device::Cpu)?;
+        }
+        Ok(task)
     }
 }
 

@@ -602,12 +602,13 @@ pub fn cross_entropy<D: KernelDevice + ?Sized>(
 }
 
 /// Gradient of the mean cross-entropy w.r.t. the logits, scaled by the device scalar `g`
-/// (`[1]` f32, the gradient of the mean loss; 1 for a loss that is the mean itself).
+/// (`[1]` f32, the gradient of the mean loss; 1 for a loss that is the mean itself), from the
+/// forward's `lse` and `count` ([`CrossEntropy`]).
 pub fn cross_entropy_bwd<D: KernelDevice + ?Sized>(
     dev: &D,
     logits: &DTensor,
     targets: &DTensor,
-    fwd: &CrossEntropy,
+    (lse, count): (&DTensor, &DTensor),
     g: &DTensor,
     ignore: Option<u32>,
 ) -> Out {
@@ -622,10 +623,10 @@ pub fn cross_entropy_bwd<D: KernelDevice + ?Sized>(
     );
     let (n, v) = (logits.shape()[0], logits.shape()[1]);
     ensure!(
-        targets.shape() == [n] && fwd.lse.shape() == [n] && g.numel() == 1,
+        targets.shape() == [n] && lse.shape() == [n] && g.numel() == 1,
         "{op}: targets {:?}, lse {:?}, grad {:?} do not fit logits {:?}",
         targets.shape(),
-        fwd.lse.shape(),
+        lse.shape(),
         g.shape(),
         logits.shape()
     );
@@ -640,9 +641,9 @@ pub fn cross_entropy_bwd<D: KernelDevice + ?Sized>(
         &[
             KArg::Buf(&logits.buf),
             KArg::Buf(&targets.buf),
-            KArg::Buf(&fwd.lse.buf),
+            KArg::Buf(&lse.buf),
             KArg::Buf(&g.buf),
-            KArg::Buf(&fwd.count.buf),
+            KArg::Buf(&count.buf),
             KArg::Buf(&out.buf),
             KArg::U32(n as u32),
             KArg::U32(v as u32),

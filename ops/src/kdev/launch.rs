@@ -1099,13 +1099,19 @@ pub fn sample_inverse_cdf<D: KernelDevice + ?Sized>(
 /// Tokens on the host; a sentinel (a NaN or all -inf logit row) is an error naming its index.
 pub fn tokens_to_host<D: KernelDevice + ?Sized>(dev: &D, tokens: &DTensor) -> Result<Vec<u32>> {
     let t = tokens.to_vec::<D, u32>(dev)?;
+    check_token_markers(&t, tokens.shape())?;
+    Ok(t)
+}
+
+/// An error naming the first token of `t` (shaped `shape`) that is a kernel's marker of a
+/// NaN or all -inf logit row.
+pub fn check_token_markers(t: &[u32], shape: &[usize]) -> Result<()> {
     if let Some(i) = t
         .iter()
         .position(|&x| x == TOKEN_NAN || x == TOKEN_ALL_NEG_INF)
     {
         bail!(
-            "token {i} of {:?}: its logit row {}",
-            tokens.shape(),
+            "token {i} of {shape:?}: its logit row {}",
             if t[i] == TOKEN_NAN {
                 "holds NaN"
             } else {
@@ -1113,7 +1119,7 @@ pub fn tokens_to_host<D: KernelDevice + ?Sized>(dev: &D, tokens: &DTensor) -> Re
             }
         );
     }
-    Ok(t)
+    Ok(())
 }
 
 /// Elements `start .. start + n` of the f32 uniform stream (seed, stream) of

@@ -181,6 +181,17 @@ impl DTensor {
             dtype: t.dtype(),
         })
     }
+    /// The whole storage of a device tensor as a flat DTensor (any layout): for launches that
+    /// read a view through offsets and strides of their own (a GEMM's leading dimensions).
+    pub fn storage_of(t: &Tensor) -> Result<DTensor> {
+        let g = t.storage()?;
+        let k = g.kernel()?;
+        Ok(DTensor {
+            buf: k.buf.clone(),
+            shape: vec![g.len()],
+            dtype: t.dtype(),
+        })
+    }
     /// This device tensor as a [`Tensor`] on `device` (the device that made it), sharing its
     /// memory.
     pub fn into_tensor(self, device: Device) -> Result<Tensor> {

@@ -1,0 +1,98 @@
+//! How a model's weight matrices are stored when it moves to a device: f32 (what training
+//! updates), or each in the narrowest precision that holds its values exactly, so a model
+//! read from an f16 or bf16 file serves from half-precision matrices (half the bytes a
+//! decode step reads; the ops compute in f32 either way). Also the byte count of a
+//! parameter set by storage, for `kfrun generate` / `bench` reports.
+
+use anyhow::Result;
+use kf_engine::{DType, Tensor};
+
+/// How weight matrices (the linear layers' `[out, in]` weights, the LM head and the noise
+/// encoder's included) are stored on a device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightStore {
+    /// f32 (what training updates).
+    #[default]
+    F32,
+    /// Each matrix in the narrowest of f16, bf16 and f32 that holds all its values exactly: a
+    /// model read from an f16 or bf16 file (widened on load) goes back to its file's precision,
+    /// with the outputs of [`WeightStore::F32`] up to the order of the sums; any other model
+    /// stays f32.
+    Exact,
+}
+
+/// The narrowest of f16, bf16 and f32 holding every value of `v` exactly.
+pub fn exact_dtype(v: &[f32]) -> DType {
+    if v.iter().all(|&x| half::f16::from_f32(x).to_f32() == x) {
+        DType::F16
+    } else if v.iter().all(|&x| half::bf16::from_f32(x).to_f32() == x) {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// A parameter the linear op multiplies by: a rank-2 `*.weight` (embedding tables and norm
+/// weights are not).
+pub fn is_matrix(name: &str, t: &Tensor) -> bool {
+    name.ends_with(".weight") && t.rank() == 2
+}
+
+/// `t` (parameter `name`) as `store` keeps it: an f32 matrix under [`WeightStore::Exact`]
+/// in its exact dtype, anything else unchanged. Not on the tape.
+pub fn stored(name: &str, t: &Tensor, store: WeightStore) -> Result<Tensor> {
+    let t = t.detach();
+    if store == WeightStore::F32 || t.dtype() != DType::F32 || !is_matrix(name, &t) {
+        return Ok(t);
+    }
+    let dt = exact_dtype(&t.to_vec::<f32>()?);
+    t.to_dtype(dt)
+}
+
+/// Bytes of a parameter set, and of its weight matrices by storage.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WeightBytes {
+    /// Bytes of every parameter.
+    pub total: usize,
+    /// Bytes of the weight matrices by storage: (f32, f16, bf16).
+    pub matrices: (usize, usize, usize),
+}
+
+impl WeightBytes {
+    /// The bytes of `params` (name, tensor).
+    pub fn of(params: &[(String, Tensor)]) -> WeightBytes {
+        let mut wb = WeightBytes::default();
+        for (name, t) in params {
+            wb.add(t.numel() * t.dtype().size(), t.dtype(), is_matrix(name, t));
+        }
+        wb
+    }
+    pub(crate) fn add(&mut self, bytes: usize, dtype: DType, matrix: bool) {
+        self.total += bytes;
+        if matrix {
+            match dtype {
+                DType::F16 => self.matrices.1 += bytes,
+                DType::BF16 => self.matrices.2 += bytes,
+                _ => self.matrices.0 += bytes,
+            }
+        }
+    }
+    /// "f16 weight matrices, 29.4 MB in all" and the like.
+    pub fn describe(&self) -> String {
+        let (f, h, b) = self.matrices;
+        let kinds: Vec<&str> = [(f, "f32"), (h, "f16"), (b, "bf16")]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(_, s)| *s)
+            .collect();
+        format!(
+            "{} weight matrices, {:.1} MB of parameters in all",
+            if kinds.is_empty() {
+                "no".to_string()
+            } else {
+                kinds.join(" + ")
+            },
+            self.total as f64 / 1e6
+        )
+    }
+}
