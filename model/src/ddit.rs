@@ -19,7 +19,7 @@
 use crate::checkpoint::{self, WEIGHTS_FILE, WEIGHTS_FORMAT};
 use crate::config::DditConfig;
 use crate::kv_cache::KvCache;
-use crate::weights::{stored, WeightStore};
+use crate::weights::{self, WeightStore};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::{grad_enabled, should_record, BackwardOp};
 use kf_engine::{io, DType, Device, Float, Tensor};
@@ -292,27 +292,16 @@ impl Ddit {
     /// `on`: every parameter becomes a fresh `Tensor::var()` leaf sharing its storage (so
     /// in-place optimiser updates are seen by the model); `off`: plain tensors.
     pub fn set_trainable(&mut self, on: bool) {
-        for (_, t) in &mut self.params {
-            *t = if on { t.var() } else { t.detach() };
-        }
+        weights::set_trainable(&mut self.params, on);
         self.trainable = on;
     }
 
     /// A copy with every parameter converted to `dtype` (f32 or f64; f64 for gradient
     /// checks). The trainable flag is kept (new leaves).
     pub fn to_dtype(&self, dtype: DType) -> Result<Ddit> {
-        ensure!(
-            dtype == DType::F32 || dtype == DType::F64,
-            "the model computes in f32 or f64, not {dtype}"
-        );
-        let params = self
-            .params
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), t.detach().to_dtype(dtype)?)))
-            .collect::<Result<Vec<_>>>()?;
         let mut m = Ddit {
             cfg: self.cfg.clone(),
-            params,
+            params: weights::params_to_dtype(&self.params, dtype)?,
             trainable: false,
         };
         if self.trainable {
@@ -329,14 +318,9 @@ impl Ddit {
     /// [`Ddit::to_device`] with the weight matrices stored as `store` says (an f16 model
     /// file serves from f16 matrices under `WeightStore::Exact`).
     pub fn to_device_with(&self, device: Device, store: WeightStore) -> Result<Ddit> {
-        let params = self
-            .params
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), stored(n, t, store)?.to_device(device)?)))
-            .collect::<Result<Vec<_>>>()?;
         Ok(Ddit {
             cfg: self.cfg.clone(),
-            params,
+            params: weights::params_to_device(&self.params, device, store)?,
             trainable: false,
         })
     }

@@ -24,7 +24,8 @@ use crate::data::TokenShard;
 use crate::ddit::Ddit;
 use crate::generate::{forbid_tail, full_pass, generate, noise_u, GenerateOptions, Generated};
 use crate::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
-use anyhow::{ensure, Result};
+use crate::tokenizer::Tokenizer;
+use anyhow::{ensure, Context, Result};
 use kf_engine::{no_grad, Device, Tensor};
 use kf_ops::sampling::sample_inverse_cdf;
 use serde::{Deserialize, Serialize};
@@ -102,6 +103,38 @@ pub struct EvalRow {
     pub passes: usize,
     /// Wall time of the generation.
     pub gen_secs: f64,
+}
+
+/// Prompts from text, one per line (blank lines skipped): the first `n` lines, each tokenised
+/// and cut to its first `len` tokens. A line with fewer tokens is an error naming it (its
+/// line number and token count), so every prompt has the same length, as the evaluation
+/// needs.
+pub fn text_prompts(text: &str, tok: &Tokenizer, n: usize, len: usize) -> Result<Vec<Vec<u32>>> {
+    ensure!(
+        n >= 1 && len >= 1,
+        "prompts: need at least one prompt of at least one token"
+    );
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if out.len() == n {
+            break;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ids = tok
+            .encode(line)
+            .with_context(|| format!("line {}", i + 1))?;
+        ensure!(
+            ids.len() >= len,
+            "line {} has {} tokens, fewer than the prompt length {len} (lower --prompt-len or lengthen the line)",
+            i + 1,
+            ids.len()
+        );
+        out.push(ids[..len].to_vec());
+    }
+    ensure!(!out.is_empty(), "no prompts: every line is blank");
+    Ok(out)
 }
 
 /// The first `len` tokens of each of the first `n` documents of a shard (documents end

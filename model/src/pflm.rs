@@ -48,7 +48,7 @@ use crate::config::DditConfig;
 use crate::ddit::{Ddit, Init, ParamSpec, INIT_STD};
 use crate::generate::{forbid_tail, left_pad, noise_u, GenerateOptions, Generated, LeftPadded};
 use crate::kv_cache::KvCache;
-use crate::weights::{stored, WeightStore};
+use crate::weights::{self, WeightStore};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::{no_grad, should_record, BackwardOp};
 use kf_engine::{io, DType, Device, Tensor};
@@ -232,23 +232,16 @@ impl NoiseEncoder {
     }
     /// As `Ddit::set_trainable`: fresh `var()` leaves sharing storage, or plain tensors.
     pub fn set_trainable(&mut self, on: bool) {
-        for (_, t) in &mut self.params {
-            *t = if on { t.var() } else { t.detach() };
-        }
+        weights::set_trainable(&mut self.params, on);
         self.trainable = on;
     }
     /// A copy with every parameter on `device`, matrices stored as `store` says (as
     /// `Ddit::to_device_with`).
     pub fn to_device_with(&self, device: Device, store: WeightStore) -> Result<NoiseEncoder> {
-        let params = self
-            .params
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), stored(n, t, store)?.to_device(device)?)))
-            .collect::<Result<Vec<_>>>()?;
         Ok(NoiseEncoder {
             d: self.d,
             eps: self.eps,
-            params,
+            params: weights::params_to_device(&self.params, device, store)?,
             trainable: false,
         })
     }
@@ -259,19 +252,10 @@ impl NoiseEncoder {
 
     /// A copy in `dtype` (f32 or f64), trainable flag kept.
     pub fn to_dtype(&self, dtype: DType) -> Result<NoiseEncoder> {
-        ensure!(
-            dtype == DType::F32 || dtype == DType::F64,
-            "the model computes in f32 or f64, not {dtype}"
-        );
-        let params = self
-            .params
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), t.detach().to_dtype(dtype)?)))
-            .collect::<Result<Vec<_>>>()?;
         let mut m = NoiseEncoder {
             d: self.d,
             eps: self.eps,
-            params,
+            params: weights::params_to_dtype(&self.params, dtype)?,
             trainable: false,
         };
         if self.trainable {

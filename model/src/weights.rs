@@ -1,8 +1,9 @@
 //! How a model's weight matrices are stored when it moves to a device: f32 (what training
 //! updates), or each in the narrowest precision that holds its values exactly, so a model
 //! read from an f16 or bf16 file serves from half-precision matrices (half the bytes a
-//! decode step reads; the ops compute in f32 either way). Also the byte count of a
-//! parameter set by storage, for `kfrun generate` / `bench` reports.
+//! decode step reads; the ops compute in f32 either way). Also what the model families share
+//! about their named parameter lists (moving, casting, making them trainable) and the byte
+//! count of a parameter set by storage, for `kfrun generate` / `bench` reports.
 
 use anyhow::Result;
 use kf_engine::{DType, Tensor};
@@ -47,6 +48,43 @@ pub fn stored(name: &str, t: &Tensor, store: WeightStore) -> Result<Tensor> {
     }
     let dt = exact_dtype(&t.to_vec::<f32>()?);
     t.to_dtype(dt)
+}
+
+/// `params` with each tensor replaced by `f(name, tensor)` (names and order kept).
+pub fn map_params(
+    params: &[(String, Tensor)],
+    f: impl Fn(&str, &Tensor) -> Result<Tensor>,
+) -> Result<Vec<(String, Tensor)>> {
+    params
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), f(n, t)?)))
+        .collect()
+}
+
+/// `on`: every parameter becomes a fresh `Tensor::var()` leaf sharing its storage (so
+/// in-place optimiser updates are seen by the model); `off`: plain tensors.
+pub fn set_trainable(params: &mut [(String, Tensor)], on: bool) {
+    for (_, t) in params {
+        *t = if on { t.var() } else { t.detach() };
+    }
+}
+
+/// `params` converted to `dtype` (f32 or f64), off the tape.
+pub fn params_to_dtype(params: &[(String, Tensor)], dtype: DType) -> Result<Vec<(String, Tensor)>> {
+    anyhow::ensure!(
+        dtype == DType::F32 || dtype == DType::F64,
+        "the model computes in f32 or f64, not {dtype}"
+    );
+    map_params(params, |_, t| t.detach().to_dtype(dtype))
+}
+
+/// `params` on `device`, the matrices stored as `store` says, off the tape.
+pub fn params_to_device(
+    params: &[(String, Tensor)],
+    device: kf_engine::Device,
+    store: WeightStore,
+) -> Result<Vec<(String, Tensor)>> {
+    map_params(params, |n, t| stored(n, t, store)?.to_device(device))
 }
 
 /// Bytes of a parameter set, and of its weight matrices by storage.

@@ -3,10 +3,10 @@
 //! agreement, for AR and the student at K = 1..k with a frequency-penalty sweep. A Markdown
 //! table on stdout, JSON (options + rows) to `--json`.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use kf_model::checkpoint;
 use kf_model::data::TokenData;
-use kf_model::eval::{document_prompts, evaluate, markdown, EvalOptions};
+use kf_model::eval::{document_prompts, evaluate, markdown, text_prompts, EvalOptions};
 use kf_model::pflm::Pflm;
 use kf_model::weights::WeightStore;
 use kf_model::Ddit;
@@ -21,12 +21,20 @@ pub struct Args {
     #[arg(long)]
     student: PathBuf,
     /// Prepared token shards: prompts come from the validation split (val.bin).
+    #[arg(
+        long,
+        required_unless_present = "prompts_file",
+        conflicts_with = "prompts_file"
+    )]
+    data: Option<PathBuf>,
+    /// Prompts as text instead, one per line (blank lines skipped), tokenised with the
+    /// teacher's tokenizer: no shards needed.
     #[arg(long)]
-    data: PathBuf,
-    /// Prompts (validation documents, in order).
+    prompts_file: Option<PathBuf>,
+    /// Prompts (validation documents or lines, in order).
     #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     prompts: usize,
-    /// Tokens of each prompt (the start of its document).
+    /// Tokens of each prompt (the start of its document or line).
     #[arg(long, default_value_t = 6, allow_negative_numbers = true)]
     prompt_len: usize,
     /// Tokens generated per prompt (fixed: no EOS stop).
@@ -84,15 +92,28 @@ pub fn run(a: &Args) -> Result<()> {
     );
     let student = Pflm::load(&a.student)?;
     let tok = checkpoint::read_tokenizer(&a.teacher, &teacher.cfg)?;
-    let data = TokenData::open(&a.data)?;
-    ensure!(
-        data.meta.vocab_size == teacher.cfg.vocab_size,
-        "--data {} has a vocabulary of {} but the teacher's is {}",
-        a.data.display(),
-        data.meta.vocab_size,
-        teacher.cfg.vocab_size
-    );
-    let prompts = document_prompts(&data.val, data.meta.eos_id, a.prompts, a.prompt_len)?;
+    let (prompts, source) = match (&a.data, &a.prompts_file) {
+        (Some(d), _) => {
+            let data = TokenData::open(d)?;
+            ensure!(
+                data.meta.vocab_size == teacher.cfg.vocab_size,
+                "--data {} has a vocabulary of {} but the teacher's is {}",
+                d.display(),
+                data.meta.vocab_size,
+                teacher.cfg.vocab_size
+            );
+            let p = document_prompts(&data.val, data.meta.eos_id, a.prompts, a.prompt_len)?;
+            (p, data.val.path().display().to_string())
+        }
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("--prompts-file {}", f.display()))?;
+            let p = text_prompts(&text, &tok, a.prompts, a.prompt_len)
+                .with_context(|| format!("--prompts-file {}", f.display()))?;
+            (p, f.display().to_string())
+        }
+        (None, None) => bail!("pass --data (prepared shards) or --prompts-file (text)"),
+    };
     ensure!(
         a.prompt_len + a.max_new <= teacher.cfg.max_seq_len,
         "--prompt-len {} + --max-new {} exceeds the models' max_seq_len {}",
@@ -114,7 +135,7 @@ pub fn run(a: &Args) -> Result<()> {
         "kfrun eval: {} prompts of {} tokens from {}, {} new tokens each, tau {}, seed {}; student k = {}",
         prompts.len(),
         a.prompt_len,
-        data.val.path().display(),
+        source,
         a.max_new,
         a.tau,
         a.seed,
@@ -152,6 +173,7 @@ pub fn run(a: &Args) -> Result<()> {
             "teacher": a.teacher,
             "student": a.student,
             "data": a.data,
+            "prompts_file": a.prompts_file,
             "prompts": prompts.len(),
             "prompt_len": a.prompt_len,
             "max_new": a.max_new,

@@ -229,6 +229,47 @@ fn distill_chain_resumes_and_the_student_generates() {
         assert!(r["gen_ppl"].as_f64().unwrap() >= 1.0, "{r}");
         assert_eq!(r["tokens"], 32);
     }
+    // prompts from text instead of shards: lines (blank ones skipped) cut to --prompt-len
+    let pf = root.join("prompts.txt");
+    std::fs::write(
+        &pf,
+        "The cat sat on the mat and looked around\n\nIt was a long day for everyone\nA new law was passed today\n",
+    )
+    .unwrap();
+    let ev2 = root.join("eval-text.json");
+    let text_args = |len: &str| {
+        kfrun(&[
+            "eval",
+            "--teacher",
+            s(&teacher),
+            "--student",
+            s(&student),
+            "--prompts-file",
+            s(&pf),
+            "--prompt-len",
+            len,
+            "--max-new",
+            "8",
+            "--ks",
+            "4",
+            "--penalties",
+            "0",
+            "--json",
+            s(&ev2),
+        ])
+    };
+    let (table, err) = ok(&text_args("2"));
+    assert!(table.contains("| pflm | 4 | 0 |"), "{table}");
+    assert!(err.contains("3 prompts of 2 tokens from"), "{err}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ev2).unwrap()).unwrap();
+    assert_eq!(j["rows"].as_array().unwrap().len(), 2);
+    assert_eq!(j["rows"][1]["tokens"], 3 * 8);
+    one_clear_error(&text_args("40"), "line 1 has");
+    one_clear_error(
+        &kfrun(&["eval", "--teacher", s(&teacher), "--student", s(&student)]),
+        "--data",
+    );
     one_clear_error(
         &kfrun(&[
             "eval",
