@@ -53,7 +53,7 @@ use crate::checkpoint;
 use crate::data::{SequentialWindows, TokenData, TokenShard, WindowBatch, WindowSampler};
 use crate::ddit::Ddit;
 use crate::pflm::{stage1_targets, NoiseInit, Pflm};
-use crate::train::checkpoint::TrainerState;
+use crate::train::TrainerState;
 use crate::train::{
     drive, session, Event, Extras, OptimConfig, Outcome, ResumeFrom, RunSpec, TrainTask,
 };
@@ -749,37 +749,11 @@ fn init_student(dir: &Path, k: usize, seed: u64, how: NoiseInit) -> Result<Pflm>
     Ok(s)
 }
 
-/// Runs (or resumes) one distillation stage with [`drive`] on the CPU. The teacher is
-/// loaded from disk on its own, so it shares no storage with the student.
-pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> Result<StageResult> {
-    distill_stage_on(opts, Device::Cpu, on_event)
-}
-
-/// [`distill_stage`] with the models, the updates, the teacher's targets and the validation
-/// on `device` (the CPU or a kernel device).
-pub fn distill_stage_on(
-    opts: &StageOptions,
-    device: Device,
-    on_event: &mut dyn FnMut(&Event),
-) -> Result<StageResult> {
-    let data = TokenData::open(&opts.data)?;
-    let tok = opts.tokenizer.clone().or_else(|| {
-        let p = opts.data.join("tokenizer.json");
-        p.is_file().then_some(p)
-    });
-    if let Some(t) = &tok {
-        data.check_tokenizer(t)?;
-    }
+/// The stage's teacher from `opts.teacher`: the AR teacher (stage 1, or any stage of the
+/// inversion variant) or the previous stage's k = K/2 student, checked against the stage's k
+/// and variant.
+fn load_teacher(opts: &StageOptions) -> Result<DistillTeacher> {
     let k = opts.k;
-    ensure!(k >= 1, "the student's k must be at least 1");
-    let found = crate::train::checkpoint::find(&opts.out);
-    if let (Some(f), false) = (&found, opts.resume) {
-        bail!(
-            "{} already holds a checkpoint ({}): pass --resume to continue it, or choose another --out",
-            opts.out.display(),
-            f.display()
-        );
-    }
     let tcfg = checkpoint::read_config(&opts.teacher)
         .with_context(|| format!("teacher {}", opts.teacher.display()))?;
     let teacher = match (opts.config.variant, tcfg.k) {
@@ -819,46 +793,32 @@ pub fn distill_stage_on(
         // (a PFLM teacher is checked by Pflm::load)
         checkpoint::check_finite(&opts.teacher.join("model.safetensors"), t.params())?;
     }
-    let teacher_sha = crate::data::file_sha256(&opts.teacher.join("model.safetensors"))?;
-    let kind = format!("distill-k{k}");
-    let config = serde_json::json!({
-        "stage": serde_json::to_value(&opts.config)?,
-        "k": k,
-        "teacher_sha256": teacher_sha,
-    });
-    let resume = if opts.resume { found } else { None };
-    let (mut student, state) = match &resume {
+    Ok(teacher)
+}
+
+/// The stage's student: from the checkpoint `resume` (checked to be this stage's: kind,
+/// data, configuration and teacher, k) or fresh from `opts.init` (default: the teacher).
+fn stage_student(
+    opts: &StageOptions,
+    resume: Option<&Path>,
+    kind: &str,
+    config: &serde_json::Value,
+    data: &TokenData,
+) -> Result<(Pflm, Option<TrainerState>)> {
+    let k = opts.k;
+    Ok(match resume {
         Some(dir) => {
-            let st = TrainerState::read(dir)?;
+            let data_id = crate::train::data_id(data);
+            let st = crate::train::checkpoint::resume_state(dir, kind, &data_id, &opts.data)?;
             let tj = dir.join(crate::train::checkpoint::TRAINER_FILE);
-            ensure!(
-                st.kind == kind,
-                "checkpoint {}: kind {:?}, but this stage is {kind:?}",
-                tj.display(),
-                st.kind
-            );
             let mut diff = Vec::new();
-            crate::train::json_diff(&config, &st.config, "", &mut diff);
+            crate::train::json_diff(config, &st.config, "", &mut diff);
             ensure!(
                 diff.is_empty(),
                 "checkpoint {} was written by a stage with another configuration or teacher (differs in: {}); use another --out or the same settings",
                 tj.display(),
                 diff.join(", ")
             );
-            ensure!(
-                st.data == crate::train::data_id(&data),
-                "checkpoint {} was trained on other data than {} (tokenizer, corpus or token counts differ)",
-                tj.display(),
-                opts.data.display()
-            );
-            crate::train::checkpoint::check_files(
-                dir,
-                &[
-                    "config.json",
-                    "model.safetensors",
-                    crate::train::checkpoint::OPTIMIZER_FILE,
-                ],
-            )?;
             let s = Pflm::load(dir).with_context(|| format!("checkpoint {}", dir.display()))?;
             ensure!(
                 s.k == k,
@@ -874,7 +834,42 @@ pub fn distill_stage_on(
                 .with_context(|| format!("student init {}", init.display()))?;
             (s, None)
         }
-    };
+    })
+}
+
+/// Runs (or resumes) one distillation stage with [`drive`] on the CPU. The teacher is
+/// loaded from disk on its own, so it shares no storage with the student.
+pub fn distill_stage(opts: &StageOptions, on_event: &mut dyn FnMut(&Event)) -> Result<StageResult> {
+    distill_stage_on(opts, Device::Cpu, on_event)
+}
+
+/// [`distill_stage`] with the models, the updates, the teacher's targets and the validation
+/// on `device` (the CPU or a kernel device).
+pub fn distill_stage_on(
+    opts: &StageOptions,
+    device: Device,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<StageResult> {
+    let data = TokenData::open(&opts.data)?;
+    let tok = opts.tokenizer.clone().or_else(|| {
+        let p = opts.data.join("tokenizer.json");
+        p.is_file().then_some(p)
+    });
+    if let Some(t) = &tok {
+        data.check_tokenizer(t)?;
+    }
+    let k = opts.k;
+    ensure!(k >= 1, "the student's k must be at least 1");
+    let resume = crate::train::checkpoint::resume_dir(&opts.out, opts.resume)?;
+    let teacher = load_teacher(opts)?;
+    let teacher_sha = crate::data::file_sha256(&opts.teacher.join("model.safetensors"))?;
+    let kind = format!("distill-k{k}");
+    let config = serde_json::json!({
+        "stage": serde_json::to_value(&opts.config)?,
+        "k": k,
+        "teacher_sha256": teacher_sha,
+    });
+    let (mut student, state) = stage_student(opts, resume.as_deref(), &kind, &config, &data)?;
     ensure!(
         student.cfg().vocab_size == data.meta.vocab_size,
         "teacher {} has a vocabulary of {} but the data {} has {}",

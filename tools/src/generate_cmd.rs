@@ -99,29 +99,10 @@ impl Model {
     }
 }
 
-pub fn run(a: &Args) -> Result<()> {
-    let device = crate::device_arg::select_device(&a.device)?;
-    ensure!(a.max_new != Some(0), "--max-new must be at least 1");
-    ensure!(
-        a.tau.is_finite() && a.tau >= 0.0,
-        "--tau must be finite and >= 0 (0 = greedy), got {}",
-        a.tau
-    );
-    if a.batch == Some(0) {
-        bail!("--batch must be at least 1");
-    }
-    ensure!(
-        a.freq_penalty.is_finite(),
-        "--freq-penalty must be finite, got {}",
-        a.freq_penalty
-    );
-    let t_load = Instant::now();
-    if a.model == std::path::Path::new(DEFAULT_MODEL) && !a.model.is_dir() {
-        bail!(
-            "no --model given and the default model {DEFAULT_MODEL} is not here: run from the repository root (it ships there), or pass --model DIR"
-        );
-    }
-    let model = match checkpoint::read_config(&a.model)?.k {
+/// The model of `--model`: an AR teacher, or a PFLM student (checked against `--k` and
+/// `--freq-penalty`), on the CPU.
+fn load_model(a: &Args) -> Result<Model> {
+    Ok(match checkpoint::read_config(&a.model)?.k {
         None => {
             ensure!(
                 a.k.is_none(),
@@ -147,7 +128,54 @@ pub fn run(a: &Args) -> Result<()> {
             }
             Model::Pflm(Pflm::load(&a.model)?)
         }
-    };
+    })
+}
+
+/// `--prompt`s as token ids, each non-empty and shorter than the model's max_seq_len.
+fn encode_prompts(a: &Args, tok: &Tokenizer, cfg: &DditConfig) -> Result<Vec<Vec<u32>>> {
+    let mut encoded = Vec::with_capacity(a.prompts.len());
+    for (i, p) in a.prompts.iter().enumerate() {
+        let ids = tok
+            .encode(p)
+            .with_context(|| format!("cannot tokenise prompt {i}"))?;
+        ensure!(
+            !ids.is_empty(),
+            "prompt {i} ({p:?}) is empty after tokenisation"
+        );
+        ensure!(
+            ids.len() < cfg.max_seq_len,
+            "prompt {i} has {} tokens, which leaves no room in the model's max_seq_len {}",
+            ids.len(),
+            cfg.max_seq_len
+        );
+        encoded.push(ids);
+    }
+    Ok(encoded)
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    let device = crate::device_arg::select_device(&a.device)?;
+    ensure!(a.max_new != Some(0), "--max-new must be at least 1");
+    ensure!(
+        a.tau.is_finite() && a.tau >= 0.0,
+        "--tau must be finite and >= 0 (0 = greedy), got {}",
+        a.tau
+    );
+    if a.batch == Some(0) {
+        bail!("--batch must be at least 1");
+    }
+    ensure!(
+        a.freq_penalty.is_finite(),
+        "--freq-penalty must be finite, got {}",
+        a.freq_penalty
+    );
+    let t_load = Instant::now();
+    if a.model == std::path::Path::new(DEFAULT_MODEL) && !a.model.is_dir() {
+        bail!(
+            "no --model given and the default model {DEFAULT_MODEL} is not here: run from the repository root (it ships there), or pass --model DIR"
+        );
+    }
+    let model = load_model(a)?;
     let k = match &model {
         Model::Ar(_) => 1,
         Model::Pflm(m) => a.k.unwrap_or(m.k),
@@ -166,23 +194,7 @@ pub fn run(a: &Args) -> Result<()> {
             cfg.max_seq_len
         );
     }
-    let mut encoded = Vec::with_capacity(a.prompts.len());
-    for (i, p) in a.prompts.iter().enumerate() {
-        let ids = tok
-            .encode(p)
-            .with_context(|| format!("cannot tokenise prompt {i}"))?;
-        ensure!(
-            !ids.is_empty(),
-            "prompt {i} ({p:?}) is empty after tokenisation"
-        );
-        ensure!(
-            ids.len() < cfg.max_seq_len,
-            "prompt {i} has {} tokens, which leaves no room in the model's max_seq_len {}",
-            ids.len(),
-            cfg.max_seq_len
-        );
-        encoded.push(ids);
-    }
+    let encoded = encode_prompts(a, &tok, cfg)?;
     let longest = encoded.iter().map(|e| e.len()).max().unwrap_or(0);
     let max_new = a.max_new.unwrap_or(64.min(cfg.max_seq_len - longest));
     for (i, ids) in encoded.iter().enumerate() {

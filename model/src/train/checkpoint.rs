@@ -185,6 +185,47 @@ pub fn find(out: &Path) -> Option<PathBuf> {
     p.is_dir().then_some(p)
 }
 
+/// The checkpoint a run into `out` continues: `None` for a fresh run (`resume` off and no
+/// checkpoint, or `resume` on and none yet); an error when `out` holds one and `resume` is
+/// off (a finished or interrupted run is never overwritten by accident).
+pub fn resume_dir(out: &Path, resume: bool) -> Result<Option<PathBuf>> {
+    let found = find(out);
+    if let (Some(f), false) = (&found, resume) {
+        bail!(
+            "{} already holds a checkpoint ({}): pass --resume to continue it, or choose another --out",
+            out.display(),
+            f.display()
+        );
+    }
+    Ok(if resume { found } else { None })
+}
+
+/// A checkpoint's `trainer.json`, checked to belong to this run: its `kind` (teacher,
+/// distill-kN), its training data (`data`, from `data_path`), and every file a resume reads.
+pub fn resume_state(
+    dir: &Path,
+    kind: &str,
+    data: &DataId,
+    data_path: &Path,
+) -> Result<TrainerState> {
+    let st = TrainerState::read(dir)?;
+    let tj = dir.join(TRAINER_FILE);
+    ensure!(
+        st.kind == kind,
+        "checkpoint {}: kind {:?}, but this run is {kind:?}",
+        tj.display(),
+        st.kind
+    );
+    ensure!(
+        &st.data == data,
+        "checkpoint {} was trained on other data than {} (tokenizer, corpus or token counts differ)",
+        tj.display(),
+        data_path.display()
+    );
+    check_files(dir, &["config.json", "model.safetensors", OPTIMIZER_FILE])?;
+    Ok(st)
+}
+
 /// Deletes what killed runs leave in `out`: `*.tmp-<pid>` directories and `*.tmp`
 /// files (the temporaries of `loss.svg` and `summary.json`).
 pub fn remove_stale_temps(out: &Path) -> Result<()> {

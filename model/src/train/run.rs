@@ -234,6 +234,75 @@ impl Driver<'_> {
         Ok(path)
     }
 
+    /// The validation loss at step `s` (an error when it is not finite).
+    fn validate<S: Session + ?Sized>(&mut self, sess: &mut S, s: u64) -> Result<f64> {
+        let v = sess
+            .eval()
+            .with_context(|| format!("validation at step {s}; {}", self.where_good()))?;
+        if !v.is_finite() {
+            let _ = self.log.sync();
+            return Err(anyhow!(
+                "step {s}: the validation loss is {v}: training stopped; {}",
+                self.where_good()
+            ));
+        }
+        self.last_val = Some(v);
+        self.best_val = Some(self.best_val.map_or(v, |b| b.min(v)));
+        Ok(v)
+    }
+
+    /// After the last step: a checkpoint of it, the final model directory, the plot and
+    /// summary.json.
+    fn finish<S: Session + ?Sized>(
+        &mut self,
+        sess: &mut S,
+        train_time: f64,
+        trained_tokens: u64,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<Outcome> {
+        // done: the final model directory (also when resuming a finished run)
+        let step = sess.step();
+        if self.last_ckpt.as_ref().map(|c| c.0) != Some(step) {
+            let p = self.checkpoint(sess)?;
+            on_event(&Event::Checkpoint { step, path: &p });
+        }
+        let final_dir =
+            checkpoint::write_dir_atomic(&self.spec.out, FINAL_DIR, |dir| sess.save_model(dir))?;
+        self.plot()?;
+        let tokens_per_s = if train_time > 0.0 {
+            trained_tokens as f64 / train_time
+        } else {
+            0.0
+        };
+        let elapsed_s = self.elapsed();
+        let summary = serde_json::json!({
+            "kind": self.spec.kind,
+            "steps": step,
+            "tokens": self.tokens,
+            "val_loss": self.last_val,
+            "val_ppl": self.last_val.map(f64::exp),
+            "best_val_loss": self.best_val,
+            "elapsed_s": elapsed_s,
+            "tokens_per_s_last_session": tokens_per_s,
+            "threads": rayon::current_num_threads(),
+            "config": self.spec.config,
+            "final_dir": final_dir,
+        });
+        kf_engine::fs::write_atomic(
+            &self.spec.out.join(SUMMARY_FILE),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        on_event(&Event::Final { path: &final_dir });
+        Ok(Outcome::Finished {
+            step,
+            final_dir,
+            val_loss: self.last_val,
+            best_val_loss: self.best_val,
+            elapsed_s,
+            tokens_per_s,
+        })
+    }
+
     fn where_good(&self) -> String {
         match &self.last_ckpt {
             Some((s, p)) => format!("the last good checkpoint is {} (step {s})", p.display()),
@@ -328,19 +397,7 @@ pub fn drive<S: Session + ?Sized>(
         let s = stats.step;
         let last = s == total;
         let val_loss = if last || (spec.eval_every > 0 && s % spec.eval_every == 0) {
-            let v = sess
-                .eval()
-                .with_context(|| format!("validation at step {s}; {}", d.where_good()))?;
-            if !v.is_finite() {
-                let _ = d.log.sync();
-                return Err(anyhow!(
-                    "step {s}: the validation loss is {v}: training stopped; {}",
-                    d.where_good()
-                ));
-            }
-            d.last_val = Some(v);
-            d.best_val = Some(d.best_val.map_or(v, |b| b.min(v)));
-            Some(v)
+            Some(d.validate(sess, s)?)
         } else {
             None
         };
@@ -371,44 +428,5 @@ pub fn drive<S: Session + ?Sized>(
             on_event(&Event::Checkpoint { step: s, path: &p });
         }
     }
-    // done: the final model directory (also when resuming a finished run)
-    let step = sess.step();
-    if d.last_ckpt.as_ref().map(|c| c.0) != Some(step) {
-        let p = d.checkpoint(sess)?;
-        on_event(&Event::Checkpoint { step, path: &p });
-    }
-    let final_dir = checkpoint::write_dir_atomic(&spec.out, FINAL_DIR, |dir| sess.save_model(dir))?;
-    d.plot()?;
-    let tokens_per_s = if train_time > 0.0 {
-        trained_tokens as f64 / train_time
-    } else {
-        0.0
-    };
-    let elapsed_s = d.elapsed();
-    let summary = serde_json::json!({
-        "kind": spec.kind,
-        "steps": step,
-        "tokens": d.tokens,
-        "val_loss": d.last_val,
-        "val_ppl": d.last_val.map(f64::exp),
-        "best_val_loss": d.best_val,
-        "elapsed_s": elapsed_s,
-        "tokens_per_s_last_session": tokens_per_s,
-        "threads": rayon::current_num_threads(),
-        "config": spec.config,
-        "final_dir": final_dir,
-    });
-    kf_engine::fs::write_atomic(
-        &spec.out.join(SUMMARY_FILE),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    on_event(&Event::Final { path: &final_dir });
-    Ok(Outcome::Finished {
-        step,
-        final_dir,
-        val_loss: d.last_val,
-        best_val_loss: d.best_val,
-        elapsed_s,
-        tokens_per_s,
-    })
+    d.finish(sess, train_time, trained_tokens, on_event)
 }
