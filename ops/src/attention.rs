@@ -1431,8 +1431,8 @@ pub fn rope_attention(
     )
 }
 
-/// [`attention`] on a kernel device: q `[B, Tq, H, D]`, k and v `[B, Tk, H, D]` (gathered
-/// into whole buffers when they are views).
+/// [`attention`] on a kernel device: q `[B, Tq, H, D]`, k and v `[B, Tk, H, D]` (views read
+/// in place where the kernels can, see [`DevOperands`]).
 fn attention_on(
     on: &bridge::OnDevice,
     q: &Tensor,
@@ -1440,49 +1440,66 @@ fn attention_on(
     v: &Tensor,
     p: &AttnParams,
 ) -> Result<launch::AttnOut> {
-    ensure!(
-        q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
-        "attention: q, k, v must be [B, T, H, D], got {:?} {:?} {:?}",
-        q.shape(),
-        k.shape(),
-        v.shape()
-    );
-    let [b, tq, h, d] = q.shape().try_into().expect("rank 4 checked");
-    ensure!(
-        k.shape() == v.shape() && k.shape()[0] == b && k.shape()[2] == h && k.shape()[3] == d,
-        "attention: k {:?} and v {:?} do not fit q {:?}",
-        k.shape(),
-        v.shape(),
-        q.shape()
-    );
-    for (what, t) in [("k", k), ("v", v)] {
-        ensure!(
-            t.dtype() == kf_engine::DType::F32,
-            "attention: {what} is {}, expected f32",
-            t.dtype()
-        );
-    }
-    let tk = k.shape()[1];
-    let q = bridge::dt(q)?;
-    // k and v as strided views when they are (the rows of a KV cache): no copy
-    let (kb, ks) = bridge::attn_operand(k)?;
-    let (vb, vs) = bridge::attn_operand(v)?;
-    let dims = launch::AttnDims { b, h, d, tq, tk };
+    let o = DevOperands::new(q, k, v)?;
     launch::attention(
         &*on.dev,
-        launch::AttnView::contiguous(&q)?,
-        launch::AttnView {
-            buf: &kb,
-            strides: ks,
-        },
-        launch::AttnView {
-            buf: &vb,
-            strides: vs,
-        },
-        dims,
+        o.view(0),
+        o.view(1),
+        o.view(2),
+        o.dims,
         p,
         launch::AttnPath::Auto,
     )
+}
+
+/// q, k, v as the attention kernels read them — buffers and the strides of B, T, H, without a
+/// copy where the layout allows (the rows of a KV cache) — and their dims, after the shape
+/// and dtype checks.
+struct DevOperands {
+    parts: [(Arc<crate::kdev::DeviceBuf>, [usize; 3]); 3],
+    dims: launch::AttnDims,
+}
+
+impl DevOperands {
+    fn new(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<DevOperands> {
+        ensure!(
+            q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
+            "attention: q, k, v must be [B, T, H, D], got {:?} {:?} {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        );
+        let [b, tq, h, d] = q.shape().try_into().expect("rank 4 checked");
+        ensure!(
+            k.shape() == v.shape() && k.shape()[0] == b && k.shape()[2] == h && k.shape()[3] == d,
+            "attention: k {:?} and v {:?} do not fit q {:?}",
+            k.shape(),
+            v.shape(),
+            q.shape()
+        );
+        for (what, t) in [("q", q), ("k", k), ("v", v)] {
+            ensure!(
+                t.dtype() == kf_engine::DType::F32,
+                "attention: {what} is {}, expected f32",
+                t.dtype()
+            );
+        }
+        let tk = k.shape()[1];
+        Ok(DevOperands {
+            parts: [
+                bridge::attn_operand(q)?,
+                bridge::attn_operand(k)?,
+                bridge::attn_operand(v)?,
+            ],
+            dims: launch::AttnDims { b, h, d, tq, tk },
+        })
+    }
+    fn view(&self, i: usize) -> launch::AttnView<'_> {
+        launch::AttnView {
+            buf: &self.parts[i].0,
+            strides: self.parts[i].1,
+        }
+    }
 }
 
 /// The attention gradients on a kernel device: q, k, v read as (strided) views, the
@@ -1495,40 +1512,16 @@ fn attention_bwd_on(
     g: &Tensor,
     p: &AttnParams,
 ) -> Result<crate::kdev::backward::AttnGrads> {
-    let [b, tq, h, d] = q.shape().try_into().map_err(|_| {
-        anyhow::anyhow!(
-            "attention backward: q must be [B, T, H, D], got {:?}",
-            q.shape()
-        )
-    })?;
-    let (qb, qs) = bridge::attn_operand(q)?;
-    let (kb, ks) = bridge::attn_operand(k)?;
-    let (vb, vs) = bridge::attn_operand(v)?;
-    let dims = launch::AttnDims {
-        b,
-        h,
-        d,
-        tq,
-        tk: k.shape()[1],
-    };
+    let o = DevOperands::new(q, k, v)?;
     crate::kdev::backward::attention_bwd(
         &*on.dev,
-        launch::AttnView {
-            buf: &qb,
-            strides: qs,
-        },
-        launch::AttnView {
-            buf: &kb,
-            strides: ks,
-        },
-        launch::AttnView {
-            buf: &vb,
-            strides: vs,
-        },
+        o.view(0),
+        o.view(1),
+        o.view(2),
         &bridge::dt(out)?,
         &bridge::dt(lse)?,
         &bridge::dt(g)?,
-        dims,
+        o.dims,
         p,
     )
 }

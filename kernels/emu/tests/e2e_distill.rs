@@ -9,6 +9,8 @@
 //! checkpoints moving between devices) is covered by model/tests/device_forward.rs and
 //! tools/tests/train_device.rs (`kfrun train` / `kfrun distill --device emu`).
 
+mod common;
+
 use kf_engine::{no_grad, Device, Tensor};
 use kf_model::config::DditConfig;
 use kf_model::pflm::{stage1_targets, NoiseEncoder, Pflm};
@@ -19,15 +21,7 @@ const B: usize = 2;
 const N: usize = 5;
 
 fn config() -> DditConfig {
-    let mut c = DditConfig::preset("tiny").unwrap();
-    c.n_layers = 2;
-    c.d_model = 128;
-    c.n_heads = 2;
-    c.vocab_size = 97;
-    c.max_seq_len = 64;
-    c.mask_token_id = Some(96);
-    c.eos_token_id = None;
-    c
+    common::tiny_model_cfg()
 }
 
 /// Random context ids `[B, N]` and uniforms `[B, N, per]` (in (0, 1)).

@@ -10,6 +10,8 @@
 //!   `WeightStore::Exact`: every weight matrix on the device in the file's precision (the
 //!   gemv kernels multiply by them), tokens identical to the CPU's.
 
+mod common;
+
 use kf_engine::{no_grad, DType, Device, Tensor};
 use kf_model::config::DditConfig;
 use kf_model::generate::{generate, GenerateOptions};
@@ -19,15 +21,7 @@ use kf_model::{Ddit, KvCache};
 use kf_tests::harness::{compare, Tol};
 
 fn cfg() -> DditConfig {
-    let mut c = DditConfig::preset("tiny").unwrap();
-    c.n_layers = 2;
-    c.d_model = 128;
-    c.n_heads = 2;
-    c.vocab_size = 97;
-    c.max_seq_len = 64;
-    c.mask_token_id = Some(96);
-    c.eos_token_id = None;
-    c
+    common::tiny_model_cfg()
 }
 
 /// Logits of an f32 model agree with the CPU to f32 rounding of sums over d = 128..512.

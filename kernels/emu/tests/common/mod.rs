@@ -112,3 +112,17 @@ pub fn inputs(n: usize, seed: u64, st: St, lo: f64, hi: f64) -> Vec<f32> {
 pub fn f32s(b: &DeviceBuffer) -> Vec<f64> {
     b.to_vec::<f32>().iter().map(|&v| v as f64).collect()
 }
+
+/// The tiny model of the end-to-end tests: d 128, 2 heads of head dim 64 (the attention
+/// kernels' instances), 2 layers, V 97 with mask token 96, no EOS.
+pub fn tiny_model_cfg() -> kf_model::config::DditConfig {
+    let mut c = kf_model::config::DditConfig::preset("tiny").unwrap();
+    c.n_layers = 2;
+    c.d_model = 128;
+    c.n_heads = 2;
+    c.vocab_size = 97;
+    c.max_seq_len = 64;
+    c.mask_token_id = Some(96);
+    c.eos_token_id = None;
+    c
+}
