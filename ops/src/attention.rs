@@ -778,15 +778,7 @@ pub fn attention_with_lse(
     if let Some(on) = bridge::device_of("attention", &[q, k, v])? {
         let out = attention_on(&on, q, k, v, p)?;
         let lse = bridge::back(&on, out.lse)?;
-        let o = bridge::back_recorded(&on, out.o, &[q, k, v], || {
-            Arc::new(AttentionBackward {
-                q: q.clone(),
-                k: k.clone(),
-                v: v.clone(),
-                lse: lse.clone(),
-                params: p.clone(),
-            })
-        })?;
+        let o = bridge::back_recorded(&on, out.o, &[q, k, v], || node(q, k, v, &lse, p))?;
         return Ok((o, lse));
     }
     let dt = float_dtype("attention", &[q, k, v])?;
@@ -831,16 +823,19 @@ fn forward_t<T: Kern>(
         d,
     } = dims;
     let (out, lse) = forward_raw::<T>(q, k, v, p, dims, simd)?;
-    let node = should_record(&[q, k, v]).then(|| {
-        Arc::new(AttentionBackward {
-            q: q.clone(),
-            k: k.clone(),
-            v: v.clone(),
-            lse: lse.clone(),
-            params: p.clone(),
-        }) as Arc<dyn BackwardOp>
-    });
+    let node = should_record(&[q, k, v]).then(|| node(q, k, v, &lse, p));
     Ok((out.finish(&[nb, tq, nh, d], node)?, lse))
+}
+
+/// The backward node of attention (any device): the inputs, the saved lse, the parameters.
+fn node(q: &Tensor, k: &Tensor, v: &Tensor, lse: &Tensor, p: &AttnParams) -> Arc<dyn BackwardOp> {
+    Arc::new(AttentionBackward {
+        q: q.clone(),
+        k: k.clone(),
+        v: v.clone(),
+        lse: lse.clone(),
+        params: p.clone(),
+    })
 }
 
 /// The forward's output buffer [B, Tq, H, D] (not yet a tensor, so callers attach their own
