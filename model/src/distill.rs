@@ -897,17 +897,18 @@ pub fn distill_stage_on(
         .saturating_add(
             crate::train::estimate_train_bytes(student.cfg(), c.batch_size, positions) / 4,
         );
-    if let (true, Some(avail)) = (device.is_cpu(), crate::train::available_memory()) {
-        ensure!(
-            need <= avail,
-            "this stage needs about {:.1} GiB ({} parameters, batch {} x context {} x k {k}) but {:.1} GiB are available: lower batch_size (raise grad_accum) or ctx_len",
-            need as f64 / (1u64 << 30) as f64,
+    crate::train::config::check_host_memory(
+        device,
+        need,
+        "this stage",
+        &format!(
+            "({} parameters, batch {} x context {} x k {k})",
             student.cfg().n_params(),
             c.batch_size,
-            c.ctx_len,
-            avail as f64 / (1u64 << 30) as f64
-        );
-    }
+            c.ctx_len
+        ),
+        "lower batch_size (raise grad_accum) or ctx_len",
+    )?;
     student.set_trainable(true);
     if let (Some(dir), Some(st)) = (&resume, &state) {
         ensure!(

@@ -202,6 +202,27 @@ pub fn window_bytes(rows_per_micro: usize, grad_accum: usize, seq_len: usize) ->
         .saturating_mul(4)
 }
 
+/// On the CPU, an error when a run needs more host memory than is available: "`subject` needs
+/// about X GiB `detail` but Y GiB are available: `hint`". Kernel devices manage their own.
+pub fn check_host_memory(
+    device: kf_engine::Device,
+    need: u64,
+    subject: &str,
+    detail: &str,
+    hint: &str,
+) -> Result<()> {
+    if let (true, Some(avail)) = (device.is_cpu(), available_memory()) {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        ensure!(
+            need <= avail,
+            "{subject} needs about {:.1} GiB {detail} but {:.1} GiB are available: {hint}",
+            gib(need),
+            gib(avail)
+        );
+    }
+    Ok(())
+}
+
 /// `MemAvailable` of /proc/meminfo in bytes (None where there is no such file).
 pub fn available_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;

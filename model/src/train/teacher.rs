@@ -3,7 +3,9 @@
 //! a checkpoint, on the CPU or a kernel device.
 
 use super::checkpoint::{self, TrainerState};
-use super::config::{available_memory, estimate_train_bytes, json_diff, window_bytes, TrainConfig};
+use super::config::{
+    check_host_memory, estimate_train_bytes, json_diff, window_bytes, TrainConfig,
+};
 use super::{
     backend, data_id, drive, Event, Extras, NonFinite, Outcome, ResumeFrom, RunSpec, TrainTask,
 };
@@ -315,17 +317,18 @@ pub fn train_teacher_on(
         .with_context(|| format!("training config {cfg_label}"))?;
     let need = estimate_train_bytes(&mcfg, cfg.batch_size, cfg.seq_len)
         .saturating_add(window_bytes(cfg.batch_size, cfg.grad_accum, cfg.seq_len));
-    if let (true, Some(avail)) = (device.is_cpu(), available_memory()) {
-        ensure!(
-            need <= avail,
-            "this configuration needs about {:.1} GiB for training ({} parameters, batch {} x {} tokens) but {:.1} GiB are available: lower batch_size (raise grad_accum) or the model size",
-            need as f64 / (1u64 << 30) as f64,
+    check_host_memory(
+        device,
+        need,
+        "this configuration",
+        &format!(
+            "for training ({} parameters, batch {} x {} tokens)",
             mcfg.n_params(),
             cfg.batch_size,
-            cfg.seq_len,
-            avail as f64 / (1u64 << 30) as f64
-        );
-    }
+            cfg.seq_len
+        ),
+        "lower batch_size (raise grad_accum) or the model size",
+    )?;
     let model = match (&resume, &state) {
         (Some(dir), Some(st)) => load_checkpoint(dir, st, &cfg, &mcfg)?,
         _ => {
