@@ -51,7 +51,7 @@ pub fn adamw_step(
         // in place on the device buffers the tensors share with their DTensor views: the
         // updated ones must be whole buffers (a gathered copy would drop the update)
         let inplace = crate::kdev::bridge::dt_in_place;
-        return crate::kdev::backward::adamw_step(
+        return launch::adamw_step(
             &*on.dev,
             &inplace(param)?,
             &bridge::dt(grad)?,
@@ -189,5 +189,55 @@ mod tests {
         assert!(adamw_step(&nc, &z(), &z(), &z(), 1, &cfg).is_err());
         let bad = AdamWConfig { beta1: 1.0, ..cfg };
         assert!(adamw_step(&p, &g, &m, &v, 1, &bad).is_err());
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, run, same_shape};
+    use crate::kdev::{DTensor, KArg, KernelDevice};
+    use anyhow::{ensure, Result};
+
+    use kf_kernels::adamw;
+
+    /// One AdamW step (`step` counted from 1) in place on f32 `p`, moments `m`, `v` with
+    /// gradient `g` (same shapes): the CPU op's hyper-parameters and scalars
+    /// (`kf_kernels::adamw::Scalars`, PyTorch's order), so the result has the CPU op's bits.
+    pub fn adamw_step<D: KernelDevice + ?Sized>(
+        dev: &D,
+        p: &DTensor,
+        g: &DTensor,
+        m: &DTensor,
+        v: &DTensor,
+        step: u64,
+        cfg: &crate::adamw::AdamWConfig,
+    ) -> Result<()> {
+        let op = "adamw";
+        ensure!(step >= 1, "{op}: step is counted from 1");
+        let s = adamw::Scalars::new(
+            cfg.lr,
+            cfg.beta1,
+            cfg.beta2,
+            cfg.eps,
+            cfg.weight_decay,
+            step,
+        );
+        for (what, t) in [("param", p), ("grad", g), ("m", m), ("v", v)] {
+            f32_in(op, what, t)?;
+            same_shape(op, p, t)?;
+        }
+        let n = p.numel();
+        let mut args = vec![
+            KArg::Buf(&p.buf),
+            KArg::Buf(&g.buf),
+            KArg::Buf(&m.buf),
+            KArg::Buf(&v.buf),
+            KArg::U64(n as u64),
+        ];
+        args.extend(s.as_array().map(KArg::F32));
+        run(dev, "adamw_f32", adamw::config(n), &args)
     }
 }

@@ -2,7 +2,7 @@
 //! argmax with an optional frequency penalty whose counts are updated left to
 //! right inside the block. B batch rows, K hint positions, V vocabulary.
 
-use crate::kdev::{bridge, launch};
+use crate::kdev::bridge;
 use anyhow::{bail, ensure, Result};
 use kf_engine::{DType, Float, OutBuf, Tensor};
 use rayon::prelude::*;
@@ -248,5 +248,64 @@ mod tests {
         let ct = counts(&[0; 8], [4, 2]).transpose(0, 1).unwrap();
         assert!(argmax_penalty(&l, &ct, 0.0).is_err()); // not contiguous
         assert!(argmax_penalty(&l3(&[0.0; 4], [2, 2, 1]).reshape(&[4]).unwrap(), &c, 0.0).is_err());
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, run, Out};
+    use crate::kdev::{DTensor, KArg, KernelDevice};
+    use anyhow::ensure;
+    use kf_engine::DType;
+    use kf_kernels::argmax;
+
+    /// Greedy read-off with a frequency penalty (`kf_ops::argmax::argmax_penalty`): for each batch
+    /// row b and its K positions in order, the argmax of `logits[b, i] - penalty * counts[b]`,
+    /// counting each chosen token into `counts [B, V]` (u32, updated in place on the device).
+    /// Returns tokens `[B, K]` u32; a NaN row gives [`TOKEN_NAN`], an all -inf row
+    /// [`TOKEN_ALL_NEG_INF`] (see [`tokens_to_host`]).
+    pub fn argmax_penalty<D: KernelDevice + ?Sized>(
+        dev: &D,
+        logits: &DTensor,
+        counts: &DTensor,
+        penalty: f64,
+    ) -> Out {
+        let op = "argmax_penalty";
+        f32_in(op, "logits", logits)?;
+        counts.expect_dtype(op, "counts", DType::U32)?;
+        ensure!(
+            logits.rank() == 3,
+            "{op}: logits must be [B, K, V], got {:?}",
+            logits.shape()
+        );
+        let (b, k, v) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
+        ensure!(
+            counts.shape() == [b, v],
+            "{op}: counts {:?} must be [B, V] = [{b}, {v}]",
+            counts.shape()
+        );
+        ensure!(v >= 1, "{op}: empty vocabulary");
+        ensure!(penalty.is_finite(), "{op}: penalty {penalty} is not finite");
+        let out = DTensor::uninit(dev, &[b, k], DType::U32)?;
+        if b * k > 0 {
+            run(
+                dev,
+                "argmax_penalty_f32",
+                argmax::config(b, v),
+                &[
+                    KArg::Buf(&logits.buf),
+                    KArg::Buf(&counts.buf),
+                    KArg::Buf(&out.buf),
+                    KArg::U32(b as u32),
+                    KArg::U32(k as u32),
+                    KArg::U32(v as u32),
+                    KArg::F64(penalty),
+                ],
+            )?;
+        }
+        Ok(out)
     }
 }

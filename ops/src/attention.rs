@@ -3,7 +3,7 @@
 //! blocks with an online softmax, so no [Tq, Tk] score or mask matrix ever exists in memory.
 //! Dimensions: B batch, Tq query rows, Tk keys, H heads, D head dim; N context, k hints per window.
 
-use crate::kdev::{bridge, launch, DTensor};
+use crate::kdev::{bridge, DTensor};
 use crate::util::exp_f32;
 use crate::util::float_dtype;
 use anyhow::{ensure, Context, Result};
@@ -1506,9 +1506,9 @@ fn attention_bwd_on(
     lse: &Tensor,
     g: &Tensor,
     p: &AttnParams,
-) -> Result<crate::kdev::backward::AttnGrads> {
+) -> Result<launch::AttnGrads> {
     let o = DevOperands::new(q, k, v)?;
-    crate::kdev::backward::attention_bwd(
+    launch::attention_bwd(
         &*on.dev,
         o.view(0),
         o.view(1),
@@ -1541,9 +1541,9 @@ fn rope_attention_on(
     let x = bridge::dt(qkv)?;
     let pos_t = pos;
     let pos = bridge::dt(&pos.reshape(&[pos.numel()])?)?;
-    let (cos, sin) = launch::rope_tables(dev, &pos, d, rope_base)?;
+    let (cos, sin) = crate::rope::launch::rope_tables(dev, &pos, d, rope_base)?;
     let strides = [t * 3 * h * d, 3 * h * d, d];
-    let q = launch::rope_view(dev, &x.buf, [b, t, h, d], strides, &cos, &sin)?;
+    let q = crate::rope::launch::rope_view(dev, &x.buf, [b, t, h, d], strides, &cos, &sin)?;
     let row = h * d * 4;
     let part = |i: usize| -> Result<DTensor> {
         let out = DTensor::uninit(dev, &[b, t, h, d], kf_engine::DType::F32)?;
@@ -1552,7 +1552,7 @@ fn rope_attention_on(
         }
         Ok(out)
     };
-    let k = launch::rope(dev, &part(1)?, &cos, &sin)?;
+    let k = crate::rope::launch::rope(dev, &part(1)?, &cos, &sin)?;
     let v = part(2)?;
     let dims = launch::AttnDims {
         b,
@@ -1662,9 +1662,9 @@ fn rope_attention_bwd_on(
     let gr = attention_bwd_on(on, (&s.q, &s.k, v), out, &s.lse, g, &s.params)?;
     let d = s.q.shape()[3];
     let pos = bridge::dt(&s.pos.reshape(&[s.pos.numel()])?)?;
-    let (cos, sin) = launch::rope_tables(dev, &pos, d, s.rope_base)?;
-    let dq = crate::kdev::backward::rope_bwd(dev, &gr.dq, &cos, &sin)?;
-    let dk = crate::kdev::backward::rope_bwd(dev, &gr.dk, &cos, &sin)?;
+    let (cos, sin) = crate::rope::launch::rope_tables(dev, &pos, d, s.rope_base)?;
+    let dq = crate::rope::launch::rope_bwd(dev, &gr.dq, &cos, &sin)?;
+    let dk = crate::rope::launch::rope_bwd(dev, &gr.dk, &cos, &sin)?;
     let dqkv = Tensor::zeros(s.qkv.shape(), kf_engine::DType::F32, on.device)?;
     for (i, part) in [dq, dk, gr.dv].into_iter().enumerate() {
         dqkv.narrow(2, i, 1)?
@@ -2023,5 +2023,414 @@ mod tests {
         assert!(worst < 3e-7, "relative error {worst}");
         assert!(exp_f32(f32::NAN).is_nan());
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+    use crate::attention::{AttnParams, AttnPattern};
+    use crate::kdev::{f32_in, run, view_span};
+    use crate::kdev::{DTensor, DeviceBuf, KArg, KernelDevice};
+    use anyhow::{ensure, Result};
+    use kf_engine::DType;
+    use kf_kernels::attention as at;
+
+    /// A strided `[B, T, H, D]` operand of attention: a buffer of f32 and its strides over
+    /// (batch, row, head) in elements (D unit-stride), e.g. a KV cache `[B, Tmax, H, D]` of which
+    /// the first Tk rows are used.
+    pub struct AttnView<'a> {
+        pub buf: &'a DeviceBuf,
+        pub strides: [usize; 3],
+    }
+
+    impl<'a> AttnView<'a> {
+        /// A contiguous `[B, T, H, D]` tensor.
+        pub fn contiguous(t: &'a DTensor) -> Result<AttnView<'a>> {
+            ensure!(
+                t.rank() == 4,
+                "attention: operand must be [B, T, H, D], got {:?}",
+                t.shape()
+            );
+            t.expect_dtype("attention", "operand", DType::F32)?;
+            let s = t.shape();
+            Ok(AttnView {
+                buf: &t.buf,
+                strides: [s[1] * s[2] * s[3], s[2] * s[3], s[3]],
+            })
+        }
+    }
+
+    /// Sizes of an attention call: batch, heads, head dim, query rows, keys.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct AttnDims {
+        pub b: usize,
+        pub h: usize,
+        pub d: usize,
+        pub tq: usize,
+        pub tk: usize,
+    }
+
+    /// Which kernels run the forward.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum AttnPath {
+        /// Split-key decode kernels up to `kf_kernels::attention::DECODE_MAX_ROWS` query rows,
+        /// the forward tiles beyond.
+        Auto,
+        /// The forward tiles (`attn_fwd_d*`).
+        Tiles,
+        /// The decode kernels with at most `max_splits` key splits (then `attn_decode_combine`).
+        Decode { max_splits: usize },
+    }
+
+    /// Attention output `o [B, Tq, H, D]` and the log-sum-exp `lse [B, H, Tq]` (f32) the
+    /// backward takes.
+    pub struct AttnOut {
+        pub o: DTensor,
+        pub lse: DTensor,
+    }
+
+    /// Errors unless the attention kernels have an instance for head dim `d` (64 and 128).
+    pub fn check_head_dim(d: usize) -> Result<()> {
+        at::tile(at::Kernel::Fwd, d)
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn pattern_code(p: AttnPattern) -> (i32, u32, u32) {
+        match p {
+            AttnPattern::Causal => (at::CAUSAL, 0, 0),
+            AttnPattern::Staircase { n, k } => (at::STAIRCASE, n as u32, k as u32),
+            AttnPattern::DoubleStaircase { n, k } => (at::DOUBLE_STAIRCASE, n as u32, k as u32),
+        }
+    }
+
+    /// Checks of the CPU op that do not need the data: pattern length, query rows inside the keys,
+    /// key_skip per batch row, head dim with a kernel, views inside their buffers.
+    fn check_attention<D: KernelDevice + ?Sized>(
+        dev: &D,
+        q: &AttnView<'_>,
+        k: &AttnView<'_>,
+        v: &AttnView<'_>,
+        dims: AttnDims,
+        p: &AttnParams,
+    ) -> Result<()> {
+        let ctx = || {
+            format!(
+                "attention ({:?}, q_start {}, {dims:?})",
+                p.pattern, p.q_start
+            )
+        };
+        at::tile(at::Kernel::Fwd, dims.d).map_err(|e| anyhow::anyhow!("{}: {e}", ctx()))?;
+        ensure!(
+            p.scale.is_finite(),
+            "{}: scale {} is not finite",
+            ctx(),
+            p.scale
+        );
+        ensure!(
+            dims.b >= 1 && dims.h >= 1,
+            "{}: B and H must be >= 1",
+            ctx()
+        );
+        ensure!(dims.tk >= 1 || dims.tq == 0, "{}: no keys", ctx());
+        let want = match p.pattern {
+            AttnPattern::Causal => None,
+            AttnPattern::Staircase { n, k } => n.checked_mul(k).and_then(|x| x.checked_add(n)),
+            AttnPattern::DoubleStaircase { n, k } => n
+                .checked_mul(k)
+                .and_then(|x| x.checked_mul(2))
+                .and_then(|x| x.checked_add(n)),
+        };
+        if !matches!(p.pattern, AttnPattern::Causal) {
+            ensure!(
+                want == Some(dims.tk),
+                "{}: Tk = {} but the pattern needs {:?}",
+                ctx(),
+                dims.tk,
+                want
+            );
+        }
+        ensure!(
+            p.q_start.checked_add(dims.tq).is_some_and(|e| e <= dims.tk),
+            "{}: query rows {}..{} exceed Tk = {}",
+            ctx(),
+            p.q_start,
+            p.q_start.saturating_add(dims.tq),
+            dims.tk
+        );
+        ensure!(
+            p.key_skip.is_empty() || p.key_skip.len() == dims.b,
+            "{}: key_skip has {} entries, expected B = {} (or none)",
+            ctx(),
+            p.key_skip.len(),
+            dims.b
+        );
+        ensure!(
+            p.key_skip.iter().all(|&s| s <= u32::MAX as usize) && p.q_start <= u32::MAX as usize,
+            "{}: key_skip / q_start past u32",
+            ctx()
+        );
+        for (name, view, rows) in [("q", q, dims.tq), ("k", k, dims.tk), ("v", v, dims.tk)] {
+            let span = view_span([dims.b, rows, dims.h, dims.d], view.strides);
+            let have = dev.buf_bytes(view.buf) / 4;
+            ensure!(
+                span <= have,
+                "{}: {name} [B, {rows}, H, D] with strides {:?} spans {span} f32, the buffer holds {have}",
+                ctx(),
+                view.strides
+            );
+        }
+        Ok(())
+    }
+
+    /// The per-batch `key_skip` of `p` as a u32 device tensor `[B]`, or `None` when there is none.
+    pub(crate) fn key_skip_tensor<D: KernelDevice + ?Sized>(
+        dev: &D,
+        p: &AttnParams,
+        b: usize,
+    ) -> Result<Option<DTensor>> {
+        if p.key_skip.is_empty() {
+            return Ok(None);
+        }
+        let s: Vec<u32> = p.key_skip.iter().map(|&s| s as u32).collect();
+        Ok(Some(DTensor::from_slice(dev, &s, &[b])?))
+    }
+
+    /// The inputs every attention kernel takes first (`IN` in kf_kernels::attention): q, k, v,
+    /// key_skip, their strides, Tq, Tk, q_start, the pattern code and its (n, k), the scale.
+    pub(crate) fn attn_common_args<'a>(
+        q: &AttnView<'a>,
+        k: &AttnView<'a>,
+        v: &AttnView<'a>,
+        skip: Option<&'a DTensor>,
+        dims: AttnDims,
+        p: &AttnParams,
+    ) -> Vec<KArg<'a>> {
+        let (kind, pn, pk) = pattern_code(p.pattern);
+        let mut args: Vec<KArg<'a>> = vec![
+            KArg::Buf(q.buf),
+            KArg::Buf(k.buf),
+            KArg::Buf(v.buf),
+            skip.map_or(KArg::Null, |s| KArg::Buf(&s.buf)),
+        ];
+        for s in [q.strides, k.strides, v.strides] {
+            args.extend(s.iter().map(|&x| KArg::U64(x as u64)));
+        }
+        args.extend([
+            KArg::U32(dims.tq as u32),
+            KArg::U32(dims.tk as u32),
+            KArg::U32(p.q_start as u32),
+            KArg::I32(kind),
+            KArg::U32(pn),
+            KArg::U32(pk),
+            KArg::F32(p.scale as f32),
+        ]);
+        args
+    }
+
+    /// Attention forward over key-range patterns (causal, staircase, double staircase, `q_start`,
+    /// `key_skip`) on the attention kernels: the 64-row forward tiles, or the split-key decode
+    /// kernels and their combine (`path`). Head dims 64 and 128 only (others: an error).
+    pub fn attention<D: KernelDevice + ?Sized>(
+        dev: &D,
+        q: AttnView<'_>,
+        k: AttnView<'_>,
+        v: AttnView<'_>,
+        dims: AttnDims,
+        p: &AttnParams,
+        path: AttnPath,
+    ) -> Result<AttnOut> {
+        check_attention(dev, &q, &k, &v, dims, p)?;
+        let AttnDims { b, h, d, tq, tk } = dims;
+        let o = DTensor::uninit(dev, &[b, tq, h, d], DType::F32)?;
+        let lse = DTensor::uninit(dev, &[b, h, tq], DType::F32)?;
+        if tq == 0 {
+            return Ok(AttnOut { o, lse });
+        }
+        let skip = key_skip_tensor(dev, p, b)?;
+        let mut args = attn_common_args(&q, &k, &v, skip.as_ref(), dims, p);
+        let shape_err = |e: at::ShapeError| anyhow::anyhow!("{e}");
+        let decode = match path {
+            AttnPath::Auto => at::use_decode(tq).then_some(at::MAX_SPLITS),
+            AttnPath::Tiles => None,
+            AttnPath::Decode { max_splits } => Some(max_splits),
+        };
+        match decode {
+            None => {
+                let cfg = at::fwd(b, h, tq, tk, d).map_err(shape_err)?;
+                args.extend([
+                    KArg::Buf(&o.buf),
+                    KArg::Buf(&lse.buf),
+                    KArg::Null,
+                    KArg::Null,
+                    KArg::U32(1),
+                    KArg::U32(0),
+                ]);
+                run(dev, &at::entry(at::Kernel::Fwd, d, "f32"), cfg, &args)?;
+            }
+            Some(max_splits) => {
+                let plan = at::decode(b, h, tq, tk, d, max_splits).map_err(shape_err)?;
+                let split = plan.nsplit > 1;
+                let rows = plan.part_rows.max(1);
+                let opart = DTensor::uninit(dev, &[rows, d], DType::F32)?;
+                let lsepart = DTensor::uninit(dev, &[rows], DType::F32)?;
+                args.extend([
+                    KArg::Buf(&o.buf),
+                    KArg::Buf(&lse.buf),
+                    if split {
+                        KArg::Buf(&opart.buf)
+                    } else {
+                        KArg::Null
+                    },
+                    if split {
+                        KArg::Buf(&lsepart.buf)
+                    } else {
+                        KArg::Null
+                    },
+                    KArg::U32(plan.nsplit),
+                    KArg::U32(plan.chunk),
+                ]);
+                run(
+                    dev,
+                    &at::entry(at::Kernel::Decode, d, "f32"),
+                    plan.main,
+                    &args,
+                )?;
+                if let Some(cfg) = plan.combine {
+                    run(
+                        dev,
+                        "attn_decode_combine_f32",
+                        cfg,
+                        &[
+                            KArg::Buf(&opart.buf),
+                            KArg::Buf(&lsepart.buf),
+                            KArg::Buf(&o.buf),
+                            KArg::Buf(&lse.buf),
+                            KArg::U32(tq as u32),
+                            KArg::U32(d as u32),
+                            KArg::U32(plan.nsplit),
+                        ],
+                    )?;
+                }
+            }
+        }
+        Ok(AttnOut { o, lse })
+    }
+
+    /// Gradients of attention `o = Attn(q, k, v)` from `go [B, Tq, H, Dh]` (contiguous), the
+    /// forward's output `o` (contiguous) and `lse [B, H, Tq]`: `dq [B, Tq, H, Dh]`,
+    /// `dk`, `dv [B, Tk, H, Dh]`, all contiguous. q, k, v are the forward's (strided) views.
+    pub struct AttnGrads {
+        pub dq: DTensor,
+        pub dk: DTensor,
+        pub dv: DTensor,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_bwd<D: KernelDevice + ?Sized>(
+        dev: &D,
+        q: AttnView<'_>,
+        k: AttnView<'_>,
+        v: AttnView<'_>,
+        o: &DTensor,
+        lse: &DTensor,
+        go: &DTensor,
+        dims: AttnDims,
+        p: &AttnParams,
+    ) -> Result<AttnGrads> {
+        let op = "attention_bwd";
+        let AttnDims { b, h, d, tq, tk } = dims;
+        f32_in(op, "o", o)?;
+        f32_in(op, "lse", lse)?;
+        f32_in(op, "grad", go)?;
+        ensure!(
+            o.shape() == [b, tq, h, d] && go.shape() == [b, tq, h, d] && lse.shape() == [b, h, tq],
+            "{op}: o {:?}, grad {:?}, lse {:?} do not fit {dims:?}",
+            o.shape(),
+            go.shape(),
+            lse.shape()
+        );
+        let shape_err = |e: at::ShapeError| anyhow::anyhow!("{op}: {e}");
+        at::tile(at::Kernel::BwdDq, d).map_err(shape_err)?;
+        ensure!(
+            p.key_skip.is_empty() || p.key_skip.len() == b,
+            "{op}: key_skip has {} entries, expected B = {b}",
+            p.key_skip.len()
+        );
+        ensure!(
+            p.q_start + tq <= tk,
+            "{op}: query rows {}..{} exceed Tk = {tk}",
+            p.q_start,
+            p.q_start + tq
+        );
+        for (name, view, rows) in [("q", &q, tq), ("k", &k, tk), ("v", &v, tk)] {
+            if b * rows * h * d == 0 {
+                continue;
+            }
+            let s = view.strides;
+            let span = (b - 1) * s[0] + (rows - 1) * s[1] + (h - 1) * s[2] + d;
+            ensure!(
+                span <= dev.buf_bytes(view.buf) / 4,
+                "{op}: {name} view with strides {s:?} exceeds its buffer"
+            );
+        }
+        let dq = DTensor::uninit(dev, &[b, tq, h, d], DType::F32)?;
+        let dk = DTensor::uninit(dev, &[b, tk, h, d], DType::F32)?;
+        let dvv = DTensor::uninit(dev, &[b, tk, h, d], DType::F32)?;
+        if tq == 0 {
+            // no queries: zero key / value gradients
+            return Ok(AttnGrads {
+                dq,
+                dk: DTensor::zeros(dev, &[b, tk, h, d], DType::F32)?,
+                dv: DTensor::zeros(dev, &[b, tk, h, d], DType::F32)?,
+            });
+        }
+        let dvec = DTensor::uninit(dev, &[b, h, tq], DType::F32)?;
+        run(
+            dev,
+            "attn_bwd_dot_f32",
+            at::bwd_dot(b, h, tq),
+            &[
+                KArg::Buf(&o.buf),
+                KArg::Buf(&go.buf),
+                KArg::Buf(&dvec.buf),
+                KArg::U32(b as u32),
+                KArg::U32(tq as u32),
+                KArg::U32(h as u32),
+                KArg::U32(d as u32),
+            ],
+        )?;
+        let skip = key_skip_tensor(dev, p, b)?;
+        let common = || attn_common_args(&q, &k, &v, skip.as_ref(), dims, p);
+        let mut args = common();
+        args.extend([
+            KArg::Buf(&go.buf),
+            KArg::Buf(&lse.buf),
+            KArg::Buf(&dvec.buf),
+            KArg::Buf(&dq.buf),
+        ]);
+        run(
+            dev,
+            &at::entry(at::Kernel::BwdDq, d, "f32"),
+            at::bwd_dq(b, h, tq, tk, d).map_err(shape_err)?,
+            &args,
+        )?;
+        let mut args = common();
+        args.extend([
+            KArg::Buf(&go.buf),
+            KArg::Buf(&lse.buf),
+            KArg::Buf(&dvec.buf),
+            KArg::Buf(&dk.buf),
+            KArg::Buf(&dvv.buf),
+        ]);
+        run(
+            dev,
+            &at::entry(at::Kernel::BwdDkdv, d, "f32"),
+            at::bwd_dkdv(b, h, tq, tk, d).map_err(shape_err)?,
+            &args,
+        )?;
+        Ok(AttnGrads { dq, dk, dv: dvv })
     }
 }

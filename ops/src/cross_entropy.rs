@@ -26,7 +26,7 @@ pub fn cross_entropy(
 ) -> Result<(Tensor, Tensor)> {
     let op = "cross_entropy";
     if let Some(on) = bridge::device_of(op, &[logits, targets])? {
-        let ce = crate::kdev::backward::cross_entropy(
+        let ce = launch::cross_entropy(
             &*on.dev,
             &bridge::dt(logits)?,
             &bridge::dt(targets)?,
@@ -175,7 +175,7 @@ impl<T: Float> BackwardOp for CrossEntropyBackward<T> {
         );
         let (n, v) = (self.logits.shape()[0], self.logits.shape()[1]);
         if let Some(on) = bridge::device_of("cross_entropy backward", &[&self.logits, g])? {
-            let dx = crate::kdev::backward::cross_entropy_bwd(
+            let dx = launch::cross_entropy_bwd(
                 &*on.dev,
                 &bridge::dt(&self.logits)?,
                 &bridge::dt(&self.targets)?,
@@ -300,5 +300,163 @@ mod tests {
             .unwrap()
             .iter()
             .all(|&a| a == 0.0));
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, run, u32_fits, Out};
+    use crate::kdev::{DTensor, KArg, KernelDevice};
+    use anyhow::{ensure, Result};
+    use kf_engine::DType;
+    use kf_kernels::cross_entropy as ce;
+
+    /// Cross-entropy of `logits [N, V]` against u32 `targets [N]`: per-row loss and
+    /// log-sum-exp (`[N]`), the mean over rows not ignored (`[1]` f32) and their count (`[1]` u32).
+    pub struct CrossEntropy {
+        pub loss: DTensor,
+        pub lse: DTensor,
+        pub mean: DTensor,
+        pub count: DTensor,
+    }
+
+    fn ce_checks<D: KernelDevice + ?Sized>(
+        dev: &D,
+        op: &str,
+        logits: &DTensor,
+        targets: &DTensor,
+        ignore: Option<u32>,
+    ) -> Result<(usize, usize)> {
+        f32_in(op, "logits", logits)?;
+        targets.expect_dtype(op, "targets", DType::U32)?;
+        ensure!(
+            logits.rank() == 2,
+            "{op}: logits must be [N, V], got {:?}",
+            logits.shape()
+        );
+        let (n, v) = (logits.shape()[0], logits.shape()[1]);
+        ensure!(
+            targets.shape() == [n],
+            "{op}: targets {:?} must be [{n}]",
+            targets.shape()
+        );
+        ensure!(v > 0, "{op}: no classes");
+        u32_fits(op, &[n, v])?;
+        if let Some(&bad) = targets
+            .to_vec::<D, u32>(dev)?
+            .iter()
+            .find(|&&t| t as usize >= v && Some(t) != ignore)
+        {
+            anyhow::bail!("{op}: target {bad} outside the {v} classes");
+        }
+        Ok((n, v))
+    }
+
+    pub fn cross_entropy<D: KernelDevice + ?Sized>(
+        dev: &D,
+        logits: &DTensor,
+        targets: &DTensor,
+        ignore: Option<u32>,
+    ) -> Result<CrossEntropy> {
+        let op = "cross_entropy";
+        let (n, v) = ce_checks(dev, op, logits, targets, ignore)?;
+        let loss = DTensor::uninit(dev, &[n], DType::F32)?;
+        let lse = DTensor::uninit(dev, &[n], DType::F32)?;
+        let mean = DTensor::uninit(dev, &[1], DType::F32)?;
+        let count = DTensor::uninit(dev, &[1], DType::U32)?;
+        let (ig, has) = (ignore.unwrap_or(0), ignore.is_some() as i32);
+        if n > 0 {
+            run(
+                dev,
+                "cross_entropy_fwd_f32",
+                ce::fwd_config(n, v),
+                &[
+                    KArg::Buf(&logits.buf),
+                    KArg::Buf(&targets.buf),
+                    KArg::Buf(&loss.buf),
+                    KArg::Buf(&lse.buf),
+                    KArg::U32(n as u32),
+                    KArg::U32(v as u32),
+                    KArg::U32(ig),
+                    KArg::I32(has),
+                ],
+            )?;
+        }
+        run(
+            dev,
+            "cross_entropy_mean_f32",
+            ce::mean_config(n),
+            &[
+                KArg::Buf(&loss.buf),
+                KArg::Buf(&targets.buf),
+                KArg::Buf(&mean.buf),
+                KArg::Buf(&count.buf),
+                KArg::U32(n as u32),
+                KArg::U32(ig),
+                KArg::I32(has),
+            ],
+        )?;
+        Ok(CrossEntropy {
+            loss,
+            lse,
+            mean,
+            count,
+        })
+    }
+
+    /// Gradient of the mean cross-entropy w.r.t. the logits, scaled by the device scalar `g`
+    /// (`[1]` f32, the gradient of the mean loss; 1 for a loss that is the mean itself), from the
+    /// forward's `lse` and `count` ([`CrossEntropy`]).
+    pub fn cross_entropy_bwd<D: KernelDevice + ?Sized>(
+        dev: &D,
+        logits: &DTensor,
+        targets: &DTensor,
+        (lse, count): (&DTensor, &DTensor),
+        g: &DTensor,
+        ignore: Option<u32>,
+    ) -> Out {
+        let op = "cross_entropy_bwd";
+        f32_in(op, "logits", logits)?;
+        targets.expect_dtype(op, "targets", DType::U32)?;
+        f32_in(op, "grad", g)?;
+        ensure!(
+            logits.rank() == 2,
+            "{op}: logits must be [N, V], got {:?}",
+            logits.shape()
+        );
+        let (n, v) = (logits.shape()[0], logits.shape()[1]);
+        ensure!(
+            targets.shape() == [n] && lse.shape() == [n] && g.numel() == 1,
+            "{op}: targets {:?}, lse {:?}, grad {:?} do not fit logits {:?}",
+            targets.shape(),
+            lse.shape(),
+            g.shape(),
+            logits.shape()
+        );
+        let out = DTensor::uninit(dev, logits.shape(), DType::F32)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        run(
+            dev,
+            "cross_entropy_bwd_f32",
+            ce::bwd_config(n, v),
+            &[
+                KArg::Buf(&logits.buf),
+                KArg::Buf(&targets.buf),
+                KArg::Buf(&lse.buf),
+                KArg::Buf(&g.buf),
+                KArg::Buf(&count.buf),
+                KArg::Buf(&out.buf),
+                KArg::U32(n as u32),
+                KArg::U32(v as u32),
+                KArg::U32(ignore.unwrap_or(0)),
+                KArg::I32(ignore.is_some() as i32),
+            ],
+        )?;
+        Ok(out)
     }
 }

@@ -4,7 +4,7 @@
 //! Letters: N the last (feature) dimension, R all leading dims flattened.
 
 use crate::dispatch_float;
-use crate::kdev::{bridge, launch};
+use crate::kdev::bridge;
 use crate::reduce::{sum_axis_into, sum_to_shape};
 use crate::util::{expect_rank, float_dtype};
 use anyhow::{bail, ensure, Context, Result};
@@ -406,7 +406,7 @@ fn bias_add_t<T: Float>(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub(crate) fn sum_rows(g: &Tensor, n: usize) -> Result<Tensor> {
     if let Some(on) = bridge::device_of("sum_rows", &[g])? {
         let g2 = bridge::dt(&g.reshape(&[g.numel() / n.max(1), n])?)?;
-        return bridge::back(&on, crate::kdev::backward::colsum(&*on.dev, &g2)?);
+        return bridge::back(&on, crate::reduce::launch::colsum(&*on.dev, &g2)?);
     }
     let d = float_dtype("sum_rows", &[g])?;
     fn go<T: Float>(g: &Tensor, n: usize) -> Result<Tensor> {
@@ -495,5 +495,95 @@ mod tests {
         let g = sub(&a, &b).unwrap().backward().unwrap();
         assert_eq!(g.get(&a).unwrap().to_vec::<f64>().unwrap(), vec![1.; 3]);
         assert_eq!(g.get(&b).unwrap().to_vec::<f64>().unwrap(), vec![-3.]);
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, rows_cols, run, same_shape_binary, Out};
+    use crate::kdev::{DTensor, KArg, KernelDevice};
+    use anyhow::ensure;
+    use kf_engine::DType;
+    use kf_kernels::elementwise;
+
+    /// Elementwise binary op (`add`, `sub`, `mul`) of two f32 tensors of the same shape.
+    fn binary<D: KernelDevice + ?Sized>(dev: &D, op: &str, a: &DTensor, b: &DTensor) -> Out {
+        let entry = format!("{op}_f32");
+        same_shape_binary(dev, op, &entry, elementwise::config(a.numel()), a, b)
+    }
+
+    /// `a + b` (same shapes).
+    pub fn add<D: KernelDevice + ?Sized>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
+        binary(dev, "add", a, b)
+    }
+
+    /// `a - b` (same shapes).
+    pub fn sub<D: KernelDevice + ?Sized>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
+        binary(dev, "sub", a, b)
+    }
+
+    /// `a * b` (same shapes).
+    pub fn mul<D: KernelDevice + ?Sized>(dev: &D, a: &DTensor, b: &DTensor) -> Out {
+        binary(dev, "mul", a, b)
+    }
+
+    /// `s * x`.
+    pub fn scale<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, s: f32) -> Out {
+        f32_in("scale", "x", x)?;
+        let n = x.numel();
+        let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
+        run(
+            dev,
+            "scale_f32",
+            elementwise::config(n),
+            &[
+                KArg::Buf(&x.buf),
+                KArg::Buf(&out.buf),
+                KArg::F32(s),
+                KArg::U64(n as u64),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    /// `x [..., C] + b [C]` (the bias broadcast over rows).
+    pub fn bias_add<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
+        row_bias(dev, "bias_add", x, b)
+    }
+
+    /// `gelu_tanh(x [..., C] + b [C])` in one pass (the MLP's bias fused into its activation).
+    pub fn bias_gelu_tanh<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
+        row_bias(dev, "bias_gelu_tanh", x, b)
+    }
+
+    /// An elementwise kernel of `x [..., C]` and a row bias `b [C]`: `<op>_f32(x, b, out, n, C)`.
+    fn row_bias<D: KernelDevice + ?Sized>(dev: &D, op: &str, x: &DTensor, b: &DTensor) -> Out {
+        f32_in(op, "x", x)?;
+        f32_in(op, "bias", b)?;
+        let (_, cols) = rows_cols(op, x)?;
+        ensure!(
+            b.shape() == [cols],
+            "{op}: bias {:?} must be [{cols}] for x {:?}",
+            b.shape(),
+            x.shape()
+        );
+        let n = x.numel();
+        let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
+        run(
+            dev,
+            &format!("{op}_f32"),
+            elementwise::config(n),
+            &[
+                KArg::Buf(&x.buf),
+                KArg::Buf(&b.buf),
+                KArg::Buf(&out.buf),
+                KArg::U64(n as u64),
+                KArg::U64(cols.max(1) as u64),
+            ],
+        )?;
+        Ok(out)
     }
 }

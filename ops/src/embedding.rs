@@ -4,7 +4,7 @@
 //! races and the same bits at any thread count. Letters: V vocabulary, D width.
 
 use crate::dispatch_float;
-use crate::kdev::{bridge, launch};
+use crate::kdev::bridge;
 use crate::util::{expect_rank, float_dtype};
 use anyhow::{bail, ensure, Result};
 use kf_engine::autograd::{should_record, BackwardOp};
@@ -108,7 +108,7 @@ impl BackwardOp for EmbeddingBackward {
         if let Some(on) = bridge::device_of("embedding backward", &[&self.ids, g])? {
             let ids = bridge::dt(&self.ids.reshape(&[self.ids.numel()])?)?;
             let g2 = bridge::dt(&g.reshape(&[self.ids.numel(), dim])?)?;
-            let gt = crate::kdev::backward::embedding_bwd(&*on.dev, &ids, &g2, v)?;
+            let gt = launch::embedding_bwd(&*on.dev, &ids, &g2, v)?;
             return Ok(vec![None, Some(bridge::back(&on, gt)?)]);
         }
         let d = float_dtype("embedding backward", &[g, &self.table])?;
@@ -231,5 +231,103 @@ mod tests {
         );
         // ids 37..50 never occur: their rows are zero
         assert!(a[37 * dim..].iter().all(|&x| x == 0.0));
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, rows_cols, run, u32_fits, Out};
+    use crate::kdev::{DTensor, KArg, KernelDevice};
+    use anyhow::ensure;
+    use kf_engine::DType;
+    use kf_kernels::embedding as emb;
+
+    /// Rows of `table [V, D]` at u32 `ids [...]`: `[..., D]`. An id >= V gives a NaN row (the
+    /// kernel reads nothing out of range; the CPU op errors instead).
+    pub fn embedding<D: KernelDevice + ?Sized>(dev: &D, ids: &DTensor, table: &DTensor) -> Out {
+        let op = "embedding";
+        ids.expect_dtype(op, "ids", DType::U32)?;
+        f32_in(op, "table", table)?;
+        ensure!(
+            table.rank() == 2,
+            "{op}: table must be [V, D], got {:?}",
+            table.shape()
+        );
+        let (v, d) = (table.shape()[0], table.shape()[1]);
+        ensure!(
+            v <= u32::MAX as usize && d <= u32::MAX as usize,
+            "{op}: table {:?} too large",
+            table.shape()
+        );
+        let n = ids.numel();
+        let mut shape = ids.shape().to_vec();
+        shape.push(d);
+        let out = DTensor::uninit(dev, &shape, DType::F32)?;
+        if n > 0 && d > 0 {
+            run(
+                dev,
+                "embedding_fwd_f32",
+                emb::fwd_config(n),
+                &[
+                    KArg::Buf(&ids.buf),
+                    KArg::Buf(&table.buf),
+                    KArg::Buf(&out.buf),
+                    KArg::U64(n as u64),
+                    KArg::U32(d as u32),
+                    KArg::U32(v as u32),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Gradient of the table `[V, D]` of an embedding gather at u32 `ids [..]` from
+    /// `g [.., D]`: rows summed in position order (deterministic, no atomics). Ids >= V are an
+    /// error (checked on the host, as the CPU op does).
+    pub fn embedding_bwd<D: KernelDevice + ?Sized>(
+        dev: &D,
+        ids: &DTensor,
+        g: &DTensor,
+        v: usize,
+    ) -> Out {
+        let op = "embedding_bwd";
+        ids.expect_dtype(op, "ids", DType::U32)?;
+        f32_in(op, "grad", g)?;
+        let (n, d) = rows_cols(op, g)?;
+        ensure!(
+            n == ids.numel(),
+            "{op}: {} ids but grad {:?} has {n} rows",
+            ids.numel(),
+            g.shape()
+        );
+        u32_fits(op, &[d, v])?;
+        if let Some(&bad) = ids
+            .to_vec::<D, u32>(dev)?
+            .iter()
+            .find(|&&i| i as usize >= v)
+        {
+            anyhow::bail!("{op}: id {bad} outside the table of {v} rows");
+        }
+        let out = DTensor::uninit(dev, &[v, d], DType::F32)?;
+        if v == 0 || d == 0 {
+            return Ok(out);
+        }
+        run(
+            dev,
+            "embedding_bwd_f32",
+            emb::bwd_config(d, v),
+            &[
+                KArg::Buf(&ids.buf),
+                KArg::Buf(&g.buf),
+                KArg::Buf(&out.buf),
+                KArg::U64(n as u64),
+                KArg::U32(d as u32),
+                KArg::U32(v as u32),
+            ],
+        )?;
+        Ok(out)
     }
 }

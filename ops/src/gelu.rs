@@ -3,7 +3,7 @@
 //! with analytic derivatives. Also the erfc they rest on (fdlibm's, in f64).
 
 use crate::dispatch_float;
-use crate::kdev::{backward, bridge, launch};
+use crate::kdev::bridge;
 use crate::util::{fast_exp, float_dtype, has_avx2};
 use anyhow::{bail, Result};
 use kf_engine::autograd::should_record;
@@ -214,8 +214,8 @@ impl<T: Float> BackwardOp for GeluBackward<T> {
         if let Some(on) = bridge::device_of(self.name(), &[&self.x, g])? {
             let (x, g) = (bridge::dt(&self.x)?, bridge::dt(g)?);
             let dx = match self.kind {
-                Kind::Tanh => backward::gelu_tanh_bwd(&*on.dev, &x, &g)?,
-                Kind::Erf => backward::gelu_erf_bwd(&*on.dev, &x, &g)?,
+                Kind::Tanh => launch::gelu_tanh_bwd(&*on.dev, &x, &g)?,
+                Kind::Erf => launch::gelu_erf_bwd(&*on.dev, &x, &g)?,
             };
             return Ok(vec![Some(bridge::back(&on, dx)?)]);
         }
@@ -493,5 +493,63 @@ mod tests {
         let u = Tensor::zeros(&[3], DType::U32, Device::Cpu).unwrap();
         assert!(gelu_tanh(&u).is_err());
         assert!(gelu_erf(&u).is_err());
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, run, same_shape_binary, Out};
+    use crate::kdev::{DTensor, KArg, KernelDevice};
+
+    use kf_engine::DType;
+    use kf_kernels::{elementwise, gelu};
+
+    /// GELU, tanh approximation (the elementwise family's `gelu_tanh`).
+    pub fn gelu_tanh<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor) -> Out {
+        unary(dev, "gelu_tanh_f32", elementwise::config(x.numel()), x)
+    }
+
+    /// GELU with the exact erf.
+    pub fn gelu_erf<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor) -> Out {
+        unary(dev, "gelu_erf_f32", gelu::config(x.numel()), x)
+    }
+
+    /// `entry(x, g, out, n)`: a GELU backward at the forward's input `x`.
+    fn gelu_bwd<D: KernelDevice + ?Sized>(dev: &D, entry: &str, x: &DTensor, g: &DTensor) -> Out {
+        same_shape_binary(dev, entry, entry, gelu::config(x.numel()), x, g)
+    }
+
+    /// Gradient of GELU (tanh approximation) at the forward's input `x`.
+    pub fn gelu_tanh_bwd<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, g: &DTensor) -> Out {
+        gelu_bwd(dev, "gelu_tanh_bwd_f32", x, g)
+    }
+
+    /// Gradient of GELU (erf) at the forward's input `x`.
+    pub fn gelu_erf_bwd<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, g: &DTensor) -> Out {
+        gelu_bwd(dev, "gelu_erf_bwd_f32", x, g)
+    }
+
+    fn unary<D: KernelDevice + ?Sized>(
+        dev: &D,
+        entry: &str,
+        cfg: kf_kernels::LaunchConfig,
+        x: &DTensor,
+    ) -> Out {
+        f32_in(entry, "x", x)?;
+        let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
+        run(
+            dev,
+            entry,
+            cfg,
+            &[
+                KArg::Buf(&x.buf),
+                KArg::Buf(&out.buf),
+                KArg::U64(x.numel() as u64),
+            ],
+        )?;
+        Ok(out)
     }
 }

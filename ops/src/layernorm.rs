@@ -4,7 +4,7 @@
 //! for the backward. Letters: R rows (product of the leading dims), D features.
 
 use crate::dispatch_float;
-use crate::kdev::{bridge, launch};
+use crate::kdev::bridge;
 use crate::util::{expect_shape, float_dtype};
 use crate::util::{for_each_row, sum_map};
 use anyhow::{ensure, Result};
@@ -162,7 +162,7 @@ impl<T: Float> BackwardOp for LayerNormBackward<T> {
         let d = self.w.numel();
         expect_shape("layer_norm backward", "gradient", g, self.x.shape())?;
         if let Some(on) = bridge::device_of("layer_norm backward", &[&self.x, &self.w, g])? {
-            let gr = crate::kdev::backward::layer_norm_bwd(
+            let gr = launch::layer_norm_bwd(
                 &*on.dev,
                 &bridge::dt(&self.x)?,
                 &bridge::dt(&self.w)?,
@@ -305,5 +305,212 @@ mod tests {
             m.abs() < 1e-5 && (v - 1.0).abs() < 1e-4,
             "mean {m}, var {v}"
         );
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, rows_cols, run, same_shape, u32_fits};
+    use crate::kdev::{DTensor, KArg, KernelDevice};
+    use anyhow::{ensure, Result};
+    use kf_engine::DType;
+    use kf_kernels::{layernorm, layernorm_bwd};
+
+    /// LayerNorm output and the saved statistics (per row, f32) the backward takes.
+    pub struct LayerNormOut {
+        pub y: DTensor,
+        pub mean: DTensor,
+        pub rstd: DTensor,
+    }
+
+    /// LayerNorm over the last dimension of `x [..., D]` with weight `[D]` and optional bias `[D]`.
+    pub fn layer_norm<D: KernelDevice + ?Sized>(
+        dev: &D,
+        x: &DTensor,
+        w: &DTensor,
+        b: Option<&DTensor>,
+        eps: f32,
+    ) -> Result<LayerNormOut> {
+        let op = "layer_norm";
+        f32_in(op, "x", x)?;
+        f32_in(op, "weight", w)?;
+        let (rows, d) = rows_cols(op, x)?;
+        ensure!(
+            d > 0,
+            "{op}: the normalised dimension is empty ({:?})",
+            x.shape()
+        );
+        ensure!(
+            w.shape() == [d],
+            "{op}: weight {:?} must be [{d}]",
+            w.shape()
+        );
+        if let Some(b) = b {
+            f32_in(op, "bias", b)?;
+            ensure!(b.shape() == [d], "{op}: bias {:?} must be [{d}]", b.shape());
+        }
+        ensure!(
+            eps.is_finite() && eps >= 0.0,
+            "{op}: eps {eps} must be finite and >= 0"
+        );
+        ensure!(
+            rows <= u32::MAX as usize && d <= u32::MAX as usize,
+            "{op}: {:?} too large",
+            x.shape()
+        );
+        let y = DTensor::uninit(dev, x.shape(), DType::F32)?;
+        let mean = DTensor::uninit(dev, &[rows], DType::F32)?;
+        let rstd = DTensor::uninit(dev, &[rows], DType::F32)?;
+        if rows > 0 {
+            let (cfg, cached) = layernorm::config(rows, d);
+            run(
+                dev,
+                "layernorm_fwd_f32",
+                cfg,
+                &[
+                    KArg::Buf(&x.buf),
+                    KArg::Buf(&w.buf),
+                    b.map_or(KArg::Null, |b| KArg::Buf(&b.buf)),
+                    KArg::Buf(&y.buf),
+                    KArg::Buf(&mean.buf),
+                    KArg::Buf(&rstd.buf),
+                    KArg::U32(rows as u32),
+                    KArg::U32(d as u32),
+                    KArg::F32(eps),
+                    KArg::I32(cached as i32),
+                ],
+            )?;
+        }
+        Ok(LayerNormOut { y, mean, rstd })
+    }
+
+    /// Gradients of LayerNorm over the last dimension: `dx` (shape of x), `dw [D]`, `db [D]`
+    /// (when `bias`), from the forward's saved per-row `mean` and `rstd`.
+    pub struct LayerNormGrads {
+        pub dx: DTensor,
+        pub dw: DTensor,
+        pub db: Option<DTensor>,
+    }
+
+    pub fn layer_norm_bwd<D: KernelDevice + ?Sized>(
+        dev: &D,
+        x: &DTensor,
+        w: &DTensor,
+        g: &DTensor,
+        mean: &DTensor,
+        rstd: &DTensor,
+        bias: bool,
+    ) -> Result<LayerNormGrads> {
+        let op = "layer_norm_bwd";
+        for (what, t) in [
+            ("x", x),
+            ("weight", w),
+            ("grad", g),
+            ("mean", mean),
+            ("rstd", rstd),
+        ] {
+            f32_in(op, what, t)?;
+        }
+        same_shape(op, x, g)?;
+        let (rows, d) = rows_cols(op, x)?;
+        ensure!(d > 0, "{op}: the normalised dimension is empty");
+        ensure!(
+            w.shape() == [d],
+            "{op}: weight {:?} must be [{d}]",
+            w.shape()
+        );
+        ensure!(
+            mean.shape() == [rows] && rstd.shape() == [rows],
+            "{op}: mean {:?} / rstd {:?} must be [{rows}]",
+            mean.shape(),
+            rstd.shape()
+        );
+        u32_fits(op, &[rows, d])?;
+        let dx = DTensor::uninit(dev, x.shape(), DType::F32)?;
+        let dw = DTensor::uninit(dev, &[d], DType::F32)?;
+        let db = if bias {
+            Some(DTensor::uninit(dev, &[d], DType::F32)?)
+        } else {
+            None
+        };
+        if rows == 0 {
+            // no rows: zero weight gradients
+            let z = DTensor::zeros(dev, &[d], DType::F32)?;
+            return Ok(LayerNormGrads {
+                dx,
+                dw: z,
+                db: if bias {
+                    Some(DTensor::zeros(dev, &[d], DType::F32)?)
+                } else {
+                    None
+                },
+            });
+        }
+        run(
+            dev,
+            "layernorm_bwd_dx_f32",
+            layernorm_bwd::dx_config(rows, d),
+            &[
+                KArg::Buf(&x.buf),
+                KArg::Buf(&w.buf),
+                KArg::Buf(&g.buf),
+                KArg::Buf(&mean.buf),
+                KArg::Buf(&rstd.buf),
+                KArg::Buf(&dx.buf),
+                KArg::U32(rows as u32),
+                KArg::U32(d as u32),
+            ],
+        )?;
+        let (cfg, chunk, k) = layernorm_bwd::dwdb_config(rows, d);
+        let direct = k == 1;
+        let (pw, pb) = if direct {
+            (None, None)
+        } else {
+            (
+                Some(DTensor::uninit(dev, &[k as usize, d], DType::F32)?),
+                if bias {
+                    Some(DTensor::uninit(dev, &[k as usize, d], DType::F32)?)
+                } else {
+                    None
+                },
+            )
+        };
+        let tw = pw.as_ref().unwrap_or(&dw);
+        let tb = if direct { db.as_ref() } else { pb.as_ref() };
+        run(
+            dev,
+            "layernorm_bwd_dwdb_f32",
+            cfg,
+            &[
+                KArg::Buf(&x.buf),
+                KArg::Buf(&g.buf),
+                KArg::Buf(&mean.buf),
+                KArg::Buf(&rstd.buf),
+                KArg::Buf(&tw.buf),
+                tb.map_or(KArg::Null, |t| KArg::Buf(&t.buf)),
+                KArg::U32(rows as u32),
+                KArg::U32(d as u32),
+                KArg::U32(chunk),
+            ],
+        )?;
+        if !direct {
+            run(
+                dev,
+                "layernorm_bwd_reduce_f32",
+                layernorm_bwd::reduce_config(d),
+                &[
+                    KArg::Buf(&tw.buf),
+                    tb.map_or(KArg::Null, |t| KArg::Buf(&t.buf)),
+                    KArg::Buf(&dw.buf),
+                    db.as_ref().map_or(KArg::Null, |t| KArg::Buf(&t.buf)),
+                    KArg::U32(d as u32),
+                    KArg::U32(k),
+                ],
+            )?;
+        }
+        Ok(LayerNormGrads { dx, dw, db })
     }
 }

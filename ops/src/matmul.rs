@@ -6,7 +6,7 @@
 use crate::dispatch_float;
 use crate::elementwise::{sum_rows, with_raw};
 use crate::gemm::{gemm, GemmElem};
-use crate::kdev::{bridge, launch};
+use crate::kdev::bridge;
 use crate::util::{expect_rank, expect_shape, float_dtype};
 use anyhow::{ensure, Result};
 use kf_engine::autograd::{should_record, BackwardOp};
@@ -552,5 +552,247 @@ mod tests {
         let b = Tensor::from_vec(vec![1.0, 2.0], &[2], Device::Cpu).unwrap();
         let l = linear(&randn(&[3, 0], 1), &randn(&[2, 0], 2), Some(&b)).unwrap();
         assert_eq!(l.to_vec::<f64>().unwrap(), vec![1., 2., 1., 2., 1., 2.]);
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, rows_cols, run, weight_in, Out};
+    use crate::kdev::{DTensor, GemmSpec, KArg, KernelDevice};
+    use anyhow::{bail, ensure, Context, Result};
+    use kf_engine::DType;
+    use kf_kernels::{elementwise, gemv};
+
+    /// `acc += x [..., in] · wᵀ` with `w [out, in]`, `acc [..., out]`: the residual add done by
+    /// the GEMM itself (beta = 1), no separate pass over `acc`.
+    pub fn linear_acc<D: KernelDevice + ?Sized>(
+        dev: &D,
+        x: &DTensor,
+        w: &DTensor,
+        acc: &DTensor,
+    ) -> Result<()> {
+        let op = "linear_acc";
+        f32_in(op, "x", x)?;
+        weight_in(op, w)?;
+        f32_in(op, "acc", acc)?;
+        ensure!(
+            w.rank() == 2,
+            "{op}: weight must be [out, in], got {:?}",
+            w.shape()
+        );
+        let (rows, k) = rows_cols(op, x)?;
+        let (n, win) = (w.shape()[0], w.shape()[1]);
+        ensure!(
+            win == k && acc.numel() == rows * n && acc.shape().last() == Some(&n),
+            "{op}: x {:?} · weight {:?}ᵀ does not fit acc {:?}",
+            x.shape(),
+            w.shape(),
+            acc.shape()
+        );
+        let spec = GemmSpec {
+            beta: 1.0,
+            ..GemmSpec::simple(rows, n, k, true)
+        };
+        matmul_into(dev, &spec, x, w, acc)
+    }
+
+    /// `x [..., in] · wᵀ + b` with `w [out, in]` (PyTorch layout) and optional `b [out]`:
+    /// `[..., out]`, by [`KernelDevice::gemm`] and the `bias_add` kernel.
+    pub fn linear<D: KernelDevice + ?Sized>(
+        dev: &D,
+        x: &DTensor,
+        w: &DTensor,
+        b: Option<&DTensor>,
+    ) -> Out {
+        let op = "linear";
+        f32_in(op, "x", x)?;
+        weight_in(op, w)?;
+        ensure!(
+            w.rank() == 2,
+            "{op}: weight must be [out, in], got {:?}",
+            w.shape()
+        );
+        let (rows, k) = rows_cols(op, x)?;
+        let (n, win) = (w.shape()[0], w.shape()[1]);
+        ensure!(
+            win == k,
+            "{op}: x {:?} has {k} features, weight {:?} takes {win}",
+            x.shape(),
+            w.shape()
+        );
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = n;
+        let out = DTensor::uninit(dev, &shape, DType::F32)?;
+        matmul_into(dev, &GemmSpec::simple(rows, n, k, true), x, w, &out)?;
+        match b {
+            None => Ok(out),
+            Some(b) => crate::elementwise::launch::bias_add(dev, &out, b).context("linear: bias"),
+        }
+    }
+
+    /// The GEMM of `spec` on f32 tensors (checked against their sizes first). B may also be f16 or
+    /// bf16 weights in the `x · Wᵀ` form of a linear layer (`trans_b`, no `trans_a`, batch 1,
+    /// alpha 1; offsets, leading dimensions and beta as for f32): see [`matmul_half_weights`].
+    pub fn matmul_into<D: KernelDevice + ?Sized>(
+        dev: &D,
+        spec: &GemmSpec,
+        a: &DTensor,
+        b: &DTensor,
+        c: &DTensor,
+    ) -> Result<()> {
+        if matches!(b.dtype(), DType::F16 | DType::BF16) {
+            return matmul_half_weights(dev, spec, a, b, c);
+        }
+        f32_in("gemm", "A", a)?;
+        f32_in("gemm", "B", b)?;
+        f32_in("gemm", "C", c)?;
+        spec.check(a.numel(), b.numel(), c.numel())?;
+        dev.gemm(spec, &a.buf, &b.buf, &c.buf)
+            .with_context(|| format!("gemm on {}: {spec:?}", dev.name()))
+    }
+
+    /// `C = A · Wᵀ (+ beta C)` with f32 A and C and half-precision weights W (`w`, f16 or bf16,
+    /// stored `[n, k]` through `spec.ldb` from `spec.b_off`): every product and sum in f32, so the
+    /// result is the f32 GEMM's with the weights widened (exactly) up to the order of the sums. Up
+    /// to `kf_kernels::gemv::MAX_ROWS` rows the `gemv_wt` kernel reads the half weights directly (a
+    /// decode step moves half the bytes of f32 weights); more rows widen the weights the GEMM reads
+    /// into a temporary f32 buffer (`widen`) and run the f32 GEMM (cuBLAS on a GPU).
+    pub fn matmul_half_weights<D: KernelDevice + ?Sized>(
+        dev: &D,
+        spec: &GemmSpec,
+        a: &DTensor,
+        w: &DTensor,
+        c: &DTensor,
+    ) -> Result<()> {
+        let op = "gemm with half weights";
+        f32_in(op, "A", a)?;
+        f32_in(op, "C", c)?;
+        let suffix = match w.dtype() {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            other => bail!("{op}: weights are {other}, expected f16 or bf16"),
+        };
+        ensure!(
+            spec.trans_b && !spec.trans_a && spec.batch == 1 && spec.alpha == 1.0,
+            "{op}: only C = A · Wᵀ (+ beta C) with W stored [n, k] runs on half weights (trans_b, \
+             no trans_a, batch 1, alpha 1), got {spec:?}"
+        );
+        spec.check(a.numel(), w.numel(), c.numel())?;
+        let (m, n, k) = (spec.m, spec.n, spec.k);
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let u32_of = |what: &str, v: usize| -> Result<u32> {
+            u32::try_from(v)
+                .map_err(|_| anyhow::anyhow!("{op}: {what} {v} exceeds the kernel's u32"))
+        };
+        if m <= gemv::MAX_ROWS {
+            let vec = gemv::vectorized(k, spec.a_off, spec.lda, spec.b_off, spec.ldb);
+            return run(
+                dev,
+                &format!("gemv_wt_{suffix}"),
+                gemv::config(m, n),
+                &[
+                    KArg::Buf(&a.buf),
+                    KArg::U64(spec.a_off as u64),
+                    KArg::U32(u32_of("lda", spec.lda)?),
+                    KArg::Buf(&w.buf),
+                    KArg::U64(spec.b_off as u64),
+                    KArg::U32(u32_of("ldb", spec.ldb)?),
+                    KArg::Buf(&c.buf),
+                    KArg::U64(spec.c_off as u64),
+                    KArg::U32(u32_of("ldc", spec.ldc)?),
+                    KArg::U32(u32_of("m", m)?),
+                    KArg::U32(u32_of("n", n)?),
+                    KArg::U32(u32_of("k", k)?),
+                    KArg::F32(spec.beta),
+                    KArg::U32(vec as u32),
+                ],
+            );
+        }
+        // the rows of W this product reads, widened: n rows ldb apart from b_off (the last k wide)
+        let len = (n - 1) * spec.ldb + k;
+        let wide = DTensor::uninit(dev, &[len], DType::F32)?;
+        run(
+            dev,
+            &format!("widen_{suffix}"),
+            elementwise::config(len),
+            &[
+                KArg::Buf(&w.buf),
+                KArg::U64(spec.b_off as u64),
+                KArg::Buf(&wide.buf),
+                KArg::U64(len as u64),
+            ],
+        )?;
+        let wspec = GemmSpec { b_off: 0, ..*spec };
+        matmul_into(dev, &wspec, a, &wide, c)
+    }
+
+    /// Gradients of `y = x wᵀ (+ b)` with `x [R, in]` (any shape of R * in elements), `w [out, in]`, from `g [.., out]`:
+    /// `dx = g w` (shape of x), `dw = gᵀ x` ([out, in]), `db = colsum(g)` (when `bias`).
+    pub struct LinearGrads {
+        pub dx: DTensor,
+        pub dw: DTensor,
+        pub db: Option<DTensor>,
+    }
+
+    pub fn linear_bwd<D: KernelDevice + ?Sized>(
+        dev: &D,
+        x: &DTensor,
+        w: &DTensor,
+        g: &DTensor,
+        bias: bool,
+    ) -> Result<LinearGrads> {
+        let op = "linear_bwd";
+        f32_in(op, "x", x)?;
+        f32_in(op, "weight", w)?;
+        f32_in(op, "grad", g)?;
+        ensure!(
+            w.rank() == 2,
+            "{op}: weight must be [out, in], got {:?}",
+            w.shape()
+        );
+        let (o, i) = (w.shape()[0], w.shape()[1]);
+        // rows from g; x may have any shape of rows * in elements (e.g. attention's
+        // [B, T, H, Dh] output read as [N, d]); dx takes x's shape
+        let (rows, gout) = rows_cols(op, g)?;
+        ensure!(
+            gout == o && x.numel() == rows * i,
+            "{op}: x {:?}, weight {:?} and grad {:?} do not fit",
+            x.shape(),
+            w.shape(),
+            g.shape()
+        );
+        let dx = DTensor::uninit(dev, x.shape(), DType::F32)?;
+        let dw = DTensor::uninit(dev, &[o, i], DType::F32)?;
+        // dx [R, in] = g [R, out] · w [out, in]
+        gemm(dev, &GemmSpec::simple(rows, i, o, false), g, w, &dx).context(op)?;
+        // dw [out, in] = gᵀ (g stored [R, out]) · x [R, in]
+        let spec = GemmSpec {
+            trans_a: true,
+            lda: o,
+            ..GemmSpec::simple(o, i, rows, false)
+        };
+        gemm(dev, &spec, g, x, &dw).context(op)?;
+        let db = if bias {
+            Some(crate::reduce::launch::colsum(dev, g)?)
+        } else {
+            None
+        };
+        Ok(LinearGrads { dx, dw, db })
+    }
+
+    /// The GEMM of `spec` on f32 tensors, checked against their sizes.
+    pub fn gemm<D: KernelDevice + ?Sized>(
+        dev: &D,
+        spec: &GemmSpec,
+        a: &DTensor,
+        b: &DTensor,
+        c: &DTensor,
+    ) -> Result<()> {
+        super::launch::matmul_into(dev, spec, a, b, c)
     }
 }

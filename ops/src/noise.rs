@@ -2,7 +2,7 @@
 //! `u` and of `tau`, KFORCING.md section 4). N positions, d feature channels
 //! (d/2 frequencies). Not differentiable: its inputs are noise, not parameters.
 
-use crate::kdev::{bridge, launch};
+use crate::kdev::bridge;
 use anyhow::{ensure, Result};
 use kf_engine::{DType, Device, Element, OutBuf, Tensor};
 use rayon::prelude::*;
@@ -141,5 +141,163 @@ mod tests {
         assert!(noise_features(&m, 8, DType::F32).is_err());
         let ids = Tensor::from_slice(&[1u32], &[1], Device::Cpu).unwrap();
         assert!(noise_features(&ids, 8, DType::F32).is_err());
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{run, Out};
+    use crate::kdev::{DTensor, DeviceBuf, KArg, KernelDevice};
+    use anyhow::{ensure, Result};
+    use kf_engine::DType;
+    use kf_kernels::{noise, philox};
+
+    /// Sinusoidal features of f64 noise levels `s [N]` (the CPU op `noise_features`): `[N, d]` f32.
+    pub fn noise_features<D: KernelDevice + ?Sized>(dev: &D, s: &DTensor, d: usize) -> Out {
+        let out = DTensor::uninit(dev, &[s.numel(), d], DType::F32)?;
+        noise_features_into(dev, s, d, &out.buf, d)?;
+        Ok(out)
+    }
+
+    /// [`noise_features`] into rows `ld` f32 apart of `out` (columns `d..ld` untouched).
+    pub fn noise_features_into<D: KernelDevice + ?Sized>(
+        dev: &D,
+        s: &DTensor,
+        d: usize,
+        out: &DeviceBuf,
+        ld: usize,
+    ) -> Result<()> {
+        let op = "noise_features";
+        s.expect_dtype(op, "noise levels", DType::F64)?;
+        ensure!(
+            d >= 2 && d.is_multiple_of(2),
+            "{op}: d = {d} must be even and >= 2"
+        );
+        ensure!(ld >= d, "{op}: row stride {ld} below d = {d}");
+        let n = s.numel();
+        let need = if n == 0 { 0 } else { (n - 1) * ld + d };
+        ensure!(
+            need <= dev.buf_bytes(out) / 4,
+            "{op}: {n} rows of {d} at stride {ld} need {need} f32, the output holds {}",
+            dev.buf_bytes(out) / 4
+        );
+        if n > 0 {
+            run(
+                dev,
+                "noise_features_f32",
+                noise::config(n, d),
+                &[
+                    KArg::Buf(&s.buf),
+                    KArg::Buf(out),
+                    KArg::U64(n as u64),
+                    KArg::U32(d as u32),
+                    KArg::U64(ld as u64),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Elements `start .. start + n` of the f32 uniform stream (seed, stream) of
+    /// `kf_engine::rng::Philox::fill_uniform_f32`.
+    pub fn philox_uniform_f32<D: KernelDevice + ?Sized>(
+        dev: &D,
+        n: usize,
+        seed: u64,
+        stream: u64,
+        start: u64,
+    ) -> Out {
+        philox_uniform(
+            dev,
+            "philox_uniform_f32",
+            DType::F32,
+            4,
+            n,
+            seed,
+            stream,
+            start,
+        )
+    }
+
+    /// Elements `start .. start + n` of the f64 uniform stream (`Philox::fill_uniform_f64`).
+    pub fn philox_uniform_f64<D: KernelDevice + ?Sized>(
+        dev: &D,
+        n: usize,
+        seed: u64,
+        stream: u64,
+        start: u64,
+    ) -> Out {
+        philox_uniform(
+            dev,
+            "philox_uniform_f64",
+            DType::F64,
+            2,
+            n,
+            seed,
+            stream,
+            start,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn philox_uniform<D: KernelDevice + ?Sized>(
+        dev: &D,
+        entry: &str,
+        dtype: DType,
+        per: u64,
+        n: usize,
+        seed: u64,
+        stream: u64,
+        start: u64,
+    ) -> Out {
+        ensure!(
+            start.checked_add(n as u64).is_some(),
+            "{entry}: start {start} + n {n} overflows"
+        );
+        let out = DTensor::uninit(dev, &[n], dtype)?;
+        if n > 0 {
+            run(
+                dev,
+                entry,
+                philox::config(philox::blocks_touched(start, n as u64, per)),
+                &[
+                    KArg::Buf(&out.buf),
+                    KArg::U64(n as u64),
+                    KArg::U64(seed),
+                    KArg::U64(stream),
+                    KArg::U64(start),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// `nb` raw Philox blocks (4 u32 words each) from `counter` (`Philox::block`): `[nb, 4]` u32.
+    pub fn philox_u32<D: KernelDevice + ?Sized>(
+        dev: &D,
+        nb: usize,
+        seed: u64,
+        stream: u64,
+        counter: u64,
+    ) -> Out {
+        let out = DTensor::uninit(dev, &[nb, 4], DType::U32)?;
+        if nb > 0 {
+            run(
+                dev,
+                "philox_u32",
+                philox::config(nb as u64),
+                &[
+                    KArg::Buf(&out.buf),
+                    KArg::U64(nb as u64),
+                    KArg::U64(seed),
+                    KArg::U64(stream),
+                    KArg::U64(counter),
+                ],
+            )?;
+        }
+        Ok(out)
     }
 }

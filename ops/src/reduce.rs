@@ -4,7 +4,7 @@
 //! by the shape, so results are accurate and identical at any thread count.
 
 use crate::dispatch_float;
-use crate::kdev::{bridge, launch};
+use crate::kdev::bridge;
 use crate::util::float_dtype;
 use anyhow::{ensure, Result};
 use kf_engine::autograd::{should_record, BackwardOp};
@@ -199,11 +199,11 @@ fn full_sum_on(
         return Tensor::zeros(&[], x.dtype(), on.device);
     }
     let dev = &*on.dev;
-    let col = crate::kdev::backward::colsum(dev, &bridge::dt(x)?.reshape(&[n, 1])?)?;
+    let col = launch::colsum(dev, &bridge::dt(x)?.reshape(&[n, 1])?)?;
     let col = if scale == 1.0 {
         col
     } else {
-        launch::scale(dev, &col, scale as f32)?
+        crate::elementwise::launch::scale(dev, &col, scale as f32)?
     };
     bridge::back_recorded(on, col.reshape(&[])?, &[x], || {
         Arc::new(FullBackward {
@@ -248,7 +248,7 @@ pub fn sum_squares(ts: &[&Tensor], scale: f64) -> Result<f64> {
         let d: Vec<crate::kdev::DTensor> =
             ts.iter().map(|t| bridge::dt(t)).collect::<Result<_>>()?;
         let refs: Vec<&crate::kdev::DTensor> = d.iter().collect();
-        let s = crate::kdev::backward::sumsq(&*on.dev, &refs)?;
+        let s = launch::sumsq(&*on.dev, &refs)?;
         let v = bridge::back(&on, s)?.to_vec::<f32>()?[0] as f64;
         return Ok(v * scale * scale);
     }
@@ -312,7 +312,7 @@ pub fn sum_dim(x: &Tensor, dim: usize, keepdim: bool) -> Result<Tensor> {
         perm.extend((0..x.rank()).filter(|&i| i != dim));
         let rest = x.numel() / shape[dim].max(1);
         let xt = bridge::dt(&x.permute(&perm)?)?.reshape(&[shape[dim], rest])?;
-        let s = crate::kdev::backward::colsum(&*on.dev, &xt)?;
+        let s = launch::colsum(&*on.dev, &xt)?;
         return bridge::back_recorded(&on, s.reshape(&out_shape)?, &[x], || {
             Arc::new(SumDimBackward { x: x.clone(), dim })
         });
@@ -449,5 +449,102 @@ mod tests {
         assert_eq!(s.to_vec::<f64>().unwrap(), vec![60.0, 92.0, 124.0]);
         let e = sum_to_shape(&g, &[]).unwrap();
         assert_eq!(e.to_vec::<f64>().unwrap(), vec![276.0]);
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, rows_cols, run, u32_fits, Out};
+    use crate::kdev::{DTensor, KArg, KernelDevice};
+
+    use kf_engine::DType;
+    use kf_kernels::reduce;
+
+    /// Column sums of `x [.., C]` over all rows: `[C]` (f32 accumulation, fixed order).
+    pub fn colsum<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor) -> Out {
+        let op = "colsum";
+        f32_in(op, "x", x)?;
+        let (rows, cols) = rows_cols(op, x)?;
+        u32_fits(op, &[rows, cols])?;
+        let out = DTensor::uninit(dev, &[cols], DType::F32)?;
+        if cols == 0 {
+            return Ok(out);
+        }
+        let (cfg, chunk, k) = reduce::colsum_config(rows, cols);
+        if k == 1 {
+            run(
+                dev,
+                "colsum_f32",
+                cfg,
+                &[
+                    KArg::Buf(&x.buf),
+                    KArg::Buf(&out.buf),
+                    KArg::U32(rows as u32),
+                    KArg::U32(cols as u32),
+                    KArg::U32(chunk),
+                ],
+            )?;
+        } else {
+            let part = DTensor::uninit(dev, &[k as usize, cols], DType::F32)?;
+            run(
+                dev,
+                "colsum_f32",
+                cfg,
+                &[
+                    KArg::Buf(&x.buf),
+                    KArg::Buf(&part.buf),
+                    KArg::U32(rows as u32),
+                    KArg::U32(cols as u32),
+                    KArg::U32(chunk),
+                ],
+            )?;
+            run(
+                dev,
+                "colsum_finish_f32",
+                reduce::colsum_finish_config(cols),
+                &[
+                    KArg::Buf(&part.buf),
+                    KArg::Buf(&out.buf),
+                    KArg::U32(cols as u32),
+                    KArg::U32(k),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// The sum of squares of every element of `xs` (f32 tensors): `[1]` on the device.
+    pub fn sumsq<D: KernelDevice + ?Sized>(dev: &D, xs: &[&DTensor]) -> Out {
+        let op = "sumsq";
+        for (i, x) in xs.iter().enumerate() {
+            f32_in(op, &format!("buffer {i}"), x)?;
+        }
+        let lens: Vec<usize> = xs.iter().map(|x| x.numel()).collect();
+        let (slots, p) = reduce::sumsq_slots(&lens);
+        let part = DTensor::uninit(dev, &[(p as usize).max(1)], DType::F32)?;
+        for ((x, &slot), &n) in xs.iter().zip(&slots).zip(&lens) {
+            run(
+                dev,
+                "sumsq_f32",
+                reduce::sumsq_config(n),
+                &[
+                    KArg::Buf(&x.buf),
+                    KArg::U64(n as u64),
+                    KArg::Buf(&part.buf),
+                    KArg::U32(slot),
+                ],
+            )?;
+        }
+        let out = DTensor::uninit(dev, &[1], DType::F32)?;
+        run(
+            dev,
+            "sumsq_finish_f32",
+            reduce::sumsq_finish_config(),
+            &[KArg::Buf(&part.buf), KArg::U32(p), KArg::Buf(&out.buf)],
+        )?;
+        Ok(out)
     }
 }

@@ -5,7 +5,7 @@
 //! Letters: B batch, T time, H heads, D head dim (even), D/2 frequencies.
 
 use crate::dispatch_float;
-use crate::kdev::{bridge, launch};
+use crate::kdev::bridge;
 use crate::util::float_dtype;
 use crate::util::for_each_row;
 use anyhow::{bail, ensure, Context, Result};
@@ -211,7 +211,7 @@ impl<T: Float> BackwardOp for RopeBackward<T> {
         }
         if let Some(on) = bridge::device_of("rope backward", &[g, &self.pos])? {
             let (cos, sin) = tables_on(&on, &self.pos, g.shape()[3], self.base)?;
-            let dx = crate::kdev::backward::rope_bwd(&*on.dev, &bridge::dt(g)?, &cos, &sin)?;
+            let dx = launch::rope_bwd(&*on.dev, &bridge::dt(g)?, &cos, &sin)?;
             return Ok(vec![Some(bridge::back(&on, dx)?), None]);
         }
         let dx = rotate::<T>(g, &self.pos, self.base, true, None)?;
@@ -262,5 +262,216 @@ mod tests {
             let s = (bi * t + 1) * h * d;
             assert_eq!(a[s..s + h * d], kv[s..s + h * d]);
         }
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, run, same_shape, u32_fits, view_span, Out};
+    use crate::kdev::{DTensor, DeviceBuf, KArg, KernelDevice};
+    use anyhow::{bail, ensure, Result};
+    use kf_engine::DType;
+    use kf_kernels::rope;
+
+    /// `(cos, sin)` tables of [`rope_tables`].
+    pub type RopeTables = (DTensor, DTensor);
+
+    /// The RoPE tables of u32 positions `pos [P]` at head dim `d` (even): `(cos, sin)`, each
+    /// `[P, d/2]` f32 (the `rope_tables_f32` kernel; within one f32 ulp of the CPU's f64 tables).
+    pub fn rope_tables<D: KernelDevice + ?Sized>(
+        dev: &D,
+        pos: &DTensor,
+        d: usize,
+        base: f64,
+    ) -> Result<RopeTables> {
+        let op = "rope_tables";
+        pos.expect_dtype(op, "positions", DType::U32)?;
+        ensure!(
+            d >= 2 && d.is_multiple_of(2),
+            "{op}: head dim {d} must be even and >= 2"
+        );
+        ensure!(
+            base.is_finite() && base > 0.0,
+            "{op}: base {base} must be positive"
+        );
+        let np = pos.numel();
+        let cos = DTensor::uninit(dev, &[np, d / 2], DType::F32)?;
+        let sin = DTensor::uninit(dev, &[np, d / 2], DType::F32)?;
+        if np > 0 {
+            run(
+                dev,
+                "rope_tables_f32",
+                rope::tables_config(np, d),
+                &[
+                    KArg::Buf(&pos.buf),
+                    KArg::Buf(&cos.buf),
+                    KArg::Buf(&sin.buf),
+                    KArg::U64(np as u64),
+                    KArg::U32(d as u32),
+                    KArg::F64(base),
+                ],
+            )?;
+        }
+        Ok((cos, sin))
+    }
+
+    /// RoPE of a strided view `x` = `[B, T, H, D]` of the f32 buffer `x` (strides over B, T, H in
+    /// elements, D unit-stride: e.g. q of a fused qkv) with tables from [`rope_tables`]: cos/sin
+    /// `[T, D/2]` (positions shared by the batch) or `[B*T, D/2]` (per batch row). Output
+    /// `[B, T, H, D]` contiguous.
+    pub fn rope_view<D: KernelDevice + ?Sized>(
+        dev: &D,
+        x: &DeviceBuf,
+        dims: [usize; 4],
+        strides: [usize; 3],
+        cos: &DTensor,
+        sin: &DTensor,
+    ) -> Out {
+        let op = "rope";
+        let [b, t, h, d] = dims;
+        ensure!(
+            d >= 2 && d.is_multiple_of(2),
+            "{op}: head dim {d} must be even and >= 2"
+        );
+        f32_in(op, "cos", cos)?;
+        f32_in(op, "sin", sin)?;
+        ensure!(
+            cos.shape() == sin.shape(),
+            "{op}: cos {:?} and sin {:?} differ",
+            cos.shape(),
+            sin.shape()
+        );
+        let batched = if cos.shape() == [t, d / 2] {
+            false
+        } else if cos.shape() == [b * t, d / 2] {
+            true
+        } else {
+            bail!(
+                "{op}: tables {:?} must be [T, D/2] = [{t}, {}] or [B*T, D/2] = [{}, {}]",
+                cos.shape(),
+                d / 2,
+                b * t,
+                d / 2
+            )
+        };
+        let span = view_span(dims, strides);
+        let have = dev.buf_bytes(x) / 4;
+        ensure!(
+            span <= have,
+            "{op}: the view {dims:?} with strides {strides:?} spans {span} f32, the buffer holds {have}"
+        );
+        ensure!(
+            b <= u32::MAX as usize && t <= u32::MAX as usize && h <= u32::MAX as usize,
+            "{op}: {dims:?} too large"
+        );
+        let out = DTensor::uninit(dev, &dims, DType::F32)?;
+        if span > 0 {
+            run(
+                dev,
+                "rope_fwd_f32",
+                rope::config(b, t, h, d),
+                &[
+                    KArg::Buf(x),
+                    KArg::Buf(&cos.buf),
+                    KArg::Buf(&sin.buf),
+                    KArg::Buf(&out.buf),
+                    KArg::U32(b as u32),
+                    KArg::U32(t as u32),
+                    KArg::U32(h as u32),
+                    KArg::U32(d as u32),
+                    KArg::U64(strides[0] as u64),
+                    KArg::U64(strides[1] as u64),
+                    KArg::U64(strides[2] as u64),
+                    KArg::I32(batched as i32),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// RoPE of a contiguous `x [B, T, H, D]` (see [`rope_view`]).
+    pub fn rope<D: KernelDevice + ?Sized>(
+        dev: &D,
+        x: &DTensor,
+        cos: &DTensor,
+        sin: &DTensor,
+    ) -> Out {
+        f32_in("rope", "x", x)?;
+        ensure!(
+            x.rank() == 4,
+            "rope: x must be [B, T, H, D], got {:?}",
+            x.shape()
+        );
+        let s = x.shape();
+        let dims = [s[0], s[1], s[2], s[3]];
+        rope_view(
+            dev,
+            &x.buf,
+            dims,
+            [s[1] * s[2] * s[3], s[2] * s[3], s[3]],
+            cos,
+            sin,
+        )
+    }
+
+    /// Gradient of RoPE: `g [B, T, H, Dh]` contiguous through the inverse rotation with the
+    /// forward's tables `cos`, `sin` (`[T, Dh/2]` or `[B*T, Dh/2]`); contiguous output.
+    pub fn rope_bwd<D: KernelDevice + ?Sized>(
+        dev: &D,
+        g: &DTensor,
+        cos: &DTensor,
+        sin: &DTensor,
+    ) -> Out {
+        let op = "rope_bwd";
+        f32_in(op, "grad", g)?;
+        f32_in(op, "cos", cos)?;
+        f32_in(op, "sin", sin)?;
+        ensure!(
+            g.rank() == 4,
+            "{op}: grad must be [B, T, H, Dh], got {:?}",
+            g.shape()
+        );
+        let s = g.shape();
+        let (b, t, h, d) = (s[0], s[1], s[2], s[3]);
+        ensure!(d >= 2 && d % 2 == 0, "{op}: head dim {d} must be even");
+        let batched = if cos.shape() == [t, d / 2] {
+            false
+        } else if cos.shape() == [b * t, d / 2] {
+            true
+        } else {
+            anyhow::bail!(
+                "{op}: tables {:?} fit neither [T, Dh/2] nor [B*T, Dh/2]",
+                cos.shape()
+            )
+        };
+        same_shape(op, cos, sin)?;
+        u32_fits(op, &[b, t, h, d])?;
+        let out = DTensor::uninit(dev, s, DType::F32)?;
+        if g.numel() == 0 {
+            return Ok(out);
+        }
+        run(
+            dev,
+            "rope_bwd_f32",
+            rope::config(b, t, h, d),
+            &[
+                KArg::Buf(&g.buf),
+                KArg::Buf(&cos.buf),
+                KArg::Buf(&sin.buf),
+                KArg::Buf(&out.buf),
+                KArg::U32(b as u32),
+                KArg::U32(t as u32),
+                KArg::U32(h as u32),
+                KArg::U32(d as u32),
+                KArg::U64((t * h * d) as u64),
+                KArg::U64((h * d) as u64),
+                KArg::U64(d as u64),
+                KArg::I32(batched as i32),
+            ],
+        )?;
+        Ok(out)
     }
 }

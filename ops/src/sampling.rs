@@ -38,7 +38,7 @@
 //! `tau == 0` is greedy: the first maximum of the logits, whatever `u` is.
 //! `+inf` logits: the limit of the softmax — equal mass on the `+inf` entries.
 
-use crate::kdev::{bridge, launch};
+use crate::kdev::bridge;
 use anyhow::{bail, ensure, Result};
 use kf_engine::{DType, Device, Float, OutBuf, Tensor};
 use rayon::prelude::*;
@@ -839,5 +839,96 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, run, Out};
+    use crate::kdev::{DTensor, KArg, KernelDevice};
+    use anyhow::{bail, ensure, Result};
+    use kf_engine::DType;
+    use kf_kernels::sampling;
+
+    /// Token sentinels of the argmax and sampling kernels.
+    pub const TOKEN_NAN: u32 = 0xffff_ffff;
+
+    pub const TOKEN_ALL_NEG_INF: u32 = 0xffff_fffe;
+
+    /// Inverse-CDF sampling (`kf_ops::sampling::sample_inverse_cdf`) of `logits [R, V]` at
+    /// temperature `tau` (0 = greedy) with f64 uniforms `u [R]`: tokens `[R]` u32 (sentinels as in
+    /// [`argmax_penalty`]).
+    pub fn sample_inverse_cdf<D: KernelDevice + ?Sized>(
+        dev: &D,
+        logits: &DTensor,
+        u: &DTensor,
+        tau: f64,
+    ) -> Out {
+        let op = "sample_inverse_cdf";
+        f32_in(op, "logits", logits)?;
+        u.expect_dtype(op, "u", DType::F64)?;
+        ensure!(
+            logits.rank() == 2,
+            "{op}: logits must be [R, V], got {:?}",
+            logits.shape()
+        );
+        let (rows, v) = (logits.shape()[0], logits.shape()[1]);
+        ensure!(
+            u.shape() == [rows],
+            "{op}: u {:?} must be [{rows}]",
+            u.shape()
+        );
+        ensure!(v >= 1, "{op}: empty vocabulary");
+        ensure!(
+            tau.is_finite() && tau >= 0.0,
+            "{op}: tau {tau} must be finite and >= 0"
+        );
+        let cfg = sampling::config(rows, v).map_err(|e| anyhow::anyhow!("{op}: {e}"))?;
+        let out = DTensor::uninit(dev, &[rows], DType::U32)?;
+        if rows > 0 {
+            run(
+                dev,
+                "sample_inverse_cdf_f32",
+                cfg,
+                &[
+                    KArg::Buf(&logits.buf),
+                    KArg::Buf(&u.buf),
+                    KArg::Buf(&out.buf),
+                    KArg::U32(rows as u32),
+                    KArg::U32(v as u32),
+                    KArg::F64(tau),
+                ],
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Tokens on the host; a sentinel (a NaN or all -inf logit row) is an error naming its index.
+    pub fn tokens_to_host<D: KernelDevice + ?Sized>(dev: &D, tokens: &DTensor) -> Result<Vec<u32>> {
+        let t = tokens.to_vec::<D, u32>(dev)?;
+        check_token_markers(&t, tokens.shape())?;
+        Ok(t)
+    }
+
+    /// An error naming the first token of `t` (shaped `shape`) that is a kernel's marker of a
+    /// NaN or all -inf logit row.
+    pub fn check_token_markers(t: &[u32], shape: &[usize]) -> Result<()> {
+        if let Some(i) = t
+            .iter()
+            .position(|&x| x == TOKEN_NAN || x == TOKEN_ALL_NEG_INF)
+        {
+            bail!(
+                "token {i} of {shape:?}: its logit row {}",
+                if t[i] == TOKEN_NAN {
+                    "holds NaN"
+                } else {
+                    "is all -inf"
+                }
+            );
+        }
+        Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! `-inf` entries get probability 0; a row with no finite entry is an error.
 
 use crate::dispatch_float;
-use crate::kdev::{bridge, launch};
+use crate::kdev::bridge;
 use crate::util::{float_dtype, for_each_row, row_max, sum_map, FirstBadRow};
 use anyhow::{bail, ensure, Result};
 use kf_engine::autograd::should_record;
@@ -116,12 +116,7 @@ impl<T: Float> BackwardOp for SoftmaxBackward<T> {
     fn backward(&self, out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let v = last_dim(self.name(), out)?;
         if let Some(on) = bridge::device_of(self.name(), &[out, g])? {
-            let dx = crate::kdev::backward::softmax_bwd(
-                &*on.dev,
-                &bridge::dt(out)?,
-                &bridge::dt(g)?,
-                self.log,
-            )?;
+            let dx = launch::softmax_bwd(&*on.dev, &bridge::dt(out)?, &bridge::dt(g)?, self.log)?;
             return Ok(vec![Some(bridge::back(&on, dx)?)]);
         }
         let (yc, gc) = (out.contiguous()?, g.contiguous()?);
@@ -200,5 +195,93 @@ mod tests {
             let s: f64 = y[r * n..(r + 1) * n].iter().map(|&a| a as f64).sum();
             assert!((s - 1.0).abs() < 1e-5, "row {r} sums to {s}");
         }
+    }
+}
+
+/// The kernel launchers of this op family (forward and backward), generic over a
+/// [`KernelDevice`]: shapes and dtypes are checked before anything is launched, and errors name
+/// the op (see [`crate::kdev`]).
+pub mod launch {
+
+    use crate::kdev::{f32_in, rows_cols, run, same_shape, u32_fits, Out};
+    use crate::kdev::{DTensor, KArg, KernelDevice};
+    use anyhow::ensure;
+    use kf_engine::DType;
+    use kf_kernels::softmax;
+
+    /// Softmax (or log-softmax) over the last dimension of `x [..., V]`; a row with no entry
+    /// above -inf is an error naming the first such row, as in the CPU op.
+    pub fn softmax<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, log: bool) -> Out {
+        let op = if log { "log_softmax" } else { "softmax" };
+        f32_in(op, "x", x)?;
+        let (rows, v) = rows_cols(op, x)?;
+        ensure!(
+            v > 0,
+            "{op}: the softmax dimension is empty ({:?})",
+            x.shape()
+        );
+        ensure!(
+            rows <= u32::MAX as usize && v <= u32::MAX as usize,
+            "{op}: {:?} too large",
+            x.shape()
+        );
+        let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let bad = DTensor::from_slice(dev, &[softmax::NO_BAD_ROW], &[1])?;
+        run(
+            dev,
+            "softmax_fwd_f32",
+            softmax::config(rows, v),
+            &[
+                KArg::Buf(&x.buf),
+                KArg::Buf(&out.buf),
+                KArg::U32(rows as u32),
+                KArg::U32(v as u32),
+                KArg::I32(log as i32),
+                KArg::Buf(&bad.buf),
+            ],
+        )?;
+        let row = bad.to_vec::<D, u32>(dev)?[0];
+        ensure!(
+            row == softmax::NO_BAD_ROW,
+            "{op}: row {row} of input {:?} has no entry above -inf (a fully masked row)",
+            x.shape()
+        );
+        Ok(out)
+    }
+
+    /// Gradient of softmax (or log-softmax) over the last dimension from its output `y`.
+    pub fn softmax_bwd<D: KernelDevice + ?Sized>(
+        dev: &D,
+        y: &DTensor,
+        g: &DTensor,
+        log: bool,
+    ) -> Out {
+        let op = "softmax_bwd";
+        f32_in(op, "y", y)?;
+        f32_in(op, "grad", g)?;
+        same_shape(op, y, g)?;
+        let (rows, v) = rows_cols(op, y)?;
+        u32_fits(op, &[rows, v])?;
+        let out = DTensor::uninit(dev, y.shape(), DType::F32)?;
+        if rows == 0 || v == 0 {
+            return Ok(out);
+        }
+        run(
+            dev,
+            "softmax_bwd_f32",
+            softmax::config(rows, v),
+            &[
+                KArg::Buf(&y.buf),
+                KArg::Buf(&g.buf),
+                KArg::Buf(&out.buf),
+                KArg::U32(rows as u32),
+                KArg::U32(v as u32),
+                KArg::I32(log as i32),
+            ],
+        )?;
+        Ok(out)
     }
 }

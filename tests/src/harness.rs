@@ -374,17 +374,6 @@ pub fn check_grad(case: &Case) -> Result<()> {
     Ok(())
 }
 
-/// Whether an op runs its kernels when its inputs are on a kernel device (the backend axis of
-/// the harness). Exhaustive: a new op does not compile until it is placed here.
-pub fn on_kernel_devices(op: kf_ops::OpKind) -> bool {
-    use kf_ops::OpKind::*;
-    match op {
-        Matmul | Sum | Mean | CrossEntropy | AdamW | Linear | Add | Mul | Scale | BiasAdd
-        | Embedding | LayerNorm | LayerNormBias | Rope | GeluTanh | GeluErf | Softmax
-        | Attention | NoiseFeatures | SampleInverseCdf | ArgmaxPenalty => true,
-    }
-}
-
 /// The kernel devices the harness runs ops on: the emulator always, GPU 0 where usable.
 pub fn kernel_devices() -> Vec<Device> {
     let mut v = vec![Device::Emu];
@@ -409,7 +398,7 @@ pub fn check_forward_on(case: &Case, op: kf_ops::OpKind, device: Device) -> Resu
         .map(|t| t.to_device(device))
         .collect::<Result<Vec<_>>>()?;
     let run = (case.forward)(&inputs);
-    if !on_kernel_devices(op) || !case.on_kernels {
+    if !op.on_kernel_devices() || !case.on_kernels {
         ensure!(
             run.is_err(),
             "{} on {device}: no kernel covers this case, yet it returned a result",
@@ -426,7 +415,7 @@ pub fn check_forward_on(case: &Case, op: kf_ops::OpKind, device: Device) -> Resu
 /// input on `device` (autograd over the device's backward kernels), against the same on the
 /// CPU in f32.
 pub fn check_grad_on(case: &Case, op: kf_ops::OpKind, device: Device) -> Result<()> {
-    if case.grad_wrt.is_empty() || !on_kernel_devices(op) || !case.on_kernels {
+    if case.grad_wrt.is_empty() || !op.on_kernel_devices() || !case.on_kernels {
         return Ok(());
     }
     let grads = |dev: Device| -> Result<Vec<Vec<f64>>> {
@@ -517,7 +506,7 @@ pub fn check_op(op: kf_ops::OpKind) -> Result<usize> {
     }
     let on_dev = cases
         .iter()
-        .filter(|c| on_kernel_devices(op) && c.on_kernels)
+        .filter(|c| op.on_kernel_devices() && c.on_kernels)
         .count();
     eprintln!(
         "{}: {on_dev} of {} cases also on {:?} (the rest: a clear error there)",

@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args as ClapArgs;
 use kf_engine::DType;
 use kf_ops::attention::{AttnParams, AttnPattern};
-use kf_ops::kdev::backward as bw;
+
 use kf_ops::kdev::launch::{self as kl, AttnDims, AttnPath, AttnView};
 use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
 use serde::Serialize;
@@ -333,7 +333,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         format!("causal {:?}", [b, t, h, hd]),
         cm::attention_bwd(b, h, hd, t, s),
         &mut || {
-            bw::attention_bwd(
+            kl::attention_bwd(
                 dev,
                 AttnView::contiguous(&q)?,
                 AttnView::contiguous(&k)?,
@@ -354,7 +354,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         "layernorm_bwd (dx + dw)",
         sh(&[r, d]),
         cm::layernorm_bwd(r, d, s, false),
-        &mut || bw::layer_norm_bwd(dev, &x, &w, &y, &ln.mean, &ln.rstd, false).map(drop),
+        &mut || kl::layer_norm_bwd(dev, &x, &w, &y, &ln.mean, &ln.rstd, false).map(drop),
     )?;
     drop(ln);
     push(
@@ -362,7 +362,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         "colsum_f32 (bias gradient)",
         sh(&[r, d]),
         Cost::stream(4.0 * (r * d + d) as f64, (r * d) as f64),
-        &mut || bw::colsum(dev, &x).map(drop),
+        &mut || kl::colsum(dev, &x).map(drop),
     )?;
     // decode GEMMs on half weights (gemv_wt) next to the f32 GEMM of the same shape: one
     // sequence's PFLM K = 4 step (2K = 8 rows) through the LM head, and an AR step (1 row)
@@ -399,9 +399,9 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         "cross_entropy_fwd + mean",
         sh(&[r, v]),
         cm::cross_entropy(r, v, s),
-        &mut || bw::cross_entropy(dev, &lt, &targets, None).map(drop),
+        &mut || kl::cross_entropy(dev, &lt, &targets, None).map(drop),
     )?;
-    let ce = bw::cross_entropy(dev, &lt, &targets, None)?;
+    let ce = kl::cross_entropy(dev, &lt, &targets, None)?;
     let one = DTensor::from_slice(dev, &[1.0f32], &[1])?;
     push(
         "cross_entropy",
@@ -409,7 +409,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         sh(&[r, v]),
         cm::cross_entropy(r, v, s),
         &mut || {
-            bw::cross_entropy_bwd(dev, &lt, &targets, (&ce.lse, &ce.count), &one, None).map(drop)
+            kl::cross_entropy_bwd(dev, &lt, &targets, (&ce.lse, &ce.count), &one, None).map(drop)
         },
     )?;
     drop((lt, ce));
@@ -430,7 +430,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         cm::adamw(n_p, s),
         &mut || {
             step += 1;
-            bw::adamw_step(dev, &p, &g, &m1, &m2, step, &acfg)
+            kl::adamw_step(dev, &p, &g, &m1, &m2, step, &acfg)
         },
     )?;
     drop((p, g, m1, m2));

@@ -1,13 +1,22 @@
 //! Kernel devices for the ops: the device trait itself lives in the engine
 //! ([`kf_engine::kernel_device`], re-exported here), so tensors can hold device memory. This
-//! module adds a small device tensor [`DTensor`] and (in [`launch`] and [`backward`]) one
-//! launcher per kernel op, generic over the device. Two backends implement [`KernelDevice`]:
-//! the CPU emulator (`kf_engine::emu::Emu`, which runs the unmodified .cu files and
-//! stands in for cuBLAS with the CPU GEMM of [`crate::gemm`]) and, with the `cuda` feature,
-//! the CUDA layer of the engine (`kf_engine::cuda::Cuda`: cuBLAS for [`KernelDevice::gemm`]).
+//! module adds a small device tensor [`DTensor`], the checks every launcher shares, and
+//! [`launch`], which gathers the launchers: one per kernel op, forward and backward, each
+//! written in its op family's file beside the CPU body and the backward rule
+//! (`crate::<family>::launch`). Two backends implement [`KernelDevice`]: the CPU emulator
+//! (`kf_engine::emu::Emu`, which runs the unmodified .cu files and stands in for cuBLAS with the
+//! CPU GEMM of [`crate::gemm`]) and, with the `cuda` feature, the CUDA layer of the engine
+//! (`kf_engine::cuda::Cuda`: cuBLAS for [`KernelDevice::gemm`]).
 //!
+//! A launcher checks shapes and dtypes and returns an error naming the op before anything is
+//! launched, allocates its outputs, and launches with the launch shapes of `kf_kernels`.
+//! Values the CPU op would reject only after reading the data (ids >= V, fully masked rows,
+//! NaN logits) are handled as the kernels do: NaN rows, an error from the softmax's bad-row
+//! flag, token sentinels turned into errors by `launch::tokens_to_host`.
 //! Buffers are handles: launches write through `&DeviceBuf`, as CUDA kernels write through
 //! device pointers. Every method returns `anyhow::Result` with the entry point or operation named.
+//! Letters: n elements, R rows, D features, C columns, V vocabulary, B batch, T rows of a
+//! sequence, H heads, Dh head dim.
 
 use anyhow::{ensure, Context, Result};
 pub use kf_engine::kernel_device::{DeviceBuf, DeviceMemory, GemmSpec, KArg, KernelDevice};
@@ -16,9 +25,27 @@ use kf_engine::{DType, Device, Layout, Tensor};
 pub use kf_kernels::LaunchConfig;
 use std::sync::Arc;
 
-pub mod backward;
 pub mod bridge;
-pub mod launch;
+
+/// Every launcher by name. Each lives beside its op's CPU body and backward rule, in the op
+/// family's file (`crate::<family>::launch`); this module gathers them for callers outside
+/// the family (tests, benchmarks, the fused ops).
+pub mod launch {
+    pub use crate::adamw::launch::*;
+    pub use crate::argmax::launch::*;
+    pub use crate::attention::launch::*;
+    pub use crate::cross_entropy::launch::*;
+    pub use crate::elementwise::launch::*;
+    pub use crate::embedding::launch::*;
+    pub use crate::gelu::launch::*;
+    pub use crate::layernorm::launch::*;
+    pub use crate::matmul::launch::*;
+    pub use crate::noise::launch::*;
+    pub use crate::reduce::launch::*;
+    pub use crate::rope::launch::*;
+    pub use crate::sampling::launch::*;
+    pub use crate::softmax::launch::*;
+}
 
 /// A contiguous row-major tensor on a kernel device: buffer, shape and element type
 /// (F32 for activations and weights, U32 for ids / tokens / counts, F64 for noise levels
@@ -240,4 +267,97 @@ impl DTensor {
         );
         Ok(())
     }
+}
+
+pub(crate) type Out = Result<DTensor>;
+
+/// Launches `entry`, naming it (and the op) in the error.
+pub(crate) fn run<D: KernelDevice + ?Sized>(
+    dev: &D,
+    entry: &str,
+    cfg: kf_kernels::LaunchConfig,
+    args: &[KArg<'_>],
+) -> Result<()> {
+    dev.launch(entry, cfg, args)
+        .with_context(|| format!("launching {entry} on {} ({cfg:?})", dev.name()))
+}
+
+pub(crate) fn f32_in(op: &str, what: &str, t: &DTensor) -> Result<()> {
+    t.expect_dtype(op, what, DType::F32)
+}
+
+/// A weight matrix: f32, or f16 / bf16 storage (see [`matmul_into`]).
+pub(crate) fn weight_in(op: &str, w: &DTensor) -> Result<()> {
+    ensure!(
+        matches!(w.dtype(), DType::F32 | DType::F16 | DType::BF16),
+        "{op}: weight is {}, expected f32, f16 or bf16",
+        w.dtype()
+    );
+    Ok(())
+}
+
+/// (rows, last dim) of a tensor of rank >= 1.
+pub(crate) fn rows_cols(op: &str, t: &DTensor) -> Result<(usize, usize)> {
+    ensure!(
+        t.rank() >= 1,
+        "{op}: input must have at least one dimension"
+    );
+    let c = *t.shape().last().unwrap();
+    Ok((t.numel() / c.max(1), c))
+}
+
+pub(crate) fn same_shape(op: &str, a: &DTensor, b: &DTensor) -> Result<()> {
+    ensure!(
+        a.shape() == b.shape(),
+        "{op}: shapes {:?} and {:?} differ",
+        a.shape(),
+        b.shape()
+    );
+    Ok(())
+}
+
+pub(crate) fn u32_fits(op: &str, vals: &[usize]) -> Result<()> {
+    ensure!(
+        vals.iter().all(|&v| v <= u32::MAX as usize),
+        "{op}: sizes {vals:?} past u32"
+    );
+    Ok(())
+}
+
+/// A kernel `entry(a, b, out, n)` over two f32 tensors of the same shape (the elementwise
+/// binary ops, and the GELU backward), launched over `cfg`; errors name `op`.
+pub(crate) fn same_shape_binary<D: KernelDevice + ?Sized>(
+    dev: &D,
+    op: &str,
+    entry: &str,
+    cfg: kf_kernels::LaunchConfig,
+    a: &DTensor,
+    b: &DTensor,
+) -> Out {
+    f32_in(op, "a", a)?;
+    f32_in(op, "b", b)?;
+    same_shape(op, a, b).context("the kernel does not broadcast")?;
+    let n = a.numel();
+    let out = DTensor::uninit(dev, a.shape(), DType::F32)?;
+    run(
+        dev,
+        entry,
+        cfg,
+        &[
+            KArg::Buf(&a.buf),
+            KArg::Buf(&b.buf),
+            KArg::Buf(&out.buf),
+            KArg::U64(n as u64),
+        ],
+    )?;
+    Ok(out)
+}
+
+/// Elements a strided `[B, T, H, D]` view (strides over B, T, H in elements, D unit-stride)
+/// spans from its first element; 0 when empty.
+pub(crate) fn view_span(dims: [usize; 4], strides: [usize; 3]) -> usize {
+    if dims.contains(&0) {
+        return 0;
+    }
+    (dims[0] - 1) * strides[0] + (dims[1] - 1) * strides[1] + (dims[2] - 1) * strides[2] + dims[3]
 }

@@ -6,8 +6,7 @@
 
 use crate::harness::{Case, Gen, Input};
 use kf_engine::Tensor;
-use kf_ops::attention::{attention, rope_attention, AttnParams, AttnPattern};
-use kf_ops::OpKind;
+use kf_ops::attention::{rope_attention, AttnParams, AttnPattern};
 
 /// How the inputs reach the op.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -277,7 +276,12 @@ fn case(s: Spec, seed: u64, grad: bool) -> Case {
         inputs,
         move |t| {
             let (q, k, v) = sf.qkv(t)?;
-            Ok(vec![attention(&q, &k, &v, &sf.params())?])
+            Ok(vec![kf_ops::attention::attention(
+                &q,
+                &k,
+                &v,
+                &sf.params(),
+            )?])
         },
         move |x| vec![reference(&sr, x)],
     )
@@ -292,8 +296,7 @@ fn case(s: Spec, seed: u64, grad: bool) -> Case {
 
 /// The attention family: `attention` and the fused `rope_attention` (which has no registry
 /// entry of its own: its cases run under `attention`).
-pub fn cases(op: OpKind) -> Vec<Case> {
-    assert_eq!(op, OpKind::Attention, "attention cases asked for {op:?}");
+pub fn attention() -> Vec<Case> {
     let mut out = attention_cases();
     out.extend(rope_attention_cases());
     out

@@ -6,23 +6,47 @@
 use crate::harness::{Case, Gen, Input, Tol};
 use kf_engine::{Device, Tensor};
 use kf_ops::adamw::{adamw_step, AdamWConfig};
-use kf_ops::{elementwise, embedding, matmul, reduce, OpKind};
+use kf_ops::{elementwise, embedding, matmul, reduce};
 
 /// All cases of `op` (this family's ops only).
-pub fn cases(op: OpKind) -> Vec<Case> {
-    match op {
-        OpKind::Matmul => matmul_cases(),
-        OpKind::Linear => linear_cases(),
-        OpKind::Add => binary_cases("add", |a, b| a + b),
-        OpKind::Mul => binary_cases("mul", |a, b| a * b),
-        OpKind::Scale => scale_cases(),
-        OpKind::BiasAdd => bias_add_cases(),
-        OpKind::Sum => sum_cases(),
-        OpKind::Mean => mean_cases(),
-        OpKind::Embedding => embedding_cases(),
-        OpKind::AdamW => adamw_cases(),
-        _ => vec![],
-    }
+pub fn matmul() -> Vec<Case> {
+    matmul_cases()
+}
+
+pub fn linear() -> Vec<Case> {
+    linear_cases()
+}
+
+pub fn add() -> Vec<Case> {
+    binary_cases("add", |a, b| a + b)
+}
+
+pub fn mul() -> Vec<Case> {
+    binary_cases("mul", |a, b| a * b)
+}
+
+pub fn scale() -> Vec<Case> {
+    scale_cases()
+}
+
+pub fn bias_add() -> Vec<Case> {
+    bias_add_cases()
+}
+
+pub fn sum() -> Vec<Case> {
+    sum_cases()
+}
+
+pub fn mean() -> Vec<Case> {
+    mean_cases()
+}
+
+pub fn embedding() -> Vec<Case> {
+    embedding_cases()
+}
+
+pub fn adamw() -> Vec<Case> {
+    adamw_cases()
 }
 
 // ------------------------------------------------------------------ helpers

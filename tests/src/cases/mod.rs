@@ -1,5 +1,6 @@
-//! Harness cases for every op, one file per op family. The match below is
-//! exhaustive on purpose: a new `OpKind` does not compile until it has cases.
+//! Harness cases for every op, one file per op family. The dispatch below is generated from the
+//! op registry (`kf_ops::for_each_op!`): each op's cases are the function named after it in the
+//! file its registry line names, so a new `OpKind` does not compile until it has cases.
 
 use crate::harness::Case;
 use kf_ops::OpKind;
@@ -9,29 +10,15 @@ pub mod linalg;
 pub mod norm;
 pub mod sampling;
 
-/// All harness cases of `op`.
-pub fn cases(op: OpKind) -> Vec<Case> {
-    match op {
-        OpKind::Matmul
-        | OpKind::Linear
-        | OpKind::Add
-        | OpKind::Mul
-        | OpKind::Scale
-        | OpKind::BiasAdd
-        | OpKind::Sum
-        | OpKind::Mean
-        | OpKind::Embedding
-        | OpKind::AdamW => linalg::cases(op),
-        OpKind::LayerNorm
-        | OpKind::LayerNormBias
-        | OpKind::Rope
-        | OpKind::GeluTanh
-        | OpKind::GeluErf
-        | OpKind::Softmax
-        | OpKind::CrossEntropy => norm::cases(op),
-        OpKind::Attention => attention::cases(op),
-        OpKind::NoiseFeatures | OpKind::SampleInverseCdf | OpKind::ArgmaxPenalty => {
-            sampling::cases(op)
+macro_rules! dispatch {
+    ($($op:ident => $name:ident, $family:ident, grad: $grad:literal, kernels: $kern:literal;)*) => {
+        /// All harness cases of `op`.
+        pub fn cases(op: OpKind) -> Vec<Case> {
+            match op {
+                $(OpKind::$op => $family::$name(),)*
+            }
         }
-    }
+    };
 }
+
+kf_ops::for_each_op!(dispatch);

@@ -5,7 +5,6 @@
 
 use crate::harness::{Case, Gen, Input};
 use kf_engine::Tensor;
-use kf_ops::OpKind;
 
 /// The DDiT LayerNorm epsilon.
 const EPS: f64 = 1e-5;
@@ -14,17 +13,32 @@ pub(crate) const ROPE_BASE: f64 = 10000.0;
 /// GPT-2's vocabulary: the real size a logits row has.
 const BIG_V: usize = 50257;
 
-pub fn cases(op: OpKind) -> Vec<Case> {
-    match op {
-        OpKind::LayerNorm => layer_norm_cases(false),
-        OpKind::LayerNormBias => layer_norm_cases(true),
-        OpKind::Rope => rope_cases(),
-        OpKind::GeluTanh => gelu_cases(false),
-        OpKind::GeluErf => gelu_cases(true),
-        OpKind::Softmax => softmax_cases(),
-        OpKind::CrossEntropy => cross_entropy_cases(),
-        _ => vec![],
-    }
+pub fn layer_norm() -> Vec<Case> {
+    layer_norm_cases(false)
+}
+
+pub fn layer_norm_bias() -> Vec<Case> {
+    layer_norm_cases(true)
+}
+
+pub fn rope() -> Vec<Case> {
+    rope_cases()
+}
+
+pub fn gelu_tanh() -> Vec<Case> {
+    gelu_cases(false)
+}
+
+pub fn gelu_erf() -> Vec<Case> {
+    gelu_cases(true)
+}
+
+pub fn softmax() -> Vec<Case> {
+    softmax_cases()
+}
+
+pub fn cross_entropy() -> Vec<Case> {
+    cross_entropy_cases()
 }
 
 // ------------------------------------------------------------------ layer norm

@@ -5,15 +5,17 @@
 
 use crate::harness::{Case, Gen, Input, Tol};
 use kf_engine::Tensor;
-use kf_ops::OpKind;
 
-pub fn cases(op: OpKind) -> Vec<Case> {
-    match op {
-        OpKind::NoiseFeatures => noise_cases(),
-        OpKind::SampleInverseCdf => sample_cases(),
-        OpKind::ArgmaxPenalty => argmax_cases(),
-        _ => vec![],
-    }
+pub fn noise_features() -> Vec<Case> {
+    noise_cases()
+}
+
+pub fn sample_inverse_cdf() -> Vec<Case> {
+    sample_cases()
+}
+
+pub fn argmax_penalty() -> Vec<Case> {
+    argmax_cases()
 }
 
 // ------------------------------------------------------------ noise features
