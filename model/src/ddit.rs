@@ -26,7 +26,7 @@ use kf_engine::{io, DType, Device, Float, Tensor};
 use kf_ops::attention::{attention, rope_attention, AttnParams, AttnPattern};
 use kf_ops::elementwise::add;
 use kf_ops::embedding::embedding;
-use kf_ops::gelu::gelu_tanh;
+use kf_ops::gelu::bias_gelu_tanh;
 use kf_ops::layernorm::layer_norm;
 use kf_ops::matmul::linear;
 use kf_ops::rope::rope;
@@ -474,13 +474,10 @@ impl Ddit {
             .reshape(&[b, t, d])?;
             h = add(&h, &linear(&a, self.block(layer, OUT), None)?)?;
             let x = layer_norm(&h, self.block(layer, NORM2), None, eps)?;
+            // the first bias in the GELU's pass (one kernel on a device)
+            let m = linear(&x, self.block(layer, MLP0_W), None)?;
             let m = linear(
-                &x,
-                self.block(layer, MLP0_W),
-                Some(self.block(layer, MLP0_B)),
-            )?;
-            let m = linear(
-                &gelu_tanh(&m)?,
+                &bias_gelu_tanh(&m, self.block(layer, MLP0_B))?,
                 self.block(layer, MLP2_W),
                 Some(self.block(layer, MLP2_B)),
             )?;

@@ -420,9 +420,10 @@ pub(crate) fn sum_rows(g: &Tensor, n: usize) -> Result<Tensor> {
     dispatch_float!("sum_rows", d, go::<T>(g, n))
 }
 
-struct BiasAddBackward {
-    x: Tensor,
-    b: Tensor,
+/// `dx = g`, `db = g` summed over rows (also the tail of `gelu::bias_gelu_tanh`'s rule).
+pub(crate) struct BiasAddBackward {
+    pub(crate) x: Tensor,
+    pub(crate) b: Tensor,
 }
 
 impl BackwardOp for BiasAddBackward {
@@ -554,13 +555,13 @@ pub mod launch {
         row_bias(dev, "bias_add", x, b)
     }
 
-    /// `gelu_tanh(x [..., C] + b [C])` in one pass (the MLP's bias fused into its activation).
-    pub fn bias_gelu_tanh<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
-        row_bias(dev, "bias_gelu_tanh", x, b)
-    }
-
     /// An elementwise kernel of `x [..., C]` and a row bias `b [C]`: `<op>_f32(x, b, out, n, C)`.
-    fn row_bias<D: KernelDevice + ?Sized>(dev: &D, op: &str, x: &DTensor, b: &DTensor) -> Out {
+    pub(crate) fn row_bias<D: KernelDevice + ?Sized>(
+        dev: &D,
+        op: &str,
+        x: &DTensor,
+        b: &DTensor,
+    ) -> Out {
         f32_in(op, "x", x)?;
         f32_in(op, "bias", b)?;
         let (_, cols) = rows_cols(op, x)?;

@@ -1,11 +1,13 @@
 //! GELU activations, elementwise over any shape: `gelu_tanh` (the backbone
-//! MLP's tanh approximation) and `gelu_erf` (exact, the noise encoder's MLP),
-//! with analytic derivatives. Also the erfc they rest on (fdlibm's, in f64).
+//! MLP's tanh approximation), `bias_gelu_tanh` (the MLP's bias added in the same pass) and
+//! `gelu_erf` (exact, the noise encoder's MLP), with analytic derivatives. Also the erfc they
+//! rest on (fdlibm's, in f64).
 
 use crate::dispatch_float;
+use crate::elementwise::{bias_add, BiasAddBackward};
 use crate::kdev::bridge;
-use crate::util::{fast_exp, float_dtype, has_avx2};
-use anyhow::{bail, Result};
+use crate::util::{expect_rank, fast_exp, float_dtype, has_avx2};
+use anyhow::{bail, ensure, Result};
 use kf_engine::autograd::should_record;
 use kf_engine::{BackwardOp, Float, OutBuf, Tensor};
 use rayon::prelude::*;
@@ -46,6 +48,115 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     }
     let d = float_dtype("gelu_erf", &[x])?;
     dispatch_float!("gelu_erf", d, gelu_t::<T>(x, Kind::Erf))
+}
+
+/// `gelu_tanh(x [.., C] + b [C])` in one pass over x: the MLP's first bias fused into its
+/// activation (one kernel on a device instead of a bias pass and a GELU pass).
+pub fn bias_gelu_tanh(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let node = || {
+        Arc::new(BiasGeluBackward {
+            x: x.clone(),
+            b: b.clone(),
+        }) as Arc<dyn BackwardOp>
+    };
+    if let Some(on) = bridge::device_of("bias_gelu_tanh", &[x, b])? {
+        let y = launch::bias_gelu_tanh(&*on.dev, &bridge::dt(x)?, &bridge::dt(b)?)?;
+        return bridge::back_recorded(&on, y, &[x, b], node);
+    }
+    let d = float_dtype("bias_gelu_tanh", &[x, b])?;
+    expect_rank("bias_gelu_tanh", "bias", b, 1)?;
+    ensure!(
+        x.rank() >= 1 && x.shape()[x.rank() - 1] == b.numel(),
+        "bias_gelu_tanh: x of shape {:?} does not end in the bias size {}",
+        x.shape(),
+        b.numel()
+    );
+    let node = should_record(&[x, b]).then(node);
+    dispatch_float!("bias_gelu_tanh", d, bias_gelu_t::<T>(x, b, node))
+}
+
+fn bias_gelu_t<T: Float>(
+    x: &Tensor,
+    b: &Tensor,
+    node: Option<Arc<dyn BackwardOp>>,
+) -> Result<Tensor> {
+    let (xc, bc) = (x.contiguous()?, b.contiguous()?);
+    let (xs, bs) = (xc.cpu_data::<T>()?, bc.cpu_data::<T>()?);
+    let n = bs.len();
+    let mut out = OutBuf::<T>::uninit(xs.len());
+    if n > 0 {
+        let simd = has_avx2();
+        // whole rows per task, about CHUNK elements
+        let per = (CHUNK / n).max(1) * n;
+        out.as_mut_slice()
+            .par_chunks_mut(per)
+            .zip(xs.par_chunks(per))
+            .for_each(|(o, x)| bias_tanh_fwd_any(o, x, &bs, simd));
+    }
+    drop((xs, bs));
+    out.finish(x.shape(), node)
+}
+
+/// `out[r, j] = gelu_tanh(x[r, j] + b[j])` over whole rows of `b.len()`.
+#[inline(always)]
+fn bias_tanh_fwd_rows<T: Float>(out: &mut [T], xs: &[T], bs: &[T]) {
+    for (o, x) in out.chunks_mut(bs.len()).zip(xs.chunks(bs.len())) {
+        for ((o, &a), &c) in o.iter_mut().zip(x).zip(bs) {
+            *o = tanh_fwd(a + c);
+        }
+    }
+}
+
+/// SAFETY (caller): the CPU has AVX2 and FMA (`has_avx2`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bias_tanh_fwd_rows_avx2<T: Float>(out: &mut [T], xs: &[T], bs: &[T]) {
+    bias_tanh_fwd_rows(out, xs, bs)
+}
+
+fn bias_tanh_fwd_any<T: Float>(out: &mut [T], xs: &[T], bs: &[T], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: simd is has_avx2(), checked by the caller.
+        return unsafe { bias_tanh_fwd_rows_avx2(out, xs, bs) };
+    }
+    let _ = simd;
+    bias_tanh_fwd_rows(out, xs, bs)
+}
+
+/// The backward of `bias_gelu_tanh`, written with the rules of its parts (so it runs on every
+/// device): `h = x + b` again (cheaper to recompute than to keep), `dh = g * gelu_tanh'(h)`,
+/// then the bias_add rule: `dx = dh`, `db = dh` summed over rows.
+struct BiasGeluBackward {
+    x: Tensor,
+    b: Tensor,
+}
+
+impl BackwardOp for BiasGeluBackward {
+    fn name(&self) -> &'static str {
+        "bias_gelu_tanh"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        vec![self.x.clone(), self.b.clone()]
+    }
+    fn backward(&self, out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let h = {
+            let _g = kf_engine::no_grad();
+            bias_add(&self.x, &self.b)?
+        };
+        // the forward ran at f32 or f64 (a device: f32), as h has
+        let gelu = match h.dtype() {
+            kf_engine::DType::F64 => node::<f64>(&h, Kind::Tanh),
+            _ => node::<f32>(&h, Kind::Tanh),
+        };
+        let dh = gelu.backward(out, g)?;
+        let dh = dh.into_iter().next().flatten().expect("gelu gives dx");
+        BiasAddBackward {
+            x: self.x.clone(),
+            b: self.b.clone(),
+        }
+        .backward(out, &dh)
+    }
 }
 
 #[inline(always)]
@@ -551,5 +662,9 @@ pub mod launch {
             ],
         )?;
         Ok(out)
+    }
+    /// `gelu_tanh(x [..., C] + b [C])` in one pass (the MLP's bias fused into its activation).
+    pub fn bias_gelu_tanh<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
+        crate::elementwise::launch::row_bias(dev, "bias_gelu_tanh", x, b)
     }
 }

@@ -26,6 +26,7 @@ macro_rules! for_each_op {
             Rope => rope, norm, grad: true, kernels: true;
             GeluTanh => gelu_tanh, norm, grad: true, kernels: true;
             GeluErf => gelu_erf, norm, grad: true, kernels: true;
+            BiasGeluTanh => bias_gelu_tanh, norm, grad: true, kernels: true;
             Softmax => softmax, norm, grad: true, kernels: true;
             CrossEntropy => cross_entropy, norm, grad: true, kernels: true;
             Attention => attention, attention, grad: true, kernels: true;

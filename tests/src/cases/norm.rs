@@ -329,6 +329,38 @@ fn gelu_cases(erf: bool) -> Vec<Case> {
         .collect()
 }
 
+/// `gelu_tanh(x + b)` with the bias broadcast over rows: ragged row widths, one row, a
+/// whole number of the CPU body's tasks and more (12,000 elements), and large |x + b|.
+pub fn bias_gelu_tanh() -> Vec<Case> {
+    let mut g = Gen::new(13);
+    let shapes: [&[usize]; 5] = [&[1, 1], &[3, 7], &[2, 5, 33], &[40, 300], &[4, 6]];
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &shape)| {
+            let c = *shape.last().unwrap();
+            let n: usize = shape.iter().product();
+            // the last case pushes x + b into GELU's saturated tails
+            let span = if i == 4 { 40.0 } else { 6.0 };
+            let x = g.vec(n, -span, span);
+            let b = g.vec(c, -2.0, 2.0);
+            Case::new(
+                format!("bias_gelu_tanh {shape:?}"),
+                vec![Input::float(shape, x), Input::float(&[c], b)],
+                |t: &[Tensor]| Ok(vec![kf_ops::gelu::bias_gelu_tanh(&t[0], &t[1])?]),
+                move |v: &[Vec<f64>]| {
+                    let out = v[0].iter().enumerate();
+                    vec![out
+                        .map(|(j, &a)| gelu_ref(a + v[1][j % c], false))
+                        .collect()]
+                },
+            )
+            .grad(&[0, 1])
+            .cost(21.0 * n as f64, 8.0 * (2 * n + c) as f64)
+        })
+        .collect()
+}
+
 // --------------------------------------------------------------------- softmax
 
 /// Naive softmax (or log-softmax) of rows of `v` (`-inf` entries give 0).
