@@ -24,11 +24,10 @@ use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::{grad_enabled, should_record, BackwardOp};
 use kf_engine::{io, DType, Device, Float, Tensor};
 use kf_ops::attention::{attention, rope_attention, AttnParams, AttnPattern};
-use kf_ops::elementwise::add;
 use kf_ops::embedding::embedding;
 use kf_ops::gelu::bias_gelu_tanh;
 use kf_ops::layernorm::layer_norm;
-use kf_ops::matmul::linear;
+use kf_ops::matmul::{linear, linear_residual};
 use kf_ops::rope::rope;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -472,16 +471,17 @@ impl Ddit {
                 None => rope_attention(&qkv, pos, cfg.rope_base, attn)?,
             }
             .reshape(&[b, t, d])?;
-            h = add(&h, &linear(&a, self.block(layer, OUT), None)?)?;
+            // the residual adds done by the GEMMs (they accumulate into h)
+            h = linear_residual(&h, &a, self.block(layer, OUT), None)?;
             let x = layer_norm(&h, self.block(layer, NORM2), None, eps)?;
             // the first bias in the GELU's pass (one kernel on a device)
             let m = linear(&x, self.block(layer, MLP0_W), None)?;
-            let m = linear(
+            h = linear_residual(
+                &h,
                 &bias_gelu_tanh(&m, self.block(layer, MLP0_B))?,
                 self.block(layer, MLP2_W),
                 Some(self.block(layer, MLP2_B)),
             )?;
-            h = add(&h, &m)?;
         }
         Ok(h)
     }

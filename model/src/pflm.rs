@@ -54,10 +54,9 @@ use kf_engine::autograd::{no_grad, should_record, BackwardOp};
 use kf_engine::{io, DType, Device, Tensor};
 use kf_ops::argmax::argmax_penalty;
 use kf_ops::attention::{AttnParams, AttnPattern};
-use kf_ops::elementwise::add;
 use kf_ops::gelu::gelu_erf;
 use kf_ops::layernorm::layer_norm;
-use kf_ops::matmul::linear;
+use kf_ops::matmul::{linear, linear_residual};
 use kf_ops::noise::noise_features;
 use kf_ops::sampling::sample_inverse_cdf;
 use serde::{Deserialize, Serialize};
@@ -293,8 +292,7 @@ impl NoiseEncoder {
         let x = linear(&f, self.p(0), Some(self.p(1)))?;
         let y = layer_norm(&x, self.p(2), Some(self.p(3)), self.eps)?;
         let y = gelu_erf(&linear(&y, self.p(4), Some(self.p(5)))?)?;
-        let y = linear(&y, self.p(6), Some(self.p(7)))?;
-        add(&x, &y)
+        linear_residual(&x, &y, self.p(6), Some(self.p(7)))
     }
 }
 

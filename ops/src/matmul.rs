@@ -360,13 +360,92 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
             b: b.cloned(),
         }) as Arc<dyn BackwardOp>
     });
-    dispatch_float!("linear", d, linear_t::<T>(x, w, b, &shape, node))
+    dispatch_float!("linear", d, linear_t::<T>(x, w, b, None, &shape, node))
 }
 
+/// `h + x [.., IN] · wᵀ + b` with `h [.., OUT]`: a residual branch added by the GEMM itself.
+/// The output starts as `h` (plus the bias rows, in the same pass) and the GEMM accumulates
+/// into it, so the residual stream is not read and written again by a separate add (on a
+/// device: the `bias_add` kernel or a copy, then the GEMM with beta = 1).
+pub fn linear_residual(h: &Tensor, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let mut ts = vec![h, x, w];
+    ts.extend(b);
+    let node = || {
+        Arc::new(LinearResidualBackward {
+            h: h.clone(),
+            linear: LinearBackward {
+                x: x.clone(),
+                w: w.clone(),
+                b: b.cloned(),
+            },
+        }) as Arc<dyn BackwardOp>
+    };
+    if let Some(on) = bridge::device_of("linear_residual", &ts)? {
+        let bd = b.map(bridge::dt).transpose()?;
+        let (dh, dx, dw) = (bridge::dt(h)?, bridge::dt(x)?, bridge::dt(w)?);
+        let y = launch::linear_residual(&*on.dev, &dh, &dx, &dw, bd.as_ref())?;
+        return bridge::back_recorded(&on, y, &ts, node);
+    }
+    if matches!(w.dtype(), DType::F16 | DType::BF16) && x.dtype() == DType::F32 {
+        // half-precision weights: widened, as `linear` does
+        return linear_residual(h, x, &w.to_dtype(DType::F32)?, b);
+    }
+    let d = float_dtype("linear_residual", &ts)?;
+    expect_rank("linear_residual", "weight", w, 2)?;
+    ensure!(
+        x.rank() >= 1,
+        "linear_residual: x must have rank >= 1, got shape []"
+    );
+    let (out_f, in_f) = (w.shape()[0], w.shape()[1]);
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = out_f;
+    ensure!(
+        x.shape()[x.rank() - 1] == in_f && h.shape() == shape.as_slice(),
+        "linear_residual: x {:?} · weight {:?}ᵀ does not fit the residual {:?}",
+        x.shape(),
+        w.shape(),
+        h.shape()
+    );
+    if let Some(b) = b {
+        expect_shape("linear_residual", "bias", b, &[out_f])?;
+    }
+    let node = should_record(&ts).then(node);
+    dispatch_float!(
+        "linear_residual",
+        d,
+        linear_t::<T>(x, w, b, Some(h), &shape, node)
+    )
+}
+
+/// The linear rule, with `g` itself as the residual's gradient.
+struct LinearResidualBackward {
+    h: Tensor,
+    linear: LinearBackward,
+}
+
+impl BackwardOp for LinearResidualBackward {
+    fn name(&self) -> &'static str {
+        "linear_residual"
+    }
+    fn inputs(&self) -> Vec<Tensor> {
+        let mut v = vec![self.h.clone()];
+        v.extend(self.linear.inputs());
+        v
+    }
+    fn backward(&self, out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut grads = vec![self.h.tracks_grad().then(|| g.clone())];
+        grads.extend(self.linear.backward(out, g)?);
+        Ok(grads)
+    }
+}
+
+/// `[h +] x · wᵀ [+ b]`: the output starts as `h` and / or the bias rows (one pass), then the
+/// GEMM accumulates into it.
 fn linear_t<T: Float + GemmElem>(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
+    h: Option<&Tensor>,
     shape: &[usize],
     node: Option<Arc<dyn BackwardOp>>,
 ) -> Result<Tensor> {
@@ -377,20 +456,31 @@ fn linear_t<T: Float + GemmElem>(
         return out.finish(shape, node);
     }
     let o = out.as_mut_slice();
-    match b {
-        Some(b) => {
-            let bc = b.contiguous()?;
-            let bs = bc.cpu_data::<T>()?;
-            if o.len() >= 1 << 14 {
-                o.par_chunks_mut(out_f)
-                    .with_min_len((4096 / out_f).max(1))
-                    .for_each(|r| r.copy_from_slice(&bs));
-            } else {
-                o.chunks_mut(out_f).for_each(|r| r.copy_from_slice(&bs));
-            }
+    let bc = b.map(|b| b.contiguous()).transpose()?;
+    let bs = bc.as_ref().map(|b| b.cpu_data::<T>()).transpose()?;
+    let hc = h.map(|h| h.contiguous()).transpose()?;
+    let hs = hc.as_ref().map(|h| h.cpu_data::<T>()).transpose()?;
+    let init = |(i, r): (usize, &mut [T])| match (&hs, &bs) {
+        (Some(hs), Some(bs)) => {
+            let hr = &hs[i * out_f..(i + 1) * out_f];
+            r.iter_mut()
+                .zip(hr.iter().zip(bs.iter()))
+                .for_each(|(o, (&a, &c))| *o = a + c);
         }
-        None if in_f == 0 => o.fill(T::ZERO),
-        None => {}
+        (Some(hs), None) => r.copy_from_slice(&hs[i * out_f..(i + 1) * out_f]),
+        (None, Some(bs)) => r.copy_from_slice(bs),
+        (None, None) => r.fill(T::ZERO),
+    };
+    let preloaded = hs.is_some() || bs.is_some();
+    if preloaded || in_f == 0 {
+        if o.len() >= 1 << 14 {
+            o.par_chunks_mut(out_f)
+                .with_min_len((4096 / out_f).max(1))
+                .enumerate()
+                .for_each(init);
+        } else {
+            o.chunks_mut(out_f).enumerate().for_each(init);
+        }
     }
     if in_f > 0 {
         let ox = prepare_rows(x)?;
@@ -413,7 +503,7 @@ fn linear_t<T: Float + GemmElem>(
                     o,
                     out_f,
                     1,
-                    b.is_some(),
+                    preloaded,
                 )
             })
         })???;
@@ -597,6 +687,30 @@ pub mod launch {
             ..GemmSpec::simple(rows, n, k, true)
         };
         matmul_into(dev, &spec, x, w, acc)
+    }
+
+    /// `h + x [..., in] · wᵀ + b` (`h [..., out]`): the output starts as `h + b` (the
+    /// `bias_add` kernel) or a copy of `h`, then [`linear_acc`] accumulates the product into it.
+    pub fn linear_residual<D: KernelDevice + ?Sized>(
+        dev: &D,
+        h: &DTensor,
+        x: &DTensor,
+        w: &DTensor,
+        b: Option<&DTensor>,
+    ) -> Out {
+        f32_in("linear_residual", "h", h)?;
+        let acc = match b {
+            Some(b) => {
+                crate::elementwise::launch::bias_add(dev, h, b).context("linear_residual: bias")?
+            }
+            None => {
+                let acc = DTensor::uninit(dev, h.shape(), DType::F32)?;
+                dev.copy(&h.buf, 0, &acc.buf, 0, 4 * h.numel())?;
+                acc
+            }
+        };
+        linear_acc(dev, x, w, &acc).context("linear_residual")?;
+        Ok(acc)
     }
 
     /// `x [..., in] · wᵀ + b` with `w [out, in]` (PyTorch layout) and optional `b [out]`:

@@ -14,6 +14,7 @@ macro_rules! for_each_op {
         $m! {
             Matmul => matmul, linalg, grad: true, kernels: true;
             Linear => linear, linalg, grad: true, kernels: true;
+            LinearResidual => linear_residual, linalg, grad: true, kernels: true;
             Add => add, linalg, grad: true, kernels: true;
             Mul => mul, linalg, grad: true, kernels: true;
             Scale => scale, linalg, grad: true, kernels: true;

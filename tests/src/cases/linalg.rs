@@ -17,6 +17,27 @@ pub fn linear() -> Vec<Case> {
     linear_cases()
 }
 
+/// `h + x · wᵀ (+ b)`: the linear cases' shapes with a residual input (last), the weight as
+/// stored and as a transposed view, with and without bias, and one bigger forward.
+pub fn linear_residual() -> Vec<Case> {
+    let shape = |lead: &[usize], dims, bias, wt, grad| Shape {
+        lead: lead.to_vec(),
+        dims,
+        bias,
+        xt: false,
+        wt,
+        grad,
+        residual: true,
+    };
+    vec![
+        linear_case_of(shape(&[1], (1, 1), true, false, true)),
+        linear_case_of(shape(&[3], (17, 64), false, false, true)),
+        linear_case_of(shape(&[2, 3], (17, 65), true, true, true)),
+        linear_case_of(shape(&[], (17, 3), true, false, true)),
+        linear_case_of(shape(&[64], (768, 768), true, false, false)),
+    ]
+}
+
 pub fn add() -> Vec<Case> {
     binary_cases("add", |a, b| a + b)
 }
@@ -251,12 +272,45 @@ fn matmul_cases() -> Vec<Case> {
 /// `wt`: w stored as [IN, OUT] and transposed.
 fn linear_case(
     lead: &[usize],
-    (inf, outf): (usize, usize),
+    dims: (usize, usize),
     bias: bool,
     xt: bool,
     wt: bool,
     grad: bool,
 ) -> Case {
+    linear_case_of(Shape {
+        lead: lead.to_vec(),
+        dims,
+        bias,
+        xt,
+        wt,
+        grad,
+        residual: false,
+    })
+}
+
+/// A linear case: leading dims, (IN, OUT), a bias, x / w given as transposed views, gradient
+/// checks, and a residual `h [.., OUT]` added (`linear_residual`).
+struct Shape {
+    lead: Vec<usize>,
+    dims: (usize, usize),
+    bias: bool,
+    xt: bool,
+    wt: bool,
+    grad: bool,
+    residual: bool,
+}
+
+fn linear_case_of(sh: Shape) -> Case {
+    let Shape {
+        ref lead,
+        dims: (inf, outf),
+        bias,
+        xt,
+        wt,
+        grad,
+        residual,
+    } = sh;
     let r = prod(lead);
     let x_shape: Vec<usize> = if xt {
         vec![inf, r]
@@ -279,8 +333,17 @@ fn linear_case(
     if bias {
         inputs.push(Input::float(&[outf], g.vec(outf, -1.0, 1.0)));
     }
+    let y_shape: Vec<usize> = lead.iter().copied().chain([outf]).collect();
+    if residual {
+        inputs.push(Input::float(&y_shape, g.vec(r * outf, -2.0, 2.0)));
+    }
     let name = format!(
-        "linear x {:?}{} w [{outf}, {inf}]{}{}",
+        "{} x {:?}{} w [{outf}, {inf}]{}{}",
+        if residual {
+            "linear_residual"
+        } else {
+            "linear"
+        },
         lead.iter().copied().chain([inf]).collect::<Vec<_>>(),
         if xt { " (x view of [IN, R])" } else { "" },
         if wt { " (w view of [IN, OUT])" } else { "" },
@@ -292,7 +355,11 @@ fn linear_case(
         move |t| {
             let x = maybe_t(&t[0], xt)?;
             let w = maybe_t(&t[1], wt)?;
-            Ok(vec![matmul::linear(&x, &w, t.get(2))?])
+            let b = bias.then(|| &t[2]);
+            Ok(vec![match residual {
+                true => matmul::linear_residual(t.last().unwrap(), &x, &w, b)?,
+                false => matmul::linear(&x, &w, b)?,
+            }])
         },
         move |x| {
             let xs = logical(&x[0], r, inf, xt);
@@ -301,6 +368,9 @@ fn linear_case(
             for i in 0..r {
                 for o in 0..outf {
                     let mut s = if bias { x[2][o] } else { 0.0 };
+                    if residual {
+                        s += x[x.len() - 1][i * outf + o];
+                    }
                     for p in 0..inf {
                         s += xs[i * inf + p] * ws[o * inf + p];
                     }
@@ -316,12 +386,10 @@ fn linear_case(
         4.0 * (r * inf + inf * outf + r * outf) as f64,
     );
     if !grad {
-        c
-    } else if bias {
-        c.grad(&[0, 1, 2])
-    } else {
-        c.grad(&[0, 1])
+        return c;
     }
+    let n_in = 2 + bias as usize + residual as usize;
+    c.grad(&(0..n_in).collect::<Vec<_>>())
 }
 
 fn linear_cases() -> Vec<Case> {
