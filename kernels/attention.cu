@@ -74,11 +74,12 @@ __device__ __forceinline__ void kf_attn_ranges(const KfAttnIn& a, unsigned row, 
         b0 = end;
     } else if (a.pk != 0) {
         const unsigned hh = row - a.pn, w = hh / a.pk, i = hh % a.pk + 1;
-        if (w < a.pn) {  // staircase hint or F1 token of window t = w
-            b0 = w + 1;
+        if (a.kind != KF_ATTN_DOUBLE || w < a.pn) {
+            // staircase hint of window t = w mod N (in block w / N) or F1 token of window t = w
+            b0 = (a.kind == KF_ATTN_DOUBLE ? w : w % a.pn) + 1;
             a1 = end - i;
             b1 = end;
-        } else if (a.kind == KF_ATTN_DOUBLE && w - a.pn < a.pn) {  // F2 hint of window t
+        } else if (w - a.pn < a.pn) {  // F2 hint of window t
             const unsigned t = w - a.pn, f1 = a.pn + t * a.pk;
             b0 = t + 1;
             a1 = f1;

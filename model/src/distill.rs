@@ -24,12 +24,22 @@
 //! # Noise stream layout (deterministic given (seed, step, micro))
 //! Update `s` draws one sampler batch of `R = batch_size * grad_accum` windows; micro-batch
 //! `m` uses rows `r = m * batch_size .. (m + 1) * batch_size`. The noise of (row `r`,
-//! context position `t`, offset `i` (0-based, `i < k_student`)) of update `s` is
-//! `Philox(seed, NOISE_STREAM).uniform_f64(((s * R + r) * N + t) * k + i)`;
+//! noise window `j < M` (`windows`, default 1), context position `t`, offset `i` (0-based,
+//! `i < k_student`)) of update `s` is
+//! `Philox(seed, NOISE_STREAM).uniform_f64((((s * R + r) * M + j) * N + t) * k + i)`;
 //! validation window `w` uses `Philox(seed, EVAL_NOISE_STREAM)` at `(w * N + t) * k + i`
 //! (fixed noises: evaluation is deterministic). The windows themselves come from
 //! `WindowSampler(seed)` (its own stream), so the whole stage is a pure function of the
 //! seed, the teacher and the data — the condition for exact resume.
+//!
+//! # Several noise windows per context (`windows` = M > 1)
+//! Each context position opens M windows with independent noises, in M blocks of hints after
+//! one copy of the context rows ([`Pflm::forward_staircase`] with `u [B, M, N, k]`): one
+//! teacher pass (stage 1: the AR teacher's logits are computed once and inverted for each
+//! block; a PFLM teacher rolls out each block) and one context pass serve M (context, u)
+//! pairs. The loss averages over all of them. Validation always uses one window (M = 1), so
+//! stages with different M are compared on the same pairs. The inversion variant has one
+//! window per real continuation (M = 1).
 //!
 //! # Temperature
 //! [`TauDist`] is the configured distribution of `tau` (a constant, default 1, or uniform on
@@ -168,6 +178,17 @@ pub struct DistillConfig {
     /// How a stage-1 student's fresh noise encoder starts.
     #[serde(default)]
     pub noise_init: NoiseInit,
+    /// Noise windows per context position in training (module docs); 1 is the paper's.
+    #[serde(default = "one_window", skip_serializing_if = "is_one_window")]
+    pub windows: usize,
+}
+
+fn one_window() -> usize {
+    1
+}
+
+fn is_one_window(m: &usize) -> bool {
+    *m == 1
 }
 
 /// The teacher of a stage.
@@ -219,7 +240,7 @@ impl DistillTeacher {
         noise: &Tensor,
         tau: f64,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let k = noise.dim(2)?;
+        let k = noise.dim(noise.rank().max(1) - 1)?;
         ensure!(
             w >= n + self.lookahead(k) && tokens.len() == rows * w,
             "distillation batch: {} tokens for {rows} windows of {w} (N {n}, k {k})",
@@ -231,6 +252,10 @@ impl DistillTeacher {
         let ctx = Tensor::from_vec(ctx, &[rows, n], self.device())?;
         match self {
             DistillTeacher::Inversion(t) => {
+                ensure!(
+                    noise.rank() == 3,
+                    "the inversion variant has one noise window per context position"
+                );
                 let (u, tg) = inversion_pairs(t, tokens, rows, w, n, k, noise, tau)?;
                 Ok((ctx, u, tg))
             }
@@ -242,9 +267,13 @@ impl DistillTeacher {
     }
 
     /// Targets u32 `[B, N, k_student]` for contexts `[B, N]` and noises `[B, N, k_student]`
-    /// (the rollout variant; the inversion variant makes its pairs in [`Self::batch`]).
+    /// (the rollout variant; the inversion variant makes its pairs in [`Self::batch`]); with
+    /// noises `[B, M, N, k]` (M windows per position), targets `[B, M, N, k]`.
     pub fn targets(&self, ctx: &Tensor, u: &Tensor, tau: f64) -> Result<Tensor> {
         let _ng = kf_engine::no_grad();
+        if u.rank() == 4 {
+            return self.targets_per_window(ctx, u, tau);
+        }
         let (b, n, kk) = (u.dim(0)?, u.dim(1)?, u.dim(2)?);
         match self {
             DistillTeacher::Inversion(_) => {
@@ -267,6 +296,33 @@ impl DistillTeacher {
                 t.rollout_double(ctx, u, &[tau])
             }
         }
+    }
+}
+
+impl DistillTeacher {
+    /// [`Self::targets`] for noises `[B, M, N, k]`: the AR teacher's logits once, inverted for
+    /// every window ([`stage1_targets`]); a PFLM teacher's rollout per window. `[B, M, N, k]`.
+    fn targets_per_window(&self, ctx: &Tensor, u: &Tensor, tau: f64) -> Result<Tensor> {
+        let (b, m, n, k) = (u.dim(0)?, u.dim(1)?, u.dim(2)?, u.dim(3)?);
+        if let DistillTeacher::Ar(t) = self {
+            ensure!(k == 1, "an AR teacher distils a k = 1 student, not k = {k}");
+            return stage1_targets(t, ctx, &u.reshape(&[b, m, n])?, tau)?.reshape(&[b, m, n, 1]);
+        }
+        let per = (0..m)
+            .map(|j| {
+                let uj = u.narrow(1, j, 1)?.reshape(&[b, n, k])?;
+                crate::generate::tokens_to_host(&self.targets(ctx, &uj, tau)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // [M][B, N, k] -> [B, M, N, k]
+        let row = n * k;
+        let out: Vec<u32> = (0..b)
+            .flat_map(|r| {
+                per.iter()
+                    .flat_map(move |w| w[r * row..(r + 1) * row].iter().copied())
+            })
+            .collect();
+        Tensor::from_vec(out, &[b, m, n, k], self.device())
     }
 }
 
@@ -490,6 +546,15 @@ impl DistillTask {
             "batch_size and ctx_len must be positive"
         );
         ensure!(cfg.eval_windows > 0, "eval_windows must be at least 1");
+        ensure!(
+            cfg.windows >= 1,
+            "windows (noise windows per context position) must be at least 1"
+        );
+        ensure!(
+            cfg.windows == 1 || !matches!(teacher, DistillTeacher::Inversion(_)),
+            "the inversion variant has one noise window per real continuation: windows must be 1, got {}",
+            cfg.windows
+        );
         let max = student.cfg().max_seq_len;
         ensure!(
             cfg.ctx_len.saturating_add(k) <= max,
@@ -523,15 +588,19 @@ impl DistillTask {
         })
     }
 
-    /// Noises `[rows, N, k]` from `stream`, starting at row index `row0` (module docs).
-    fn noises(&self, stream: u64, row0: u64, rows: usize) -> Result<Tensor> {
+    /// Noises `[rows, N, k]` from `stream`, starting at row index `row0`, or `[rows, M, N, k]`
+    /// for `windows` = M > 1 (module docs).
+    fn noises(&self, stream: u64, row0: u64, rows: usize, windows: usize) -> Result<Tensor> {
         let (n, k) = (self.cfg.ctx_len, self.student.k);
         let rng = Philox::new(self.cfg.seed, stream);
-        let per = (n * k) as u64;
-        let v: Vec<f64> = (0..rows * n * k)
+        let per = (windows * n * k) as u64;
+        let v: Vec<f64> = (0..rows * windows * n * k)
             .map(|j| rng.uniform_f64(row0 * per + j as u64))
             .collect();
-        Tensor::from_vec(v, &[rows, n, k], Device::Cpu)
+        match windows {
+            1 => Tensor::from_vec(v, &[rows, n, k], Device::Cpu),
+            m => Tensor::from_vec(v, &[rows, m, n, k], Device::Cpu),
+        }
     }
 
     /// Loss on the tape plus per-target losses and hits for `rows` windows of `w` tokens
@@ -544,19 +613,22 @@ impl DistillTask {
         noise: &Tensor,
         tau: f64,
     ) -> Result<(Tensor, Vec<f64>, Vec<bool>)> {
-        let (b, n, k) = (noise.dim(0)?, noise.dim(1)?, noise.dim(2)?);
+        // noises [B, N, k], or [B, M, N, k] with M windows per context position
+        let d = noise.shape().to_vec();
+        let (b, n, k) = (d[0], d[d.len() - 2], d[d.len() - 1]);
+        let windows: usize = d[1..d.len() - 2].iter().product();
         ensure!(b == rows, "distillation: {rows} windows but noises for {b}");
         let (ctx, u, targets) = self.teacher.batch(tokens, rows, w, n, noise, tau)?;
         let (ctx, u) = (&ctx, &u);
         let logits = self.student.forward_staircase(ctx, u, &[tau])?;
         let v = self.student.cfg().vocab_size;
-        let m = b * n * k;
+        let m = b * windows * n * k;
         let tg = targets.reshape(&[m])?;
         let (loss, rows) = cross_entropy(&logits.reshape(&[m, v])?, &tg, None)?;
         let pred = {
             let _ng = kf_engine::no_grad();
             let counts = Tensor::zeros(&[b, v], DType::U32, self.student.device())?;
-            argmax_penalty(&logits.detach().reshape(&[b, n * k, v])?, &counts, 0.0)?
+            argmax_penalty(&logits.detach().reshape(&[b, m / b, v])?, &counts, 0.0)?
         };
         let (pv, tv) = (crate::generate::tokens_to_host(&pred)?, tg.to_vec::<u32>()?);
         let hits = pv.iter().zip(&tv).map(|(a, b)| a == b).collect();
@@ -586,7 +658,7 @@ impl DistillTask {
             self.cfg.batch_size,
             Some(self.cfg.eval_windows),
         )? {
-            let u = self.noises(EVAL_NOISE_STREAM, w0, wb.rows)?;
+            let u = self.noises(EVAL_NOISE_STREAM, w0, wb.rows, 1)?;
             w0 += wb.rows as u64;
             let (rows, w) = (wb.rows, wb.seq_len + 1);
             f(MicroInputs {
@@ -610,7 +682,7 @@ impl DistillTask {
         let w = all.seq_len + 1;
         let tokens = all.tokens[micro * bs * w..(micro + 1) * bs * w].to_vec();
         let row0 = step * self.sampler.batch_size() as u64 + (micro * bs) as u64;
-        let u = self.noises(NOISE_STREAM, row0, bs)?;
+        let u = self.noises(NOISE_STREAM, row0, bs, self.cfg.windows)?;
         let tau = self.cfg.tau.sample(self.cfg.seed, step, micro * bs);
         Ok(MicroInputs {
             tokens,

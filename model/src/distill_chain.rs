@@ -57,6 +57,8 @@ pub struct StageRecipe {
     pub warmup_steps: Option<u64>,
     #[serde(default)]
     pub batch_size: Option<usize>,
+    #[serde(default)]
+    pub windows: Option<usize>,
 }
 
 /// A distillation recipe (configs/distill-*.json).
@@ -76,6 +78,9 @@ pub struct Recipe {
     /// How the stage-1 student's noise encoder starts (default: the spec's normal init).
     #[serde(default)]
     pub noise_init: NoiseInit,
+    /// Noise windows per context position in training (default 1; see `crate::distill`).
+    #[serde(default)]
+    pub windows: Option<usize>,
     pub optim: RecipeOptim,
     pub stages: Vec<StageRecipe>,
 }
@@ -146,6 +151,7 @@ impl Recipe {
             tau: self.tau.clone(),
             variant: self.variant,
             noise_init: self.noise_init,
+            windows: s.windows.or(self.windows).unwrap_or(1),
         }
     }
 }

@@ -505,24 +505,39 @@ impl Pflm {
     /// Returns the logits at every hint, `[B, N, kk, V]`: entry `(b, t, i-1)` predicts the
     /// token at position `t + i` from context `0..=t` and hints `(t, 1..=i)`. On the tape
     /// when the model is trainable and grad is enabled.
+    ///
+    /// With `u [B, M, N, kk]`, M noise windows per context position: M blocks of hints after
+    /// one copy of the context rows (each block sees the context and its own windows only), so
+    /// one context pass serves M (context, u) pairs; the logits are `[B, M, N, kk, V]`.
     pub fn forward_staircase(&self, ctx: &Tensor, u: &Tensor, tau: &[f64]) -> Result<Tensor> {
-        let (b, n, kk) = check_ctx_u(ctx, u, None)?;
+        let m = if u.rank() == 4 { u.dim(1)? } else { 1 };
+        ensure!(m >= 1, "noises: no windows (u {:?})", u.shape());
+        let first = if u.rank() == 4 {
+            u.narrow(1, 0, 1)?.squeeze(1)?
+        } else {
+            u.clone()
+        };
+        let (b, n, kk) = check_ctx_u(ctx, &first, None)?;
         let uv = u.contiguous()?.to_vec_f64()?;
         let h0 = cat_time(
             &self.backbone.embed(ctx)?,
-            &self.hints(&uv, b, n * kk, tau)?,
+            &self.hints(&uv, b, m * n * kk, tau)?,
         )?;
         let mut pos: Vec<u32> = (0..n as u32).collect();
-        for t in 0..n {
-            for i in 1..=kk {
-                pos.push((t + i) as u32);
+        for _ in 0..m {
+            for t in 0..n {
+                pos.extend((1..=kk).map(|i| (t + i) as u32));
             }
         }
-        let pos = Tensor::from_vec(pos, &[n + n * kk], self.device())?;
+        let pos = Tensor::from_vec(pos, &[n + m * n * kk], self.device())?;
         let attn = self.attn(AttnPattern::Staircase { n, k: kk }, 0, vec![]);
         let h = self.backbone.backbone_hidden(&h0, &pos, &attn, None)?;
-        let logits = self.backbone.head(&h.narrow(1, n, n * kk)?)?;
-        logits.reshape(&[b, n, kk, self.cfg().vocab_size])
+        let logits = self.backbone.head(&h.narrow(1, n, m * n * kk)?)?;
+        let v = self.cfg().vocab_size;
+        match u.rank() {
+            4 => logits.reshape(&[b, m, n, kk, v]),
+            _ => logits.reshape(&[b, n, kk, v]),
+        }
     }
 
     /// The k -> 2k teacher rollout (KFORCING.md 6.2) with this model (window `k = self.k`) as
@@ -733,19 +748,29 @@ fn check_ctx_u(ctx: &Tensor, u: &Tensor, want: Option<usize>) -> Result<(usize, 
 /// Stage-1 targets (KFORCING.md 6.1): `token(p_T(· | x_<=t), u[b, t])` for every position of
 /// ctx u32 `[B, N]` with noises `u [B, N]`, through the one inverse-CDF map
 /// (`kf_ops::sampling::sample_inverse_cdf`) on the AR teacher's full-sequence logits. u32 `[B, N]`.
+/// With `u [B, M, N]` (M noise windows per position), the one teacher pass serves every window:
+/// u32 `[B, M, N]`.
 pub fn stage1_targets(teacher: &Ddit, ctx: &Tensor, u: &Tensor, tau: f64) -> Result<Tensor> {
     let _ng = no_grad();
     let (b, n) = (ctx.dim(0)?, ctx.dim(1)?);
+    let m = if u.rank() == 3 { u.dim(1)? } else { 1 };
     ensure!(
-        u.shape() == [b, n],
-        "stage-1 targets: u must be [B, N] = [{b}, {n}], got {:?}",
+        u.shape() == [b, n] || u.shape() == [b, m, n],
+        "stage-1 targets: u must be [B, N] = [{b}, {n}] (or [B, M, N]), got {:?}",
         u.shape()
     );
-    let logits = teacher
-        .forward_train(ctx)?
-        .reshape(&[b * n, teacher.cfg.vocab_size])?;
-    let u = u.reshape(&[b * n])?.to_device(teacher.device())?;
-    sample_inverse_cdf(&logits, &u, tau)?.reshape(&[b, n])
+    let v = teacher.cfg.vocab_size;
+    let logits = teacher.forward_train(ctx)?;
+    let logits = match m {
+        1 => logits,
+        // each window's rows read the same logits
+        _ => logits
+            .unsqueeze(1)?
+            .broadcast_as(&[b, m, n, v])?
+            .contiguous()?,
+    };
+    let uu = u.reshape(&[b * m * n])?.to_device(teacher.device())?;
+    sample_inverse_cdf(&logits.reshape(&[b * m * n, v])?, &uu, tau)?.reshape(u.shape())
 }
 
 // ------------------------------------------------------------------ generation

@@ -184,6 +184,7 @@ fn stage_cfg(steps: u64, lr: f64, seed: u64) -> DistillConfig {
         ),
         variant: Default::default(),
         noise_init: Default::default(),
+        windows: 1,
     }
 }
 

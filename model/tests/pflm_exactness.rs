@@ -4,7 +4,9 @@
 //! c. K < k at inference gives the first K tokens of the K = k window;
 //! d. KV-cached PFLM generation equals recomputing everything without a cache;
 //! e. stage-1 targets equal AR sampling with the same u;
-//! f. the noise-inversion variant's (u, target) pairs invert the real tokens.
+//! f. the noise-inversion variant's (u, target) pairs invert the real tokens;
+//! g. M noise windows per context in one staircase pass (blocks of hints sharing the context
+//!    rows) equal M separate passes, and their stage-1 targets M separate inversions.
 //! Plus: save/load round trip and gradients through the staircase pass.
 
 mod common;
@@ -395,6 +397,48 @@ fn e_stage1_targets_equal_ar_sampling() {
                 .unwrap();
             assert_eq!(&tg[l - 1..], &g.tokens[b][..], "tau {tau} b {b}");
         }
+    }
+}
+
+#[test]
+fn g_several_noise_windows_equal_separate_passes() {
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-5)] {
+        let st = student(2, 3).to_dtype(dtype).unwrap();
+        let (b, m, n, k, v) = (2, 3, 5, 2, st.cfg().vocab_size);
+        let ctx = Tensor::from_vec(ids(b, n, v, 8), &[b, n], Device::Cpu).unwrap();
+        let u = uniforms(&[b, m, n, k], 21);
+        let tau = [1.0, 0.8];
+        let _ng = no_grad();
+        let all = st.forward_staircase(&ctx, &u, &tau).unwrap();
+        assert_eq!(all.shape(), [b, m, n, k, v]);
+        for j in 0..m {
+            let uj = u.narrow(1, j, 1).unwrap().reshape(&[b, n, k]).unwrap();
+            let one = st.forward_staircase(&ctx, &uj, &tau).unwrap();
+            let got = all.narrow(1, j, 1).unwrap().contiguous().unwrap();
+            close(
+                &got.to_vec_f64().unwrap(),
+                &one.to_vec_f64().unwrap(),
+                tol,
+                &format!("{dtype} window block {j}"),
+            );
+        }
+    }
+    let cfg = small_cfg();
+    let teacher = random_model(&cfg, 6);
+    let (b, m, n) = (2, 4, 6);
+    let ctx = Tensor::from_vec(ids(b, n, cfg.vocab_size, 9), &[b, n], Device::Cpu).unwrap();
+    let u = uniforms(&[b, m, n], 23);
+    let all = stage1_targets(&teacher, &ctx, &u, 0.9).unwrap();
+    assert_eq!(all.shape(), [b, m, n]);
+    for j in 0..m {
+        let uj = u.narrow(1, j, 1).unwrap().reshape(&[b, n]).unwrap();
+        let one = stage1_targets(&teacher, &ctx, &uj, 0.9).unwrap();
+        let got = all.narrow(1, j, 1).unwrap().contiguous().unwrap();
+        assert_eq!(
+            got.to_vec::<u32>().unwrap(),
+            one.to_vec::<u32>().unwrap(),
+            "window {j}"
+        );
     }
 }
 

@@ -19,8 +19,10 @@ use std::sync::Arc;
 pub enum AttnPattern {
     /// Plain causal over the key sequence (teacher / AR; also the KV-cached inference step, see q_start).
     Causal,
-    /// Student training: keys/queries [N context | N*k hints]; context rows causal; hint (t, i)
-    /// (t in 0..N, i in 1..=k) sees context 0..=t and hints (t, 1..=i).
+    /// Student training: keys/queries [N context | M blocks of N*k hints] (M >= 1 noise
+    /// windows per context position, sharing the context rows); context rows causal; hint
+    /// (block, t, i) (t in 0..N, i in 1..=k) sees context 0..=t and hints (block, t, 1..=i).
+    /// M follows from the key count: Tk = N + M*N*k.
     Staircase { n: usize, k: usize },
     /// k -> 2k teacher rollout: [N context | N*k F1 | N*k F2]; F1 (t,i) sees ctx 0..=t and
     /// F1 (t,1..=i); F2 (t,i) sees ctx 0..=t, ALL of F1 (t,*), and F2 (t,1..=i).
@@ -99,12 +101,25 @@ impl KeyRanges {
 }
 
 /// Number of key rows a pattern defines (None for Causal, whose length is Tk; None also when
-/// N + N*k overflows).
+/// N + N*k overflows); for a staircase, that of one block of hints (M = 1).
 fn pattern_len(pattern: AttnPattern) -> Option<usize> {
     match pattern {
         AttnPattern::Causal => None,
         AttnPattern::Staircase { n, k } => n.checked_mul(k)?.checked_add(n),
         AttnPattern::DoubleStaircase { n, k } => n.checked_mul(k)?.checked_mul(2)?.checked_add(n),
+    }
+}
+
+/// Whether `tk` keys fit a staircase pattern: N + N*k (N + 2*N*k for the double staircase),
+/// or for the staircase N + M*N*k with M >= 1 blocks of hints. True for Causal.
+pub fn staircase_fits(pattern: AttnPattern, tk: usize) -> bool {
+    match pattern {
+        AttnPattern::Causal => true,
+        AttnPattern::DoubleStaircase { .. } => pattern_len(pattern) == Some(tk),
+        AttnPattern::Staircase { n, k } => match n.checked_mul(k) {
+            Some(0) | None => pattern_len(pattern) == Some(tk),
+            Some(nk) => tk > n && (tk - n) % nk == 0,
+        },
     }
 }
 
@@ -129,11 +144,13 @@ pub fn key_ranges(pattern: AttnPattern, row: usize) -> KeyRanges {
             // (the row itself is the window's last visible key: its end is row + 1, and every
             // other bound below is at most row, so nothing overflows)
             let end = row.saturating_add(1);
-            if w < n {
-                // staircase hint or F1 token (t = w): ctx 0..=t, own window 1..=i
-                r.push(0, w + 1);
+            if !double || w < n {
+                // staircase hint (t = w mod N, in block w / N) or F1 token (t = w): ctx 0..=t,
+                // own window 1..=i
+                let t = if double { w } else { w % n.max(1) };
+                r.push(0, t + 1);
                 r.push(end - i, end);
-            } else if double && w - n < n {
+            } else if w - n < n {
                 // F2 hint (t = w - n): ctx 0..=t, all of F1 (t, *), F2 (t, 1..=i)
                 let t = w - n;
                 let f1 = n + t * k;
@@ -208,15 +225,20 @@ fn validate(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<Dims> 
         let want = pattern_len(p.pattern)
             .with_context(|| format!("{}: the pattern length overflows", ctx()))?;
         let what = if matches!(p.pattern, AttnPattern::Staircase { .. }) {
-            "N + N*k"
+            "N + M*N*k (M >= 1 blocks of hints)"
         } else {
             "N + 2*N*k"
         };
         ensure!(
-            dims.tk == want,
-            "{}: Tk = {} but the pattern needs {what} = {want} (N {n}, k {k})",
+            staircase_fits(p.pattern, dims.tk),
+            "{}: Tk = {} but the pattern needs {what} = {want}{} (N {n}, k {k})",
             ctx(),
-            dims.tk
+            dims.tk,
+            if what.contains('M') {
+                " + a multiple of N*k"
+            } else {
+                ""
+            }
         );
     }
     ensure!(
@@ -1798,7 +1820,9 @@ mod tests {
         assert_eq!(r(s, 3), vec![(0, 1), (3, 4)]); // (t=0, i=1)
         assert_eq!(r(s, 4), vec![(0, 1), (3, 5)]); // (0, 2)
         assert_eq!(r(s, 8), vec![(0, 3), (7, 9)]); // (2, 2)
-        assert_eq!(r(s, 9), vec![]); // past the end
+                                                   // a second block of hints (M = 2 noise windows): the same windows over the same context
+        assert_eq!(r(s, 9), vec![(0, 1), (9, 10)]); // (block 1, t=0, i=1)
+        assert_eq!(r(s, 14), vec![(0, 3), (13, 15)]); // (block 1, 2, 2)
         let dd = AttnPattern::DoubleStaircase { n: 2, k: 2 };
         // [ctx 0,1 | F1 (0,1) (0,2) (1,1) (1,2) = 2..6 | F2 (0,1) (0,2) (1,1) (1,2) = 6..10]
         assert_eq!(r(dd, 5), vec![(0, 2), (4, 6)]);
@@ -1830,7 +1854,10 @@ mod tests {
         assert!(err(&q, &q, &q, &ps).contains("overflows"));
         let st = params(AttnPattern::Staircase { n: 2, k: 2 });
         let e = err(&q, &q, &q, &st);
-        assert!(e.contains("N + N*k = 6") && e.contains("Staircase"), "{e}");
+        assert!(
+            e.contains("N + M*N*k") && e.contains("= 6 + a multiple of N*k"),
+            "{e}"
+        );
         let st = params(AttnPattern::DoubleStaircase { n: 1, k: 2 });
         assert!(err(&q, &q, &q, &st).contains("N + 2*N*k = 5"));
         let huge = params(AttnPattern::Staircase {
@@ -2135,23 +2162,13 @@ pub mod launch {
             ctx()
         );
         ensure!(dims.tk >= 1 || dims.tq == 0, "{}: no keys", ctx());
-        let want = match p.pattern {
-            AttnPattern::Causal => None,
-            AttnPattern::Staircase { n, k } => n.checked_mul(k).and_then(|x| x.checked_add(n)),
-            AttnPattern::DoubleStaircase { n, k } => n
-                .checked_mul(k)
-                .and_then(|x| x.checked_mul(2))
-                .and_then(|x| x.checked_add(n)),
-        };
-        if !matches!(p.pattern, AttnPattern::Causal) {
-            ensure!(
-                want == Some(dims.tk),
-                "{}: Tk = {} but the pattern needs {:?}",
-                ctx(),
-                dims.tk,
-                want
-            );
-        }
+        ensure!(
+            super::staircase_fits(p.pattern, dims.tk),
+            "{}: Tk = {} does not fit the pattern (N + M*N*k keys for M >= 1 blocks of staircase \
+             hints, N + 2*N*k for the double staircase)",
+            ctx(),
+            dims.tk
+        );
         ensure!(
             p.q_start.checked_add(dims.tq).is_some_and(|e| e <= dims.tk),
             "{}: query rows {}..{} exceed Tk = {}",

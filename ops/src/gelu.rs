@@ -620,12 +620,12 @@ pub mod launch {
 
     /// GELU, tanh approximation (the elementwise family's `gelu_tanh`).
     pub fn gelu_tanh<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor) -> Out {
-        unary(dev, "gelu_tanh_f32", elementwise::config(x.numel()), x)
+        unary(dev, "gelu_tanh", elementwise::config(x.numel()), x)
     }
 
     /// GELU with the exact erf.
     pub fn gelu_erf<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor) -> Out {
-        unary(dev, "gelu_erf_f32", gelu::config(x.numel()), x)
+        unary(dev, "gelu_erf", gelu::config(x.numel()), x)
     }
 
     /// `entry(x, g, out, n)`: a GELU backward at the forward's input `x`.
@@ -643,17 +643,18 @@ pub mod launch {
         gelu_bwd(dev, "gelu_erf_bwd_f32", x, g)
     }
 
+    /// The f32 kernel `<op>_f32(x, out, n)` over `cfg`; errors name `op`.
     fn unary<D: KernelDevice + ?Sized>(
         dev: &D,
-        entry: &str,
+        op: &str,
         cfg: kf_kernels::LaunchConfig,
         x: &DTensor,
     ) -> Out {
-        f32_in(entry, "x", x)?;
+        f32_in(op, "x", x)?;
         let out = DTensor::uninit(dev, x.shape(), DType::F32)?;
         run(
             dev,
-            entry,
+            &format!("{op}_f32"),
             cfg,
             &[
                 KArg::Buf(&x.buf),
@@ -663,6 +664,7 @@ pub mod launch {
         )?;
         Ok(out)
     }
+
     /// `gelu_tanh(x [..., C] + b [C])` in one pass (the MLP's bias fused into its activation).
     pub fn bias_gelu_tanh<D: KernelDevice + ?Sized>(dev: &D, x: &DTensor, b: &DTensor) -> Out {
         crate::elementwise::launch::row_bias(dev, "bias_gelu_tanh", x, b)

@@ -6,7 +6,7 @@
 use crate::dispatch_float;
 use crate::kdev::bridge;
 use crate::util::float_dtype;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use kf_engine::autograd::{should_record, BackwardOp};
 use kf_engine::layout::Layout;
 use kf_engine::{Float, OutBuf, Tensor};
@@ -199,7 +199,8 @@ fn full_sum_on(
         return Tensor::zeros(&[], x.dtype(), on.device);
     }
     let dev = &*on.dev;
-    let col = launch::colsum(dev, &bridge::dt(x)?.reshape(&[n, 1])?)?;
+    let col = launch::colsum(dev, &bridge::dt(x)?.reshape(&[n, 1])?)
+        .with_context(|| format!("{name} of {:?} on {}", x.shape(), on.device))?;
     let col = if scale == 1.0 {
         col
     } else {

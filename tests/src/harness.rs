@@ -4,6 +4,8 @@
 //! - forward in f64 against the reference (tight tolerance),
 //! - gradients in f64 against central finite differences,
 //! with canary-padded output buffers (`OutBuf` canary mode) throughout.
+//! A refused case (`Case::refused`: shapes or dtypes the op must reject) must fail with one
+//! error naming the op on the CPU and on every kernel device, never a panic or a result.
 
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::outbuf::set_canary_mode;
@@ -104,6 +106,27 @@ impl Input {
     }
 }
 
+/// A float input of `shape` with small distinct values (for refused cases: only shapes matter).
+pub fn filled(shape: &[usize]) -> Input {
+    let n: usize = shape.iter().product();
+    Input::float(
+        shape,
+        (0..n).map(|i| 0.25 + 0.125 * (i % 7) as f64).collect(),
+    )
+}
+
+/// Index inputs `0, 1, 2, ..` of `shape` (ids, targets, counts).
+pub fn indices(shape: &[usize]) -> Input {
+    let n: usize = shape.iter().product();
+    Input::index(shape, (0..n as u32).collect())
+}
+
+/// `cases` followed by the op's refused cases.
+pub fn refusing(mut cases: Vec<Case>, refused: impl IntoIterator<Item = Case>) -> Vec<Case> {
+    cases.extend(refused);
+    cases
+}
+
 /// `|a - b| <= atol + rtol * |b|` elementwise.
 #[derive(Clone, Copy, Debug)]
 pub struct Tol {
@@ -144,6 +167,9 @@ pub struct Case {
     /// False for a case outside the domain of the op's kernels (e.g. an attention head dim
     /// with no kernel instance): on a kernel device it must fail with an error.
     pub on_kernels: bool,
+    /// For a case the op must refuse (bad shapes, dtypes): text its error names on every
+    /// backend (the op's name, or the input at fault).
+    pub refused: Option<String>,
 }
 
 impl Case {
@@ -165,7 +191,20 @@ impl Case {
             flops: 0.0,
             bytes: 0.0,
             on_kernels: true,
+            refused: None,
         }
+    }
+    /// Inputs the op must reject: on the CPU and on every kernel device the forward fails with
+    /// an error whose text contains `names` (checked at f32; no reference, no gradient).
+    pub fn refused(
+        name: impl Into<String>,
+        inputs: Vec<Input>,
+        forward: impl Fn(&[Tensor]) -> Result<Vec<Tensor>> + Send + Sync + 'static,
+        names: &str,
+    ) -> Case {
+        let mut c = Case::new(name, inputs, forward, |_| vec![]);
+        c.refused = Some(names.to_string());
+        c
     }
     pub fn on_kernels(mut self, yes: bool) -> Case {
         self.on_kernels = yes;
@@ -241,11 +280,38 @@ impl Drop for CanaryGuard {
     }
 }
 
+/// Whether `text` holds `word` as a whole word ("colsum" does not name "sum").
+fn names_word(text: &str, word: &str) -> bool {
+    let part = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    text.match_indices(word).any(|(i, _)| {
+        !part(text[..i].chars().next_back()) && !part(text[i + word.len()..].chars().next())
+    })
+}
+
+/// A refused case's forward on inputs already on their device: an error naming what it must.
+fn check_refusal(case: &Case, names: &str, inputs: &[Tensor], tag: &str) -> Result<()> {
+    match (case.forward)(inputs) {
+        Ok(_) => bail!(
+            "{} {tag}: the op must refuse these inputs, yet returned a result",
+            case.name
+        ),
+        Err(e) => ensure!(
+            names_word(&format!("{e:#}"), names),
+            "{} {tag}: the error does not name {names:?}: {e:#}",
+            case.name
+        ),
+    }
+    Ok(())
+}
+
 /// Run the forward at `dtype` (f32 or f64) and compare with the reference.
 pub fn check_forward(case: &Case, dtype: DType) -> Result<()> {
     let _c = CanaryGuard::on();
     let _g = no_grad();
     let inputs = build_inputs(case, dtype)?;
+    if let Some(names) = &case.refused {
+        return check_refusal(case, names, &inputs, &format!("[{dtype}]"));
+    }
     let outs = (case.forward)(&inputs).with_context(|| format!("{}: forward failed", case.name))?;
     let tol = if dtype == DType::F64 {
         case.tol_f64
@@ -397,6 +463,9 @@ pub fn check_forward_on(case: &Case, op: kf_ops::OpKind, device: Device) -> Resu
         .iter()
         .map(|t| t.to_device(device))
         .collect::<Result<Vec<_>>>()?;
+    if let Some(names) = &case.refused {
+        return check_refusal(case, names, &inputs, &format!("[f32 on {device}]"));
+    }
     let run = (case.forward)(&inputs);
     if !op.on_kernel_devices() || !case.on_kernels {
         ensure!(
@@ -497,6 +566,11 @@ pub fn check_op(op: kf_ops::OpKind) -> Result<usize> {
             }
         }
     }
+    ensure!(
+        cases.iter().any(|c| c.refused.is_some()),
+        "op {} has no refused case (inputs it must reject with an error)",
+        op.name()
+    );
     if op.differentiable() {
         ensure!(
             cases.iter().any(|c| !c.grad_wrt.is_empty()),

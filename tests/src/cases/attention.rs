@@ -4,7 +4,7 @@
 //! call `key_ranges`) and computes softmax(QKᵀ·scale) V with naive f64 loops.
 //! Dimensions: B batch, Tq query rows, Tk keys, H heads, D head dim; N context, k hints.
 
-use crate::harness::{Case, Gen, Input};
+use crate::harness::{filled, refusing, Case, Gen, Input};
 use kf_engine::Tensor;
 use kf_ops::attention::{rope_attention, AttnParams, AttnPattern};
 
@@ -51,6 +51,10 @@ impl Spec {
     }
     fn stair(b: usize, h: usize, d: usize, n: usize, k: usize) -> Spec {
         Spec::full(b, h, d, AttnPattern::Staircase { n, k }, n + n * k)
+    }
+    /// A staircase with `m` blocks of hints (m noise windows per context position).
+    fn stair_blocks(b: usize, h: usize, d: usize, n: usize, k: usize, m: usize) -> Spec {
+        Spec::full(b, h, d, AttnPattern::Staircase { n, k }, n + m * n * k)
     }
     fn double(b: usize, h: usize, d: usize, n: usize, k: usize) -> Spec {
         Spec::full(
@@ -173,7 +177,8 @@ impl Spec {
 }
 
 /// Where row `idx` of a staircase sequence sits: context position, or hint `i` (1-based) of the
-/// window after context position `t` in pass 1 (staircase hints / F1) or pass 2 (F2).
+/// window after context position `t` in pass 1 (staircase hints / F1) or pass 2 (F2); for a
+/// staircase with several blocks of hints, `pass` is the block.
 #[derive(Clone, Copy)]
 enum Slot {
     Ctx(usize),
@@ -217,8 +222,15 @@ fn sees(pattern: AttnPattern, row: usize, col: usize) -> bool {
                 i: ic,
             },
         ) => {
-            // same window only; same pass: causal 1..=i; F2 sees all of its F1
-            tr == tc && (if pr == pc { ic <= ir } else { pc < pr })
+            // same window only; same pass: causal 1..=i; F2 sees all of its F1; the blocks
+            // of a staircase do not see each other
+            let double = matches!(pattern, AttnPattern::DoubleStaircase { .. });
+            tr == tc
+                && (if pr == pc {
+                    ic <= ir
+                } else {
+                    double && pc < pr
+                })
         }
     }
 }
@@ -297,9 +309,31 @@ fn case(s: Spec, seed: u64, grad: bool) -> Case {
 /// The attention family: `attention` and the fused `rope_attention` (which has no registry
 /// entry of its own: its cases run under `attention`).
 pub fn attention() -> Vec<Case> {
-    let mut out = attention_cases();
-    out.extend(rope_attention_cases());
-    out
+    refusing(
+        {
+            let mut out = attention_cases();
+            out.extend(rope_attention_cases());
+            out
+        },
+        [Case::refused(
+            "attention k [1, 5, 1, 8] for q, v [1, 4, 1, 8]",
+            vec![
+                filled(&[1, 4, 1, 8]),
+                filled(&[1, 5, 1, 8]),
+                filled(&[1, 4, 1, 8]),
+            ],
+            |t| {
+                let p = AttnParams {
+                    pattern: AttnPattern::Causal,
+                    q_start: 0,
+                    scale: 0.35,
+                    key_skip: vec![],
+                };
+                Ok(vec![kf_ops::attention::attention(&t[0], &t[1], &t[2], &p)?])
+            },
+            "attention",
+        )],
+    )
 }
 
 fn attention_cases() -> Vec<Case> {
@@ -321,6 +355,9 @@ fn attention_cases() -> Vec<Case> {
         Spec::stair(1, 2, 2, 5, 3),
         // hint rows only, with key_skip (windows with t < skip see only their own hints)
         Spec::stair(2, 1, 4, 3, 2).tail(6).skip(vec![1, 2]),
+        // several noise windows per context position: 2 and 3 blocks of hints
+        Spec::stair_blocks(1, 1, 4, 3, 2, 2),
+        Spec::stair_blocks(2, 2, 2, 4, 1, 3),
         // double staircase, full and the second pass that reuses the context K/V
         Spec::double(1, 1, 2, 1, 1),
         Spec::double(1, 2, 4, 2, 2),
@@ -348,6 +385,7 @@ fn attention_cases() -> Vec<Case> {
         causal(2, 2, 64, 130).tail(37).skip(vec![0, 50]),
         causal(1, 2, 64, 130).layout(Layout::Packed),
         Spec::stair(1, 1, 64, 13, 4).layout(Layout::HeadMajor),
+        Spec::stair_blocks(1, 2, 64, 20, 1, 4),
     ];
     let mut out = vec![];
     for (i, s) in grad_specs.into_iter().enumerate() {

@@ -1,73 +1,165 @@
-//! Harness cases of matmul, linear, add, mul, scale, bias_add, sum (with sum_dim),
-//! mean, embedding and adamw against naive f64 loops. Operands stored transposed
+//! Harness cases of matmul, linear, linear_residual, add, mul, scale, bias_add, sum (with
+//! sum_dim), mean, embedding and adamw against naive f64 loops, and the inputs each must refuse. Operands stored transposed
 //! become views inside the forward, so the ops see strided layouts. Letters:
 //! M, K, N matrix dims; R rows; IN / OUT linear features; V vocab, D width.
 
-use crate::harness::{Case, Gen, Input, Tol};
+use crate::harness::{filled, indices, refusing, Case, Gen, Input, Tol};
 use kf_engine::{Device, Tensor};
 use kf_ops::adamw::{adamw_step, AdamWConfig};
 use kf_ops::{elementwise, embedding, matmul, reduce};
 
-/// All cases of `op` (this family's ops only).
 pub fn matmul() -> Vec<Case> {
-    matmul_cases()
+    refusing(
+        matmul_cases(),
+        [Case::refused(
+            "matmul [2, 3] · [4, 5]",
+            vec![filled(&[2, 3]), filled(&[4, 5])],
+            |t| Ok(vec![matmul::matmul(&t[0], &t[1])?]),
+            "matmul",
+        )],
+    )
 }
 
 pub fn linear() -> Vec<Case> {
-    linear_cases()
+    refusing(
+        linear_cases(),
+        [Case::refused(
+            "linear x [2, 3], w [4, 5]",
+            vec![filled(&[2, 3]), filled(&[4, 5])],
+            |t| Ok(vec![matmul::linear(&t[0], &t[1], None)?]),
+            "linear",
+        )],
+    )
 }
 
 /// `h + x · wᵀ (+ b)`: the linear cases' shapes with a residual input (last), the weight as
 /// stored and as a transposed view, with and without bias, and one bigger forward.
 pub fn linear_residual() -> Vec<Case> {
-    let shape = |lead: &[usize], dims, bias, wt, grad| Shape {
-        lead: lead.to_vec(),
-        dims,
-        bias,
-        xt: false,
-        wt,
-        grad,
-        residual: true,
-    };
-    vec![
-        linear_case_of(shape(&[1], (1, 1), true, false, true)),
-        linear_case_of(shape(&[3], (17, 64), false, false, true)),
-        linear_case_of(shape(&[2, 3], (17, 65), true, true, true)),
-        linear_case_of(shape(&[], (17, 3), true, false, true)),
-        linear_case_of(shape(&[64], (768, 768), true, false, false)),
-    ]
+    refusing(
+        {
+            let shape = |lead: &[usize], dims, bias, wt, grad| Shape {
+                lead: lead.to_vec(),
+                dims,
+                bias,
+                xt: false,
+                wt,
+                grad,
+                residual: true,
+            };
+            vec![
+                linear_case_of(shape(&[1], (1, 1), true, false, true)),
+                linear_case_of(shape(&[3], (17, 64), false, false, true)),
+                linear_case_of(shape(&[2, 3], (17, 65), true, true, true)),
+                linear_case_of(shape(&[], (17, 3), true, false, true)),
+                linear_case_of(shape(&[64], (768, 768), true, false, false)),
+            ]
+        },
+        [Case::refused(
+            "linear_residual h [2, 5] for x [2, 3] · w [4, 3]ᵀ",
+            vec![filled(&[2, 5]), filled(&[2, 3]), filled(&[4, 3])],
+            |t| Ok(vec![matmul::linear_residual(&t[0], &t[1], &t[2], None)?]),
+            "linear_residual",
+        )],
+    )
 }
 
 pub fn add() -> Vec<Case> {
-    binary_cases("add", |a, b| a + b)
+    refusing(
+        binary_cases("add", |a, b| a + b),
+        [Case::refused(
+            "add [2, 3] + [4]",
+            vec![filled(&[2, 3]), filled(&[4])],
+            |t| Ok(vec![elementwise::add(&t[0], &t[1])?]),
+            "add",
+        )],
+    )
 }
 
 pub fn mul() -> Vec<Case> {
-    binary_cases("mul", |a, b| a * b)
+    refusing(
+        binary_cases("mul", |a, b| a * b),
+        [Case::refused(
+            "mul [2, 3] * [4]",
+            vec![filled(&[2, 3]), filled(&[4])],
+            |t| Ok(vec![elementwise::mul(&t[0], &t[1])?]),
+            "mul",
+        )],
+    )
 }
 
 pub fn scale() -> Vec<Case> {
-    scale_cases()
+    refusing(
+        scale_cases(),
+        [Case::refused(
+            "scale of u32 ids",
+            vec![indices(&[5])],
+            |t| Ok(vec![elementwise::scale(&t[0], 2.0)?]),
+            "scale",
+        )],
+    )
 }
 
 pub fn bias_add() -> Vec<Case> {
-    bias_add_cases()
+    refusing(
+        bias_add_cases(),
+        [Case::refused(
+            "bias_add x [2, 3] + bias [4]",
+            vec![filled(&[2, 3]), filled(&[4])],
+            |t| Ok(vec![elementwise::bias_add(&t[0], &t[1])?]),
+            "bias_add",
+        )],
+    )
 }
 
 pub fn sum() -> Vec<Case> {
-    sum_cases()
+    refusing(
+        sum_cases(),
+        [Case::refused(
+            "sum of u32 ids",
+            vec![indices(&[5])],
+            |t| Ok(vec![reduce::sum(&t[0])?]),
+            "sum",
+        )],
+    )
 }
 
 pub fn mean() -> Vec<Case> {
-    mean_cases()
+    refusing(
+        mean_cases(),
+        [Case::refused(
+            "mean of u32 ids",
+            vec![indices(&[5])],
+            |t| Ok(vec![reduce::mean(&t[0])?]),
+            "mean",
+        )],
+    )
 }
 
 pub fn embedding() -> Vec<Case> {
-    embedding_cases()
+    refusing(
+        embedding_cases(),
+        [Case::refused(
+            "embedding table [4] (not [V, D])",
+            vec![indices(&[2]), filled(&[4])],
+            |t| Ok(vec![embedding::embedding(&t[0], &t[1])?]),
+            "embedding",
+        )],
+    )
 }
 
 pub fn adamw() -> Vec<Case> {
-    adamw_cases()
+    refusing(
+        adamw_cases(),
+        [Case::refused(
+            "adamw grad [4] for param [3]",
+            vec![filled(&[3]), filled(&[4]), filled(&[3]), filled(&[3])],
+            |t| {
+                adamw_step(&t[0], &t[1], &t[2], &t[3], 1, &AdamWConfig::default())?;
+                Ok(vec![])
+            },
+            "adamw",
+        )],
+    )
 }
 
 // ------------------------------------------------------------------ helpers

@@ -1,9 +1,9 @@
 //! Harness cases of the normalisation / activation / loss family: layer norm
-//! (with and without bias), rope, the two GELUs, softmax (and log-softmax) and
-//! the fused cross-entropy. References are naive f64 loops written apart from
+//! (with and without bias), rope, the two GELUs (and GELU with its bias), softmax (and
+//! log-softmax) and the fused cross-entropy, and the inputs each must refuse. References are naive f64 loops written apart from
 //! the ops. Letters: R rows, D features, B T H D for rope, N rows and V vocab.
 
-use crate::harness::{Case, Gen, Input};
+use crate::harness::{filled, indices, refusing, Case, Gen, Input};
 use kf_engine::Tensor;
 
 /// The DDiT LayerNorm epsilon.
@@ -14,31 +14,102 @@ pub(crate) const ROPE_BASE: f64 = 10000.0;
 const BIG_V: usize = 50257;
 
 pub fn layer_norm() -> Vec<Case> {
-    layer_norm_cases(false)
+    refusing(
+        layer_norm_cases(false),
+        [Case::refused(
+            "layer_norm x [2, 4], weight [3]",
+            vec![filled(&[2, 4]), filled(&[3])],
+            |t| {
+                Ok(vec![kf_ops::layernorm::layer_norm(
+                    &t[0], &t[1], None, EPS,
+                )?])
+            },
+            "layer_norm",
+        )],
+    )
 }
 
 pub fn layer_norm_bias() -> Vec<Case> {
-    layer_norm_cases(true)
+    refusing(
+        layer_norm_cases(true),
+        [Case::refused(
+            "layer_norm x [2, 4], weight [4], bias [3]",
+            vec![filled(&[2, 4]), filled(&[4]), filled(&[3])],
+            |t| {
+                Ok(vec![kf_ops::layernorm::layer_norm(
+                    &t[0],
+                    &t[1],
+                    Some(&t[2]),
+                    EPS,
+                )?])
+            },
+            "layer_norm",
+        )],
+    )
 }
 
 pub fn rope() -> Vec<Case> {
-    rope_cases()
+    refusing(
+        rope_cases(),
+        [Case::refused(
+            "rope x [1, 2, 1, 4], positions [3]",
+            vec![filled(&[1, 2, 1, 4]), indices(&[3])],
+            |t| Ok(vec![kf_ops::rope::rope(&t[0], &t[1], ROPE_BASE)?]),
+            "rope",
+        )],
+    )
 }
 
 pub fn gelu_tanh() -> Vec<Case> {
-    gelu_cases(false)
+    refusing(
+        gelu_cases(false),
+        [Case::refused(
+            "gelu_tanh of u32 ids",
+            vec![indices(&[5])],
+            |t| Ok(vec![kf_ops::gelu::gelu_tanh(&t[0])?]),
+            "gelu_tanh",
+        )],
+    )
 }
 
 pub fn gelu_erf() -> Vec<Case> {
-    gelu_cases(true)
+    refusing(
+        gelu_cases(true),
+        [Case::refused(
+            "gelu_erf of u32 ids",
+            vec![indices(&[5])],
+            |t| Ok(vec![kf_ops::gelu::gelu_erf(&t[0])?]),
+            "gelu_erf",
+        )],
+    )
 }
 
 pub fn softmax() -> Vec<Case> {
-    softmax_cases()
+    refusing(
+        softmax_cases(),
+        [Case::refused(
+            "softmax of u32 ids",
+            vec![indices(&[2, 3])],
+            |t| Ok(vec![kf_ops::softmax::softmax(&t[0])?]),
+            "softmax",
+        )],
+    )
 }
 
 pub fn cross_entropy() -> Vec<Case> {
-    cross_entropy_cases()
+    refusing(
+        cross_entropy_cases(),
+        [Case::refused(
+            "cross_entropy logits [2, 5], targets [3]",
+            vec![filled(&[2, 5]), indices(&[3])],
+            |t| {
+                Ok(vec![
+                    kf_ops::cross_entropy::cross_entropy(&t[0], &t[1], None)?.0,
+                ])
+            },
+            "cross_entropy",
+        )],
+    )
 }
 
 // ------------------------------------------------------------------ layer norm
@@ -332,33 +403,43 @@ fn gelu_cases(erf: bool) -> Vec<Case> {
 /// `gelu_tanh(x + b)` with the bias broadcast over rows: ragged row widths, one row, a
 /// whole number of the CPU body's tasks and more (12,000 elements), and large |x + b|.
 pub fn bias_gelu_tanh() -> Vec<Case> {
-    let mut g = Gen::new(13);
-    let shapes: [&[usize]; 5] = [&[1, 1], &[3, 7], &[2, 5, 33], &[40, 300], &[4, 6]];
-    shapes
-        .iter()
-        .enumerate()
-        .map(|(i, &shape)| {
-            let c = *shape.last().unwrap();
-            let n: usize = shape.iter().product();
-            // the last case pushes x + b into GELU's saturated tails
-            let span = if i == 4 { 40.0 } else { 6.0 };
-            let x = g.vec(n, -span, span);
-            let b = g.vec(c, -2.0, 2.0);
-            Case::new(
-                format!("bias_gelu_tanh {shape:?}"),
-                vec![Input::float(shape, x), Input::float(&[c], b)],
-                |t: &[Tensor]| Ok(vec![kf_ops::gelu::bias_gelu_tanh(&t[0], &t[1])?]),
-                move |v: &[Vec<f64>]| {
-                    let out = v[0].iter().enumerate();
-                    vec![out
-                        .map(|(j, &a)| gelu_ref(a + v[1][j % c], false))
-                        .collect()]
-                },
-            )
-            .grad(&[0, 1])
-            .cost(21.0 * n as f64, 8.0 * (2 * n + c) as f64)
-        })
-        .collect()
+    refusing(
+        {
+            let mut g = Gen::new(13);
+            let shapes: [&[usize]; 5] = [&[1, 1], &[3, 7], &[2, 5, 33], &[40, 300], &[4, 6]];
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &shape)| {
+                    let c = *shape.last().unwrap();
+                    let n: usize = shape.iter().product();
+                    // the last case pushes x + b into GELU's saturated tails
+                    let span = if i == 4 { 40.0 } else { 6.0 };
+                    let x = g.vec(n, -span, span);
+                    let b = g.vec(c, -2.0, 2.0);
+                    Case::new(
+                        format!("bias_gelu_tanh {shape:?}"),
+                        vec![Input::float(shape, x), Input::float(&[c], b)],
+                        |t: &[Tensor]| Ok(vec![kf_ops::gelu::bias_gelu_tanh(&t[0], &t[1])?]),
+                        move |v: &[Vec<f64>]| {
+                            let out = v[0].iter().enumerate();
+                            vec![out
+                                .map(|(j, &a)| gelu_ref(a + v[1][j % c], false))
+                                .collect()]
+                        },
+                    )
+                    .grad(&[0, 1])
+                    .cost(21.0 * n as f64, 8.0 * (2 * n + c) as f64)
+                })
+                .collect()
+        },
+        [Case::refused(
+            "bias_gelu_tanh x [2, 3] + bias [4]",
+            vec![filled(&[2, 3]), filled(&[4])],
+            |t| Ok(vec![kf_ops::gelu::bias_gelu_tanh(&t[0], &t[1])?]),
+            "bias_gelu_tanh",
+        )],
+    )
 }
 
 // --------------------------------------------------------------------- softmax

@@ -3,19 +3,47 @@
 //! Sampled tokens and argmax tokens are compared EXACTLY. N positions,
 //! d features, R rows, B batch, K hint positions, V vocabulary.
 
-use crate::harness::{Case, Gen, Input, Tol};
+use crate::harness::{filled, indices, refusing, Case, Gen, Input, Tol};
 use kf_engine::Tensor;
 
 pub fn noise_features() -> Vec<Case> {
-    noise_cases()
+    refusing(
+        noise_cases(),
+        [Case::refused(
+            "noise_features s [2, 2] (not [N])",
+            vec![filled(&[2, 2])],
+            |t| Ok(vec![kf_ops::noise::noise_features(&t[0], 4, t[0].dtype())?]),
+            "noise_features",
+        )],
+    )
 }
 
 pub fn sample_inverse_cdf() -> Vec<Case> {
-    sample_cases()
+    refusing(
+        sample_cases(),
+        [Case::refused(
+            "sample_inverse_cdf logits [2, 5], u [3]",
+            vec![filled(&[2, 5]), filled(&[3])],
+            |t| {
+                Ok(vec![kf_ops::sampling::sample_inverse_cdf(
+                    &t[0], &t[1], 1.0,
+                )?])
+            },
+            "sample_inverse_cdf",
+        )],
+    )
 }
 
 pub fn argmax_penalty() -> Vec<Case> {
-    argmax_cases()
+    refusing(
+        argmax_cases(),
+        [Case::refused(
+            "argmax_penalty logits [2, 1, 5], counts [2, 4]",
+            vec![filled(&[2, 1, 5]), indices(&[2, 4])],
+            |t| Ok(vec![kf_ops::argmax::argmax_penalty(&t[0], &t[1], 1.0)?]),
+            "argmax_penalty",
+        )],
+    )
 }
 
 // ------------------------------------------------------------ noise features
