@@ -149,8 +149,9 @@ impl BackwardOp for BiasGeluBackward {
             kf_engine::DType::F64 => node::<f64>(&h, Kind::Tanh),
             _ => node::<f32>(&h, Kind::Tanh),
         };
-        let dh = gelu.backward(out, g)?;
-        let dh = dh.into_iter().next().flatten().expect("gelu gives dx");
+        let Some(dh) = gelu.backward(out, g)?.into_iter().next().flatten() else {
+            bail!("bias_gelu_tanh backward: the GELU rule gave no gradient");
+        };
         BiasAddBackward {
             x: self.x.clone(),
             b: self.b.clone(),

@@ -665,18 +665,10 @@ pub mod launch {
         acc: &DTensor,
     ) -> Result<()> {
         let op = "linear_acc";
-        f32_in(op, "x", x)?;
-        weight_in(op, w)?;
+        let (rows, k, n) = linear_dims(op, x, w)?;
         f32_in(op, "acc", acc)?;
         ensure!(
-            w.rank() == 2,
-            "{op}: weight must be [out, in], got {:?}",
-            w.shape()
-        );
-        let (rows, k) = rows_cols(op, x)?;
-        let (n, win) = (w.shape()[0], w.shape()[1]);
-        ensure!(
-            win == k && acc.numel() == rows * n && acc.shape().last() == Some(&n),
+            acc.numel() == rows * n && acc.shape().last() == Some(&n),
             "{op}: x {:?} · weight {:?}ᵀ does not fit acc {:?}",
             x.shape(),
             w.shape(),
@@ -687,6 +679,26 @@ pub mod launch {
             ..GemmSpec::simple(rows, n, k, true)
         };
         matmul_into(dev, &spec, x, w, acc)
+    }
+
+    /// (rows, in, out) of `x [..., in] · wᵀ` with `w [out, in]`, checked: x f32, w f32 / f16 / bf16.
+    fn linear_dims(op: &str, x: &DTensor, w: &DTensor) -> Result<(usize, usize, usize)> {
+        f32_in(op, "x", x)?;
+        weight_in(op, w)?;
+        ensure!(
+            w.rank() == 2,
+            "{op}: weight must be [out, in], got {:?}",
+            w.shape()
+        );
+        let (rows, k) = rows_cols(op, x)?;
+        let (n, win) = (w.shape()[0], w.shape()[1]);
+        ensure!(
+            win == k,
+            "{op}: x {:?} has {k} features, weight {:?} takes {win}",
+            x.shape(),
+            w.shape()
+        );
+        Ok((rows, k, n))
     }
 
     /// `h + x [..., in] · wᵀ + b` (`h [..., out]`): the output starts as `h + b` (the
@@ -721,22 +733,7 @@ pub mod launch {
         w: &DTensor,
         b: Option<&DTensor>,
     ) -> Out {
-        let op = "linear";
-        f32_in(op, "x", x)?;
-        weight_in(op, w)?;
-        ensure!(
-            w.rank() == 2,
-            "{op}: weight must be [out, in], got {:?}",
-            w.shape()
-        );
-        let (rows, k) = rows_cols(op, x)?;
-        let (n, win) = (w.shape()[0], w.shape()[1]);
-        ensure!(
-            win == k,
-            "{op}: x {:?} has {k} features, weight {:?} takes {win}",
-            x.shape(),
-            w.shape()
-        );
+        let (rows, k, n) = linear_dims("linear", x, w)?;
         let mut shape = x.shape().to_vec();
         *shape.last_mut().unwrap() = n;
         let out = DTensor::uninit(dev, &shape, DType::F32)?;
