@@ -13,6 +13,13 @@
 //! flops = 2 * (non-embedding parameters) * rows + attention (4 * layers * rows * context * d).
 //! AR: 1 row per sequence per token; PFLM: 2K rows per sequence (K committed + K hints) per K
 //! tokens. Predicted speedup = AR time per token / (PFLM step time / K).
+//!
+//! `--peer torch`: the same AR decode and PFLM K-token step in PyTorch eager
+//! (tools/bench/torch_ddit_generate.py, written from KFORCING.md; `pip install -r
+//! tools/bench/requirements.txt`), run after ours as a child process with the same thread count,
+//! architecture, batch sizes, prompt length, generation length and timing (random prompts of
+//! the same length: no EOS, so token values do not change the work); both columns and the
+//! ratio are printed. Without python3 or torch, ours are still printed with the reason.
 
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::{DType, Device, Tensor};
@@ -59,7 +66,16 @@ pub struct Args {
     /// cuda feature), or emu (the same kernels on the CPU emulator: slow, a check only).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Also run the same steps in PyTorch eager on the same threads (CPU only) and print the
+    /// ratio.
+    #[arg(long, value_parser = ["torch"])]
+    peer: Option<String>,
+    /// Python interpreter with torch, for --peer.
+    #[arg(long, default_value = "python3")]
+    python: String,
 }
+
+const TORCH_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/torch_ddit_generate.py");
 
 /// One measured configuration.
 #[derive(Clone, Debug, Serialize)]
@@ -267,6 +283,11 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         !a.batches.is_empty() && a.batches.iter().all(|&b| b >= 1),
         "--batches must list sizes >= 1"
     );
+    ensure!(
+        a.peer.is_none() || a.device == "cpu",
+        "--peer torch compares the CPU: drop --device {}",
+        a.device
+    );
     let (ar, pf, label) = load(a)?;
     let cfg = ar.cfg.clone();
     ensure!(
@@ -401,6 +422,13 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
             r.peak_rss_mb.map_or("—".into(), |m| format!("{m:.0}"))
         );
     }
+    let peer = match &a.peer {
+        Some(_) => Some(torch_peer(a, &cfg, pf.k, threads)),
+        None => None,
+    };
+    if let Some(p) = &peer {
+        print_peer(&rows, p);
+    }
     if let Some(g) = read_gb_s {
         println!(
             "batch-1 AR decode reads the weights ({:.0} MB, {weight_desc}) at {g:.1} GB/s = {:.0}% of the measured copy bandwidth ({:.1} GB/s)",
@@ -422,6 +450,7 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
             "weight_bytes": weight_bytes,
             "batch1_ar_weight_read_gb_s": read_gb_s,
             "rows": rows,
+            "peer": peer.map(|p| p.unwrap_or_else(|e| serde_json::json!({ "error": e }))),
         });
         kf_engine::fs::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())?;
         eprintln!("kfrun bench: wrote {}", p.display());
@@ -431,6 +460,84 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         eprintln!("kfrun bench: wrote {}", p.display());
     }
     Ok(())
+}
+
+/// Runs the PyTorch peer; its JSON (`rows`: batch, mode, k, tokens_per_s), or why it could not.
+fn torch_peer(
+    a: &Args,
+    cfg: &DditConfig,
+    k: usize,
+    threads: usize,
+) -> std::result::Result<serde_json::Value, String> {
+    let t = threads.to_string();
+    let batches: Vec<String> = a.batches.iter().map(|b| b.to_string()).collect();
+    eprintln!("kfrun bench: the PyTorch peer ({TORCH_SCRIPT}) ...");
+    let out = std::process::Command::new(&a.python)
+        .arg(TORCH_SCRIPT)
+        .args(["--vocab", &cfg.vocab_size.to_string()])
+        .args(["--d", &cfg.d_model.to_string()])
+        .args(["--layers", &cfg.n_layers.to_string()])
+        .args(["--heads", &cfg.n_heads.to_string()])
+        .args(["--k", &k.to_string()])
+        .args(["--batches", &batches.join(",")])
+        .args(["--prompt-len", &a.prompt_len.to_string()])
+        .args(["--max-new", &a.max_new.to_string()])
+        .args(["--runs", &a.runs.to_string()])
+        .args(["--threads", &t])
+        .env("OMP_NUM_THREADS", &t)
+        .env("MKL_NUM_THREADS", &t)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {} ({e})", a.python))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l.trim()).ok())
+        .ok_or_else(|| format!("the peer printed no JSON (exit {})", out.status))?;
+    match v["error"].as_str() {
+        Some(e) => Err(e.to_string()),
+        None => Ok(v),
+    }
+}
+
+/// Ours next to the peer's tokens/s, per (batch, mode, K).
+fn print_peer(rows: &[Row], peer: &std::result::Result<serde_json::Value, String>) {
+    let v = match peer {
+        Ok(v) => v,
+        Err(e) => {
+            println!("peer: PyTorch not run: {e}");
+            return;
+        }
+    };
+    println!(
+        "\nPyTorch {} eager, {} threads, same shapes and lengths:",
+        v["torch"].as_str().unwrap_or("?"),
+        v["threads"]
+    );
+    println!("| batch | mode | K | ours tokens/s | PyTorch tokens/s | ours / PyTorch |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    let empty = vec![];
+    let theirs = v["rows"].as_array().unwrap_or(&empty);
+    for r in rows {
+        let t = theirs
+            .iter()
+            .find(|x| {
+                x["batch"].as_u64() == Some(r.batch as u64)
+                    && x["mode"].as_str() == Some(r.mode.as_str())
+                    && x["k"].as_u64() == Some(r.k as u64)
+            })
+            .and_then(|x| x["tokens_per_s"].as_f64());
+        println!(
+            "| {} | {} | {} | {:.1} | {} | {} |",
+            r.batch,
+            r.mode,
+            r.k,
+            r.tokens_per_s,
+            t.map_or("—".into(), |t| format!("{t:.1}")),
+            t.map_or("—".into(), |t| format!("{:.2}x", r.tokens_per_s / t))
+        );
+    }
 }
 
 /// Speedup over AR against batch size (log2 axis): measured (solid, dots) and roofline
