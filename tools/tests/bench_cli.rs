@@ -107,3 +107,45 @@ fn generation_bench_runs_on_the_emulated_kernels() {
         .all(|r| r["tokens_per_s"].as_f64().unwrap() > 0.0));
     let _ = std::fs::remove_file(&json);
 }
+
+/// `--peer torch` without a usable interpreter still prints our rows and says why the peer did
+/// not run (the JSON records it); with `--device` other than cpu it is one clear error.
+#[test]
+fn torch_peer_missing_is_reported_not_fatal() {
+    let json = std::env::temp_dir().join(format!("kfrun-bench-peer-{}.json", std::process::id()));
+    let o = kfrun(&[
+        "bench",
+        "--arch",
+        "tiny",
+        "--k",
+        "1",
+        "--batches",
+        "1",
+        "--runs",
+        "1",
+        "--max-new",
+        "2",
+        "--peer",
+        "torch",
+        "--python",
+        "/nonexistent/python3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("peer: PyTorch not run: cannot run /nonexistent/python3"),
+        "{out}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(j["peer"]["error"].as_str().unwrap().contains("cannot run"));
+    assert_eq!(j["rows"].as_array().unwrap().len(), 2);
+    let _ = std::fs::remove_file(&json);
+    let bad = kfrun(&[
+        "bench", "--arch", "tiny", "--peer", "torch", "--device", "emu",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--peer torch compares the CPU"));
+}
