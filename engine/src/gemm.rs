@@ -8,6 +8,9 @@
 
 use anyhow::{anyhow, ensure, Result};
 
+mod xwt;
+pub use xwt::{xwt, WRows};
+
 /// Element types `gemm` supports (f32 and f64). Sealed: the kernels exist only for these.
 pub trait GemmElem: Copy + Send + Sync + 'static + sealed::Elem {}
 impl GemmElem for f32 {}
@@ -32,7 +35,10 @@ fn detect_isa() -> Isa {
         if is_x86_feature_detected!("avx512f") {
             return Isa::Avx512;
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return Isa::Avx2;
         }
     }
@@ -151,10 +157,95 @@ trait Simd: Copy {
     unsafe fn sfma(a: Self::T, b: Self::T, c: Self::T) -> Self::T;
 }
 
+/// f32 vocabularies that also widen 16-bit floats in registers (16-bit weights are read as
+/// such; the products and sums stay f32).
+///
+/// # Safety
+/// As `Simd`; the loads need `W` valid 16-bit elements at the pointer.
+trait HalfSimd: Simd<T = f32> {
+    unsafe fn load_f16(p: *const u16) -> Self::V;
+    unsafe fn load_bf16(p: *const u16) -> Self::V;
+}
+
+/// An element of B as the dot kernels read it: the kernel's own type as is, or a 16-bit
+/// float widened to f32 (exactly: every f16 / bf16 value is an f32 value).
+trait BElem<S: Simd>: Copy {
+    /// `S::W` elements from `p` as one vector.
+    ///
+    /// # Safety
+    /// `p` must point at `S::W` valid elements; the CPU must support `S`'s ISA.
+    unsafe fn vload(p: *const Self) -> S::V;
+    fn widen(self) -> S::T;
+}
+impl<S: Simd<T = f32>> BElem<S> for f32 {
+    #[inline(always)]
+    unsafe fn vload(p: *const f32) -> S::V {
+        S::load(p)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+impl<S: Simd<T = f64>> BElem<S> for f64 {
+    #[inline(always)]
+    unsafe fn vload(p: *const f64) -> S::V {
+        S::load(p)
+    }
+    #[inline(always)]
+    fn widen(self) -> f64 {
+        self
+    }
+}
+impl<S: HalfSimd> BElem<S> for half::f16 {
+    #[inline(always)]
+    unsafe fn vload(p: *const half::f16) -> S::V {
+        S::load_f16(p as *const u16)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+impl<S: HalfSimd> BElem<S> for half::bf16 {
+    #[inline(always)]
+    unsafe fn vload(p: *const half::bf16) -> S::V {
+        S::load_bf16(p as *const u16)
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Simd;
+    use super::{HalfSimd, Simd};
     use core::arch::x86_64::*;
+
+    impl HalfSimd for Avx2F32 {
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> __m256 {
+            let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+        }
+    }
+
+    impl HalfSimd for Avx512F32 {
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> __m512 {
+            let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w))
+        }
+    }
 
     #[derive(Clone, Copy)]
     pub struct Avx2F32;
@@ -373,6 +464,19 @@ macro_rules! portable_impl {
 }
 portable_impl!(f32);
 portable_impl!(f64);
+
+impl HalfSimd for Portable<f32> {
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> [f32; 4] {
+        let h = (p as *const [u16; 4]).read_unaligned();
+        h.map(|b| half::f16::from_bits(b).to_f32())
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> [f32; 4] {
+        let h = (p as *const [u16; 4]).read_unaligned();
+        h.map(|b| f32::from_bits((b as u32) << 16))
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // Kernels. All are `#[inline(always)]` generics over `Simd`, instantiated inside the
@@ -644,23 +748,35 @@ fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
-/// Dot kind, one register tile: rows [i, i+MR) x columns [j, j+NR), all of k.
+/// Dot kind, one register tile: rows [i, i+MR) x columns [j, j+NR), all of k. B is read
+/// from `b` (`p.b` retyped: f32 / f64 as is, or 16-bit weights widened in registers).
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn dot_tile<S: Simd, const MR: usize, const NR: usize>(p: &Args<S::T>, i: usize, j: usize) {
+unsafe fn dot_tile<S: Simd, H: BElem<S>, const MR: usize, const NR: usize>(
+    p: &Args<S::T>,
+    b: *const H,
+    i: usize,
+    j: usize,
+) {
     let k = p.k;
     let a = p.a.add(i * p.a_s);
-    let b = p.b.add(j * p.b_s);
+    let b = b.add(j * p.b_s);
     let mut acc = [[S::zero(); NR]; MR];
     let kv = k / S::W * S::W;
+    let ahead = if core::mem::size_of::<H>() == 2 {
+        2 * NR
+    } else {
+        NR
+    };
     let mut kk = 0;
     while kk < kv {
         let mut bv = [S::zero(); NR];
         for r in 0..NR {
-            bv[r] = S::load(b.add(r * p.b_s + kk));
-            // The next strip's rows, one strip ahead: B rows are short streams (k floats)
-            // that the hardware prefetcher barely trains on once several A rows share them.
-            prefetch(b.wrapping_add((NR + r) * p.b_s + kk));
+            bv[r] = H::vload(b.add(r * p.b_s + kk));
+            // The rows one strip ahead (two for 16-bit weights, the same distance in bytes):
+            // B rows are short streams (k elements) that the hardware prefetcher barely
+            // trains on once several A rows share them.
+            prefetch(b.wrapping_add((ahead + r) * p.b_s + kk));
         }
         for ii in 0..MR {
             let av = S::load(a.add(ii * p.a_s + kk));
@@ -680,7 +796,7 @@ unsafe fn dot_tile<S: Simd, const MR: usize, const NR: usize>(p: &Args<S::T>, i:
         for (r, &x) in row.iter().enumerate() {
             let mut s = x;
             for t in kv..k {
-                s = S::sfma(*a.add(ii * p.a_s + t), *b.add(r * p.b_s + t), s);
+                s = S::sfma(*a.add(ii * p.a_s + t), (*b.add(r * p.b_s + t)).widen(), s);
             }
             let q = p.c.add((i + ii) * p.c_rs + (j + r) * p.c_cs);
             *q = if p.accumulate { *q + s } else { s };
@@ -691,8 +807,9 @@ unsafe fn dot_tile<S: Simd, const MR: usize, const NR: usize>(p: &Args<S::T>, i:
 /// Dot kind over rows [i0, i1) x columns [j0, j1). Rows of A are taken in blocks that fit
 /// in L2; within a block, each NR-column strip of B (kept in L1) meets every MR-row strip.
 #[inline(always)]
-unsafe fn dot_region<S: Simd, const MR: usize, const NR: usize>(
+unsafe fn dot_region<S: Simd, H: BElem<S>, const MR: usize, const NR: usize>(
     p: &Args<S::T>,
+    b: *const H,
     i0: usize,
     i1: usize,
     j0: usize,
@@ -711,9 +828,9 @@ unsafe fn dot_region<S: Simd, const MR: usize, const NR: usize>(
                 macro_rules! go {
                     ($mr:expr) => {{
                         if full {
-                            dot_tile::<S, $mr, NR>(p, i, j)
+                            dot_tile::<S, H, $mr, NR>(p, b, i, j)
                         } else {
-                            dot_tile::<S, $mr, 1>(p, i, j)
+                            dot_tile::<S, H, $mr, 1>(p, b, i, j)
                         }
                         i += $mr;
                     }};
@@ -733,6 +850,45 @@ unsafe fn dot_region<S: Simd, const MR: usize, const NR: usize>(
     }
 }
 
+/// Dot kind for one row of A (a matrix-vector product): B's columns (a weight's rows) one
+/// after another, each with four accumulators over k. The weights are read as one
+/// sequential stream (when they are stored back to back), which the hardware prefetcher
+/// follows at full bandwidth; several rows at a time, each a short stream, do not.
+#[inline(always)]
+unsafe fn gemv_region<S: Simd, H: BElem<S>>(
+    p: &Args<S::T>,
+    b: *const H,
+    i: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let k = p.k;
+    let a = p.a.add(i * p.a_s);
+    let (k4, kv) = (k / (4 * S::W) * (4 * S::W), k / S::W * S::W);
+    for j in j0..j1 {
+        let bj = b.add(j * p.b_s);
+        let mut acc = [S::zero(); 4];
+        let mut kk = 0;
+        while kk < k4 {
+            for (u, acc) in acc.iter_mut().enumerate() {
+                let at = kk + u * S::W;
+                *acc = S::fma(S::load(a.add(at)), H::vload(bj.add(at)), *acc);
+            }
+            kk += 4 * S::W;
+        }
+        while kk < kv {
+            acc[0] = S::fma(S::load(a.add(kk)), H::vload(bj.add(kk)), acc[0]);
+            kk += S::W;
+        }
+        let mut s = S::sum(S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3])));
+        for t in kv..k {
+            s = S::sfma(*a.add(t), (*bj.add(t)).widen(), s);
+        }
+        let q = p.c.add(i * p.c_rs + j * p.c_cs);
+        *q = if p.accumulate { *q + s } else { s };
+    }
+}
+
 /// Bytes of A rows processed against each strip of B (fits L2 next to the B strips).
 const DOT_A_BLOCK_BYTES: usize = 256 << 10;
 
@@ -749,28 +905,60 @@ unsafe fn region_avx512<S: Simd>(
     i1: usize,
     j0: usize,
     j1: usize,
-) {
+) where
+    S::T: BElem<S>,
+{
     match k {
         Kind::Rows => rows_dispatch!(S, ROWS_AVX512, p, j0, j1),
-        Kind::Dot if i1 - i0 == 1 => dot_region::<S, 1, 8>(p, i0, i1, j0, j1),
-        Kind::Dot => dot_region::<S, 4, 4>(p, i0, i1, j0, j1),
+        Kind::Dot => dot_avx512::<S, S::T>(p, p.b, i0, i1, j0, j1),
     }
 }
 
+/// The Dot kind with AVX-512, B read from `b` as `H` (see `dot_tile`).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn region_avx2<S: Simd>(
-    k: Kind,
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot_avx512<S: Simd, H: BElem<S>>(
     p: &Args<S::T>,
+    b: *const H,
     i0: usize,
     i1: usize,
     j0: usize,
     j1: usize,
 ) {
+    if i1 - i0 == 1 {
+        gemv_region::<S, H>(p, b, i0, j0, j1)
+    } else {
+        dot_region::<S, H, 4, 4>(p, b, i0, i1, j0, j1)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn region_avx2<S: Simd>(k: Kind, p: &Args<S::T>, i0: usize, i1: usize, j0: usize, j1: usize)
+where
+    S::T: BElem<S>,
+{
     match k {
         Kind::Rows => rows_dispatch!(S, ROWS_AVX2, p, j0, j1),
-        Kind::Dot if i1 - i0 == 1 => dot_region::<S, 1, 8>(p, i0, i1, j0, j1),
-        Kind::Dot => dot_region::<S, 4, 3>(p, i0, i1, j0, j1),
+        Kind::Dot => dot_avx2::<S, S::T>(p, p.b, i0, i1, j0, j1),
+    }
+}
+
+/// The Dot kind with AVX2 (and F16C for 16-bit weights), B read from `b` as `H`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_avx2<S: Simd, H: BElem<S>>(
+    p: &Args<S::T>,
+    b: *const H,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+) {
+    if i1 - i0 == 1 {
+        gemv_region::<S, H>(p, b, i0, j0, j1)
+    } else {
+        dot_region::<S, H, 4, 3>(p, b, i0, i1, j0, j1)
     }
 }
 
@@ -781,11 +969,25 @@ unsafe fn region_portable<S: Simd>(
     i1: usize,
     j0: usize,
     j1: usize,
-) {
+) where
+    S::T: BElem<S>,
+{
     match k {
         Kind::Rows => rows_dispatch!(S, ROWS_PORTABLE, p, j0, j1),
-        Kind::Dot => dot_region::<S, 2, 2>(p, i0, i1, j0, j1),
+        Kind::Dot => dot_portable::<S, S::T>(p, p.b, i0, i1, j0, j1),
     }
+}
+
+/// The Dot kind without SIMD, B read from `b` as `H`.
+unsafe fn dot_portable<S: Simd, H: BElem<S>>(
+    p: &Args<S::T>,
+    b: *const H,
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+) {
+    dot_region::<S, H, 2, 2>(p, b, i0, i1, j0, j1)
 }
 
 macro_rules! elem_impl {
@@ -1385,7 +1587,10 @@ mod tests {
         let mut isas = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
                 isas.push(Isa::Avx2);
             }
             if is_x86_feature_detected!("avx512f") {

@@ -78,12 +78,19 @@ pub fn read_tokenizer(dir: &Path, cfg: &DditConfig) -> Result<Tokenizer> {
 pub fn check_finite(path: &Path, params: &[(String, Tensor)]) -> Result<()> {
     for (name, t) in params {
         let t = t.detach().contiguous()?;
-        let bad = if t.dtype() == DType::F32 {
-            // no copy for the usual (memory-mapped f32) weights
-            let d = t.cpu_data::<f32>()?;
+        // no copy for the usual (memory-mapped f32, or 16-bit served) weights
+        fn first_bad<T: Copy>(d: &[T], f: impl Fn(T) -> f64) -> Option<(usize, f64)> {
             d.iter()
-                .position(|x| !x.is_finite())
-                .map(|i| (i, d[i] as f64))
+                .map(|&x| f(x))
+                .enumerate()
+                .find(|(_, x)| !x.is_finite())
+        }
+        let bad = if t.dtype() == DType::F32 {
+            first_bad(&t.cpu_data::<f32>()?, |x| x as f64)
+        } else if t.dtype() == DType::F16 {
+            first_bad(&t.cpu_data::<half::f16>()?, |x| x.to_f64())
+        } else if t.dtype() == DType::BF16 {
+            first_bad(&t.cpu_data::<half::bf16>()?, |x| x.to_f64())
         } else {
             let v = t.to_vec_f64()?;
             v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i]))

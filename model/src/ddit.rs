@@ -97,7 +97,9 @@ pub fn param_specs(cfg: &DditConfig) -> Vec<ParamSpec> {
     s
 }
 
-/// The DDiT model: config plus named parameters in checkpoint order.
+/// The DDiT model: config plus named parameters in checkpoint order. A clone shares the
+/// parameters' storage (tensors are handles).
+#[derive(Clone)]
 pub struct Ddit {
     pub cfg: DditConfig,
     params: Vec<(String, Tensor)>,
@@ -179,19 +181,7 @@ impl Ddit {
                 t.shape(),
                 spec.shape
             );
-            ensure!(
-                t.dtype() == DType::F32 || t.dtype() == DType::F64,
-                "tensor \"{}\" is {}; the model computes in f32 or f64",
-                spec.name,
-                t.dtype()
-            );
-            let d = *dtype.get_or_insert(t.dtype());
-            ensure!(
-                t.dtype() == d,
-                "tensor \"{}\" is {} but the others are {d}",
-                spec.name,
-                t.dtype()
-            );
+            weights::check_dtype(&spec.name, &t, &mut dtype)?;
             params.push((spec.name, t));
         }
         if !by_name.is_empty() {
@@ -214,6 +204,12 @@ impl Ddit {
     /// converted to f32 (f32 ones stay memory-mapped, no copy). A student directory
     /// (config `k` set) may also hold `noise_encoder.*` tensors, which are skipped here.
     pub fn load(dir: &Path) -> Result<Ddit> {
+        Ddit::load_with(dir, WeightStore::F32)
+    }
+
+    /// [`Ddit::load`] for serving: under [`WeightStore::Exact`] the weight matrices and the
+    /// embedding table of an f16 / bf16 file stay 16-bit in memory (`weights::load_param`).
+    pub fn load_with(dir: &Path, store: WeightStore) -> Result<Ddit> {
         let cfg = checkpoint::read_config(dir)?;
         let path = checkpoint::model_file(dir, WEIGHTS_FILE)?;
         let loaded = io::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
@@ -228,7 +224,7 @@ impl Ddit {
                 path.display(),
                 t.dtype()
             );
-            let t = t.to_dtype(DType::F32)?;
+            let t = weights::load_param(&name, t, store)?;
             named.push((name, t));
         }
         Ddit::from_params(&cfg, named).with_context(|| {
@@ -279,9 +275,10 @@ impl Ddit {
         self.params.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }
 
-    /// The compute dtype (that of the parameters).
+    /// The compute dtype (that of the parameters; tables may be stored 16-bit, see
+    /// `weights::is_table`, so it is read off the final LayerNorm's weight).
     pub fn dtype(&self) -> DType {
-        self.params[0].1.dtype()
+        self.p(self.final_idx()).dtype()
     }
 
     pub fn is_trainable(&self) -> bool {
@@ -307,6 +304,12 @@ impl Ddit {
             m.set_trainable(true);
         }
         Ok(m)
+    }
+
+    /// A copy served at `dtype` (f32, f16 or bf16): the weight matrices and the embedding
+    /// table stored so (rounded), the rest f32 (not trainable). `kfrun bench --dtype`.
+    pub fn with_tables_in(&self, dtype: DType) -> Result<Ddit> {
+        Ddit::from_params(&self.cfg, weights::tables_in(&self.params, dtype)?)
     }
 
     /// A copy with every parameter on `device` (the explicit move; not trainable).

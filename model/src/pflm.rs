@@ -185,19 +185,7 @@ impl NoiseEncoder {
                 t.shape(),
                 spec.shape
             );
-            ensure!(
-                t.dtype() == DType::F32 || t.dtype() == DType::F64,
-                "tensor \"{}\" is {}; the model computes in f32 or f64",
-                spec.name,
-                t.dtype()
-            );
-            let dt = *dtype.get_or_insert(t.dtype());
-            ensure!(
-                t.dtype() == dt,
-                "tensor \"{}\" is {} but the others are {dt}",
-                spec.name,
-                t.dtype()
-            );
+            weights::check_dtype(&spec.name, &t, &mut dtype)?;
             params.push((spec.name, t));
         }
         if !by_name.is_empty() {
@@ -398,6 +386,12 @@ impl Pflm {
     /// Loads a student directory (`config.json` with `k`, `model.safetensors` holding the
     /// backbone and `noise_encoder.*`). Weights of any float dtype are converted to f32.
     pub fn load(dir: &Path) -> Result<Pflm> {
+        Pflm::load_with(dir, WeightStore::F32)
+    }
+
+    /// [`Pflm::load`] for serving: under [`WeightStore::Exact`] the matrices and the
+    /// embedding table of an f16 / bf16 file stay 16-bit in memory.
+    pub fn load_with(dir: &Path, store: WeightStore) -> Result<Pflm> {
         let cfg = checkpoint::read_config(dir)?;
         let k = cfg.k.with_context(|| {
             format!(
@@ -415,7 +409,7 @@ impl Pflm {
                 path.display(),
                 t.dtype()
             );
-            let t = t.to_dtype(DType::F32)?;
+            let t = weights::load_param(&name, t, store)?;
             if name.starts_with("noise_encoder.") {
                 ne.push((name, t));
             } else {
@@ -483,6 +477,17 @@ impl Pflm {
             self.noise.to_dtype(dtype)?,
             self.k,
         )
+    }
+
+    /// A copy served at `dtype` (f32, f16 or bf16; see `Ddit::with_tables_in`).
+    pub fn with_tables_in(&self, dtype: DType) -> Result<Pflm> {
+        let noise = NoiseEncoder {
+            d: self.noise.d,
+            eps: self.noise.eps,
+            params: weights::tables_in(&self.noise.params, dtype)?,
+            trainable: false,
+        };
+        Pflm::from_parts(self.backbone.with_tables_in(dtype)?, noise, self.k)
     }
 
     fn attn(&self, pattern: AttnPattern, q_start: usize, key_skip: Vec<usize>) -> AttnParams {

@@ -39,10 +39,52 @@ pub fn is_matrix(name: &str, t: &Tensor) -> bool {
     name.ends_with(".weight") && t.rank() == 2
 }
 
+/// A parameter the CPU ops also read in 16-bit (a model served from an f16 / bf16 file keeps
+/// it so, see [`load_param`]): a weight matrix or an embedding table.
+pub fn is_table(name: &str, t: &Tensor) -> bool {
+    t.rank() == 2 && (name.ends_with(".weight") || name.ends_with(".embedding"))
+}
+
+/// A tensor read from a model file as `store` keeps it in memory: under
+/// [`WeightStore::Exact`] a 16-bit table stays 16-bit (no widening at load: half the bytes
+/// in memory and per decode step), anything else becomes f32.
+pub fn load_param(name: &str, t: Tensor, store: WeightStore) -> Result<Tensor> {
+    let half = matches!(t.dtype(), DType::F16 | DType::BF16);
+    if store == WeightStore::Exact && half && is_table(name, &t) {
+        return Ok(t);
+    }
+    t.to_dtype(DType::F32)
+}
+
+/// Checks a model parameter's dtype: the model computes in f32 or f64 (one for all), and
+/// its tables may be f16 / bf16 (read as such, see [`is_table`]). `dtype` carries the
+/// compute dtype seen so far.
+pub fn check_dtype(name: &str, t: &Tensor, dtype: &mut Option<DType>) -> Result<()> {
+    if matches!(t.dtype(), DType::F16 | DType::BF16) && is_table(name, t) {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        t.dtype() == DType::F32 || t.dtype() == DType::F64,
+        "tensor \"{name}\" is {}; the model computes in f32 or f64",
+        t.dtype()
+    );
+    let d = *dtype.get_or_insert(t.dtype());
+    anyhow::ensure!(
+        t.dtype() == d,
+        "tensor \"{name}\" is {} but the others are {d}",
+        t.dtype()
+    );
+    Ok(())
+}
+
 /// `t` (parameter `name`) as `store` keeps it: an f32 matrix under [`WeightStore::Exact`]
 /// in its exact dtype, anything else unchanged. Not on the tape.
 pub fn stored(name: &str, t: &Tensor, store: WeightStore) -> Result<Tensor> {
     let t = t.detach();
+    if matches!(t.dtype(), DType::F16 | DType::BF16) && !is_matrix(name, &t) {
+        // a 16-bit embedding table: the kernel devices gather from f32 tables
+        return t.to_dtype(DType::F32);
+    }
     if store == WeightStore::F32 || t.dtype() != DType::F32 || !is_matrix(name, &t) {
         return Ok(t);
     }
@@ -76,6 +118,19 @@ pub fn params_to_dtype(params: &[(String, Tensor)], dtype: DType) -> Result<Vec<
         "the model computes in f32 or f64, not {dtype}"
     );
     map_params(params, |_, t| t.detach().to_dtype(dtype))
+}
+
+/// `params` with their tables (see [`is_table`]) stored as `dtype` (f32, f16 or bf16: a model
+/// served at that precision) and the rest as f32, off the tape.
+pub fn tables_in(params: &[(String, Tensor)], dtype: DType) -> Result<Vec<(String, Tensor)>> {
+    anyhow::ensure!(
+        matches!(dtype, DType::F32 | DType::F16 | DType::BF16),
+        "weights are served as f32, f16 or bf16, not {dtype}"
+    );
+    map_params(params, |n, t| {
+        let to = if is_table(n, t) { dtype } else { DType::F32 };
+        t.detach().to_dtype(to)
+    })
 }
 
 /// `params` on `device`, the matrices stored as `store` says, off the tape.

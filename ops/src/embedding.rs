@@ -1,14 +1,16 @@
 //! Token embedding lookup `embedding(ids [..], table [V, D]) -> [.., D]` and its
 //! backward, a scatter-add into [V, D]: positions are grouped by id (a stable
 //! counting sort), each table row summed by one task in position order, so no
-//! races and the same bits at any thread count. Letters: V vocabulary, D width.
+//! races and the same bits at any thread count. A 16-bit table gives f32 rows. Letters:
+//! V vocabulary, D width.
 
 use crate::dispatch_float;
 use crate::kdev::bridge;
 use crate::util::{expect_rank, float_dtype};
 use anyhow::{bail, ensure, Result};
+use half::{bf16, f16};
 use kf_engine::autograd::{should_record, BackwardOp};
-use kf_engine::{DType, Float, OutBuf, Tensor};
+use kf_engine::{DType, Element, Float, OutBuf, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -33,7 +35,16 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
         ids.dtype(),
         ids.shape()
     );
-    let d = float_dtype("embedding", &[table])?;
+    let half = matches!(table.dtype(), DType::F16 | DType::BF16);
+    if half && should_record(&[ids, table]) {
+        // a 16-bit table on the tape: widened first, so the backward sees one dtype
+        return embedding(ids, &table.to_dtype(DType::F32)?);
+    }
+    let d = if half {
+        table.dtype()
+    } else {
+        float_dtype("embedding", &[table])?
+    };
     expect_rank("embedding", "table", table, 2)?;
     let (v, dim) = (table.shape()[0], table.shape()[1]);
     let idc = ids.contiguous()?;
@@ -60,10 +71,16 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
             table: table.clone(),
         }) as Arc<dyn BackwardOp>
     });
-    dispatch_float!("embedding", d, gather_t::<T>(&idv, table, &shape, node))
+    match d {
+        // a 16-bit table (a model served from an f16 / bf16 file): its rows gathered, then
+        // widened to the f32 activations (exact)
+        DType::F16 => gather_t::<f16>(&idv, table, &shape, None)?.to_dtype(DType::F32),
+        DType::BF16 => gather_t::<bf16>(&idv, table, &shape, None)?.to_dtype(DType::F32),
+        _ => dispatch_float!("embedding", d, gather_t::<T>(&idv, table, &shape, node)),
+    }
 }
 
-fn gather_t<T: Float>(
+fn gather_t<T: Element>(
     ids: &[u32],
     table: &Tensor,
     shape: &[usize],

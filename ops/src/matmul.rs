@@ -5,10 +5,11 @@
 
 use crate::dispatch_float;
 use crate::elementwise::{sum_rows, with_raw};
-use crate::gemm::{gemm, GemmElem};
+use crate::gemm::{gemm, xwt, GemmElem, WRows};
 use crate::kdev::bridge;
 use crate::util::{expect_rank, expect_shape, float_dtype};
 use anyhow::{ensure, Result};
+use half::{bf16, f16};
 use kf_engine::autograd::{should_record, BackwardOp};
 use kf_engine::{DType, Float, OutBuf, Tensor};
 use rayon::prelude::*;
@@ -96,6 +97,19 @@ fn prepare(t: &Tensor) -> Result<Operand> {
     let t = t.contiguous()?;
     let (rs, cs) = gemm_strides(rows, cols, cols, 1).unwrap_or((cols.max(1), 1));
     Ok(Operand { t, rs, cs })
+}
+
+/// `op` with unit column stride (a contiguous copy when its columns are strided).
+fn unit_cols(op: Operand) -> Result<Operand> {
+    if op.cs == 1 {
+        return Ok(op);
+    }
+    let cols = op.t.shape()[op.t.rank() - 1];
+    Ok(Operand {
+        t: op.t.contiguous()?,
+        rs: cols,
+        cs: 1,
+    })
 }
 
 /// As `prepare`, for `t` seen as one [rows, last] matrix over all leading dims
@@ -333,12 +347,18 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
             })
         });
     }
-    if matches!(w.dtype(), DType::F16 | DType::BF16) && x.dtype() == DType::F32 {
-        // half-precision weights (a model served from an f16 / bf16 file): widened here, the
-        // product in f32 as on a kernel device
+    let half_w = matches!(w.dtype(), DType::F16 | DType::BF16) && x.dtype() == DType::F32;
+    if half_w && should_record(&ts) {
+        // half-precision weights on the tape: widened, so the backward sees one dtype
         return linear(x, &w.to_dtype(DType::F32)?, b);
     }
-    let d = float_dtype("linear", &ts)?;
+    // half-precision weights (a model served from an f16 / bf16 file) are read as such by
+    // the product; activations, bias and sums are f32
+    let d = if half_w {
+        float_dtype("linear", &[x])?
+    } else {
+        float_dtype("linear", &ts)?
+    };
     expect_rank("linear", "weight", w, 2)?;
     ensure!(x.rank() >= 1, "linear: x must have rank >= 1, got shape []");
     let (out_f, in_f) = (w.shape()[0], w.shape()[1]);
@@ -386,11 +406,18 @@ pub fn linear_residual(h: &Tensor, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -
         let y = launch::linear_residual(&*on.dev, &dh, &dx, &dw, bd.as_ref())?;
         return bridge::back_recorded(&on, y, &ts, node);
     }
-    if matches!(w.dtype(), DType::F16 | DType::BF16) && x.dtype() == DType::F32 {
-        // half-precision weights: widened, as `linear` does
+    let half_w = matches!(w.dtype(), DType::F16 | DType::BF16) && x.dtype() == DType::F32;
+    if half_w && should_record(&ts) {
+        // half-precision weights on the tape: widened, as `linear` does
         return linear_residual(h, x, &w.to_dtype(DType::F32)?, b);
     }
-    let d = float_dtype("linear_residual", &ts)?;
+    let d = if half_w {
+        let mut acts = vec![h, x];
+        acts.extend(b);
+        float_dtype("linear_residual", &acts)?
+    } else {
+        float_dtype("linear_residual", &ts)?
+    };
     expect_rank("linear_residual", "weight", w, 2)?;
     ensure!(
         x.rank() >= 1,
@@ -484,6 +511,27 @@ fn linear_t<T: Float + GemmElem>(
     }
     if in_f > 0 {
         let ox = prepare_rows(x)?;
+        if T::DTYPE == DType::F32 {
+            // f32 activations: the decode-shaped kernels, W read in its own dtype (f32, f16
+            // or bf16) with its rows in place
+            let (ox, wc) = (unit_cols(ox)?, unit_cols(prepare(w)?)?);
+            let o32: &mut [f32] = bytemuck::cast_slice_mut(o);
+            let (x_off, w_off) = (ox.t.layout().offset(), wc.t.layout().offset());
+            with_raw::<f32, _>(&ox.t, |xx| {
+                let x = &xx[x_off..];
+                let mut go = |wr: WRows| {
+                    xwt(
+                        rows, out_f, in_f, x, ox.rs, wr, wc.rs, o32, out_f, preloaded,
+                    )
+                };
+                match w.dtype() {
+                    DType::F16 => with_raw::<f16, _>(&wc.t, |ww| go(WRows::F16(&ww[w_off..]))),
+                    DType::BF16 => with_raw::<bf16, _>(&wc.t, |ww| go(WRows::BF16(&ww[w_off..]))),
+                    _ => with_raw::<f32, _>(&wc.t, |ww| go(WRows::F32(&ww[w_off..]))),
+                }
+            })???;
+            return out.finish(shape, node);
+        }
         // Wᵀ [IN, OUT] is w with its strides swapped: no copy.
         let wt = w.transpose(0, 1)?;
         let ow = prepare(&wt)?;

@@ -11,6 +11,10 @@ reported. Prints one JSON object on stdout:
    "median_s":.., "gflops":..}, ...]}
 Usage: gemm_numpy.py [--shapes "1,768,768;8,768,3072"] [--runs 7] [--min-ms 50]
 (shapes are M,K,N).
+
+With --stream-bytes B (`kfrun bench decode`), only x @ W.T is timed ("nt", W stored
+N x K as a Linear weight) and each call takes the next of enough copies of W to
+hold >= B bytes, so the weights come from memory, not cache, as in a decode step.
 """
 
 import argparse
@@ -47,11 +51,37 @@ def time_one(fn, min_s, runs):
     return samples[len(samples) // 2]
 
 
+def streamed(np, rng, m, k, n, args):
+    """x @ W.T with W rotating through copies that together exceed the caches."""
+    copies = max(2, -(-args.stream_bytes // (n * k * 4)))
+    key = (k, n)
+    if STREAM_CACHE.get("key") != key:
+        STREAM_CACHE.clear()
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        STREAM_CACHE["key"] = key
+        STREAM_CACHE["ws"] = [w.copy() for _ in range(copies)]
+    ws = STREAM_CACHE["ws"]
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    out = np.empty((m, n), dtype=np.float32)
+    turn = [0]
+
+    def call():
+        turn[0] = (turn[0] + 1) % len(ws)
+        np.matmul(x, ws[turn[0]].T, out=out)
+
+    med = time_one(call, args.min_ms / 1000.0, args.runs)
+    return {"m": m, "k": k, "n": n, "layout": "nt", "median_s": med, "gflops": 2.0 * m * n * k / med / 1e9}
+
+
+STREAM_CACHE = {}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=DEFAULT_SHAPES)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--min-ms", type=float, default=50.0)
+    ap.add_argument("--stream-bytes", type=int, default=0)
     args = ap.parse_args()
     try:
         import numpy as np
@@ -66,6 +96,9 @@ def main():
         if not spec:
             continue
         m, k, n = (int(x) for x in spec.split(","))
+        if args.stream_bytes > 0:
+            rows.append(streamed(np, rng, m, k, n, args))
+            continue
         a = rng.standard_normal((m, k), dtype=np.float32)
         b = rng.standard_normal((k, n), dtype=np.float32)
         bt = np.ascontiguousarray(b.T)  # N x K, row-major

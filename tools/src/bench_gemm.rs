@@ -67,7 +67,7 @@ fn target(m: usize) -> f64 {
 }
 
 /// Deterministic values in [-1, 1).
-fn fill(len: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn fill(len: usize, seed: u64) -> Vec<f32> {
     let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
     (0..len)
         .map(|_| {
@@ -131,13 +131,18 @@ fn validate(
 }
 
 /// Median seconds per call: warm-up, then RUNS runs each repeating the call >= MIN_RUN.
-fn time_median(mut f: impl FnMut()) -> f64 {
+fn time_median(f: impl FnMut()) -> f64 {
+    time_median_of(RUNS, MIN_RUN, f)
+}
+
+/// Median seconds per call: warm-up, then `runs` runs each repeating the call >= `min_run`.
+pub(crate) fn time_median_of(runs: usize, min_run: Duration, mut f: impl FnMut()) -> f64 {
     f();
     let t = Instant::now();
     f();
     let one = t.elapsed().max(Duration::from_nanos(100));
-    let reps = (MIN_RUN.as_secs_f64() / one.as_secs_f64()).ceil().max(1.0) as usize;
-    let mut samples: Vec<f64> = (0..RUNS)
+    let reps = (min_run.as_secs_f64() / one.as_secs_f64()).ceil().max(1.0) as usize;
+    let mut samples: Vec<f64> = (0..runs)
         .map(|_| {
             let t = Instant::now();
             for _ in 0..reps {

@@ -73,6 +73,11 @@ pub struct Args {
     /// Python interpreter with torch, for --peer.
     #[arg(long, default_value = "python3")]
     python: String,
+    /// Serve the weight matrices and the embedding table as f32, f16 or bf16 (rounded;
+    /// activations and sums stay f32). Default: the model file's precision for --model,
+    /// f32 for --arch.
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    dtype: Option<String>,
 }
 
 const TORCH_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/torch_ddit_generate.py");
@@ -129,7 +134,7 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 /// STREAM-style copy bandwidth (GB/s, read + write) over 256 MiB, all threads.
-fn copy_bandwidth() -> f64 {
+pub(crate) fn copy_bandwidth() -> f64 {
     use rayon::prelude::*;
     let n = 64 << 20; // f32 elements
     let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
@@ -249,6 +254,17 @@ fn measure(
     Ok((times, passes, if tracked { peak_rss_mb() } else { None }))
 }
 
+/// `--dtype` as a DType.
+fn dtype(a: &Args) -> Result<Option<DType>> {
+    a.dtype
+        .as_deref()
+        .map(|d| {
+            DType::from_safetensors_name(&d.to_uppercase())
+                .with_context(|| format!("--dtype {d}: expected f32, f16 or bf16"))
+        })
+        .transpose()
+}
+
 fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
     match (&a.model, &a.arch) {
         (Some(dir), _) => {
@@ -258,17 +274,29 @@ fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
                 "--model {} is an AR model: pass a PFLM student (its backbone serves the AR runs)",
                 dir.display()
             );
-            let pf = Pflm::load(dir)?;
-            let ar = Ddit::load(dir)?;
-            Ok((ar, pf, format!("{}", dir.display())))
+            // the file's precision (16-bit tables stay 16-bit), or --dtype's
+            let pf = Pflm::load_with(dir, WeightStore::Exact)?;
+            let pf = match dtype(a)? {
+                Some(d) => pf.with_tables_in(d)?,
+                None => pf,
+            };
+            // the AR runs share the student's backbone (its tensors, not a second copy)
+            Ok((pf.backbone.clone(), pf, format!("{}", dir.display())))
         }
         (None, Some(name)) => {
             let mut cfg = DditConfig::preset(name)?;
             cfg.mask_token_id = Some(cfg.vocab_size as u32 - 1);
             ensure!(a.k >= 1, "--k must be at least 1");
-            let ar = Ddit::init(&cfg, 0)?;
-            let pf = Pflm::from_teacher(Ddit::init(&cfg, 0)?, a.k, 0)?;
-            Ok((ar, pf, format!("--arch {name} (random weights)")))
+            let mut pf = Pflm::from_teacher(Ddit::init(&cfg, 0)?, a.k, 0)?;
+            if let Some(d) = dtype(a)? {
+                pf = pf.with_tables_in(d)?;
+            }
+            // the AR runs share the student's backbone (same random weights)
+            Ok((
+                pf.backbone.clone(),
+                pf,
+                format!("--arch {name} (random weights)"),
+            ))
         }
         (None, None) => bail!("pass --model DIR (a PFLM student) or --arch paper|small|tiny"),
     }
@@ -348,11 +376,8 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         "{device_name}: copy {:.1} GB/s (read + write), f32 GEMM {:.0} GFLOP/s",
         machine.copy_gb_s, machine.gemm_gflop_s
     );
-    // the parameters as the decode reads them: f32 on the CPU; on a kernel device as moved
-    // (weight matrices at the model file's precision)
-    let (weight_bytes, weight_desc) = if device.is_cpu() {
-        (cfg.n_params() as f64 * 4.0, "f32".to_string())
-    } else {
+    // the parameters as the decode reads them (tables at the served precision)
+    let (weight_bytes, weight_desc) = {
         let wb = WeightBytes::of(&pf.params());
         (wb.total as f64, wb.describe())
     };

@@ -76,7 +76,8 @@ pub fn run(a: &Args) -> Result<()> {
     for p in &a.penalties {
         ensure!(p.is_finite(), "--penalties: {p} is not finite");
     }
-    let teacher = Ddit::load(&a.teacher)?;
+    // f16 / bf16 files serve from 16-bit tables, on every device
+    let teacher = Ddit::load_with(&a.teacher, WeightStore::Exact)?;
     checkpoint::check_finite(&a.teacher.join(checkpoint::WEIGHTS_FILE), teacher.params())?;
     ensure!(
         teacher.cfg.k.is_none(),
@@ -90,7 +91,7 @@ pub fn run(a: &Args) -> Result<()> {
         "--student {} is an AR model (its config.json has no \"k\"); pass a PFLM student",
         a.student.display()
     );
-    let student = Pflm::load(&a.student)?;
+    let student = Pflm::load_with(&a.student, WeightStore::Exact)?;
     let tok = checkpoint::read_tokenizer(&a.teacher, &teacher.cfg)?;
     let (prompts, source) = match (&a.data, &a.prompts_file) {
         (Some(d), _) => {

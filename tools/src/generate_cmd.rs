@@ -114,7 +114,8 @@ fn load_model(a: &Args) -> Result<Model> {
                 "--freq-penalty applies to a PFLM student's argmax; {} is an AR model (sampling)",
                 a.model.display()
             );
-            let m = Ddit::load(&a.model)?;
+            // an f16 / bf16 file serves from 16-bit tables, on every device
+            let m = Ddit::load_with(&a.model, WeightStore::Exact)?;
             checkpoint::check_finite(&a.model.join(checkpoint::WEIGHTS_FILE), m.params())?;
             Model::Ar(m)
         }
@@ -126,7 +127,7 @@ fn load_model(a: &Args) -> Result<Model> {
                     a.model.display()
                 );
             }
-            Model::Pflm(Pflm::load(&a.model)?)
+            Model::Pflm(Pflm::load_with(&a.model, WeightStore::Exact)?)
         }
     })
 }

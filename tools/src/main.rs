@@ -10,6 +10,7 @@
 //! distill_cmd.rs), `export` (f16 model directories), `eval` (quality; eval_cmd.rs). Errors print one line and
 //! exit non-zero; usage errors exit 2.
 
+mod bench_decode;
 mod bench_gemm;
 mod bench_gen;
 mod bench_kernels;
@@ -96,6 +97,9 @@ enum BenchCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Decode-step products x·Wᵀ (the paper architecture's weights, m = 1..512 rows) with the
+    /// weights streamed from memory, per weight dtype, next to the hot-cache rate and OpenBLAS.
+    Decode(bench_decode::Args),
     /// Training throughput (tokens/s) of our DDiT step next to the same model in JAX (jit, CPU).
     Train(bench_train::TrainBenchArgs),
     /// H100 cost model on paper: bytes, FLOPs and roofline time per kernel; AR vs PFLM tokens/s.
@@ -130,6 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Bench { which, gen } => match which {
             None => bench_gen::run(threads, &gen),
             Some(BenchCmd::Gemm { json }) => bench_gemm::run(threads, json.as_deref()),
+            Some(BenchCmd::Decode(a)) => bench_decode::run(threads, &a),
             Some(BenchCmd::Train(a)) => bench_train::run(threads, &a),
             Some(BenchCmd::Cost(a)) => cost_model::run(&a),
             Some(BenchCmd::Kernels(a)) => bench_kernels::run(&a),

@@ -1,0 +1,623 @@
+//! `C [m, N] = [C +] x [m, K] · Wᵀ` with W stored [N, K] row-major (a Linear layer's weight)
+//! in f32, f16 or bf16: the product every decode step runs, m = 1..512 rows of activations
+//! against weights that come from DRAM once per step.
+//!
+//! Two kernels, both reading W's rows in place (no per-step repacking of weights; a half
+//! weight is widened block by block into a small per-thread f32 buffer that stays in cache):
+//! - `xt` (m >= `XT_MIN_M`, AVX2 / AVX-512): x is transposed once per call into a k-major
+//!   panel (m·K copies, small next to m·N·K multiply-adds) and each register tile holds
+//!   MV vectors of rows x NW weight rows: per k, MV loads of xᵀ, NW broadcasts of W, MV·NW
+//!   FMAs, no horizontal sums. W is split into blocks of `NB` rows x `KC` columns, each
+//!   read from memory once and applied to all m rows while it is in L1/L2; the threads
+//!   split N.
+//! - `dot` (fewer rows, or no SIMD): the dot-product kernels of the parent module.
+
+#[cfg(target_arch = "x86_64")]
+use super::{dot_avx2, dot_avx512, x86};
+use super::{dot_portable, split, Args, BElem, Elem, Isa, Portable, Simd, PAR_MIN_WORK};
+use anyhow::{ensure, Result};
+use half::{bf16, f16};
+
+/// Weight rows as they are stored.
+#[derive(Clone, Copy)]
+pub enum WRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl WRows<'_> {
+    fn elem_bytes(&self) -> usize {
+        match self {
+            WRows::F32(_) => 4,
+            _ => 2,
+        }
+    }
+    /// A hint to bring element `at` into cache; nothing past the end.
+    #[inline(always)]
+    fn prefetch(&self, at: usize) {
+        if at < self.len() {
+            let p = match self {
+                WRows::F32(w) => w[at..].as_ptr() as *const u8,
+                WRows::F16(w) => w[at..].as_ptr() as *const u8,
+                WRows::BF16(w) => w[at..].as_ptr() as *const u8,
+            };
+            super::prefetch(p);
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            WRows::F32(w) => w.len(),
+            WRows::F16(w) => w.len(),
+            WRows::BF16(w) => w.len(),
+        }
+    }
+}
+
+/// Rows from which the `xt` kernel beats the dot kernels (`kfrun bench gemm --decode`).
+const XT_MIN_M: usize = 16;
+/// Weight rows per block: a multiple of every tile's NW (6, 8, 12).
+const NB: usize = 24;
+/// Bytes of the xᵀ block (KC x m) kept in L2 while a weight block meets it.
+const XT_BLOCK_BYTES: usize = 512 << 10;
+
+/// `C = [C +] x · Wᵀ`: x is m x k (row stride `x_rs`, unit column stride), W is n x k
+/// (row stride `w_rs`), C is m x n (row stride `c_rs`). Validated; on the current rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub fn xwt(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    x_rs: usize,
+    w: WRows<'_>,
+    w_rs: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let fits = |len: usize, rows: usize, rs: usize, cols: usize| {
+        rows == 0
+            || cols == 0
+            || ((rows - 1).checked_mul(rs))
+                .and_then(|v| v.checked_add(cols))
+                .is_some_and(|e| e <= len)
+    };
+    ensure!(
+        (m <= 1 || x_rs >= k) && fits(x.len(), m, x_rs, k),
+        "x·Wᵀ: x ({} elements, row stride {x_rs}) does not hold {m} x {k}",
+        x.len()
+    );
+    ensure!(
+        (n <= 1 || w_rs >= k) && fits(w.len(), n, w_rs, k),
+        "x·Wᵀ: W ({} elements, row stride {w_rs}) does not hold {n} x {k}",
+        w.len()
+    );
+    ensure!(
+        (m <= 1 || c_rs >= n) && fits(c.len(), m, c_rs, n),
+        "x·Wᵀ: C ({} elements, row stride {c_rs}) does not hold {m} x {n}",
+        c.len()
+    );
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(c_rs.max(n))
+                .take(m)
+                .for_each(|r| r[..n].fill(0.0));
+        }
+        return Ok(());
+    }
+    let isa = super::detect_isa();
+    let threads = if m.saturating_mul(n).saturating_mul(k) < PAR_MIN_WORK {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    };
+    if m >= XT_MIN_M && isa != Isa::Portable {
+        // SAFETY: validated above: x holds m rows of k, W n rows of k, C m rows of n at
+        // their strides; `c` is a unique borrow, so it aliases neither x nor W.
+        unsafe {
+            xt_path(
+                isa,
+                threads,
+                (m, n, k),
+                x,
+                x_rs,
+                w,
+                w_rs,
+                c,
+                c_rs,
+                accumulate,
+            )
+        };
+        return Ok(());
+    }
+    // Few rows (or no SIMD): the dot kernels, W read in its own dtype (16-bit weights
+    // widened in registers, so every dtype sums in one order), the threads splitting N.
+    let cp = SyncPtr(c.as_mut_ptr());
+    split(n, threads, NB, |j0, j1| {
+        let p = Args {
+            m,
+            k,
+            a: x.as_ptr(),
+            a_s: x_rs,
+            b: core::ptr::null(), // B is passed typed below
+            b_s: w_rs,
+            c: cp.get(),
+            c_rs,
+            c_cs: 1,
+            accumulate,
+        };
+        // SAFETY: validated above: x holds m rows of k at stride x_rs, W n rows of k at
+        // stride w_rs, C m rows of n; this share alone writes C columns [j0, j1); the
+        // entry point matches the ISA detected on this CPU.
+        unsafe {
+            match w {
+                WRows::F32(w) => dot_share(isa, &p, w.as_ptr(), j0, j1),
+                WRows::F16(w) => dot_share(isa, &p, w.as_ptr(), j0, j1),
+                WRows::BF16(w) => dot_share(isa, &p, w.as_ptr(), j0, j1),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The dot kernels of `isa` over rows [0, p.m) x columns [j0, j1), B read from `b` as `H`.
+///
+/// # Safety
+/// As the parent's `region` for `p` with B at `b`; `isa` is this CPU's.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_share<H>(isa: Isa, p: &Args<f32>, b: *const H, j0: usize, j1: usize)
+where
+    H: BElem<x86::Avx512F32> + BElem<x86::Avx2F32> + BElem<Portable<f32>>,
+{
+    match isa {
+        Isa::Avx512 => dot_avx512::<x86::Avx512F32, H>(p, b, 0, p.m, j0, j1),
+        Isa::Avx2 => dot_avx2::<x86::Avx2F32, H>(p, b, 0, p.m, j0, j1),
+        Isa::Portable => dot_portable::<Portable<f32>, H>(p, b, 0, p.m, j0, j1),
+    }
+}
+
+/// The dot kernels without SIMD over rows [0, p.m) x columns [j0, j1).
+///
+/// # Safety
+/// As the parent's `region` for `p` with B at `b`.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_share<H: BElem<Portable<f32>>>(
+    _: Isa,
+    p: &Args<f32>,
+    b: *const H,
+    j0: usize,
+    j1: usize,
+) {
+    dot_portable::<Portable<f32>, H>(p, b, 0, p.m, j0, j1)
+}
+
+/// C's base pointer, shared by the workers of one call (each writes its own columns).
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: the workers of one call write disjoint column ranges of C through it.
+unsafe impl Send for SyncPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Widens W rows [r0, r0 + rows) x columns [k0, k0 + cols) into `out` (row stride `cols`).
+fn widen(
+    w: WRows<'_>,
+    r0: usize,
+    rows: usize,
+    k0: usize,
+    cols: usize,
+    w_rs: usize,
+    out: &mut [f32],
+) {
+    use half::slice::HalfFloatSliceExt;
+    for r in 0..rows {
+        let src = (r0 + r) * w_rs + k0;
+        // The next block's row (NB rows on), a block ahead: each block starts NB new streams
+        // the hardware prefetcher has not seen.
+        let next = (r0 + r + NB) * w_rs + k0;
+        let line = 64 / w.elem_bytes();
+        for off in (0..cols).step_by(line) {
+            w.prefetch(next + off);
+        }
+        let dst = &mut out[r * cols..(r + 1) * cols];
+        match w {
+            WRows::F32(w) => dst.copy_from_slice(&w[src..src + cols]),
+            // F16C / NEON conversions when the CPU has them (chosen by `half` at run time)
+            WRows::F16(w) => w[src..src + cols].convert_to_f32_slice(dst),
+            // bf16 -> f32 is a 16-bit shift; a plain loop the compiler vectorises
+            WRows::BF16(w) => {
+                for (d, s) in dst.iter_mut().zip(&w[src..src + cols]) {
+                    *d = f32::from_bits((s.to_bits() as u32) << 16);
+                }
+            }
+        }
+    }
+}
+
+/// One register tile of the `xt` kernel: MV vectors of rows (`xt` points at the tile's first
+/// row in a k-major panel of row stride `mp`) x NW weight rows (`w`, row stride `ws`), over
+/// `kc` columns, into `ct` (NW rows of stride `mp`, the tile's rows), added to it when `add`.
+///
+/// # Safety
+/// `xt` must hold kc rows of MV·W floats at stride `mp`, `w` NW rows of kc floats at stride
+/// `ws`, `ct` NW rows of MV·W floats at stride `mp`; the CPU must support `S`'s ISA.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn xt_tile<S: Simd<T = f32>, const MV: usize, const NW: usize>(
+    xt: *const f32,
+    mp: usize,
+    w: *const f32,
+    ws: usize,
+    kc: usize,
+    ct: *mut f32,
+    add: bool,
+) {
+    let mut acc = [[S::zero(); MV]; NW];
+    if add {
+        for r in 0..NW {
+            for v in 0..MV {
+                acc[r][v] = S::load(ct.add(r * mp + v * S::W));
+            }
+        }
+    }
+    for kk in 0..kc {
+        let mut xv = [S::zero(); MV];
+        for v in 0..MV {
+            xv[v] = S::load(xt.add(kk * mp + v * S::W));
+        }
+        for r in 0..NW {
+            let b = S::splat(*w.add(r * ws + kk));
+            for v in 0..MV {
+                acc[r][v] = S::fma(xv[v], b, acc[r][v]);
+            }
+        }
+    }
+    for r in 0..NW {
+        for v in 0..MV {
+            S::store(ct.add(r * mp + v * S::W), acc[r][v]);
+        }
+    }
+}
+
+/// The `xt` tiles over one weight block: rows [0, rows) of `w` (stride `ws`, `kc` columns)
+/// against every row tile of the panel (`mp` rows, `m_tiles` tiles of MVMAX vectors, the
+/// last possibly shorter), into `ct`.
+///
+/// # Safety
+/// As `xt_tile`, for every tile: `xt` holds kc rows of `mp` floats, `w` `rows` rows, `ct`
+/// `rows` rows of `mp`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn xt_block<S: Simd<T = f32>, const MVMAX: usize>(
+    xt: *const f32,
+    mp: usize,
+    w: *const f32,
+    ws: usize,
+    rows: usize,
+    kc: usize,
+    ct: *mut f32,
+    add: bool,
+) {
+    let mut i = 0;
+    while i < mp {
+        let mv = ((mp - i) / S::W).min(MVMAX);
+        macro_rules! tiles {
+            ($mv:literal, $nw:literal) => {{
+                let mut r = 0;
+                while r + $nw <= rows {
+                    xt_tile::<S, $mv, $nw>(
+                        xt.add(i),
+                        mp,
+                        w.add(r * ws),
+                        ws,
+                        kc,
+                        ct.add(r * mp + i),
+                        add,
+                    );
+                    r += $nw;
+                }
+                while r < rows {
+                    xt_tile::<S, $mv, 1>(
+                        xt.add(i),
+                        mp,
+                        w.add(r * ws),
+                        ws,
+                        kc,
+                        ct.add(r * mp + i),
+                        add,
+                    );
+                    r += 1;
+                }
+            }};
+        }
+        // NW per MV: MV·NW accumulators + MV + 1 registers (32 with AVX-512, 16 with AVX2).
+        match (S::W, mv) {
+            (16, 4) => tiles!(4, 6),
+            (16, 3) => tiles!(3, 8),
+            (16, 2) => tiles!(2, 12),
+            (_, 2) => tiles!(2, 6),
+            _ => tiles!(1, 12),
+        }
+        i += mv * S::W;
+    }
+}
+
+/// The `xt` kernel over weight rows [j0, j1) of every row of x; one worker's share.
+///
+/// # Safety
+/// `xt` is the k-major panel of x (k rows of `mp` floats, rows >= m zero), W and C are as
+/// validated by `xwt`, and no other worker writes C columns [j0, j1).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn xt_share<S: Simd<T = f32>, const MVMAX: usize>(
+    (m, k, mp): (usize, usize, usize),
+    xt: &[f32],
+    w: WRows<'_>,
+    w_rs: usize,
+    (c, c_rs): (*mut f32, usize),
+    accumulate: bool,
+    (j0, j1): (usize, usize),
+) {
+    let kc = ((XT_BLOCK_BYTES / 4 / mp) / 16 * 16)
+        .clamp(64, k.max(64))
+        .min(k);
+    let mut ct = vec![0f32; NB * mp];
+    let mut buf = match w {
+        WRows::F32(_) => Vec::new(),
+        _ => vec![0f32; NB * kc],
+    };
+    let mut nb = j0;
+    while nb < j1 {
+        let rows = NB.min(j1 - nb);
+        let mut kb = 0;
+        while kb < k {
+            let cols = kc.min(k - kb);
+            let (wp, ws) = match w {
+                WRows::F32(w) => (w.as_ptr().add(nb * w_rs + kb), w_rs),
+                _ => {
+                    widen(w, nb, rows, kb, cols, w_rs, &mut buf);
+                    (buf.as_ptr(), cols)
+                }
+            };
+            xt_block::<S, MVMAX>(
+                xt.as_ptr().add(kb * mp),
+                mp,
+                wp,
+                ws,
+                rows,
+                cols,
+                ct.as_mut_ptr(),
+                kb > 0,
+            );
+            kb += cols;
+        }
+        // Cᵀ block -> C columns [nb, nb + rows)
+        for i in 0..m {
+            let row = c.add(i * c_rs + nb);
+            for r in 0..rows {
+                let v = ct[r * mp + i];
+                *row.add(r) = if accumulate { *row.add(r) + v } else { v };
+            }
+        }
+        nb += rows;
+    }
+}
+
+/// Packs xᵀ (k-major, `mp` = m rounded up to the lanes, padding zero) and runs the shares.
+///
+/// # Safety
+/// The operands passed `xwt`'s validation and `c` aliases neither x nor W; `isa` is this
+/// CPU's and not `Portable`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn xt_path(
+    isa: Isa,
+    threads: usize,
+    (m, n, k): (usize, usize, usize),
+    x: &[f32],
+    x_rs: usize,
+    w: WRows<'_>,
+    w_rs: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+) {
+    let lanes = <f32 as Elem>::lanes(isa);
+    let mp = m.div_ceil(lanes) * lanes;
+    let mut xt = vec![0f32; k * mp];
+    for i in 0..m {
+        let row = &x[i * x_rs..i * x_rs + k];
+        for (kk, &v) in row.iter().enumerate() {
+            xt[kk * mp + i] = v;
+        }
+    }
+    let cp = SyncPtr(c.as_mut_ptr());
+    split(n, threads, NB, |j0, j1| {
+        let dims = (m, k, mp);
+        // SAFETY: forwarded from this function's contract; shares are disjoint in N.
+        unsafe {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => {
+                    xt_avx512(dims, &xt, w, w_rs, (cp.get(), c_rs), accumulate, (j0, j1))
+                }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => xt_avx2(dims, &xt, w, w_rs, (cp.get(), c_rs), accumulate, (j0, j1)),
+                Isa::Portable => unreachable!("xt_path is not called without SIMD"),
+            }
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn xt_avx512(
+    dims: (usize, usize, usize),
+    xt: &[f32],
+    w: WRows<'_>,
+    w_rs: usize,
+    c: (*mut f32, usize),
+    accumulate: bool,
+    share: (usize, usize),
+) {
+    xt_share::<super::x86::Avx512F32, 4>(dims, xt, w, w_rs, c, accumulate, share)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn xt_avx2(
+    dims: (usize, usize, usize),
+    xt: &[f32],
+    w: WRows<'_>,
+    w_rs: usize,
+    c: (*mut f32, usize),
+    accumulate: bool,
+    share: (usize, usize),
+) {
+    xt_share::<super::x86::Avx2F32, 2>(dims, xt, w, w_rs, c, accumulate, share)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// f64 reference of `[c +] x·Wᵀ` on the widened weights.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        x: &[f32],
+        x_rs: usize,
+        w: &[f32],
+        w_rs: usize,
+        c0: &[f32],
+        c_rs: usize,
+        acc: bool,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = if acc { c0[i * c_rs + j] as f64 } else { 0.0 };
+                for t in 0..k {
+                    s += x[i * x_rs + t] as f64 * w[j * w_rs + t] as f64;
+                }
+                out[i * n + j] = s;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_dtype_and_route_matches_f64_and_leaves_the_rest_of_c_alone() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        // m across both kernels and every tile shape, ragged N (not a multiple of NB), k
+        // across several conversion / xᵀ blocks
+        for &(m, n, k) in &[
+            (1, 37, 70),
+            (5, 50, 1030),
+            (16, 24, 64),
+            (17, 49, 33),
+            (33, 30, 200),
+            (64, 75, 129),
+            (100, 26, 2100),
+            (130, 7, 5),
+        ] {
+            let (x_rs, w_rs, c_rs) = (k + 3, k + 1, n + 2);
+            let x = fill(m * x_rs, 1);
+            let wf = fill(n * w_rs, 2);
+            let c0 = fill(m * c_rs, 3);
+            for dt in ["f32", "f16", "bf16"] {
+                let (wh16, whb): (Vec<f16>, Vec<bf16>) = (
+                    wf.iter().map(|&v| f16::from_f32(v)).collect(),
+                    wf.iter().map(|&v| bf16::from_f32(v)).collect(),
+                );
+                let (w, exact): (WRows, Vec<f32>) = match dt {
+                    "f32" => (WRows::F32(&wf), wf.clone()),
+                    "f16" => (WRows::F16(&wh16), wh16.iter().map(|v| v.to_f32()).collect()),
+                    _ => (WRows::BF16(&whb), whb.iter().map(|v| v.to_f32()).collect()),
+                };
+                for acc in [false, true] {
+                    let want = reference(m, n, k, &x, x_rs, &exact, w_rs, &c0, c_rs, acc);
+                    let mut c = c0.clone();
+                    pool.install(|| xwt(m, n, k, &x, x_rs, w, w_rs, &mut c, c_rs, acc))
+                        .unwrap();
+                    for i in 0..m {
+                        for j in 0..c_rs {
+                            let got = c[i * c_rs + j];
+                            if j >= n {
+                                assert_eq!(
+                                    got.to_bits(),
+                                    c0[i * c_rs + j].to_bits(),
+                                    "padding of C written"
+                                );
+                                continue;
+                            }
+                            let r = want[i * n + j];
+                            assert!(
+                                (got as f64 - r).abs() <= 1e-5 * (k as f64).sqrt() + 1e-5 * r.abs(),
+                                "{dt} m{m} n{n} k{k} acc {acc}: C[{i},{j}] = {got}, want {r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_weights_give_the_f32_result_on_their_widened_values_bit_for_bit() {
+        // Serving from a bf16 file must give the tokens of the f32 model with the same
+        // (bf16-exact) weights: the same kernel, the same order of sums.
+        for &(m, n, k) in &[(1, 40, 300), (8, 30, 1500), (20, 50, 77), (70, 24, 800)] {
+            let x = fill(m * k, 4);
+            let wb: Vec<bf16> = fill(n * k, 5).iter().map(|&v| bf16::from_f32(v)).collect();
+            let wh: Vec<f16> = fill(n * k, 6).iter().map(|&v| f16::from_f32(v)).collect();
+            let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let whf: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+            let run = |w: WRows| {
+                let mut c = vec![0f32; m * n];
+                xwt(m, n, k, &x, k, w, k, &mut c, n, false).unwrap();
+                c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(run(WRows::BF16(&wb)), run(WRows::F32(&wbf)), "bf16 m{m}");
+            assert_eq!(run(WRows::F16(&wh)), run(WRows::F32(&whf)), "f16 m{m}");
+        }
+    }
+
+    #[test]
+    fn refuses_operands_that_do_not_hold_the_shape() {
+        let x = vec![0f32; 10];
+        let w = vec![0f32; 12];
+        let mut c = vec![0f32; 8];
+        let e = xwt(2, 3, 5, &x, 5, WRows::F32(&w), 5, &mut c, 3, false).unwrap_err();
+        assert!(e.to_string().contains("W (12 elements"), "{e}");
+        let e = xwt(3, 2, 4, &x, 4, WRows::F32(&w), 4, &mut c, 2, false).unwrap_err();
+        assert!(e.to_string().contains("x (10 elements"), "{e}");
+        let e = xwt(2, 3, 4, &x, 4, WRows::F32(&w), 4, &mut c[..5], 3, false).unwrap_err();
+        assert!(e.to_string().contains("C (5 elements"), "{e}");
+    }
+}
