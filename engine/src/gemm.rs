@@ -870,6 +870,12 @@ unsafe fn gemv_region<S: Simd, H: BElem<S>>(
         let mut acc = [S::zero(); 4];
         let mut kk = 0;
         while kk < k4 {
+            // ~2 KB ahead in the weights' byte stream (into the next rows when they are
+            // stored back to back): 16-bit rows are short and the prefetcher trails them
+            let ahead = (bj.wrapping_add(kk) as *const u8).wrapping_add(GEMV_AHEAD);
+            for line in 0..(4 * S::W * core::mem::size_of::<H>()).div_ceil(64) {
+                prefetch(ahead.wrapping_add(64 * line));
+            }
             for (u, acc) in acc.iter_mut().enumerate() {
                 let at = kk + u * S::W;
                 *acc = S::fma(S::load(a.add(at)), H::vload(bj.add(at)), *acc);
@@ -888,6 +894,9 @@ unsafe fn gemv_region<S: Simd, H: BElem<S>>(
         *q = if p.accumulate { *q + s } else { s };
     }
 }
+
+/// Bytes ahead of the current weight that `gemv_region` prefetches.
+const GEMV_AHEAD: usize = 2048;
 
 /// Bytes of A rows processed against each strip of B (fits L2 next to the B strips).
 const DOT_A_BLOCK_BYTES: usize = 256 << 10;

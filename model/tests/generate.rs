@@ -387,3 +387,88 @@ fn rayon_threads() -> usize {
         .map(|n| n.get())
         .unwrap_or(1)
 }
+
+/// A model served from 16-bit tables (issue 18: an f16 / bf16 file kept 16-bit in memory)
+/// computes what the f32 model with the same, 16-bit-exact values computes, bit for bit:
+/// the x·Wᵀ kernels widen the weights in registers and sum in the f32 order, the embedding
+/// widens its rows. Logits at 6, 24 and 96 rows (every x·Wᵀ route), AR tokens at three
+/// temperatures, PFLM tokens with a penalty.
+#[test]
+fn sixteen_bit_tables_compute_the_f32_model_on_their_values() {
+    use kf_engine::DType;
+    use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
+    let cfg = small_cfg();
+    let base = random_model(&cfg, 5);
+    let _ng = no_grad();
+    for dt in [DType::BF16, DType::F16] {
+        let half = base.with_tables_in(dt).unwrap();
+        let exact = half.with_tables_in(DType::F32).unwrap();
+        for name in [
+            "blocks.1.mlp.2.weight",
+            "vocab_embed.embedding",
+            "output_layer.linear.weight",
+        ] {
+            assert_eq!(half.param(name).unwrap().dtype(), dt, "{name} stays {dt}");
+        }
+        assert_eq!(
+            half.param("blocks.0.norm1.weight").unwrap().dtype(),
+            DType::F32
+        );
+        assert_eq!(half.dtype(), DType::F32, "activations stay f32");
+        for b in [1usize, 4, 16] {
+            let x = Tensor::from_slice(
+                &ids(b, 6, cfg.vocab_size, 40 + b as u64),
+                &[b, 6],
+                Device::Cpu,
+            )
+            .unwrap();
+            let bits = |m: &Ddit| {
+                let l = m.forward_train(&x).unwrap();
+                assert_eq!(l.dtype(), DType::F32);
+                l.to_vec::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&half), bits(&exact), "{dt} logits, {b} x 6 rows");
+        }
+        for tau in [1.0, 0.7, 0.0] {
+            let opts = GenerateOptions {
+                max_new: 10,
+                tau,
+                seed: 7,
+                ..Default::default()
+            };
+            assert_eq!(
+                run(&half, &prompts(), &opts).tokens,
+                run(&exact, &prompts(), &opts).tokens,
+                "{dt} AR tau {tau}"
+            );
+        }
+        let student = Pflm::from_teacher(base.clone(), 2, 3).unwrap();
+        let (sh, se) = (
+            student.with_tables_in(dt).unwrap(),
+            student
+                .with_tables_in(dt)
+                .unwrap()
+                .with_tables_in(DType::F32)
+                .unwrap(),
+        );
+        let opts = PflmGenerateOptions {
+            base: GenerateOptions {
+                max_new: 9,
+                seed: 11,
+                ..Default::default()
+            },
+            k: 2,
+            freq_penalty: 0.5,
+        };
+        let gen = |m: &Pflm| {
+            generate_pflm(m, &prompts(), &opts, |_, _| Ok(()))
+                .unwrap()
+                .tokens
+        };
+        assert_eq!(gen(&sh), gen(&se), "{dt} PFLM K = 2");
+    }
+}

@@ -354,6 +354,8 @@ const MR: usize = 4;
 const NR: usize = 16;
 /// Below this many multiply-adds (upper bound) the op runs on the calling thread.
 const PAR_MIN_WORK: usize = 1 << 16;
+/// Query rows up to which the forward reads K's rows directly (see `direct_scores`).
+const DIRECT_MAX_TQ: usize = 2;
 
 /// Float types the attention kernels compute in: fused multiply-add when the CPU has it, and an
 /// exp that vectorises for f32.
@@ -739,6 +741,47 @@ fn group_scores<T: Kern, const F: bool>(
     }
 }
 
+/// `group_scores` reading the keys from K's rows (head `h` of sequence `b`, keys from `c0`)
+/// instead of transposed panels: each score summed over d in the same order with the same
+/// multiply-adds, so the same bits, without transposing the cache for a few query rows.
+#[inline(always)]
+fn direct_scores<T: Kern, const F: bool>(
+    spans: &[Option<Span>],
+    (m, d): (usize, usize),
+    q: &[T],
+    k: &Src<T>,
+    (b, h, c0): (usize, usize, usize),
+    out: &mut [T],
+) {
+    for (g, sp) in spans.iter().enumerate() {
+        let Some(sp) = sp else { continue };
+        for i in g * MR..(g * MR + MR).min(m) {
+            let qi = &q[i * d..(i + 1) * d];
+            let o = &mut out[i * BC + sp.wlo..i * BC + sp.wlo + sp.w];
+            // four keys at a time: independent chains for the multiply-adds to overlap
+            let mut j = 0;
+            while j + 4 <= sp.w {
+                let kr: [&[T]; 4] = std::array::from_fn(|u| k.row(b, c0 + sp.wlo + j + u, h, d));
+                let mut acc = [T::ZERO; 4];
+                for (dd, &qv) in qi.iter().enumerate() {
+                    for u in 0..4 {
+                        acc[u] = T::madd::<F>(qv, kr[u][dd], acc[u]);
+                    }
+                }
+                o[j..j + 4].copy_from_slice(&acc);
+                j += 4;
+            }
+            for (jj, x) in o.iter_mut().enumerate().skip(j) {
+                let kr = k.row(b, c0 + sp.wlo + jj, h, d);
+                *x = qi
+                    .iter()
+                    .zip(kr)
+                    .fold(T::ZERO, |a, (&qv, &kv)| T::madd::<F>(qv, kv, a));
+            }
+        }
+    }
+}
+
 /// Copy `nc` key rows (c0..) of head (b, h) transposed into `dst[dd * BC + j]`.
 #[inline(always)]
 fn load_transposed<T: Kern>(
@@ -810,7 +853,9 @@ pub fn attention_with_lse(
 
 struct FwdCx<'a, T> {
     q: Src<'a, T>,
-    /// K transposed once, in panels [B, H, Tk/BC, D, BC] (see transpose_keys).
+    k: Src<'a, T>,
+    /// K transposed once, in panels [B, H, Tk/BC, D, BC] (see transpose_keys); empty for a
+    /// decode step of at most `DIRECT_MAX_TQ` query rows, whose scores read K's rows.
     kt: Vec<T>,
     v: Src<'a, T>,
     p: &'a AttnParams,
@@ -880,9 +925,17 @@ fn forward_raw<T: Kern>(
     let (qc, kc, vc) = (readable(q)?, readable(k)?, readable(v)?);
     let (gq, gk, gv) = (qc.storage()?, kc.storage()?, vc.storage()?);
     let parallel = work(dims) >= PAR_MIN_WORK;
+    let ks = src::<T>(&kc, &gk)?;
     let cx = FwdCx {
         q: src::<T>(&qc, &gq)?,
-        kt: transpose_keys(&src::<T>(&kc, &gk)?, dims, parallel),
+        // a decode step (one or two query rows per sequence) would transpose the whole KV
+        // cache to use it once
+        kt: if tq <= DIRECT_MAX_TQ {
+            Vec::new()
+        } else {
+            transpose_keys(&ks, dims, parallel)
+        },
+        k: ks,
         v: src::<T>(&vc, &gv)?,
         p,
         dims,
@@ -1013,7 +1066,11 @@ fn fwd_tile_impl<T: Kern, const F: bool>(
                 *v = r.clip(c0, c1);
             }
             group_spans(&vis, nc, &mut spans);
-            group_scores::<T, F>(&spans, (m, d), (&qb, 0), (&cx.kt, panel, BC), &mut s);
+            if cx.kt.is_empty() {
+                direct_scores::<T, F>(&spans, (m, d), &qb, &cx.k, (b, h, c0), &mut s);
+            } else {
+                group_scores::<T, F>(&spans, (m, d), (&qb, 0), (&cx.kt, panel, BC), &mut s);
+            }
             for (i, vis) in vis.iter().enumerate() {
                 let srow = &mut s[i * BC..i * BC + nc];
                 if vis.len == 0 {
@@ -1809,6 +1866,43 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|i| ((i * 37 % 11) as f64 - 5.0) / 7.0).collect();
         Tensor::from_vec(v, shape, Device::Cpu).unwrap()
+    }
+
+    /// A decode step's one or two query rows read K's rows directly (no transposed panels);
+    /// the same rows inside a larger query set take the panel path: the same bits, f32 and
+    /// f64, with padding skipped and 100 keys (two key blocks).
+    #[test]
+    fn direct_decode_scores_give_the_panel_path_bits() {
+        let (b, tk, h, d) = (2, 100, 3, 20);
+        for dt in [DType::F32, DType::F64] {
+            let rnd = |n, seed| {
+                Tensor::rand_uniform(&[b, n, h, d], DType::F64, seed, 0, Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap()
+            };
+            let (k, v, q) = (rnd(tk, 1), rnd(tk, 2), rnd(5, 3));
+            let p = AttnParams {
+                q_start: tk - 5,
+                key_skip: vec![0, 7],
+                ..params(AttnPattern::Causal)
+            };
+            let all = attention(&q, &k, &v, &p).unwrap();
+            for (lo, n) in [(0, 1), (0, 2), (3, 2), (4, 1)] {
+                let qs = q.narrow(1, lo, n).unwrap().contiguous().unwrap();
+                let pn = AttnParams {
+                    q_start: p.q_start + lo,
+                    ..p.clone()
+                };
+                let one = attention(&qs, &k, &v, &pn).unwrap();
+                let want = all.narrow(1, lo, n).unwrap().contiguous().unwrap();
+                assert_eq!(
+                    one.to_vec_f64().unwrap(),
+                    want.to_vec_f64().unwrap(),
+                    "{dt} rows {lo}..+{n}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::{dot_avx2, dot_avx512, x86};
-use super::{dot_portable, split, Args, BElem, Elem, Isa, Portable, Simd, PAR_MIN_WORK};
+use super::{dot_portable, split, Args, BElem, Elem, HalfSimd, Isa, Portable, Simd, PAR_MIN_WORK};
 use anyhow::{ensure, Result};
 use half::{bf16, f16};
 
@@ -54,8 +54,10 @@ impl WRows<'_> {
     }
 }
 
-/// Rows from which the `xt` kernel beats the dot kernels (`kfrun bench gemm --decode`).
+/// Rows from which the `xt` kernel beats the dot kernels (`kfrun bench decode`), with the
+/// ISA's widest vectors and with 8-lane vectors.
 const XT_MIN_M: usize = 16;
+const XT_NARROW_MIN_M: usize = 8;
 /// Weight rows per block: a multiple of every tile's NW (6, 8, 12).
 const NB: usize = 24;
 /// Bytes of the xᵀ block (KC x m) kept in L2 while a weight block meets it.
@@ -115,23 +117,20 @@ pub fn xwt(
     } else {
         rayon::current_num_threads().max(1)
     };
-    if m >= XT_MIN_M && isa != Isa::Portable {
+    // 8-lane vectors for fewer than 16 rows (on Zen 4 a 256-bit FMA issues twice per cycle,
+    // so they lose nothing there; 16-lane tiles would be half padding)
+    let xt_isa = match isa {
+        Isa::Portable => None,
+        _ if m >= XT_MIN_M => Some(isa),
+        _ if m >= XT_NARROW_MIN_M => Some(Isa::Avx2),
+        _ => None,
+    };
+    if let Some(xt_isa) = xt_isa {
+        let (mnk, cc) = ((m, n, k), (c, c_rs));
         // SAFETY: validated above: x holds m rows of k, W n rows of k, C m rows of n at
-        // their strides; `c` is a unique borrow, so it aliases neither x nor W.
-        unsafe {
-            xt_path(
-                isa,
-                threads,
-                (m, n, k),
-                x,
-                x_rs,
-                w,
-                w_rs,
-                c,
-                c_rs,
-                accumulate,
-            )
-        };
+        // their strides; `c` is a unique borrow, so it aliases neither x nor W; AVX2 (and
+        // F16C) come with every CPU `detect_isa` finds AVX-512 on.
+        unsafe { xt_path(xt_isa, threads, mnk, (x, x_rs), (w, w_rs), cc, accumulate) };
         return Ok(());
     }
     // Few rows (or no SIMD): the dot kernels, W read in its own dtype (16-bit weights
@@ -195,6 +194,61 @@ unsafe fn dot_share<H: BElem<Portable<f32>>>(
     dot_portable::<Portable<f32>, H>(p, b, 0, p.m, j0, j1)
 }
 
+thread_local! {
+    /// Per-thread buffers reused across calls (a decode step makes dozens of these products:
+    /// fresh zeroed allocations cost page faults and memsets): xᵀ panels, Cᵀ blocks, widened
+    /// weight blocks.
+    static XT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static CT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer of at least `len` floats (contents unspecified) taken from a thread's slot and
+/// put back when dropped; a fresh one when the slot is empty (a nested call on this thread).
+struct Scratch {
+    v: Vec<f32>,
+    slot: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>,
+}
+
+impl Scratch {
+    fn take(
+        slot: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>,
+        len: usize,
+    ) -> Scratch {
+        let mut v = slot.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        Scratch { v, slot }
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Vec<f32>;
+    fn deref(&self) -> &Vec<f32> {
+        &self.v
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut Vec<f32> {
+        &mut self.v
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.v);
+        // keep the larger of the two (a nested call's buffer may be smaller)
+        let _ = self.slot.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if v.len() > s.len() {
+                *s = v;
+            }
+        });
+    }
+}
+
 /// C's base pointer, shared by the workers of one call (each writes its own columns).
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
@@ -208,71 +262,87 @@ impl SyncPtr {
     }
 }
 
-/// Widens W rows [r0, r0 + rows) x columns [k0, k0 + cols) into `out` (row stride `cols`).
-fn widen(
+/// Widens W rows [r0, r0 + rows) x columns [k0, k0 + cols) into `out` (row stride `cols`),
+/// a vector at a time with `S`'s loads (16-bit values widened in registers).
+///
+/// # Safety
+/// The block must lie inside `w` (rows of stride `w_rs`), `out` must hold rows x cols, and
+/// the CPU must support `S`'s ISA.
+#[inline(always)]
+unsafe fn widen<S: HalfSimd>(
     w: WRows<'_>,
-    r0: usize,
-    rows: usize,
-    k0: usize,
-    cols: usize,
+    (r0, rows): (usize, usize),
+    (k0, cols): (usize, usize),
     w_rs: usize,
     out: &mut [f32],
 ) {
-    use half::slice::HalfFloatSliceExt;
-    for r in 0..rows {
-        let src = (r0 + r) * w_rs + k0;
-        // The next block's row (NB rows on), a block ahead: each block starts NB new streams
-        // the hardware prefetcher has not seen.
-        let next = (r0 + r + NB) * w_rs + k0;
-        let line = 64 / w.elem_bytes();
-        for off in (0..cols).step_by(line) {
-            w.prefetch(next + off);
-        }
-        let dst = &mut out[r * cols..(r + 1) * cols];
-        match w {
-            WRows::F32(w) => dst.copy_from_slice(&w[src..src + cols]),
-            // F16C / NEON conversions when the CPU has them (chosen by `half` at run time)
-            WRows::F16(w) => w[src..src + cols].convert_to_f32_slice(dst),
-            // bf16 -> f32 is a 16-bit shift; a plain loop the compiler vectorises
-            WRows::BF16(w) => {
-                for (d, s) in dst.iter_mut().zip(&w[src..src + cols]) {
-                    *d = f32::from_bits((s.to_bits() as u32) << 16);
-                }
+    #[inline(always)]
+    unsafe fn rows_of<S: HalfSimd, H: BElem<S>>(
+        src: *const H,
+        w_rs: usize,
+        rows: usize,
+        cols: usize,
+        out: *mut f32,
+    ) {
+        let cv = cols / S::W * S::W;
+        for r in 0..rows {
+            let (s, d) = (src.add(r * w_rs), out.add(r * cols));
+            let mut kk = 0;
+            while kk < cv {
+                S::store(d.add(kk), H::vload(s.add(kk)));
+                kk += S::W;
+            }
+            for t in cv..cols {
+                *d.add(t) = (*s.add(t)).widen();
             }
         }
     }
+    // The next block's rows (NB rows on), a block ahead: each block starts NB new streams
+    // the hardware prefetcher has not seen.
+    let line = 64 / w.elem_bytes();
+    for r in 0..rows {
+        let next = (r0 + r + NB) * w_rs + k0;
+        for off in (0..cols).step_by(line) {
+            w.prefetch(next + off);
+        }
+    }
+    let at = r0 * w_rs + k0;
+    let o = out.as_mut_ptr();
+    match w {
+        WRows::F32(w) => rows_of::<S, f32>(w[at..].as_ptr(), w_rs, rows, cols, o),
+        WRows::F16(w) => rows_of::<S, f16>(w[at..].as_ptr(), w_rs, rows, cols, o),
+        WRows::BF16(w) => rows_of::<S, bf16>(w[at..].as_ptr(), w_rs, rows, cols, o),
+    }
 }
 
-/// One register tile of the `xt` kernel: MV vectors of rows (`xt` points at the tile's first
-/// row in a k-major panel of row stride `mp`) x NW weight rows (`w`, row stride `ws`), over
-/// `kc` columns, into `ct` (NW rows of stride `mp`, the tile's rows), added to it when `add`.
+/// One register tile of the `xt` kernel: MV vectors of rows (`xt`: the tile's k-major panel
+/// of xᵀ, row stride `xs`) x NW weight rows (`w`, row stride `ws`), over `kc` columns, into
+/// `ct` (NW rows of stride `cs`, at the tile's rows), added to it when `add`.
 ///
 /// # Safety
-/// `xt` must hold kc rows of MV·W floats at stride `mp`, `w` NW rows of kc floats at stride
-/// `ws`, `ct` NW rows of MV·W floats at stride `mp`; the CPU must support `S`'s ISA.
+/// `xt` must hold kc rows of MV·W floats at stride `xs`, `w` NW rows of kc floats at stride
+/// `ws`, `ct` NW rows of MV·W floats at stride `cs`; the CPU must support `S`'s ISA.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn xt_tile<S: Simd<T = f32>, const MV: usize, const NW: usize>(
-    xt: *const f32,
-    mp: usize,
-    w: *const f32,
-    ws: usize,
+    (xt, xs): (*const f32, usize),
+    (w, ws): (*const f32, usize),
     kc: usize,
-    ct: *mut f32,
+    (ct, cs): (*mut f32, usize),
     add: bool,
 ) {
     let mut acc = [[S::zero(); MV]; NW];
     if add {
         for r in 0..NW {
             for v in 0..MV {
-                acc[r][v] = S::load(ct.add(r * mp + v * S::W));
+                acc[r][v] = S::load(ct.add(r * cs + v * S::W));
             }
         }
     }
     for kk in 0..kc {
         let mut xv = [S::zero(); MV];
         for v in 0..MV {
-            xv[v] = S::load(xt.add(kk * mp + v * S::W));
+            xv[v] = S::load(xt.add(kk * xs + v * S::W));
         }
         for r in 0..NW {
             let b = S::splat(*w.add(r * ws + kk));
@@ -283,58 +353,43 @@ unsafe fn xt_tile<S: Simd<T = f32>, const MV: usize, const NW: usize>(
     }
     for r in 0..NW {
         for v in 0..MV {
-            S::store(ct.add(r * mp + v * S::W), acc[r][v]);
+            S::store(ct.add(r * cs + v * S::W), acc[r][v]);
         }
     }
 }
 
 /// The `xt` tiles over one weight block: rows [0, rows) of `w` (stride `ws`, `kc` columns)
-/// against every row tile of the panel (`mp` rows, `m_tiles` tiles of MVMAX vectors, the
-/// last possibly shorter), into `ct`.
+/// against every row tile of xᵀ (`mp` rows in panels of MVMAX vectors, each panel k-major
+/// over all k; columns [kb, kb + kc) are used), into `ct` (`rows` rows of stride `mp`).
 ///
 /// # Safety
-/// As `xt_tile`, for every tile: `xt` holds kc rows of `mp` floats, `w` `rows` rows, `ct`
-/// `rows` rows of `mp`.
-#[allow(clippy::too_many_arguments)]
+/// As `xt_tile`, for every tile: `xt` holds the panels of `xt_path`, `w` `rows` rows of kc,
+/// `ct` `rows` rows of `mp`.
 #[inline(always)]
 unsafe fn xt_block<S: Simd<T = f32>, const MVMAX: usize>(
-    xt: *const f32,
-    mp: usize,
-    w: *const f32,
-    ws: usize,
-    rows: usize,
+    (xt, k, kb, mp): (*const f32, usize, usize, usize),
+    (w, ws, rows): (*const f32, usize, usize),
     kc: usize,
     ct: *mut f32,
     add: bool,
 ) {
+    let tile = MVMAX * S::W;
     let mut i = 0;
     while i < mp {
         let mv = ((mp - i) / S::W).min(MVMAX);
+        // this tile's panel of xᵀ (rows [i, i + tile), k-major, stride `tile`), at column kb
+        let x0 = xt.add((i / tile) * k * tile + kb * tile);
         macro_rules! tiles {
             ($mv:literal, $nw:literal) => {{
                 let mut r = 0;
                 while r + $nw <= rows {
-                    xt_tile::<S, $mv, $nw>(
-                        xt.add(i),
-                        mp,
-                        w.add(r * ws),
-                        ws,
-                        kc,
-                        ct.add(r * mp + i),
-                        add,
-                    );
+                    let (wr, cr) = (w.add(r * ws), ct.add(r * mp + i));
+                    xt_tile::<S, $mv, $nw>((x0, tile), (wr, ws), kc, (cr, mp), add);
                     r += $nw;
                 }
                 while r < rows {
-                    xt_tile::<S, $mv, 1>(
-                        xt.add(i),
-                        mp,
-                        w.add(r * ws),
-                        ws,
-                        kc,
-                        ct.add(r * mp + i),
-                        add,
-                    );
+                    let (wr, cr) = (w.add(r * ws), ct.add(r * mp + i));
+                    xt_tile::<S, $mv, 1>((x0, tile), (wr, ws), kc, (cr, mp), add);
                     r += 1;
                 }
             }};
@@ -358,7 +413,7 @@ unsafe fn xt_block<S: Simd<T = f32>, const MVMAX: usize>(
 /// validated by `xwt`, and no other worker writes C columns [j0, j1).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn xt_share<S: Simd<T = f32>, const MVMAX: usize>(
+unsafe fn xt_share<S: HalfSimd, const MVMAX: usize>(
     (m, k, mp): (usize, usize, usize),
     xt: &[f32],
     w: WRows<'_>,
@@ -370,10 +425,10 @@ unsafe fn xt_share<S: Simd<T = f32>, const MVMAX: usize>(
     let kc = ((XT_BLOCK_BYTES / 4 / mp) / 16 * 16)
         .clamp(64, k.max(64))
         .min(k);
-    let mut ct = vec![0f32; NB * mp];
+    let mut ct = Scratch::take(&CT, NB * mp);
     let mut buf = match w {
-        WRows::F32(_) => Vec::new(),
-        _ => vec![0f32; NB * kc],
+        WRows::F32(_) => Scratch::take(&BUF, 0),
+        _ => Scratch::take(&BUF, NB * kc),
     };
     let mut nb = j0;
     while nb < j1 {
@@ -384,20 +439,12 @@ unsafe fn xt_share<S: Simd<T = f32>, const MVMAX: usize>(
             let (wp, ws) = match w {
                 WRows::F32(w) => (w.as_ptr().add(nb * w_rs + kb), w_rs),
                 _ => {
-                    widen(w, nb, rows, kb, cols, w_rs, &mut buf);
+                    widen::<S>(w, (nb, rows), (kb, cols), w_rs, &mut buf);
                     (buf.as_ptr(), cols)
                 }
             };
-            xt_block::<S, MVMAX>(
-                xt.as_ptr().add(kb * mp),
-                mp,
-                wp,
-                ws,
-                rows,
-                cols,
-                ct.as_mut_ptr(),
-                kb > 0,
-            );
+            let xb = (xt.as_ptr(), k, kb, mp);
+            xt_block::<S, MVMAX>(xb, (wp, ws, rows), cols, ct.as_mut_ptr(), kb > 0);
             kb += cols;
         }
         // Cᵀ block -> C columns [nb, nb + rows)
@@ -422,21 +469,44 @@ unsafe fn xt_path(
     isa: Isa,
     threads: usize,
     (m, n, k): (usize, usize, usize),
-    x: &[f32],
-    x_rs: usize,
-    w: WRows<'_>,
-    w_rs: usize,
-    c: &mut [f32],
-    c_rs: usize,
+    (x, x_rs): (&[f32], usize),
+    (w, w_rs): (WRows<'_>, usize),
+    (c, c_rs): (&mut [f32], usize),
     accumulate: bool,
 ) {
     let lanes = <f32 as Elem>::lanes(isa);
     let mp = m.div_ceil(lanes) * lanes;
-    let mut xt = vec![0f32; k * mp];
-    for i in 0..m {
-        let row = &x[i * x_rs..i * x_rs + k];
-        for (kk, &v) in row.iter().enumerate() {
-            xt[kk * mp + i] = v;
+    // xᵀ in panels of `tile` rows (the widest register tile), each k-major over all of k,
+    // so a tile reads one sequential stream; 16 columns at a time (one cache line of x per
+    // row); the panels in parallel
+    let tile = match isa {
+        Isa::Avx512 => 4 * lanes,
+        _ => 2 * lanes,
+    };
+    let mut scratch = Scratch::take(&XT, mp.div_ceil(tile) * k * tile);
+    let xt = &mut scratch[..mp.div_ceil(tile) * k * tile];
+    {
+        use rayon::prelude::*;
+        let pack = |(p, out): (usize, &mut [f32])| {
+            let rows = tile.min(m - (p * tile).min(m));
+            // rows m..mp are read by the last tile: zeros (the buffer is reused, not cleared)
+            let pad = tile.min(mp - p * tile);
+            for k0 in (0..k).step_by(16) {
+                for r in 0..rows {
+                    let src = &x[(p * tile + r) * x_rs + k0..][..16.min(k - k0)];
+                    for (kk, &v) in src.iter().enumerate() {
+                        out[(k0 + kk) * tile + r] = v;
+                    }
+                }
+                for kk in k0..(k0 + 16).min(k) {
+                    out[kk * tile + rows..kk * tile + pad].fill(0.0);
+                }
+            }
+        };
+        if threads > 1 {
+            xt.par_chunks_mut(k * tile).enumerate().for_each(pack);
+        } else {
+            xt.chunks_mut(k * tile).enumerate().for_each(pack);
         }
     }
     let cp = SyncPtr(c.as_mut_ptr());
@@ -446,11 +516,9 @@ unsafe fn xt_path(
         unsafe {
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => {
-                    xt_avx512(dims, &xt, w, w_rs, (cp.get(), c_rs), accumulate, (j0, j1))
-                }
+                Isa::Avx512 => xt_avx512(dims, xt, w, w_rs, (cp.get(), c_rs), accumulate, (j0, j1)),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => xt_avx2(dims, &xt, w, w_rs, (cp.get(), c_rs), accumulate, (j0, j1)),
+                Isa::Avx2 => xt_avx2(dims, xt, w, w_rs, (cp.get(), c_rs), accumulate, (j0, j1)),
                 Isa::Portable => unreachable!("xt_path is not called without SIMD"),
             }
         }
