@@ -5,6 +5,9 @@
 //! up to 5x slower (8x768x3072 x·Wᵀ: 171 [48], `gemm` 32, faer 70; 1x768x768: 59 [56]); the
 //! `gemm` crate (x86-v4) when B's rows are contiguous (64x768x3072: 209 [159], faer 100-170);
 //! faer for larger x·Wᵀ (1024³: 219 [196], `gemm` 176, own 164).
+//!
+//! The Linear layers' products do not come through `gemm`: [`xwt`] (module `xwt`) is the
+//! decode-shaped x·Wᵀ for f32, f16 and bf16 weights (`kfrun bench decode`).
 
 use anyhow::{anyhow, ensure, Result};
 

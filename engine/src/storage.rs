@@ -311,6 +311,15 @@ pub mod pool {
         out
     }
 
+    /// Frees every kept vector (after a large one-off conversion, e.g. f32 weights recast to
+    /// bf16, so their memory goes back to the system instead of waiting in the pool).
+    pub fn clear() {
+        if let Ok(mut p) = POOL.lock() {
+            p.free.clear();
+            p.bytes = 0;
+        }
+    }
+
     /// Bytes held now (for tests).
     pub fn held_bytes() -> usize {
         POOL.lock().map(|p| p.bytes).unwrap_or(0)

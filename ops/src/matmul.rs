@@ -330,9 +330,10 @@ impl BackwardOp for MatmulBackward {
 }
 
 /// `x [.., IN] · wᵀ + b -> [.., OUT]` with `w [OUT, IN]` (PyTorch layout) and
-/// an optional bias `b [OUT]`: one GEMM over all R leading rows, W read in
-/// place as the transposed right operand, the bias preloaded into the output
-/// that the GEMM accumulates into.
+/// an optional bias `b [OUT]`: one product over all R leading rows, W read in
+/// place, the bias preloaded into the output that the product accumulates into.
+/// f32 activations use the decode-shaped kernels (`kf_engine::gemm::xwt`), which also
+/// take f16 / bf16 weights as stored (a served model; not on the tape); f64 the GEMM.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let mut ts = vec![x, w];
     ts.extend(b);

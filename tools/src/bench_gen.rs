@@ -277,7 +277,11 @@ fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
             // the file's precision (16-bit tables stay 16-bit), or --dtype's
             let pf = Pflm::load_with(dir, WeightStore::Exact)?;
             let pf = match dtype(a)? {
-                Some(d) => pf.with_tables_in(d)?,
+                Some(d) => {
+                    let pf = pf.with_tables_in(d)?;
+                    kf_engine::storage::pool::clear();
+                    pf
+                }
                 None => pf,
             };
             // the AR runs share the student's backbone (its tensors, not a second copy)
@@ -290,6 +294,8 @@ fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
             let mut pf = Pflm::from_teacher(Ddit::init(&cfg, 0)?, a.k, 0)?;
             if let Some(d) = dtype(a)? {
                 pf = pf.with_tables_in(d)?;
+                // the f32 weights just dropped would sit in the buffer pool, counted in RSS
+                kf_engine::storage::pool::clear();
             }
             // the AR runs share the student's backbone (same random weights)
             Ok((
