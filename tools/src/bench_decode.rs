@@ -8,12 +8,11 @@
 //! (`gemm`, what `linear` used before the decode kernels) as a reference in the same run.
 //! A benchmark: targets are printed as PASS / MISS, never turned into errors.
 
-use crate::bench_gemm::{fill, time_median_of};
+use crate::bench_gemm::{fill, run_numpy, time_median_of};
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
 use kf_engine::gemm::{xwt, WRows};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The paper architecture's Linear weights, (name, K = in, N = out).
@@ -30,7 +29,6 @@ const STREAM_BYTES: usize = 256 << 20;
 const HOT_MAX_BYTES: usize = 16 << 20;
 const RUNS: usize = 5;
 const MIN_RUN: Duration = Duration::from_millis(40);
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/gemm_numpy.py");
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -296,63 +294,7 @@ fn numpy_streamed(
         .iter()
         .flat_map(|&&(_, k, n)| ms.iter().map(move |m| format!("{m},{k},{n}")))
         .collect();
-    let t = threads.to_string();
-    let out = Command::new(python)
-        .arg(Path::new(SCRIPT))
-        .args([
-            "--shapes",
-            &spec.join(";"),
-            "--runs",
-            &RUNS.to_string(),
-            "--min-ms",
-        ])
-        .arg(MIN_RUN.as_millis().to_string())
-        .args(["--stream-bytes", &STREAM_BYTES.to_string()])
-        .env("OPENBLAS_NUM_THREADS", &t)
-        .env("OMP_NUM_THREADS", &t)
-        .env("MKL_NUM_THREADS", &t)
-        .output();
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => {
-            println!("numpy baseline skipped: cannot run {python} ({e})");
-            return Ok(None);
-        }
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let parsed: Option<serde_json::Value> = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l.trim()).ok());
-    match parsed {
-        Some(v) if v.get("error").is_some() => {
-            println!(
-                "numpy baseline skipped: {} (pip install numpy, or --python)",
-                v["error"].as_str().unwrap_or("?")
-            );
-            Ok(None)
-        }
-        Some(v) if out.status.success() => {
-            let name = format!(
-                "numpy {} / {}",
-                v["numpy"].as_str().unwrap_or("?"),
-                v["blas"].as_str().unwrap_or("?")
-            );
-            Ok(Some((
-                name,
-                v["rows"]
-                    .as_array()
-                    .cloned()
-                    .context("numpy JSON has no rows")?,
-            )))
-        }
-        _ => {
-            println!(
-                "numpy baseline skipped: {SCRIPT} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            Ok(None)
-        }
-    }
+    let stream = STREAM_BYTES.to_string();
+    let extra = ["--stream-bytes", stream.as_str()];
+    run_numpy(python, threads, &spec.join(";"), RUNS, MIN_RUN, &extra)
 }

@@ -180,11 +180,26 @@ fn numpy_medians(threads: usize) -> Result<Option<(String, Vec<serde_json::Value
         .map(|(m, k, n)| format!("{m},{k},{n}"))
         .collect::<Vec<_>>()
         .join(";");
+    run_numpy("python3", threads, &shapes, RUNS, MIN_RUN, &[])
+}
+
+/// Runs `bench/gemm_numpy.py` under `python` with the BLAS thread variables set to `threads`
+/// (`shapes` "m,k,n;...", `extra` more flags): the BLAS name and the rows, or Ok(None) with a
+/// printed reason when the interpreter or numpy is missing or the script fails.
+pub(crate) fn run_numpy(
+    python: &str,
+    threads: usize,
+    shapes: &str,
+    runs: usize,
+    min_run: Duration,
+    extra: &[&str],
+) -> Result<Option<(String, Vec<serde_json::Value>)>> {
     let t = threads.to_string();
-    let out = Command::new("python3")
+    let out = Command::new(python)
         .arg(SCRIPT)
-        .args(["--shapes", &shapes, "--runs", &RUNS.to_string(), "--min-ms"])
-        .arg(MIN_RUN.as_millis().to_string())
+        .args(["--shapes", shapes, "--runs", &runs.to_string(), "--min-ms"])
+        .arg(min_run.as_millis().to_string())
+        .args(extra)
         .env("OPENBLAS_NUM_THREADS", &t)
         .env("OMP_NUM_THREADS", &t)
         .env("MKL_NUM_THREADS", &t)
@@ -192,7 +207,7 @@ fn numpy_medians(threads: usize) -> Result<Option<(String, Vec<serde_json::Value
     let out = match out {
         Ok(o) => o,
         Err(e) => {
-            println!("numpy baseline skipped: cannot run python3 ({e}); showing our numbers only");
+            println!("numpy baseline skipped: cannot run {python} ({e}); showing our numbers only");
             return Ok(None);
         }
     };
@@ -204,7 +219,7 @@ fn numpy_medians(threads: usize) -> Result<Option<(String, Vec<serde_json::Value
     match parsed {
         Some(v) if v.get("error").is_some() => {
             println!(
-                "numpy baseline skipped: {} (pip install numpy); showing our numbers only",
+                "numpy baseline skipped: {} (pip install numpy, or --python); showing our numbers only",
                 v["error"].as_str().unwrap_or("numpy unavailable")
             );
             Ok(None)
