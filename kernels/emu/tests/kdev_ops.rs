@@ -8,7 +8,7 @@
 
 use kf_engine::emu::Emu;
 use kf_engine::rng::Philox;
-use kf_engine::{no_grad, DType, Device, Tensor};
+use kf_engine::{no_grad, Device, Tensor};
 use kf_ops::attention::{attention_with_lse, AttnParams, AttnPattern};
 use kf_ops::kdev::launch as kl;
 use kf_ops::kdev::{DTensor, GemmSpec, KernelDevice};
