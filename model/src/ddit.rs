@@ -405,7 +405,7 @@ impl Ddit {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (d, nh, hd) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
+        let d = cfg.d_model;
         ensure!(
             h0.rank() == 3 && h0.shape()[2] == d,
             "backbone: input embeddings must be [B, T, d = {d}], got {:?}",
@@ -454,26 +454,39 @@ impl Ddit {
                 c.pending()
             );
         }
+        self.blocks(h0, |layer, qkv| match cache.as_deref_mut() {
+            Some(c) => {
+                let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
+                let q = rope(&part(0)?, pos, cfg.rope_base)?;
+                let k = rope(&part(1)?, pos, cfg.rope_base)?;
+                let (kc, vc) = c.write(layer, &k, &part(2)?)?;
+                attention(&q, &kc, &vc, attn)
+            }
+            // the fused op: same values as rope + attention on the q, k, v views, but
+            // its backward writes one [B, T, 3, H, D] gradient (no zero-padded
+            // per-part gradients summed on the tape)
+            None => rope_attention(qkv, pos, cfg.rope_base, attn),
+        })
+    }
+
+    /// The blocks on `h0 [B, T, d]`, written once for every pass: `mix(layer, qkv)` turns
+    /// the layer's `qkv [B, T, 3, H, D]` into the attention output (`B·T·d` values, any
+    /// `[B, T, ..]` shape); the norms, projections and MLP are the same for every caller.
+    fn blocks(
+        &self,
+        h0: &Tensor,
+        mut mix: impl FnMut(usize, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (d, nh, hd) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
+        let (b, t) = (h0.shape()[0], h0.shape()[1]);
         let eps = cfg.ln_eps;
         let mut h = h0.clone();
         for layer in 0..cfg.n_layers {
             let x = layer_norm(&h, self.block(layer, NORM1), None, eps)?;
             // [B, T, 3d] viewed as (three, heads, head_dim): q, k, v are strided views
             let qkv = linear(&x, self.block(layer, QKV), None)?.reshape(&[b, t, 3, nh, hd])?;
-            let a = match cache.as_deref_mut() {
-                Some(c) => {
-                    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
-                    let q = rope(&part(0)?, pos, cfg.rope_base)?;
-                    let k = rope(&part(1)?, pos, cfg.rope_base)?;
-                    let (kc, vc) = c.write(layer, &k, &part(2)?)?;
-                    attention(&q, &kc, &vc, attn)?
-                }
-                // the fused op: same values as rope + attention on the q, k, v views, but
-                // its backward writes one [B, T, 3, H, D] gradient (no zero-padded
-                // per-part gradients summed on the tape)
-                None => rope_attention(&qkv, pos, cfg.rope_base, attn)?,
-            }
-            .reshape(&[b, t, d])?;
+            let a = mix(layer, &qkv)?.reshape(&[b, t, d])?;
             // the residual adds done by the GEMMs (they accumulate into h)
             h = linear_residual(&h, &a, self.block(layer, OUT), None)?;
             let x = layer_norm(&h, self.block(layer, NORM2), None, eps)?;
@@ -489,6 +502,70 @@ impl Ddit {
         Ok(h)
     }
 
+    /// A ragged inference pass (continuous batching): the rows of several sequences packed
+    /// one after another in `h0 [1, R, d]`, sequence `s` owning the next `seqs[s].pos.len()`
+    /// rows at RoPE positions `pos` and its own KV cache (batch 1, nothing pending). Every
+    /// matrix product runs once over all R rows; each sequence's attention reads only its
+    /// own cache, causal by absolute row, so a sequence computes what it computes alone.
+    /// Writes every cache (the caller commits); returns the residual stream `[1, R, d]`.
+    pub fn ragged_hidden(&self, h0: &Tensor, seqs: &mut [RaggedSeq<'_>]) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (d, nh, hd) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
+        let r: usize = seqs.iter().map(|s| s.pos.len()).sum();
+        ensure!(
+            h0.rank() == 3 && h0.shape() == [1, r, d] && h0.dtype() == self.dtype(),
+            "ragged pass: input must be {} [1, R = {r}, d = {d}], got {} {:?}",
+            self.dtype(),
+            h0.dtype(),
+            h0.shape()
+        );
+        ensure!(
+            !(grad_enabled() && (self.trainable || h0.tracks_grad())),
+            "ragged pass: inference only (run it under no_grad())"
+        );
+        let dev = self.device();
+        let mut pos = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter().enumerate() {
+            let c = &s.cache;
+            ensure!(!s.pos.is_empty(), "ragged pass: sequence {i} has no rows");
+            ensure!(
+                c.n_layers() == cfg.n_layers && c.batch() == 1 && c.dtype() == self.dtype(),
+                "ragged pass: sequence {i}'s {c:?} does not fit this model ({} layers, batch 1, {})",
+                cfg.n_layers,
+                self.dtype()
+            );
+            ensure!(
+                c.pending() == 0,
+                "ragged pass: sequence {i}'s KV cache holds uncommitted rows (commit first)"
+            );
+            if let Some(&mx) = s.pos.iter().max() {
+                ensure!(
+                    (mx as usize) < cfg.max_seq_len,
+                    "ragged pass: position {mx} is beyond the model's max_seq_len {}",
+                    cfg.max_seq_len
+                );
+            }
+            pos.push(Tensor::from_vec(s.pos.clone(), &[1, s.pos.len()], dev)?);
+        }
+        self.blocks(h0, |layer, qkv| {
+            let out = Tensor::zeros(&[1, r, nh, hd], self.dtype(), dev)?;
+            let mut at = 0;
+            for (s, p) in seqs.iter_mut().zip(&pos) {
+                let t = s.pos.len();
+                let rows = qkv.narrow(1, at, t)?;
+                let part = |i: usize| rows.narrow(2, i, 1)?.squeeze(2);
+                let q = rope(&part(0)?, p, cfg.rope_base)?;
+                let k = rope(&part(1)?, p, cfg.rope_base)?;
+                let (kc, vc) = s.cache.write(layer, &k, &part(2)?)?;
+                let attn = self.attn_params(s.cache.len(), vec![]);
+                out.narrow(1, at, t)?
+                    .copy_from(&attention(&q, &kc, &vc, &attn)?)?;
+                at += t;
+            }
+            Ok(out)
+        })
+    }
+
     /// The final layer on a residual stream `h [.., d]`: LN_f (weight only), then
     /// `Linear(d, V, bias)`, then the reserved token's logit set to -1000.
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
@@ -497,6 +574,13 @@ impl Ddit {
         let logits = linear(&x, self.p(f + 1), Some(self.p(f + 2)))?;
         mask_logit(logits, self.cfg.mask_token_id)
     }
+}
+
+/// One sequence of a [`Ddit::ragged_hidden`] pass: its KV cache and the RoPE positions of
+/// its rows (one per row).
+pub struct RaggedSeq<'a> {
+    pub cache: &'a mut KvCache,
+    pub pos: Vec<u32>,
 }
 
 /// Positions `0..t` as u32 `[T]`.

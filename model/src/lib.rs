@@ -2,6 +2,7 @@
 //! and tokenizer now; the DDiT teacher, the PFLM student, training,
 //! distillation and generation as their issues land.
 
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -11,42 +11,12 @@
 
 mod common;
 
-use common::{ids, random_model, small_cfg, temp_dir};
+use common::{ids, random_model, random_student as student, small_cfg, temp_dir};
 use kf_engine::autograd::no_grad;
 use kf_engine::{DType, Device, Tensor};
-use kf_model::ddit::Init;
 use kf_model::generate::{generate, noise_u, GenerateOptions};
-use kf_model::pflm::{
-    generate_pflm, noise_param_specs, stage1_targets, NoiseEncoder, Pflm, PflmGenerateOptions,
-    ReadOff,
-};
+use kf_model::pflm::{generate_pflm, stage1_targets, Pflm, PflmGenerateOptions, ReadOff};
 use kf_model::KvCache;
-
-/// A student with unit-scale random weights everywhere (backbone as `random_model`, the
-/// noise encoder likewise), so that the hints matter.
-fn student(k: usize, seed: u64) -> Pflm {
-    let cfg = small_cfg();
-    let d = cfg.d_model;
-    let named = noise_param_specs(d)
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let n = Tensor::rand_normal(&s.shape, DType::F64, seed + 1000, i as u64, Device::Cpu)
-                .unwrap()
-                .to_vec::<f64>()
-                .unwrap();
-            let (scale, shift) = match s.init {
-                Init::Ones => (0.2, 1.0),
-                Init::Zeros => (0.1, 0.0),
-                Init::Normal(_) => (1.0 / (s.shape[1] as f64).sqrt(), 0.0),
-            };
-            let v: Vec<f32> = n.iter().map(|x| (x * scale + shift) as f32).collect();
-            (s.name, Tensor::from_vec(v, &s.shape, Device::Cpu).unwrap())
-        })
-        .collect();
-    let noise = NoiseEncoder::from_params(d, cfg.ln_eps, named).unwrap();
-    Pflm::from_parts(random_model(&cfg, seed), noise, k).unwrap()
-}
 
 /// Uniforms `[B, N, K]` in (0, 1).
 fn uniforms(shape: &[usize], seed: u64) -> Tensor {

@@ -6,6 +6,7 @@
 
 use kf_engine::{DType, Device, Tensor};
 use kf_model::ddit::{param_specs, Init};
+use kf_model::pflm::{noise_param_specs, NoiseEncoder, Pflm};
 use kf_model::{Ddit, DditConfig};
 
 /// Weights `N(0, 1/fan_in)` (embedding N(0, 1)), LayerNorm weights `1 + N(0, 0.2²)`,
@@ -69,4 +70,30 @@ pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// A student with unit-scale random weights everywhere (backbone as `random_model`, the
+/// noise encoder likewise), so that the hints matter.
+pub fn random_student(k: usize, seed: u64) -> Pflm {
+    let cfg = small_cfg();
+    let d = cfg.d_model;
+    let named = noise_param_specs(d)
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let n = Tensor::rand_normal(&s.shape, DType::F64, seed + 1000, i as u64, Device::Cpu)
+                .unwrap()
+                .to_vec::<f64>()
+                .unwrap();
+            let (scale, shift) = match s.init {
+                Init::Ones => (0.2, 1.0),
+                Init::Zeros => (0.1, 0.0),
+                Init::Normal(_) => (1.0 / (s.shape[1] as f64).sqrt(), 0.0),
+            };
+            let v: Vec<f32> = n.iter().map(|x| (x * scale + shift) as f32).collect();
+            (s.name, Tensor::from_vec(v, &s.shape, Device::Cpu).unwrap())
+        })
+        .collect();
+    let noise = NoiseEncoder::from_params(d, cfg.ln_eps, named).unwrap();
+    Pflm::from_parts(random_model(&cfg, seed), noise, k).unwrap()
 }
