@@ -129,17 +129,32 @@ impl SeqParams {
     /// Checks the request against the model; the error names the field.
     pub fn check(&self, model: &Model) -> Result<()> {
         let cfg = model.cfg();
-        let v = cfg.vocab_size;
+        self.check_shape(
+            cfg.vocab_size,
+            cfg.max_seq_len,
+            model.max_k(),
+            model.is_pflm(),
+        )
+    }
+
+    /// [`SeqParams::check`] against a model's vocabulary, context, window and kind.
+    pub fn check_shape(
+        &self,
+        v: usize,
+        max_seq_len: usize,
+        max_k: usize,
+        pflm: bool,
+    ) -> Result<()> {
         ensure!(!self.prompt.is_empty(), "prompt: no tokens");
         if let Some(&bad) = self.prompt.iter().find(|&&t| t as usize >= v) {
             bail!("prompt: token id {bad} is outside the model's vocabulary of {v}");
         }
         ensure!(
-            self.prompt.len() + self.max_new <= cfg.max_seq_len,
+            self.prompt.len() + self.max_new <= max_seq_len,
             "max_new: the prompt's {} tokens plus {} new ones exceed the model's context of {} positions",
             self.prompt.len(),
             self.max_new,
-            cfg.max_seq_len
+            max_seq_len
         );
         ensure!(
             self.tau.is_finite() && self.tau >= 0.0,
@@ -147,18 +162,17 @@ impl SeqParams {
             self.tau
         );
         ensure!(
-            self.k >= 1 && self.k <= model.max_k(),
-            "k: {} is not in 1..={} ({})",
+            self.k >= 1 && self.k <= max_k,
+            "k: {} is not in 1..={max_k} ({})",
             self.k,
-            model.max_k(),
-            if model.is_pflm() {
+            if pflm {
                 "the student's trained k"
             } else {
                 "an AR model emits one token per pass"
             }
         );
         ensure!(self.penalty.is_finite(), "penalty: must be finite");
-        if !model.is_pflm() {
+        if !pflm {
             ensure!(
                 self.penalty == 0.0,
                 "penalty: the frequency penalty applies to a student's argmax; this is an AR model"

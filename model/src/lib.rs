@@ -13,6 +13,7 @@ pub mod eval;
 pub mod generate;
 pub mod kv_cache;
 pub mod pflm;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

@@ -7,7 +7,8 @@
 //! against JAX; bench_train.rs), `bench cost` (the H100 cost model on paper; cost_model.rs), `generate` (AR sampling from a model
 //! directory; generate_cmd.rs), `train` (the AR teacher: checkpoints, exact resume,
 //! metrics; train_cmd.rs), `distill` (AR teacher -> k-token student, stage by stage;
-//! distill_cmd.rs), `export` (f16 model directories), `eval` (quality; eval_cmd.rs). Errors print one line and
+//! distill_cmd.rs), `export` (f16 model directories), `eval` (quality; eval_cmd.rs), `serve` (HTTP;
+//! serve_cmd.rs). Errors print one line and
 //! exit non-zero; usage errors exit 2.
 
 mod bench_decode;
@@ -25,6 +26,7 @@ mod generate_cmd;
 mod init_weights;
 mod inspect;
 mod progress;
+mod serve_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -78,6 +80,8 @@ enum Cmd {
     Export(export_cmd::Args),
     /// Quality of a teacher/student pair: generative perplexity, entropy, agreement.
     Eval(eval_cmd::Args),
+    /// Serve a model over HTTP: OpenAI-compatible completions, streaming, continuous batching.
+    Serve(serve_cmd::Args),
     /// Benchmarks: with no subcommand, generation throughput (AR vs PFLM K = 1..k across
     /// batch sizes, with a roofline prediction); `gemm` and `train` compare with peers.
     #[command(args_conflicts_with_subcommands = true)]
@@ -131,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Distill(a) => distill_cmd::run(&a),
         Cmd::Export(a) => export_cmd::run(&a),
         Cmd::Eval(a) => eval_cmd::run(&a),
+        Cmd::Serve(a) => serve_cmd::run(&a),
         Cmd::Bench { which, gen } => match which {
             None => bench_gen::run(threads, &gen),
             Some(BenchCmd::Gemm { json }) => bench_gemm::run(threads, json.as_deref()),
