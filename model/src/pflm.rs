@@ -100,7 +100,9 @@ pub enum NoiseInit {
     ZeroProj,
 }
 
-/// The noise encoder (module docs): `(u, tau)` per hint -> an embedding `[d]`.
+/// The noise encoder (module docs): `(u, tau)` per hint -> an embedding `[d]`. A clone
+/// shares the parameter tensors.
+#[derive(Clone)]
 pub struct NoiseEncoder {
     d: usize,
     eps: f64,
@@ -285,6 +287,8 @@ impl NoiseEncoder {
 }
 
 /// The student: backbone (initialised from the teacher), noise encoder, trained window `k`.
+/// A clone shares the parameter tensors.
+#[derive(Clone)]
 pub struct Pflm {
     pub backbone: Ddit,
     pub noise: NoiseEncoder,

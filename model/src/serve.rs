@@ -212,7 +212,30 @@ impl Engine {
         Engine::start(model, tok, name, opts)
     }
 
-    /// Starts the scheduler thread on `model`.
+    /// Starts the scheduler thread on `model` (`tokenizer` only travels with it, for the
+    /// caller's use; `name` is what [`ModelInfo::name`] reports).
+    ///
+    /// ```
+    /// use kf_model::batch::{Model, SeqParams};
+    /// use kf_model::serve::{Done, Engine, EngineOptions, Event};
+    /// use kf_model::{Ddit, DditConfig};
+    ///
+    /// let model = Model::Ar(Ddit::init(&DditConfig::preset("tiny")?, 0)?);
+    /// let engine = Engine::start(model, None, "tiny".into(), EngineOptions::default())?;
+    /// // two requests in flight at once: they share decode steps
+    /// let a = engine.submit(SeqParams { max_new: 5, ..SeqParams::new(vec![1, 2, 3]) })?;
+    /// let b = engine.submit(SeqParams { max_new: 3, seed: 9, ..SeqParams::new(vec![4]) })?;
+    /// let count = |events: Vec<Event>| -> usize {
+    ///     assert_eq!(events.last(), Some(&Event::Done(Done::Length)));
+    ///     events.iter().map(|e| match e { Event::Tokens { ids, .. } => ids.len(), _ => 0 }).sum()
+    /// };
+    /// assert_eq!(count(b.collect()), 3);
+    /// assert_eq!(count(a.collect()), 5);
+    /// // a request the model cannot take is refused before it is queued, naming the field
+    /// let err = engine.submit(SeqParams { k: 2, ..SeqParams::new(vec![1]) }).err().unwrap();
+    /// assert!(err.to_string().starts_with("k:"));
+    /// # Ok::<(), anyhow::Error>(())
+    /// ```
     pub fn start(
         model: Model,
         tokenizer: Option<Tokenizer>,

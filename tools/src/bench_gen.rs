@@ -110,7 +110,7 @@ pub struct Machine {
     pub threads: usize,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
@@ -209,13 +209,22 @@ fn random_prompts(b: usize, len: usize, v: usize, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Times one configuration; `k == 0` means AR.
-fn measure(
+/// The shape of one timed generation: prompt and generated tokens per sequence, timed runs.
+#[derive(Clone, Copy)]
+pub struct GenShape {
+    pub prompt_len: usize,
+    pub max_new: usize,
+    pub runs: usize,
+}
+
+/// Times one configuration (`kfrun bench`'s method; `k == 0` means AR): the run seconds,
+/// the passes of one run, and the peak RSS.
+pub fn measure(
     ar: &Ddit,
     pf: &Pflm,
     k: usize,
     batch: usize,
-    a: &Args,
+    a: GenShape,
 ) -> Result<(Vec<f64>, usize, Option<f64>)> {
     let prompts = random_prompts(batch, a.prompt_len, ar.cfg.vocab_size, batch as u64);
     let base = GenerateOptions {
@@ -266,7 +275,18 @@ fn dtype(a: &Args) -> Result<Option<DType>> {
 }
 
 fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
-    match (&a.model, &a.arch) {
+    load_pair(a.model.as_ref(), a.arch.as_deref(), a.k, dtype(a)?)
+}
+
+/// The student of `--model`, or random weights of preset `--arch` with window `k`, cast to
+/// `dtype`; the AR runs share its backbone.
+pub fn load_pair(
+    model: Option<&PathBuf>,
+    arch: Option<&str>,
+    k: usize,
+    dtype: Option<DType>,
+) -> Result<(Ddit, Pflm, String)> {
+    match (model, arch) {
         (Some(dir), _) => {
             let cfg = checkpoint::read_config(dir)?;
             ensure!(
@@ -276,7 +296,7 @@ fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
             );
             // the file's precision (16-bit tables stay 16-bit), or --dtype's
             let pf = Pflm::load_with(dir, WeightStore::Exact)?;
-            let pf = match dtype(a)? {
+            let pf = match dtype {
                 Some(d) => {
                     let pf = pf.with_tables_in(d)?;
                     kf_engine::storage::pool::clear();
@@ -290,9 +310,9 @@ fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
         (None, Some(name)) => {
             let mut cfg = DditConfig::preset(name)?;
             cfg.mask_token_id = Some(cfg.vocab_size as u32 - 1);
-            ensure!(a.k >= 1, "--k must be at least 1");
-            let mut pf = Pflm::from_teacher(Ddit::init(&cfg, 0)?, a.k, 0)?;
-            if let Some(d) = dtype(a)? {
+            ensure!(k >= 1, "--k must be at least 1");
+            let mut pf = Pflm::from_teacher(Ddit::init(&cfg, 0)?, k, 0)?;
+            if let Some(d) = dtype {
                 pf = pf.with_tables_in(d)?;
                 // the f32 weights just dropped would sit in the buffer pool, counted in RSS
                 kf_engine::storage::pool::clear();
@@ -392,7 +412,18 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
     for &b in &a.batches {
         let mut ar_tps = 0.0;
         for k in 0..=pf.k {
-            let (mut times, passes, peak) = measure(&ar, &pf, k, b, a).with_context(|| {
+            let (mut times, passes, peak) = measure(
+                &ar,
+                &pf,
+                k,
+                b,
+                GenShape {
+                    prompt_len: a.prompt_len,
+                    max_new: a.max_new,
+                    runs: a.runs,
+                },
+            )
+            .with_context(|| {
                 format!(
                     "batch {b}, {}",
                     if k == 0 {

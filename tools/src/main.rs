@@ -15,6 +15,7 @@ mod bench_decode;
 mod bench_gemm;
 mod bench_gen;
 mod bench_kernels;
+mod bench_serve;
 mod bench_train;
 mod cost_model;
 mod data_cmd;
@@ -108,6 +109,9 @@ enum BenchCmd {
     Train(bench_train::TrainBenchArgs),
     /// H100 cost model on paper: bytes, FLOPs and roofline time per kernel; AR vs PFLM tokens/s.
     Cost(cost_model::Args),
+    /// Load test of `kfrun serve` on loopback: 1-64 concurrent streaming clients, aggregate
+    /// tokens/s, time to first token and inter-chunk latency, next to `kfrun bench` at batch 16.
+    Serve(bench_serve::Args),
     /// CUDA kernels on a device (cuda, or emu: the CPU emulator): GB/s and GFLOP/s per family
     /// next to the device's copy bandwidth and GEMM rate.
     Kernels(bench_kernels::Args),
@@ -143,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Some(BenchCmd::Train(a)) => bench_train::run(threads, &a),
             Some(BenchCmd::Cost(a)) => cost_model::run(&a),
             Some(BenchCmd::Kernels(a)) => bench_kernels::run(&a),
+            Some(BenchCmd::Serve(a)) => bench_serve::run(threads, &a),
         },
     }
 }

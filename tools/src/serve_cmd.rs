@@ -79,38 +79,90 @@ pub fn run(a: &Args) -> Result<()> {
         .max_tokens
         .unwrap_or(engine.info().max_seq_len)
         .min(engine.info().max_seq_len);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the HTTP runtime")?;
-    let app = Arc::new(App {
-        engine,
-        tok,
-        max_tokens,
-        created: unix_now(),
-        next_seed: AtomicU64::new(unix_now() ^ 0x9e37_79b9_7f4a_7c15),
-    });
+    let rt = runtime()?;
+    let app = App::new(engine, tok, max_tokens);
     let grace = Duration::from_secs_f64(a.shutdown_grace);
-    rt.block_on(serve(app, &a.host, a.port, grace))
-}
-
-async fn serve(app: Arc<App>, host: &str, port: u16, grace: Duration) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind((host, port))
-        .await
-        .with_context(|| format!("cannot listen on {host}:{port}"))?;
-    let addr = listener.local_addr()?;
-    let info = app.engine.info();
-    println!(
-        "kfrun serve: {} ({}, {} tokens per pass at most) on http://{addr}",
-        info.name,
-        if info.is_pflm {
+    let (host, port) = (a.host.as_str(), a.port);
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((host, port))
+            .await
+            .with_context(|| format!("cannot listen on {host}:{port}"))?;
+        let addr = listener.local_addr()?;
+        let info = app.engine.info();
+        let kind = if info.is_pflm {
             "PFLM student"
         } else {
             "AR model"
-        },
-        info.max_k
-    );
+        };
+        println!(
+            "kfrun serve: {} ({kind}, {} tokens per pass at most) on http://{addr}",
+            info.name, info.max_k
+        );
+        serve_on(listener, app, grace, async {
+            shutdown_signal().await;
+        })
+        .await?;
+        eprintln!("kfrun serve: stopped");
+        Ok(())
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the HTTP runtime")
+}
+
+/// A server running on a background thread (`kfrun bench serve`), on 127.0.0.1.
+pub struct Background {
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Background {
+    /// Starts `engine` behind the HTTP API on a free loopback port.
+    pub fn start(engine: Engine, tok: Arc<Tokenizer>, max_tokens: usize) -> Result<Background> {
+        let rt = runtime()?;
+        let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = App::new(engine, tok, max_tokens);
+        let thread = std::thread::spawn(move || {
+            rt.block_on(serve_on(listener, app, Duration::ZERO, async {
+                let _ = rx.await;
+            }))
+        });
+        Ok(Background {
+            addr,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the server and waits for it.
+    pub fn stop(mut self) -> Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => anyhow::bail!("the server thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `stop` completes, then lets running requests finish
+/// (up to `grace`).
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    grace: Duration,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let router = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
@@ -123,14 +175,12 @@ async fn serve(app: Arc<App>, host: &str, port: u16, grace: Duration) -> Result<
     let stop_app = app.clone();
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            stop.await;
             eprintln!("kfrun serve: shutting down (running requests get {grace:?} to finish)");
             stop_app.engine.shutdown(grace);
         })
         .await
-        .context("the HTTP server failed")?;
-    eprintln!("kfrun serve: stopped");
-    Ok(())
+        .context("the HTTP server failed")
 }
 
 async fn shutdown_signal() {
@@ -156,11 +206,27 @@ async fn shutdown_signal() {
 
 struct App {
     engine: Engine,
+    /// Ids past the tokenizer's vocabulary are never produced (a model's padded vocabulary).
+    vocab_limit: Option<usize>,
     tok: Arc<Tokenizer>,
     max_tokens: usize,
     created: u64,
     /// Seeds for requests without one (each gets a different one).
     next_seed: AtomicU64,
+}
+
+impl App {
+    fn new(engine: Engine, tok: Arc<Tokenizer>, max_tokens: usize) -> Arc<App> {
+        let v = tok.vocab_size();
+        Arc::new(App {
+            vocab_limit: (v < engine.info().vocab_size).then_some(v),
+            engine,
+            tok,
+            max_tokens,
+            created: unix_now(),
+            next_seed: AtomicU64::new(unix_now() ^ 0x9e37_79b9_7f4a_7c15),
+        })
+    }
 }
 
 fn unix_now() -> u64 {
@@ -240,6 +306,8 @@ struct Completion {
     echo: bool,
     k: usize,
     penalty: f64,
+    /// vLLM's extension: generate max_tokens tokens even past the stop token.
+    ignore_eos: bool,
 }
 
 fn field<'a>(o: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
@@ -446,7 +514,9 @@ impl App {
                 }
             }
         }
+        let ignore_eos = boolean(o, "ignore_eos").map_err(Ok)?;
         Ok(Completion {
+            ignore_eos,
             prompts,
             prompt_texts,
             max_tokens,
@@ -472,7 +542,12 @@ impl App {
                 stream: i as u64,
                 k: c.k,
                 penalty: c.penalty,
-                eos: self.engine.info().eos,
+                eos: if c.ignore_eos {
+                    None
+                } else {
+                    self.engine.info().eos
+                },
+                vocab_limit: self.vocab_limit,
                 logprobs: c.logprobs,
                 prompt_logprobs: c.logprobs && c.echo,
                 ..SeqParams::new(p.clone())
@@ -527,6 +602,10 @@ struct Choice {
     completion_tokens: usize,
     /// Byte length of the echoed prompt at the start of `text`.
     echo_len: usize,
+    /// The stop token (None with ignore_eos).
+    eos: Option<u32>,
+    /// Tokens taken since the last chunk was sent.
+    unsent_tokens: usize,
 }
 
 #[derive(Default)]
@@ -552,6 +631,12 @@ impl Choice {
             prompt_tokens: c.prompts[index].len(),
             completion_tokens: 0,
             echo_len: 0,
+            eos: if c.ignore_eos {
+                None
+            } else {
+                app.engine.info().eos
+            },
+            unsent_tokens: 0,
         };
         if c.echo {
             ch.text = c.prompt_texts[index].clone();
@@ -590,7 +675,8 @@ impl Choice {
                         break;
                     }
                     self.completion_tokens += 1;
-                    if Some(*id) == self.eos() {
+                    self.unsent_tokens += 1;
+                    if Some(*id) == self.eos {
                         // the stop token ends the text without being part of it
                         self.finish = Some("stop");
                         break;
@@ -631,10 +717,6 @@ impl Choice {
                 true
             }
         }
-    }
-
-    fn eos(&self) -> Option<u32> {
-        self.tok.eos_id()
     }
 
     /// Where the first stop string starts in the generated text, if any.
@@ -774,11 +856,9 @@ fn choice_chunks(
                     }
                 };
                 let text = ch.delta();
-                let new_lp = ch
-                    .logprobs
-                    .as_ref()
-                    .is_some_and(|l| l.sent < l.tokens.len());
-                if done || !text.is_empty() || new_lp {
+                // a chunk for every step that produced tokens (its text may be held back)
+                if done || ch.unsent_tokens > 0 {
+                    ch.unsent_tokens = 0;
                     let finish = if done { ch.finish } else { None };
                     let mut v = json!({
                         "id": id, "object": "text_completion", "created": created, "model": model,
