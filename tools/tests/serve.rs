@@ -507,6 +507,17 @@ fn fuzzed_requests_never_crash_or_leak() {
     );
 }
 
+/// `--device emu` (the CUDA kernels on the CPU emulator) serves the CPU's text: the same
+/// ragged steps, batched prompts, K = 4 and the penalty, on the one engine.
+#[test]
+fn the_emulator_serves_the_cpus_text() {
+    let req = json!({"prompt": ["Once upon a time", "The king"], "max_tokens": 12, "seed": 1, "frequency_penalty": 0.5});
+    let cpu = Server::start("student", &[]).post(&req);
+    let emu = Server::start("student", &["--device", "emu"]).post(&req);
+    assert_eq!(cpu.0, 200, "{}", cpu.1);
+    assert_eq!(cpu.1["choices"], emu.1["choices"]);
+}
+
 /// The `openai` Python package (pinned in .ci/run) as the client. Skips, saying why, when
 /// `python3` cannot import it, unless KF_REQUIRE_OPENAI=1 (CI).
 #[test]
