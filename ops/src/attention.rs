@@ -181,23 +181,44 @@ struct Dims {
 }
 
 fn validate(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<Dims> {
+    ensure!(
+        q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
+        "attention ({:?}, q_start {}): q, k and v must be [B, T, H, D], got q {:?}, k {:?}, v {:?}",
+        p.pattern,
+        p.q_start,
+        q.shape(),
+        k.shape(),
+        v.shape()
+    );
+    ensure!(
+        k.shape() == v.shape(),
+        "attention ({:?}, q_start {}): k and v shapes differ: {:?} vs {:?}",
+        p.pattern,
+        p.q_start,
+        k.shape(),
+        v.shape()
+    );
+    validate_shapes(q, k.shape(), p)
+}
+
+/// [`validate`] against the shape `ks` of k (and v) as the kernels see them: `[B, Tk, H, D]`
+/// (for grouped-query attention, H counts the query heads).
+fn validate_shapes(q: &Tensor, ks: &[usize], p: &AttnParams) -> Result<Dims> {
     let ctx = || {
         format!(
-            "attention ({:?}, q_start {}): q {:?}, k {:?}, v {:?}",
+            "attention ({:?}, q_start {}): q {:?}, k and v {:?}",
             p.pattern,
             p.q_start,
             q.shape(),
-            k.shape(),
-            v.shape()
+            ks
         )
     };
     ensure!(
-        q.rank() == 4 && k.rank() == 4 && v.rank() == 4,
+        q.rank() == 4 && ks.len() == 4,
         "{}: q, k and v must be [B, T, H, D]",
         ctx()
     );
-    ensure!(k.shape() == v.shape(), "{}: k and v shapes differ", ctx());
-    let (qs, ks) = (q.shape(), k.shape());
+    let qs = q.shape();
     ensure!(
         qs[0] == ks[0] && qs[2] == ks[2] && qs[3] == ks[3],
         "{}: batch, heads and head dim of q and k must agree",
@@ -304,13 +325,16 @@ struct Src<'a, T> {
     sb: usize,
     st: usize,
     sh: usize,
+    /// Query heads per stored head: 1, or G for the K/V of grouped-query attention (query
+    /// head h reads stored head h / G).
+    group: usize,
 }
 
 impl<T: Copy> Src<'_, T> {
     /// Storage index of element (b, t, h, 0).
     #[inline(always)]
     fn base(&self, b: usize, t: usize, h: usize) -> usize {
-        self.off + b * self.sb + t * self.st + h * self.sh
+        self.off + b * self.sb + t * self.st + (h / self.group) * self.sh
     }
     #[inline(always)]
     fn row(&self, b: usize, t: usize, h: usize, d: usize) -> &[T] {
@@ -340,6 +364,7 @@ fn src<'a, T: Kern>(t: &Tensor, g: &'a Storage) -> Result<Src<'a, T>> {
         sb: st[0],
         st: st[1],
         sh: st[2],
+        group: 1,
     })
 }
 
@@ -840,6 +865,9 @@ pub fn attention_with_lse(
     v: &Tensor,
     p: &AttnParams,
 ) -> Result<(Tensor, Tensor)> {
+    if q.rank() == 4 && k.rank() == 4 && q.shape()[2] != k.shape()[2] {
+        return grouped(q, k, v, p);
+    }
     if let Some(on) = bridge::device_of("attention", &[q, k, v])? {
         let out = attention_on(&on, q, k, v, p)?;
         let lse = bridge::back(&on, out.lse)?;
@@ -849,6 +877,52 @@ pub fn attention_with_lse(
     let dt = float_dtype("attention", &[q, k, v])?;
     let dims = validate(q, k, v, p)?;
     crate::dispatch_float!("attention", dt, forward_t::<T>(q, k, v, p, dims, simd_ok()))
+}
+
+/// Grouped-query attention: k and v `[B, Tk, Hk, D]` with `Hk` dividing the `H` heads of q;
+/// query head `h` attends with key/value head `h / (H / Hk)`. A CPU inference pass reads
+/// the shared heads in place; on the tape or on a kernel device each K/V head is repeated
+/// `H / Hk` times first (a copy whose backward sums the group's gradients).
+fn grouped(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttnParams) -> Result<(Tensor, Tensor)> {
+    let (h, hk) = (q.shape()[2], k.shape()[2]);
+    ensure!(
+        hk >= 1 && h.is_multiple_of(hk) && k.shape() == v.shape(),
+        "attention: q has {h} heads, so k and v need a number of heads dividing it (grouped-query attention), got k {:?}, v {:?}",
+        k.shape(),
+        v.shape()
+    );
+    let on_device = bridge::device_of("attention", &[q, k, v])?.is_some();
+    if on_device || should_record(&[q, k, v]) {
+        let (k, v) = (repeat_heads(k, h / hk)?, repeat_heads(v, h / hk)?);
+        return attention_with_lse(q, &k, &v, p);
+    }
+    let dt = float_dtype("attention", &[q, k, v])?;
+    ensure!(
+        k.rank() == 4 && v.rank() == 4,
+        "attention: k and v must be [B, T, H, D], got {:?} and {:?}",
+        k.shape(),
+        v.shape()
+    );
+    let ks = k.shape();
+    let dims = validate_shapes(q, &[ks[0], ks[1], h, ks[3]], p)?;
+    crate::dispatch_float!("attention", dt, forward_t::<T>(q, k, v, p, dims, simd_ok()))
+}
+
+/// `t [B, T, Hk, D]` with every head repeated `g` times: `[B, T, Hk·g, D]` (head `j` of
+/// the result is head `j / g` of `t`).
+pub fn repeat_heads(t: &Tensor, g: usize) -> Result<Tensor> {
+    if g == 1 {
+        return Ok(t.clone());
+    }
+    let s = t.shape().to_vec();
+    ensure!(
+        s.len() == 4,
+        "repeat_heads: expected [B, T, H, D], got {s:?}"
+    );
+    t.unsqueeze(3)?
+        .broadcast_as(&[s[0], s[1], s[2], g, s[3]])?
+        .contiguous()?
+        .reshape(&[s[0], s[1], s[2] * g, s[3]])
 }
 
 struct FwdCx<'a, T> {
@@ -925,7 +999,12 @@ fn forward_raw<T: Kern>(
     let (qc, kc, vc) = (readable(q)?, readable(k)?, readable(v)?);
     let (gq, gk, gv) = (qc.storage()?, kc.storage()?, vc.storage()?);
     let parallel = work(dims) >= PAR_MIN_WORK;
-    let ks = src::<T>(&kc, &gk)?;
+    // grouped-query K/V (fewer stored heads than query heads): read in place
+    let group = dims.h / kc.shape()[2].max(1);
+    let ks = Src {
+        group,
+        ..src::<T>(&kc, &gk)?
+    };
     let cx = FwdCx {
         q: src::<T>(&qc, &gq)?,
         // a decode step (one or two query rows per sequence) would transpose the whole KV
@@ -936,7 +1015,10 @@ fn forward_raw<T: Kern>(
             transpose_keys(&ks, dims, parallel)
         },
         k: ks,
-        v: src::<T>(&vc, &gv)?,
+        v: Src {
+            group,
+            ..src::<T>(&vc, &gv)?
+        },
         p,
         dims,
     };

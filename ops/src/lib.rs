@@ -19,8 +19,10 @@ pub mod reduce;
 pub mod cross_entropy;
 pub mod gelu;
 pub mod layernorm;
+pub mod rmsnorm;
 pub mod rope;
 pub mod softmax;
+pub mod swiglu;
 
 // attention with key-range patterns
 pub mod attention;

@@ -31,6 +31,8 @@ struct Spec {
     scale: f64,
     key_skip: Vec<usize>,
     layout: Layout,
+    /// Heads of k and v (grouped-query attention when below `h`; Separate layout only).
+    hk: usize,
 }
 
 impl Spec {
@@ -47,6 +49,7 @@ impl Spec {
             scale: 1.0 / (d as f64).sqrt(),
             key_skip: vec![],
             layout: Layout::Separate,
+            hk: h,
         }
     }
     fn stair(b: usize, h: usize, d: usize, n: usize, k: usize) -> Spec {
@@ -83,6 +86,11 @@ impl Spec {
         self.layout = l;
         self
     }
+    /// Grouped-query attention: `hk` key/value heads shared by the `h` query heads.
+    fn gqa(mut self, hk: usize) -> Spec {
+        self.hk = hk;
+        self
+    }
 
     fn params(&self) -> AttnParams {
         AttnParams {
@@ -112,17 +120,29 @@ impl Spec {
         if self.layout != Layout::Separate {
             s += &format!(" {:?}", self.layout);
         }
+        if self.hk != self.h {
+            s += &format!(" Hk={}", self.hk);
+        }
         s
     }
 
     fn inputs(&self, g: &mut Gen) -> Vec<Input> {
         let (b, h, d) = (self.b, self.h, self.d);
         match self.layout {
-            Layout::Separate => vec![
-                Input::float(&[b, self.tq, h, d], g.normal_vec(b * self.tq * h * d, 1.0)),
-                Input::float(&[b, self.tk, h, d], g.normal_vec(b * self.tk * h * d, 1.0)),
-                Input::float(&[b, self.tk, h, d], g.normal_vec(b * self.tk * h * d, 1.0)),
-            ],
+            Layout::Separate => {
+                let hk = self.hk;
+                vec![
+                    Input::float(&[b, self.tq, h, d], g.normal_vec(b * self.tq * h * d, 1.0)),
+                    Input::float(
+                        &[b, self.tk, hk, d],
+                        g.normal_vec(b * self.tk * hk * d, 1.0),
+                    ),
+                    Input::float(
+                        &[b, self.tk, hk, d],
+                        g.normal_vec(b * self.tk * hk * d, 1.0),
+                    ),
+                ]
+            }
             Layout::Packed => vec![Input::float(
                 &[b, self.tk, 3 * h, d],
                 g.normal_vec(b * self.tk * 3 * h * d, 1.0),
@@ -157,6 +177,10 @@ impl Spec {
         let (nh, d) = (self.h, self.d);
         let tl = if which == 0 { self.tq } else { self.tk };
         match self.layout {
+            Layout::Separate if which > 0 => {
+                let hk = self.hk;
+                x[which][((b * tl + t) * hk + h / (nh / hk)) * d + dd]
+            }
             Layout::Separate => x[which][((b * tl + t) * nh + h) * d + dd],
             Layout::HeadMajor => x[which][((b * nh + h) * tl + t) * d + dd],
             Layout::Packed => x[0][((b * self.tk + t) * 3 * nh + which * nh + h) * d + dd],
@@ -339,6 +363,9 @@ pub fn attention() -> Vec<Case> {
 fn attention_cases() -> Vec<Case> {
     let causal = |b, h, d, t| Spec::full(b, h, d, AttnPattern::Causal, t);
     let grad_specs = vec![
+        // grouped-query attention (Llama family): 4 query heads on 2 and on 1 K/V heads
+        causal(1, 4, 8, 6).gqa(2),
+        causal(2, 3, 4, 5).gqa(1),
         // plain causal
         causal(1, 1, 2, 1),
         causal(2, 2, 4, 5),
@@ -376,6 +403,11 @@ fn attention_cases() -> Vec<Case> {
     // Real head dims; lengths that are not multiples of the 32-row / 64-key tiles.
     let fwd_specs = vec![
         causal(1, 2, 64, 130),
+        // SmolLM2's shapes: 9 query heads on 3 K/V heads; a prefill, a decode step with
+        // left padding, a PFLM step of k + 1 rows
+        causal(1, 9, 64, 70).gqa(3),
+        causal(2, 9, 64, 40).gqa(3).tail(1).skip(vec![0, 6]),
+        causal(1, 9, 64, 77).gqa(3).tail(5),
         causal(2, 1, 128, 37),
         causal(1, 1, 64, 1),
         Spec::stair(1, 2, 64, 26, 4),

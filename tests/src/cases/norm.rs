@@ -1,5 +1,5 @@
 //! Harness cases of the normalisation / activation / loss family: layer norm
-//! (with and without bias), rope, the two GELUs (and GELU with its bias), softmax (and
+//! (with and without bias), RMSNorm, rope, SwiGLU, the two GELUs (and GELU with its bias), softmax (and
 //! log-softmax) and the fused cross-entropy, and the inputs each must refuse. References are naive f64 loops written apart from
 //! the ops. Letters: R rows, D features, B T H D for rope, N rows and V vocab.
 
@@ -46,6 +46,93 @@ pub fn layer_norm_bias() -> Vec<Case> {
             "layer_norm",
         )],
     )
+}
+
+/// RMSNorm: widths 1 to 768 (SmolLM2's 576 among them), leading dims [D], [3, D], [1, 17, D].
+pub fn rms_norm() -> Vec<Case> {
+    let mut cases = vec![];
+    for &d in &[1usize, 2, 7, 64, 129, 576] {
+        for &rows in &[1usize, 3, 17] {
+            let mut g = Gen::new((d * 977 + rows) as u64);
+            let x = g.normal_vec(rows * d, 1.5);
+            let w = g.vec(d, -1.5, 1.5);
+            let shape = match rows {
+                1 => vec![d],
+                3 => vec![3, d],
+                _ => vec![1, rows, d],
+            };
+            let n = x.len();
+            cases.push(
+                Case::new(
+                    format!("rms_norm rows={rows} D={d}"),
+                    vec![Input::float(&shape, x), Input::float(&[d], w)],
+                    |t: &[Tensor]| Ok(vec![kf_ops::rmsnorm::rms_norm(&t[0], &t[1], EPS)?]),
+                    move |v: &[Vec<f64>]| {
+                        let mut out = Vec::with_capacity(v[0].len());
+                        for row in v[0].chunks(d) {
+                            let ms = row.iter().map(|a| a * a).sum::<f64>() / d as f64;
+                            let r = 1.0 / (ms + EPS).sqrt();
+                            out.extend(row.iter().zip(&v[1]).map(|(a, w)| a * r * w));
+                        }
+                        vec![out]
+                    },
+                )
+                .grad(&[0, 1])
+                .cost(4.0 * n as f64, 8.0 * n as f64),
+            );
+        }
+    }
+    refusing(
+        cases,
+        [Case::refused(
+            "rms_norm x [2, 4], weight [3]",
+            vec![filled(&[2, 4]), filled(&[3])],
+            |t| Ok(vec![kf_ops::rmsnorm::rms_norm(&t[0], &t[1], EPS)?]),
+            "rms_norm",
+        )],
+    )
+}
+
+/// SwiGLU of `[.., 2F]`: F = 1, 5, 1536 (SmolLM2's), large |gate| both ways.
+pub fn swiglu() -> Vec<Case> {
+    let mut g = Gen::new(41);
+    let shapes: [&[usize]; 4] = [&[2], &[3, 10], &[2, 2, 14], &[2, 3072]];
+    let mut cases: Vec<Case> = shapes
+        .iter()
+        .map(|&shape| {
+            let n: usize = shape.iter().product();
+            let mut x = g.vec(n, -6.0, 6.0);
+            if n >= 10 {
+                x[0] = 40.0;
+                x[1] = -40.0;
+            }
+            let f = shape[shape.len() - 1] / 2;
+            Case::new(
+                format!("swiglu {shape:?}"),
+                vec![Input::float(shape, x)],
+                |t: &[Tensor]| Ok(vec![kf_ops::swiglu::swiglu(&t[0])?]),
+                move |v: &[Vec<f64>]| {
+                    let mut out = vec![];
+                    for row in v[0].chunks(2 * f) {
+                        for j in 0..f {
+                            let a = row[j];
+                            out.push(a / (1.0 + (-a).exp()) * row[f + j]);
+                        }
+                    }
+                    vec![out]
+                },
+            )
+            .grad(&[0])
+            .cost(6.0 * n as f64, 6.0 * n as f64)
+        })
+        .collect();
+    cases.push(Case::refused(
+        "swiglu of an odd last dim",
+        vec![filled(&[2, 5])],
+        |t| Ok(vec![kf_ops::swiglu::swiglu(&t[0])?]),
+        "swiglu",
+    ));
+    cases
 }
 
 pub fn rope() -> Vec<Case> {
