@@ -42,7 +42,7 @@ impl Model {
         let m = match cfg.k {
             None => {
                 let m = Ddit::load_with(dir, store)?;
-                checkpoint::check_finite(&dir.join(checkpoint::WEIGHTS_FILE), m.params())?;
+                checkpoint::check_finite(&checkpoint::weights_path(dir), m.params())?;
                 Model::Ar(m)
             }
             Some(_) => Model::Pflm(Pflm::load_with(dir, store)?),

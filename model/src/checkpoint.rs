@@ -46,9 +46,26 @@ pub fn model_file(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// The validated `config.json` of a model directory.
+/// The validated `config.json` of a model directory; for a pretrained Llama-family model
+/// (a GGUF file, or a Hugging Face directory) the config its metadata describes.
 pub fn read_config(dir: &Path) -> Result<DditConfig> {
+    if crate::llama::is_gguf(dir) {
+        return crate::llama::config_from_gguf(&kf_engine::gguf::Gguf::open(dir)?);
+    }
+    if crate::llama::is_hf_dir(dir) {
+        return crate::llama::config_from_hf(dir);
+    }
     DditConfig::from_file(&model_file(dir, CONFIG_FILE)?)
+}
+
+/// The file that holds a model's weights (for messages): the GGUF file itself, the
+/// directory of a Hugging Face model, else `dir/model.safetensors`.
+pub fn weights_path(dir: &Path) -> PathBuf {
+    if crate::llama::is_gguf(dir) || crate::llama::is_hf_dir(dir) {
+        dir.to_path_buf()
+    } else {
+        dir.join(WEIGHTS_FILE)
+    }
 }
 
 /// Writes `config.json` atomically.

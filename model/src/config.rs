@@ -1,5 +1,6 @@
-//! The DDiT architecture of KFORCING.md section 2 as a config (what `config.json` of a
-//! model directory holds), its size presets and validation.
+//! The backbone's architecture as a config (what `config.json` of a model directory
+//! holds): the DDiT of KFORCING.md section 2 (the default) or the Llama family (a pretrained
+//! teacher read from GGUF or Hugging Face files), its size presets and validation.
 //! Letters: L layers, d model width, H heads, D = d / H head dim, V vocabulary.
 
 use anyhow::{bail, ensure, Context, Result};
@@ -17,6 +18,27 @@ fn default_ln_eps() -> f64 {
 /// Most layers a config may declare: far above any real model, it bounds the per-layer
 /// bookkeeping (parameter lists, caches) that a hostile `config.json` could make us build.
 pub const MAX_LAYERS: usize = 1 << 16;
+
+/// Which block the backbone stacks (see `ddit.rs` for both).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// LayerNorm (weight only), fused QKV, GELU MLP with biases, untied head with a bias.
+    #[default]
+    Ddit,
+    /// RMSNorm, grouped-query attention, SwiGLU MLP, no biases, tied or untied head.
+    Llama,
+}
+
+impl Arch {
+    fn is_ddit(&self) -> bool {
+        *self == Arch::Ddit
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
 
 /// Architecture of the backbone (teacher and student share it). `config.json` of a model
 /// directory is this struct as JSON; unknown keys are an error (a typo must not silently
@@ -44,6 +66,21 @@ pub struct DditConfig {
     /// Tokens per forward pass of a PFLM student; `None` for the AR teacher.
     #[serde(default)]
     pub k: Option<usize>,
+    /// The block (absent = DDiT; the other fields below are the Llama family's).
+    #[serde(default, skip_serializing_if = "Arch::is_ddit")]
+    pub arch: Arch,
+    /// Key/value heads of grouped-query attention (absent = `n_heads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_heads: Option<usize>,
+    /// Width of the MLP's hidden layer (absent = 4 d, the DDiT's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_dim: Option<usize>,
+    /// The head reuses the embedding table (Llama family only).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tie_embeddings: bool,
+    /// Beginning of sequence: prepended to every prompt when set (Llama family).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
 }
 
 impl DditConfig {
@@ -73,12 +110,27 @@ impl DditConfig {
             mask_token_id: None,
             eos_token_id: None,
             k: None,
+            arch: Arch::Ddit,
+            n_kv_heads: None,
+            ffn_dim: None,
+            tie_embeddings: false,
+            bos_token_id: None,
         })
     }
 
     /// Head dimension D = d / H.
     pub fn head_dim(&self) -> usize {
         self.d_model / self.n_heads.max(1)
+    }
+
+    /// Key/value heads (grouped-query attention when below `n_heads`).
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    /// Width of the MLP's hidden layer.
+    pub fn ffn(&self) -> usize {
+        self.ffn_dim.unwrap_or(4 * self.d_model)
     }
 
     /// Errors name the field and the rule it breaks.
@@ -145,6 +197,28 @@ impl DditConfig {
                 "k must be at least 1 for a student (omit it for the AR teacher)"
             );
         }
+        if let Some(id) = self.bos_token_id {
+            ensure!(
+                (id as usize) < self.vocab_size,
+                "bos_token_id = {id} is outside the vocabulary of {}",
+                self.vocab_size
+            );
+        }
+        let hk = self.kv_heads();
+        ensure!(
+            hk >= 1 && self.n_heads.is_multiple_of(hk),
+            "n_kv_heads = {hk} must divide n_heads = {} (grouped-query attention)",
+            self.n_heads
+        );
+        ensure!(self.ffn() >= 1, "ffn_dim must be at least 1, got 0");
+        if self.arch == Arch::Ddit {
+            ensure!(
+                self.n_kv_heads.is_none_or(|h| h == self.n_heads)
+                    && self.ffn_dim.is_none_or(|f| f == 4 * self.d_model)
+                    && !self.tie_embeddings,
+                "n_kv_heads, ffn_dim and tie_embeddings are Llama-family fields (\"arch\": \"llama\"); a DDiT has n_heads K/V heads, a 4 d MLP and an untied head"
+            );
+        }
         // f64 weights must be addressable: this bounds every size derived from the config
         ensure!(
             self.checked_n_params()
@@ -174,14 +248,36 @@ impl DditConfig {
             self.vocab_size as u64,
             self.n_layers as u64,
         );
-        let dd = d.checked_mul(d)?;
-        // d + 3d² + d² + d + (4d² + 4d) + (4d² + d) = 12 d² + 7 d
-        let block = dd.checked_mul(12)?.checked_add(d.checked_mul(7)?)?;
         let vd = v.checked_mul(d)?;
-        vd.checked_mul(2)?
-            .checked_add(l.checked_mul(block)?)?
+        let (block, head) = match self.arch {
+            Arch::Ddit => {
+                let dd = d.checked_mul(d)?;
+                // d + 3d² + d² + d + (4d² + 4d) + (4d² + d) = 12 d² + 7 d
+                let block = dd.checked_mul(12)?.checked_add(d.checked_mul(7)?)?;
+                (block, vd.checked_add(v)?)
+            }
+            Arch::Llama => {
+                let hd = self.head_dim() as u64;
+                let (h, hk, f) = (
+                    self.n_heads as u64,
+                    self.kv_heads() as u64,
+                    self.ffn() as u64,
+                );
+                // norms 2d, qkv d·(H + 2 Hk)·D, out H·D·d, gate+up 2 f d, down f d
+                let qkv = d.checked_mul(h.checked_add(hk.checked_mul(2)?)?.checked_mul(hd)?)?;
+                let out = h.checked_mul(hd)?.checked_mul(d)?;
+                let mlp = f.checked_mul(d)?.checked_mul(3)?;
+                let block = d
+                    .checked_mul(2)?
+                    .checked_add(qkv)?
+                    .checked_add(out)?
+                    .checked_add(mlp)?;
+                (block, if self.tie_embeddings { 0 } else { vd })
+            }
+        };
+        vd.checked_add(l.checked_mul(block)?)?
             .checked_add(d)?
-            .checked_add(v)
+            .checked_add(head)
     }
 
     /// Reads and validates `config.json`; every failure names the file.

@@ -10,6 +10,14 @@
 //!               h += W_2 · gelu_tanh(W_0 · LN2(h) + b_0) + b_2
 //! logits = LN_f(h) W_outᵀ + b_out;  logits[.., mask] = -1000 exactly (gradient 0 there)
 //! ```
+//! The Llama family (`arch: llama`, pretrained teachers from GGUF / Hugging Face files) is
+//! the same loop with its own block, written in the same function:
+//! ```text
+//! per block i:  x = RMS1(h);  [q|k|v] = x W_qkvᵀ  (H query heads, Hk ≤ H K/V heads)
+//!               h += W_o · Attn(RoPE(q), RoPE(k), v)       (grouped-query, no bias)
+//!               h += W_down · swiglu(x' W_gate_upᵀ)  with x' = RMS2(h)
+//! logits = RMS_f(h) W_headᵀ   (W_head the embedding table when tied)
+//! ```
 //! Letters: B batch, T time, d model width, H heads, D = d / H, V vocabulary.
 //!
 //! Parameters are kept in checkpoint order (`param_specs`), under the reference's
@@ -17,7 +25,7 @@
 //! gradient checks (`to_dtype`).
 
 use crate::checkpoint::{self, WEIGHTS_FILE, WEIGHTS_FORMAT};
-use crate::config::DditConfig;
+use crate::config::{Arch, DditConfig};
 use crate::kv_cache::KvCache;
 use crate::weights::{self, WeightStore};
 use anyhow::{bail, ensure, Context, Result};
@@ -28,7 +36,9 @@ use kf_ops::embedding::embedding;
 use kf_ops::gelu::bias_gelu_tanh;
 use kf_ops::layernorm::layer_norm;
 use kf_ops::matmul::{linear, linear_residual};
+use kf_ops::rmsnorm::rms_norm;
 use kf_ops::rope::rope;
+use kf_ops::swiglu::swiglu;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -55,8 +65,8 @@ pub struct ParamSpec {
     pub init: Init,
 }
 
-/// Parameters per block, in this order: norm1, attn_qkv, attn_out, norm2, mlp.0.weight,
-/// mlp.0.bias, mlp.2.weight, mlp.2.bias.
+/// DDiT parameters per block, in this order: norm1, attn_qkv, attn_out, norm2,
+/// mlp.0.weight, mlp.0.bias, mlp.2.weight, mlp.2.bias.
 const PER_BLOCK: usize = 8;
 const NORM1: usize = 0;
 const QKV: usize = 1;
@@ -66,11 +76,64 @@ const MLP0_W: usize = 4;
 const MLP0_B: usize = 5;
 const MLP2_W: usize = 6;
 const MLP2_B: usize = 7;
+/// Llama parameters per block: input_layernorm, qkv_proj (q, k, v rows stacked), o_proj,
+/// post_attention_layernorm, gate_up_proj (gate rows over up rows), down_proj. The norms,
+/// QKV and output projection sit at the DDiT's indices.
+const LLAMA_PER_BLOCK: usize = 6;
+const GATE_UP: usize = 4;
+const DOWN: usize = 5;
+
+fn per_block(cfg: &DditConfig) -> usize {
+    match cfg.arch {
+        Arch::Ddit => PER_BLOCK,
+        Arch::Llama => LLAMA_PER_BLOCK,
+    }
+}
+
+/// The Llama family's parameters: `model.embed_tokens.weight`, per layer `model.layers.{i}.`
+/// `input_layernorm.weight`, `self_attn.qkv_proj.weight` [(H + 2 Hk)·D, d],
+/// `self_attn.o_proj.weight`, `post_attention_layernorm.weight`, `mlp.gate_up_proj.weight`
+/// [2 f, d], `mlp.down_proj.weight`; then `model.norm.weight` and, untied,
+/// `lm_head.weight`. (Hugging Face's names, with q/k/v and gate/up stacked: one GEMM each.)
+fn llama_param_specs(cfg: &DditConfig) -> Vec<ParamSpec> {
+    let (d, v, hd, f) = (cfg.d_model, cfg.vocab_size, cfg.head_dim(), cfg.ffn());
+    let (h, hk) = (cfg.n_heads, cfg.kv_heads());
+    let w = Init::Normal(INIT_STD);
+    let mut s = vec![];
+    let mut push =
+        |name: String, shape: Vec<usize>, init: Init| s.push(ParamSpec { name, shape, init });
+    push("model.embed_tokens.weight".into(), vec![v, d], w);
+    for i in 0..cfg.n_layers {
+        let p = format!("model.layers.{i}");
+        push(format!("{p}.input_layernorm.weight"), vec![d], Init::Ones);
+        push(
+            format!("{p}.self_attn.qkv_proj.weight"),
+            vec![(h + 2 * hk) * hd, d],
+            w,
+        );
+        push(format!("{p}.self_attn.o_proj.weight"), vec![d, h * hd], w);
+        push(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            Init::Ones,
+        );
+        push(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * f, d], w);
+        push(format!("{p}.mlp.down_proj.weight"), vec![d, f], w);
+    }
+    push("model.norm.weight".into(), vec![d], Init::Ones);
+    if !cfg.tie_embeddings {
+        push("lm_head.weight".into(), vec![v, d], w);
+    }
+    s
+}
 
 /// The parameters of a config in checkpoint order: `vocab_embed.embedding`, the blocks,
 /// `output_layer.norm_final.weight`, `output_layer.linear.weight|bias` (the same order as
 /// `kfrun init-weights`, so equal seeds give equal tensors).
 pub fn param_specs(cfg: &DditConfig) -> Vec<ParamSpec> {
+    if cfg.arch == Arch::Llama {
+        return llama_param_specs(cfg);
+    }
     let (d, v) = (cfg.d_model, cfg.vocab_size);
     let w = Init::Normal(INIT_STD);
     let mut s = vec![ParamSpec {
@@ -200,7 +263,8 @@ impl Ddit {
     }
 
     /// Loads a model directory (`config.json` + `model.safetensors`; the tokenizer is read
-    /// by the caller, see `checkpoint::read_tokenizer`). Weights of any float dtype are
+    /// by the caller, see `checkpoint::read_tokenizer`), a Llama-family GGUF file or a
+    /// Hugging Face Llama directory (`llama.rs`). Weights of any float dtype are
     /// converted to f32 (f32 ones stay memory-mapped, no copy). A student directory
     /// (config `k` set) may also hold `noise_encoder.*` tensors, which are skipped here.
     pub fn load(dir: &Path) -> Result<Ddit> {
@@ -210,6 +274,13 @@ impl Ddit {
     /// [`Ddit::load`] for serving: under [`WeightStore::Exact`] the weight matrices and the
     /// embedding table of an f16 / bf16 file stay 16-bit in memory (`weights::load_param`).
     pub fn load_with(dir: &Path, store: WeightStore) -> Result<Ddit> {
+        // pretrained Llama-family teachers: a GGUF file or a Hugging Face directory
+        if crate::llama::is_gguf(dir) {
+            return crate::llama::load_gguf(dir);
+        }
+        if crate::llama::is_hf_dir(dir) {
+            return crate::llama::load_hf(dir);
+        }
         let cfg = checkpoint::read_config(dir)?;
         let path = checkpoint::model_file(dir, WEIGHTS_FILE)?;
         let loaded = io::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
@@ -336,10 +407,10 @@ impl Ddit {
         &self.params[i].1
     }
     fn block(&self, layer: usize, which: usize) -> &Tensor {
-        self.p(1 + layer * PER_BLOCK + which)
+        self.p(1 + layer * per_block(&self.cfg) + which)
     }
     fn final_idx(&self) -> usize {
-        1 + self.cfg.n_layers * PER_BLOCK
+        1 + self.cfg.n_layers * per_block(&self.cfg)
     }
 
     /// Causal attention parameters of this model: scale 1/sqrt(D), queries at absolute rows
@@ -454,50 +525,71 @@ impl Ddit {
                 c.pending()
             );
         }
+        let fused = cfg.arch == Arch::Ddit;
         self.blocks(h0, |layer, qkv| match cache.as_deref_mut() {
             Some(c) => {
-                let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
-                let q = rope(&part(0)?, pos, cfg.rope_base)?;
-                let k = rope(&part(1)?, pos, cfg.rope_base)?;
-                let (kc, vc) = c.write(layer, &k, &part(2)?)?;
+                let q = rope(&qkv.q()?, pos, cfg.rope_base)?;
+                let k = rope(&qkv.k()?, pos, cfg.rope_base)?;
+                let (kc, vc) = c.write(layer, &k, &qkv.v()?)?;
                 attention(&q, &kc, &vc, attn)
             }
             // the fused op: same values as rope + attention on the q, k, v views, but
             // its backward writes one [B, T, 3, H, D] gradient (no zero-padded
             // per-part gradients summed on the tape)
-            None => rope_attention(qkv, pos, cfg.rope_base, attn),
+            None if fused => rope_attention(&qkv.packed()?, pos, cfg.rope_base, attn),
+            None => {
+                let q = rope(&qkv.q()?, pos, cfg.rope_base)?;
+                let k = rope(&qkv.k()?, pos, cfg.rope_base)?;
+                attention(&q, &k, &qkv.v()?, attn)
+            }
         })
     }
 
-    /// The blocks on `h0 [B, T, d]`, written once for every pass: `mix(layer, qkv)` turns
-    /// the layer's `qkv [B, T, 3, H, D]` into the attention output (`B·T·d` values, any
-    /// `[B, T, ..]` shape); the norms, projections and MLP are the same for every caller.
+    /// The blocks on `h0 [B, T, d]`, written once for every pass and both block kinds:
+    /// `mix(layer, qkv)` turns the layer's projected [`Qkv`] into the attention output
+    /// (`B·T·H·D` values, any `[B, T, ..]` shape); the norms, projections and MLP are the
+    /// same for every caller.
     fn blocks(
         &self,
         h0: &Tensor,
-        mut mix: impl FnMut(usize, &Tensor) -> Result<Tensor>,
+        mut mix: impl FnMut(usize, &Qkv) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (d, nh, hd) = (cfg.d_model, cfg.n_heads, cfg.head_dim());
+        let (nh, hk, hd) = (cfg.n_heads, cfg.kv_heads(), cfg.head_dim());
         let (b, t) = (h0.shape()[0], h0.shape()[1]);
         let eps = cfg.ln_eps;
+        let llama = cfg.arch == Arch::Llama;
+        let norm = |x: &Tensor, w: &Tensor| {
+            if llama {
+                rms_norm(x, w, eps)
+            } else {
+                layer_norm(x, w, None, eps)
+            }
+        };
         let mut h = h0.clone();
         for layer in 0..cfg.n_layers {
-            let x = layer_norm(&h, self.block(layer, NORM1), None, eps)?;
-            // [B, T, 3d] viewed as (three, heads, head_dim): q, k, v are strided views
-            let qkv = linear(&x, self.block(layer, QKV), None)?.reshape(&[b, t, 3, nh, hd])?;
-            let a = mix(layer, &qkv)?.reshape(&[b, t, d])?;
+            let x = norm(&h, self.block(layer, NORM1))?;
+            // [B, T, (H + 2 Hk) D] viewed as heads: q, k, v are strided views
+            let all =
+                linear(&x, self.block(layer, QKV), None)?.reshape(&[b, t, nh + 2 * hk, hd])?;
+            let qkv = Qkv { all, nh, hk };
+            let a = mix(layer, &qkv)?.reshape(&[b, t, nh * hd])?;
             // the residual adds done by the GEMMs (they accumulate into h)
             h = linear_residual(&h, &a, self.block(layer, OUT), None)?;
-            let x = layer_norm(&h, self.block(layer, NORM2), None, eps)?;
-            // the first bias in the GELU's pass (one kernel on a device)
-            let m = linear(&x, self.block(layer, MLP0_W), None)?;
-            h = linear_residual(
-                &h,
-                &bias_gelu_tanh(&m, self.block(layer, MLP0_B))?,
-                self.block(layer, MLP2_W),
-                Some(self.block(layer, MLP2_B)),
-            )?;
+            let x = norm(&h, self.block(layer, NORM2))?;
+            h = if llama {
+                let gu = linear(&x, self.block(layer, GATE_UP), None)?;
+                linear_residual(&h, &swiglu(&gu)?, self.block(layer, DOWN), None)?
+            } else {
+                // the first bias in the GELU's pass (one kernel on a device)
+                let m = linear(&x, self.block(layer, MLP0_W), None)?;
+                linear_residual(
+                    &h,
+                    &bias_gelu_tanh(&m, self.block(layer, MLP0_B))?,
+                    self.block(layer, MLP2_W),
+                    Some(self.block(layer, MLP2_B)),
+                )?
+            };
         }
         Ok(h)
     }
@@ -552,11 +644,10 @@ impl Ddit {
             let mut at = 0;
             for (s, p) in seqs.iter_mut().zip(&pos) {
                 let t = s.pos.len();
-                let rows = qkv.narrow(1, at, t)?;
-                let part = |i: usize| rows.narrow(2, i, 1)?.squeeze(2);
-                let q = rope(&part(0)?, p, cfg.rope_base)?;
-                let k = rope(&part(1)?, p, cfg.rope_base)?;
-                let (kc, vc) = s.cache.write(layer, &k, &part(2)?)?;
+                let rows = qkv.rows(at, t)?;
+                let q = rope(&rows.q()?, p, cfg.rope_base)?;
+                let k = rope(&rows.k()?, p, cfg.rope_base)?;
+                let (kc, vc) = s.cache.write(layer, &k, &rows.v()?)?;
                 let attn = self.attn_params(s.cache.len(), vec![]);
                 out.narrow(1, at, t)?
                     .copy_from(&attention(&q, &kc, &vc, &attn)?)?;
@@ -570,6 +661,15 @@ impl Ddit {
     /// `Linear(d, V, bias)`, then the reserved token's logit set to -1000.
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
         let f = self.final_idx();
+        if self.cfg.arch == Arch::Llama {
+            let x = rms_norm(h, self.p(f), self.cfg.ln_eps)?;
+            let w = if self.cfg.tie_embeddings {
+                self.p(0)
+            } else {
+                self.p(f + 1)
+            };
+            return mask_logit(linear(&x, w, None)?, self.cfg.mask_token_id);
+        }
         let x = layer_norm(h, self.p(f), None, self.cfg.ln_eps)?;
         let logits = linear(&x, self.p(f + 1), Some(self.p(f + 2)))?;
         mask_logit(logits, self.cfg.mask_token_id)
@@ -581,6 +681,46 @@ impl Ddit {
 pub struct RaggedSeq<'a> {
     pub cache: &'a mut KvCache,
     pub pos: Vec<u32>,
+}
+
+/// One layer's projected queries, keys and values `[B, T, H + 2 Hk, D]` (q heads, then k,
+/// then v; a DDiT has Hk = H, so this is its `[B, T, 3, H, D]`): the parts as strided views.
+pub struct Qkv {
+    all: Tensor,
+    nh: usize,
+    hk: usize,
+}
+
+impl Qkv {
+    /// Queries `[B, T, H, D]`.
+    pub fn q(&self) -> Result<Tensor> {
+        self.all.narrow(2, 0, self.nh)
+    }
+    /// Keys `[B, T, Hk, D]`.
+    pub fn k(&self) -> Result<Tensor> {
+        self.all.narrow(2, self.nh, self.hk)
+    }
+    /// Values `[B, T, Hk, D]`.
+    pub fn v(&self) -> Result<Tensor> {
+        self.all.narrow(2, self.nh + self.hk, self.hk)
+    }
+    /// The packed `[B, T, 3, H, D]` of the fused rope + attention op (needs Hk = H).
+    pub fn packed(&self) -> Result<Tensor> {
+        ensure!(
+            self.hk == self.nh,
+            "packed qkv needs as many K/V heads as query heads"
+        );
+        let s = self.all.shape();
+        self.all.reshape(&[s[0], s[1], 3, self.nh, s[3]])
+    }
+    /// Rows `at..at + t` (of a batch-1 ragged pass).
+    fn rows(&self, at: usize, t: usize) -> Result<Qkv> {
+        Ok(Qkv {
+            all: self.all.narrow(1, at, t)?,
+            nh: self.nh,
+            hk: self.hk,
+        })
+    }
 }
 
 /// Positions `0..t` as u32 `[T]`.

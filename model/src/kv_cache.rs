@@ -66,7 +66,7 @@ impl KvCache {
             dtype == DType::F32 || dtype == DType::F64,
             "KV cache: dtype must be f32 or f64, got {dtype}"
         );
-        let (h, d) = (cfg.n_heads, cfg.head_dim());
+        let (h, d) = (cfg.kv_heads(), cfg.head_dim());
         let shape = [batch, capacity, h, d];
         let mk = || -> Result<Vec<Tensor>> {
             (0..cfg.n_layers)

@@ -12,6 +12,7 @@ pub mod distill_chain;
 pub mod eval;
 pub mod generate;
 pub mod kv_cache;
+pub mod llama;
 pub mod pflm;
 pub mod serve;
 pub mod tokenizer;

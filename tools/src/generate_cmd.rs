@@ -116,7 +116,7 @@ fn load_model(a: &Args) -> Result<Model> {
             );
             // an f16 / bf16 file serves from 16-bit tables, on every device
             let m = Ddit::load_with(&a.model, WeightStore::Exact)?;
-            checkpoint::check_finite(&a.model.join(checkpoint::WEIGHTS_FILE), m.params())?;
+            checkpoint::check_finite(&checkpoint::weights_path(&a.model), m.params())?;
             Model::Ar(m)
         }
         Some(trained) => {

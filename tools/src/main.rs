@@ -26,6 +26,7 @@ mod export_cmd;
 mod generate_cmd;
 mod init_weights;
 mod inspect;
+mod models_cmd;
 mod progress;
 mod serve_cmd;
 mod train_cmd;
@@ -65,6 +66,11 @@ enum Cmd {
     Data {
         #[command(subcommand)]
         which: data_cmd::DataCmd,
+    },
+    /// Pretrained models: list and fetch the pinned Llama-family GGUF files.
+    Models {
+        #[command(subcommand)]
+        which: models_cmd::ModelsCmd,
     },
     /// Tokenizer: train a byte-level BPE.
     Tokenizer {
@@ -133,6 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Inspect { file, json } => inspect::run(&file, json),
         Cmd::InitWeights(a) => init_weights::run(&a),
         Cmd::Data { which } => data_cmd::run_data(&which),
+        Cmd::Models { which } => models_cmd::run(&which),
         Cmd::Tokenizer { which } => data_cmd::run_tokenizer(&which),
         Cmd::Generate(a) => generate_cmd::run(&a),
         Cmd::Train(a) => train_cmd::run(&a),

@@ -45,7 +45,7 @@ pub fn small_cfg() -> DditConfig {
         ln_eps: 1e-5,
         mask_token_id: Some(5),
         eos_token_id: None,
-        k: None,
+        ..DditConfig::preset("tiny").unwrap()
     }
 }
 

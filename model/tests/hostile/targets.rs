@@ -126,7 +126,7 @@ fn tiny_cfg() -> DditConfig {
         ln_eps: 1e-5,
         mask_token_id: None,
         eos_token_id: Some(0),
-        k: None,
+        ..DditConfig::preset("tiny").unwrap()
     }
 }
 
