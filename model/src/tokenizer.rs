@@ -8,15 +8,22 @@
 //! token shards. Training is deterministic: the BPE trainer breaks count ties by the
 //! (deterministic) ids of the pair, so the same corpus and options give the same file.
 //!
+//! [`Tokenizer::from_gguf`] builds the same kind of tokenizer from a GGUF file's
+//! `tokenizer.ggml.*` metadata (llama.cpp's "gpt2" byte-level BPE), and
+//! [`apply_chat_template`] renders the file's ChatML chat template for one user turn.
+//!
 //! Encoding never adds special tokens (`add_special_tokens = false`): the data pipeline
 //! appends EOS itself. Note that a literal `<|endoftext|>` inside a text still encodes as
 //! the special token, as in every HF tokenizer that declares it.
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use kf_engine::gguf::{Gguf, GgufValue};
 use std::path::{Path, PathBuf};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::bpe::{BpeTrainerBuilder, Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
     TokenizerImpl,
@@ -209,6 +216,154 @@ impl Tokenizer {
         Ok(t)
     }
 
+    /// Builds the tokenizer of a GGUF file from its `tokenizer.ggml.*` metadata:
+    /// `tokenizer.ggml.model` must be "gpt2" (byte-level BPE: `tokens`, `merges` as "a b"
+    /// strings, optional `token_type`), with `tokenizer.ggml.pre` "gpt-2" (GPT-2's split
+    /// regex) or "smollm" (each digit split off first, then GPT-2's regex), as llama.cpp
+    /// does. Control tokens (type 3) become special added tokens and user-defined ones
+    /// (type 4) plain added tokens, so their text in the input maps to their id. EOS is
+    /// `tokenizer.ggml.eos_token_id`. Other models and pre-tokenizers are clear errors.
+    pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
+        let mut t = guarded("build the tokenizer", || Self::build_from_gguf(g))
+            .with_context(|| format!("{}: tokenizer", g.path().display()))?;
+        t.source = Some(g.path().to_path_buf());
+        Ok(t)
+    }
+
+    fn build_from_gguf(g: &Gguf) -> Result<Tokenizer> {
+        let model = meta_str(g, "tokenizer.ggml.model")?;
+        match model {
+            "gpt2" => {}
+            "llama" => bail!(
+                "tokenizer.ggml.model \"llama\" (SentencePiece) is not supported yet, only \"gpt2\" (byte-level BPE)"
+            ),
+            m => bail!("tokenizer.ggml.model {m:?} is not supported (only \"gpt2\", byte-level BPE)"),
+        }
+        let pre = match g.get("tokenizer.ggml.pre") {
+            None => "gpt-2",
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| anyhow!("tokenizer.ggml.pre is not a string"))?,
+        };
+        let split_digits = match pre {
+            "gpt-2" => false,
+            "smollm" => true,
+            p => bail!(
+                "pre-tokenizer tokenizer.ggml.pre = {p:?} is not supported yet (only \"gpt-2\" and \"smollm\")"
+            ),
+        };
+        let tokens = meta_array(g, "tokenizer.ggml.tokens")?;
+        ensure!(!tokens.is_empty(), "tokenizer.ggml.tokens is empty");
+        ensure!(
+            tokens.len() <= u32::MAX as usize,
+            "tokenizer.ggml.tokens has {} entries, more than u32 ids",
+            tokens.len()
+        );
+        let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
+            None => vec![1; tokens.len()],
+            Some(v) => {
+                let a = v
+                    .as_array()
+                    .ok_or_else(|| anyhow!("tokenizer.ggml.token_type is not an array"))?;
+                ensure!(
+                    a.len() == tokens.len(),
+                    "tokenizer.ggml.token_type has {} entries for {} tokens",
+                    a.len(),
+                    tokens.len()
+                );
+                a.iter()
+                    .enumerate()
+                    .map(|(i, x)| match x.as_f64() {
+                        Some(f) if f.fract() == 0.0 => Ok(f as i64),
+                        _ => Err(anyhow!("tokenizer.ggml.token_type[{i}] is not an integer")),
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        let mut vocab = Vocab::default();
+        let mut added = Vec::new();
+        for (id, tok) in tokens.iter().enumerate() {
+            let s = tok
+                .as_str()
+                .ok_or_else(|| anyhow!("tokenizer.ggml.tokens[{id}] is not a string"))?;
+            if let Some(prev) = vocab.insert(s.to_string(), id as u32) {
+                bail!("tokenizer.ggml.tokens: {s:?} appears twice (ids {prev} and {id})");
+            }
+            match types[id] {
+                TOKEN_TYPE_CONTROL => added.push(AddedToken::from(s.to_string(), true)),
+                TOKEN_TYPE_USER_DEFINED => added.push(AddedToken::from(s.to_string(), false)),
+                _ => {}
+            }
+        }
+        let merges = meta_array(g, "tokenizer.ggml.merges")?
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let s = m
+                    .as_str()
+                    .ok_or_else(|| anyhow!("tokenizer.ggml.merges[{i}] is not a string"))?;
+                // like llama.cpp: the separator is the first space after the first character
+                let first = s.chars().next().map_or(0, char::len_utf8);
+                let sp = s[first..]
+                    .find(' ')
+                    .map(|p| p + first)
+                    .ok_or_else(|| anyhow!("tokenizer.ggml.merges[{i}] = {s:?} has no space"))?;
+                Ok((s[..sp].to_string(), s[sp + 1..].to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| anyhow!("cannot build the BPE model: {e}"))?;
+        let byte_level = ByteLevel::default()
+            .add_prefix_space(false)
+            .trim_offsets(true)
+            .use_regex(true);
+        let mut tk: TokenizerImpl<
+            BPE,
+            NormalizerWrapper,
+            PreTokenizerWrapper,
+            PostProcessorWrapper,
+            DecoderWrapper,
+        > = TokenizerImpl::new(bpe);
+        if split_digits {
+            tk.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level.into(),
+            ])));
+        } else {
+            tk.with_pre_tokenizer(Some(byte_level));
+        }
+        tk.with_decoder(Some(ByteLevelDecoder::default()));
+        let (special, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|t| t.special);
+        tk.add_special_tokens(&special);
+        tk.add_tokens(&plain);
+        let mut t = Self::wrap(tokenizers::Tokenizer::from(tk), None)?;
+        ensure!(
+            t.vocab_size == tokens.len(),
+            "the tokenizer has {} ids for {} tokens",
+            t.vocab_size,
+            tokens.len()
+        );
+        t.eos = match g.get("tokenizer.ggml.eos_token_id") {
+            None => t.eos,
+            Some(v) => {
+                let id = v
+                    .as_u64()
+                    .filter(|&i| i < tokens.len() as u64)
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "tokenizer.ggml.eos_token_id = {} is not a token id below {}",
+                            v.summary(),
+                            tokens.len()
+                        )
+                    })?;
+                Some(id as u32)
+            }
+        };
+        Ok(t)
+    }
+
     /// Where the tokenizer was loaded from, if from a file.
     pub fn source(&self) -> Option<&Path> {
         self.source.as_deref()
@@ -273,6 +428,75 @@ impl Tokenizer {
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
         StreamDecoder::new(self)
     }
+}
+
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+fn meta_str<'a>(g: &'a Gguf, key: &str) -> Result<&'a str> {
+    g.get(key)
+        .ok_or_else(|| anyhow!("metadata {key} is missing"))?
+        .as_str()
+        .ok_or_else(|| anyhow!("metadata {key} is not a string"))
+}
+
+fn meta_array<'a>(g: &'a Gguf, key: &str) -> Result<&'a [GgufValue]> {
+    g.get(key)
+        .ok_or_else(|| anyhow!("metadata {key} is missing"))?
+        .as_array()
+        .ok_or_else(|| anyhow!("metadata {key} is not an array"))
+}
+
+/// The ChatML chat loop (Hugging Face's default ChatML template without a system prompt).
+const CHATML_LOOP: &str = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+const CHATML_FOR: &str = "{% for message in messages %}";
+/// The optional default system prompt before the loop body (SmolLM2's): the string
+/// literal between these two is printed when the first message is not a system message.
+const DEFAULT_SYSTEM_OPEN: &str = "{% if loop.first and messages[0]['role'] != 'system' %}{{ '";
+const DEFAULT_SYSTEM_CLOSE: &str = "' }}{% endif %}";
+
+/// Renders the GGUF file's chat template (`tokenizer.chat_template`) for one user message
+/// followed by the start of the assistant's turn (`add_generation_prompt`), exactly as
+/// the Jinja template would. Supported: the ChatML template, with or without a default
+/// system prompt printed when the conversation has none (SmolLM2's template); any other
+/// template is an error naming what was found.
+pub fn apply_chat_template(g: &Gguf, user: &str) -> Result<String> {
+    let file = g.path().display();
+    let tpl = meta_str(g, "tokenizer.chat_template")
+        .with_context(|| format!("{file}: no chat template"))?;
+    ensure!(
+        tpl.contains("<|im_start|>"),
+        "{file}: the chat template is not ChatML (no <|im_start|>); only ChatML templates are supported"
+    );
+    // Jinja string literals may spell a newline as \n or hold it verbatim; Jinja drops
+    // one trailing newline of the template
+    let norm = tpl.replace("\\n", "\n");
+    let norm = norm.strip_suffix('\n').unwrap_or(&norm);
+    let unsupported = || {
+        anyhow!(
+            "{file}: the ChatML chat template is not one kfrun can render exactly (only plain ChatML with an optional default system prompt): {:?}",
+            tpl.chars().take(200).collect::<String>()
+        )
+    };
+    let body = norm.strip_prefix(CHATML_FOR).ok_or_else(unsupported)?;
+    let (system, rest) = match body.strip_prefix(DEFAULT_SYSTEM_OPEN) {
+        None => ("", body),
+        Some(b) => {
+            let end = b.find(DEFAULT_SYSTEM_CLOSE).ok_or_else(unsupported)?;
+            let lit = &b[..end];
+            if lit.contains('\'') || lit.contains('\\') {
+                return Err(unsupported());
+            }
+            (lit, &b[end + DEFAULT_SYSTEM_CLOSE.len()..])
+        }
+    };
+    if rest != CHATML_LOOP {
+        return Err(unsupported());
+    }
+    Ok(format!(
+        "{system}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    ))
 }
 
 /// Incremental detokenisation for streaming generation: feed the ids one at a time (or
