@@ -4,8 +4,9 @@
 //! cargo run --release --manifest-path fuzz/Cargo.toml -- [TARGET|all] [--cases N] [--rounds R] [--seed S]
 //!
 //! Targets: weights, config, tokenizer, checkpoint, shards, configs (training config and
-//! distillation recipe). Round r uses seed S + r; every round runs N cases per format. A
-//! failing case stops the run and names the kept input file.
+//! distillation recipe), gguf (a GGUF file, its tokenizer and chat template). Round r uses
+//! seed S + r; every round runs N cases per format. A failing case stops the run and names
+//! the kept input file.
 
 #[path = "../../model/tests/hostile/mutate.rs"]
 mod mutate;
@@ -16,13 +17,14 @@ use std::time::Instant;
 
 type Target = fn(usize, u64) -> Vec<targets::Tally>;
 
-const TARGETS: [(&str, Target); 6] = [
+const TARGETS: [(&str, Target); 7] = [
     ("weights", targets::model_weights),
     ("config", targets::model_config),
     ("tokenizer", targets::tokenizer_json),
     ("checkpoint", targets::training_checkpoint),
     ("shards", targets::token_shards),
     ("configs", targets::training_config_and_recipe),
+    ("gguf", targets::gguf),
 ];
 
 fn main() {

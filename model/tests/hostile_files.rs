@@ -1,7 +1,8 @@
 //! Hostile files (issue 8.1): seeded mutations (truncation, flipped bytes, huge, negative
 //! and fractional dimensions, overflowing and overlapping offsets, wrong dtypes, NaN/Inf
-//! weights, empty files, mistyped and unknown JSON keys) of valid model weights
-//! (safetensors, AR and PFLM), config.json, tokenizer.json, training checkpoints
+//! weights, empty files, mistyped and unknown JSON keys, hostile GGUF counts, lengths,
+//! type ids and offsets) of valid model weights (safetensors, AR and PFLM; a GGUF file
+//! with its tokenizer and chat template), config.json, tokenizer.json, training checkpoints
 //! (trainer.json, optimizer.safetensors), token shards (meta.json, train.bin), the JSONL
 //! corpus, training configs and distillation recipes, each fed to the loader kfrun uses:
 //! Ok, or one error (one line) naming the file; never a panic. Parse-only (no model runs).
@@ -27,6 +28,11 @@ fn report(t: Vec<targets::Tally>) {
 #[test]
 fn hostile_model_weights() {
     report(targets::model_weights(CASES, SEED));
+}
+
+#[test]
+fn hostile_gguf() {
+    report(targets::gguf(CASES, SEED));
 }
 
 #[test]

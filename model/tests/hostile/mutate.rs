@@ -353,3 +353,55 @@ pub fn mutate_jsonl(rng: &mut Rng, text: &str) -> Vec<u8> {
     }
     out
 }
+
+/// Values that break naive GGUF readers when written over a count, length, rank,
+/// dimension, type id or offset: zero, small, just past a limit, 2^31/2^32/2^60 edges.
+const GGUF_NUMBERS: &[u64] = &[
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    9,
+    13,
+    31,
+    33,
+    255,
+    256,
+    4096,
+    65535,
+    0x7FFF_FFFF,
+    0x8000_0000,
+    0xFFFF_FFFF,
+    0x1_0000_0000,
+    1 << 40,
+    1 << 60,
+    (1 << 63) - 1,
+    1 << 63,
+    u64::MAX,
+];
+
+/// A GGUF file: a hostile number written as u32 or u64 over any position (counts,
+/// string lengths, value and tensor types, ranks, dimensions, offsets are all such
+/// fields), a random small type id, or byte-level mutations.
+pub fn mutate_gguf(rng: &mut Rng, valid: &[u8]) -> Vec<u8> {
+    let mut b = valid.to_vec();
+    if b.len() < 8 || rng.below(3) == 0 {
+        return mutate_bytes(rng, valid);
+    }
+    for _ in 0..1 + rng.below(3) {
+        let v = match rng.below(4) {
+            0 => rng.below(48) as u64,
+            _ => *rng.pick(GGUF_NUMBERS),
+        };
+        if rng.below(2) == 0 {
+            let i = rng.below(b.len() - 3);
+            b[i..i + 4].copy_from_slice(&(v as u32).to_le_bytes());
+        } else {
+            let i = rng.below(b.len() - 7);
+            b[i..i + 8].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    b
+}

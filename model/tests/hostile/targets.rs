@@ -6,12 +6,13 @@
 //! system temp dir as `kf-hostile-<format>-case<i>.bin`.
 
 use crate::mutate::{self, Rng};
+use kf_engine::gguf::{GgmlType, Gguf, GgufValue};
 use kf_engine::{Device, Tensor};
 use kf_model::checkpoint;
 use kf_model::data::{read_corpus, SequentialWindows, TokenData, WindowSampler};
 use kf_model::distill_chain::Recipe;
 use kf_model::pflm::Pflm;
-use kf_model::tokenizer::{BpeTrainOptions, Tokenizer};
+use kf_model::tokenizer::{apply_chat_template, BpeTrainOptions, Tokenizer};
 use kf_model::train::{estimate_train_bytes, OptimConfig, TrainConfig, Trainer, TrainerState};
 use kf_model::{Ddit, DditConfig};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -500,4 +501,100 @@ pub fn training_config_and_recipe(cases: usize, seed: u64) -> Vec<Tally> {
         },
     ));
     out
+}
+
+/// A small valid GGUF: a gpt2 tokenizer (byte symbols, merges, a control token), a ChatML
+/// template, metadata of several types (a nested array among them) and a tensor of each
+/// dequantizable type with deterministic bytes (finite f16 scales).
+fn valid_gguf(path: &Path) {
+    let s = |x: &str| GgufValue::Str(x.into());
+    let meta = vec![
+        ("general.architecture".to_string(), s("llama")),
+        ("llama.block_count".to_string(), GgufValue::U32(1)),
+        ("llama.rope.freq_base".to_string(), GgufValue::F32(10000.0)),
+        ("tokenizer.ggml.model".to_string(), s("gpt2")),
+        ("tokenizer.ggml.pre".to_string(), s("smollm")),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            GgufValue::Array(["<|im_start|>", "a", "b", "c", "1", "Ġ", "ab", "Ġc"].map(s).to_vec()),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            GgufValue::Array([3, 1, 1, 1, 1, 1, 1, 1].map(GgufValue::I32).to_vec()),
+        ),
+        (
+            "tokenizer.ggml.merges".to_string(),
+            GgufValue::Array(["a b", "Ġ c"].map(s).to_vec()),
+        ),
+        ("tokenizer.ggml.eos_token_id".to_string(), GgufValue::U32(0)),
+        (
+            "tokenizer.chat_template".to_string(),
+            s("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+        ),
+        (
+            "test.nested".to_string(),
+            GgufValue::Array(vec![
+                GgufValue::Array(vec![GgufValue::U8(1), GgufValue::U8(2)]),
+                GgufValue::Array(vec![]),
+            ]),
+        ),
+        ("test.flag".to_string(), GgufValue::Bool(true)),
+    ];
+    let mut rng = Rng(7);
+    let types = [
+        (GgmlType::F32, vec![2, 3]),
+        (GgmlType::F16, vec![4]),
+        (GgmlType::BF16, vec![2, 1]),
+        (GgmlType::Q4_0, vec![2, 32]),
+        (GgmlType::Q4_1, vec![1, 32]),
+        (GgmlType::Q5_0, vec![32]),
+        (GgmlType::Q5_1, vec![32]),
+        (GgmlType::Q8_0, vec![1, 1, 32]),
+        (GgmlType::Q2_K, vec![256]),
+        (GgmlType::Q3_K, vec![256]),
+        (GgmlType::Q4_K, vec![256]),
+        (GgmlType::Q5_K, vec![256]),
+        (GgmlType::Q6_K, vec![256]),
+    ];
+    let tensors: Vec<_> = types
+        .into_iter()
+        .map(|(ty, shape)| {
+            let n = shape.iter().product::<usize>() / ty.block_elems() * ty.block_bytes();
+            // small random bytes: every f16/bf16/f32 field stays finite (top byte < 0x3c)
+            let bytes = (0..n).map(|_| (rng.next() % 0x3c) as u8).collect();
+            (format!("t.{}", ty.name()), ty, shape, bytes)
+        })
+        .collect();
+    kf_engine::gguf::write_gguf(path, &meta, &tensors).unwrap();
+}
+
+/// GGUF files: open (validation), dequantize every tensor, build the tokenizer, encode,
+/// render the chat template.
+pub fn gguf(cases: usize, seed: u64) -> Vec<Tally> {
+    let d = TmpDir::new("gguf");
+    let f = d.0.join("model.gguf");
+    valid_gguf(&f);
+    let valid = std::fs::read(&f).unwrap();
+    let path = f.clone();
+    vec![fuzz(
+        "model.gguf",
+        cases,
+        seed ^ 0x66,
+        &valid,
+        &f,
+        &["model.gguf"],
+        mutate::mutate_gguf,
+        || {
+            let g = Gguf::open(&path)?;
+            for t in g.tensors() {
+                let x = g.tensor_f32(&t.name)?;
+                anyhow::ensure!(x.shape() == &t.shape[..], "internal: shape");
+            }
+            let tok = Tokenizer::from_gguf(&g)?;
+            let ids = tok.encode("ab c1<|im_start|>")?;
+            tok.decode(&ids)?;
+            apply_chat_template(&g, "hi")?;
+            Ok(())
+        },
+    )]
 }
