@@ -391,7 +391,7 @@ mod tests {
         for (blk, d) in [0.5f32, -0.25].into_iter().enumerate() {
             b.extend(f16b(d));
             for j in 0..32 {
-                let q = (j as i32 * 8 - 128 + blk as i32) as i8;
+                let q = (j * 8 - 128 + blk as i32) as i8;
                 b.push(q as u8);
                 want.push(q as f32 * d);
             }
@@ -435,10 +435,10 @@ mod tests {
         // element 64c + l is the low nibble of qs[32c + l], element 64c + 32 + l its high one
         let mut qs = [0u8; 128];
         let mut qh = [0u8; 32];
-        for i in 0..256 {
+        for (i, &v) in q.iter().enumerate() {
             let (c, w, l) = (i / 64, (i / 32) % 2, i % 32);
-            qs[32 * c + l] |= (q[i] & 15) << (4 * w);
-            qh[l] |= (q[i] >> 4) << (i / 32);
+            qs[32 * c + l] |= (v & 15) << (4 * w);
+            qh[l] |= (v >> 4) << (i / 32);
         }
         let packed = pack_k4(&sc, &mn);
         let b4 = [&f16b(d)[..], &f16b(dmin), &packed, &qs].concat();
@@ -458,10 +458,10 @@ mod tests {
             .collect();
         let mut ql = [0u8; 128];
         let mut qh = [0u8; 64];
-        for i in 0..256 {
+        for (i, &v) in q.iter().enumerate() {
             let (half, k, l) = (i / 128, (i % 128) / 32, i % 32);
-            ql[64 * half + l + 32 * (k & 1)] |= (q[i] & 15) << (4 * (k / 2));
-            qh[32 * half + l] |= (q[i] >> 4) << (2 * k);
+            ql[64 * half + l + 32 * (k & 1)] |= (v & 15) << (4 * (k / 2));
+            qh[32 * half + l] |= (v >> 4) << (2 * k);
         }
         let scb: Vec<u8> = sc.iter().map(|&s| s as u8).collect();
         let b = [&ql[..], &qh, &scb, &f16b(d)].concat();
@@ -475,10 +475,10 @@ mod tests {
         // 2-bit layout shared by both: element 128h + 32s + l is bits 2s of qs[32h + l]
         let mut qs = [0u8; 64];
         let mut hmask = [0u8; 32];
-        for i in 0..256 {
+        for (i, &v) in q.iter().enumerate() {
             let (hf, s, l) = (i / 128, (i % 128) / 32, i % 32);
-            qs[32 * hf + l] |= (q[i] & 3) << (2 * s);
-            hmask[l] |= (q[i] >> 2) << (i / 32);
+            qs[32 * hf + l] |= (v & 3) << (2 * s);
+            hmask[l] |= (v >> 2) << (i / 32);
         }
         // Q2_K: 4-bit scale and min per 16 elements
         let sc2: [u8; 16] = std::array::from_fn(|_| (r() % 256) as u8);
