@@ -7,11 +7,14 @@
 //! faer for larger x·Wᵀ (1024³: 219 [196], `gemm` 176, own 164).
 //!
 //! The Linear layers' products do not come through `gemm`: [`xwt`] (module `xwt`) is the
-//! decode-shaped x·Wᵀ for f32, f16 and bf16 weights (`kfrun bench decode`).
+//! decode-shaped x·Wᵀ for f32, f16 and bf16 weights (`kfrun bench decode`), and for weights
+//! kept in the ggml block formats Q8_0 / Q4_0 / Q4_1 (module `quant`, through the same `xwt`).
 
 use anyhow::{anyhow, ensure, Result};
 
+mod quant;
 mod xwt;
+pub use quant::{QFormat, QK};
 pub use xwt::{xwt, WRows};
 
 /// Element types `gemm` supports (f32 and f64). Sealed: the kernels exist only for these.

@@ -12,6 +12,7 @@
 //!   split N.
 //! - `dot` (fewer rows, or no SIMD): the dot-product kernels of the parent module.
 
+use super::quant::{xwt_q, QFormat};
 #[cfg(target_arch = "x86_64")]
 use super::{dot_avx2, dot_avx512, x86};
 use super::{dot_portable, split, Args, BElem, Elem, HalfSimd, Isa, Portable, Simd, PAR_MIN_WORK};
@@ -19,17 +20,34 @@ use anyhow::{ensure, Result};
 use half::{bf16, f16};
 
 /// Weight rows as they are stored.
+///
+/// Dense rows (`F32`, `F16`, `BF16`): `w_rs` is the row stride in elements.
+/// Quantized rows (`Q8_0`, `Q4_0`, `Q4_1`, ggml block formats, module `quant`): the slice
+/// holds the raw blocks (32 weights each, along K); `w_rs` is still counted in elements and
+/// must be a multiple of 32, so row `j` starts at block `j * w_rs / 32` (`w_rs = k`: rows
+/// back to back, as in a GGUF tensor). K must be a multiple of 32.
 #[derive(Clone, Copy)]
 pub enum WRows<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    Q8_0(&'a [u8]),
+    Q4_0(&'a [u8]),
+    Q4_1(&'a [u8]),
 }
 
-impl WRows<'_> {
+/// Dense weight rows: what the kernels of this file read.
+#[derive(Clone, Copy)]
+enum Dense<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl Dense<'_> {
     fn elem_bytes(&self) -> usize {
         match self {
-            WRows::F32(_) => 4,
+            Dense::F32(_) => 4,
             _ => 2,
         }
     }
@@ -38,18 +56,18 @@ impl WRows<'_> {
     fn prefetch(&self, at: usize) {
         if at < self.len() {
             let p = match self {
-                WRows::F32(w) => w[at..].as_ptr() as *const u8,
-                WRows::F16(w) => w[at..].as_ptr() as *const u8,
-                WRows::BF16(w) => w[at..].as_ptr() as *const u8,
+                Dense::F32(w) => w[at..].as_ptr() as *const u8,
+                Dense::F16(w) => w[at..].as_ptr() as *const u8,
+                Dense::BF16(w) => w[at..].as_ptr() as *const u8,
             };
             super::prefetch(p);
         }
     }
     fn len(&self) -> usize {
         match self {
-            WRows::F32(w) => w.len(),
-            WRows::F16(w) => w.len(),
-            WRows::BF16(w) => w.len(),
+            Dense::F32(w) => w.len(),
+            Dense::F16(w) => w.len(),
+            Dense::BF16(w) => w.len(),
         }
     }
 }
@@ -78,6 +96,41 @@ pub fn xwt(
     c_rs: usize,
     accumulate: bool,
 ) -> Result<()> {
+    let w = match w {
+        WRows::F32(v) => Dense::F32(v),
+        WRows::F16(v) => Dense::F16(v),
+        WRows::BF16(v) => Dense::BF16(v),
+        WRows::Q8_0(b) => {
+            return xwt_q(
+                QFormat::Q8_0,
+                (m, n, k),
+                (x, x_rs),
+                (b, w_rs),
+                (c, c_rs),
+                accumulate,
+            )
+        }
+        WRows::Q4_0(b) => {
+            return xwt_q(
+                QFormat::Q4_0,
+                (m, n, k),
+                (x, x_rs),
+                (b, w_rs),
+                (c, c_rs),
+                accumulate,
+            )
+        }
+        WRows::Q4_1(b) => {
+            return xwt_q(
+                QFormat::Q4_1,
+                (m, n, k),
+                (x, x_rs),
+                (b, w_rs),
+                (c, c_rs),
+                accumulate,
+            )
+        }
+    };
     let fits = |len: usize, rows: usize, rs: usize, cols: usize| {
         rows == 0
             || cols == 0
@@ -154,9 +207,9 @@ pub fn xwt(
         // entry point matches the ISA detected on this CPU.
         unsafe {
             match w {
-                WRows::F32(w) => dot_share(isa, &p, w.as_ptr(), j0, j1),
-                WRows::F16(w) => dot_share(isa, &p, w.as_ptr(), j0, j1),
-                WRows::BF16(w) => dot_share(isa, &p, w.as_ptr(), j0, j1),
+                Dense::F32(w) => dot_share(isa, &p, w.as_ptr(), j0, j1),
+                Dense::F16(w) => dot_share(isa, &p, w.as_ptr(), j0, j1),
+                Dense::BF16(w) => dot_share(isa, &p, w.as_ptr(), j0, j1),
             }
         }
     });
@@ -270,7 +323,7 @@ impl SyncPtr {
 /// the CPU must support `S`'s ISA.
 #[inline(always)]
 unsafe fn widen<S: HalfSimd>(
-    w: WRows<'_>,
+    w: Dense<'_>,
     (r0, rows): (usize, usize),
     (k0, cols): (usize, usize),
     w_rs: usize,
@@ -309,9 +362,9 @@ unsafe fn widen<S: HalfSimd>(
     let at = r0 * w_rs + k0;
     let o = out.as_mut_ptr();
     match w {
-        WRows::F32(w) => rows_of::<S, f32>(w[at..].as_ptr(), w_rs, rows, cols, o),
-        WRows::F16(w) => rows_of::<S, f16>(w[at..].as_ptr(), w_rs, rows, cols, o),
-        WRows::BF16(w) => rows_of::<S, bf16>(w[at..].as_ptr(), w_rs, rows, cols, o),
+        Dense::F32(w) => rows_of::<S, f32>(w[at..].as_ptr(), w_rs, rows, cols, o),
+        Dense::F16(w) => rows_of::<S, f16>(w[at..].as_ptr(), w_rs, rows, cols, o),
+        Dense::BF16(w) => rows_of::<S, bf16>(w[at..].as_ptr(), w_rs, rows, cols, o),
     }
 }
 
@@ -416,7 +469,7 @@ unsafe fn xt_block<S: Simd<T = f32>, const MVMAX: usize>(
 unsafe fn xt_share<S: HalfSimd, const MVMAX: usize>(
     (m, k, mp): (usize, usize, usize),
     xt: &[f32],
-    w: WRows<'_>,
+    w: Dense<'_>,
     w_rs: usize,
     (c, c_rs): (*mut f32, usize),
     accumulate: bool,
@@ -427,7 +480,7 @@ unsafe fn xt_share<S: HalfSimd, const MVMAX: usize>(
         .min(k);
     let mut ct = Scratch::take(&CT, NB * mp);
     let mut buf = match w {
-        WRows::F32(_) => Scratch::take(&BUF, 0),
+        Dense::F32(_) => Scratch::take(&BUF, 0),
         _ => Scratch::take(&BUF, NB * kc),
     };
     let mut nb = j0;
@@ -437,7 +490,7 @@ unsafe fn xt_share<S: HalfSimd, const MVMAX: usize>(
         while kb < k {
             let cols = kc.min(k - kb);
             let (wp, ws) = match w {
-                WRows::F32(w) => (w.as_ptr().add(nb * w_rs + kb), w_rs),
+                Dense::F32(w) => (w.as_ptr().add(nb * w_rs + kb), w_rs),
                 _ => {
                     widen::<S>(w, (nb, rows), (kb, cols), w_rs, &mut buf);
                     (buf.as_ptr(), cols)
@@ -470,7 +523,7 @@ unsafe fn xt_path(
     threads: usize,
     (m, n, k): (usize, usize, usize),
     (x, x_rs): (&[f32], usize),
-    (w, w_rs): (WRows<'_>, usize),
+    (w, w_rs): (Dense<'_>, usize),
     (c, c_rs): (&mut [f32], usize),
     accumulate: bool,
 ) {
@@ -530,7 +583,7 @@ unsafe fn xt_path(
 unsafe fn xt_avx512(
     dims: (usize, usize, usize),
     xt: &[f32],
-    w: WRows<'_>,
+    w: Dense<'_>,
     w_rs: usize,
     c: (*mut f32, usize),
     accumulate: bool,
@@ -544,7 +597,7 @@ unsafe fn xt_avx512(
 unsafe fn xt_avx2(
     dims: (usize, usize, usize),
     xt: &[f32],
-    w: WRows<'_>,
+    w: Dense<'_>,
     w_rs: usize,
     c: (*mut f32, usize),
     accumulate: bool,
