@@ -529,6 +529,22 @@ mod x86 {
     use super::{tile_nr, Fmt, Job, XGroup, QK};
     use core::arch::x86_64::*;
 
+    /// W rows this far ahead of the tile being computed are prefetched (rows of 6-30 cache
+    /// lines are too short for the hardware prefetchers to get ahead on their own).
+    const PREFETCH_ROWS: usize = 8;
+
+    /// Prefetches the group of 4 blocks `PREFETCH_ROWS` rows after the one at `p`.
+    #[inline(always)]
+    unsafe fn prefetch_ahead<F: Fmt>(job: &Job, p: *const u8) {
+        // wrapping: past the end of W it is only a hint, never dereferenced
+        let ahead = p.wrapping_add(PREFETCH_ROWS * job.row_bytes);
+        let mut off = 0;
+        while off < 4 * F::BB {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
+            off += 64;
+        }
+    }
+
     /// One group of 4 weight blocks unpacked for VNNI: unsigned 8-bit weights of elements
     /// 0..16 (`lo`) and 16..32 (`hi`) of block i in 16-byte lane i, d_w of block i in lanes
     /// [4i, 4i + 4), Q4_1's m_w in lane 4i.
@@ -540,42 +556,56 @@ mod x86 {
         m: __m512,
     }
 
-    /// Unpacks the 4 blocks at `p` (all 4 readable: 4·BB bytes).
+    /// Unpacks the first NB (1..=4) blocks at `p`; lanes of blocks past NB are zero.
     ///
     /// # Safety
-    /// `p` must point at 4 blocks of `F`; AVX-512 F/BW.
+    /// `p` must point at NB blocks of `F`; AVX-512 F/BW.
     #[inline(always)]
-    unsafe fn prep512<F: Fmt>(p: *const u8) -> W512 {
+    unsafe fn prep512<F: Fmt, const NB: usize>(p: *const u8) -> W512 {
         let bb = F::BB;
-        let l = |o: usize| _mm_loadu_si128(p.add(o) as *const __m128i);
+        // scales: d (and m) of the blocks, f16, gathered with scalar loads into one vector
+        // and widened once; each then repeated over its block's 4 lanes
+        let u16_at = |b: usize| (p.add(b * bb) as *const u16).read_unaligned() as u64;
+        let u32_at = |b: usize| (p.add(b * bb) as *const u32).read_unaligned() as u64;
+        let (d, m) = if F::HAS_M {
+            let (mut lo, mut hi) = (u32_at(0), 0u64);
+            if NB > 1 {
+                lo |= u32_at(1) << 32;
+            }
+            if NB > 2 {
+                hi = u32_at(2);
+            }
+            if NB > 3 {
+                hi |= u32_at(3) << 32;
+            }
+            // [d0, m0, d1, m1, d2, m2, d3, m3]
+            let dm = _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64));
+            let dm = _mm512_castps256_ps512(dm);
+            let di = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+            let mi = _mm512_set_epi32(7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3, 1, 1, 1, 1);
+            (_mm512_permutexvar_ps(di, dm), _mm512_permutexvar_ps(mi, dm))
+        } else {
+            let mut v = u16_at(0);
+            for b in 1..NB {
+                v |= u16_at(b) << (16 * b);
+            }
+            let d = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128(v as i64)));
+            let di = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+            (_mm512_permutexvar_ps(di, d), _mm512_setzero_ps())
+        };
+        // 16 bytes at offset `o` of each block, block i in 16-byte lane i
         let gather = |o: usize| {
-            let v = _mm512_castsi128_si512(l(o));
-            let v = _mm512_inserti32x4::<1>(v, l(bb + o));
-            let v = _mm512_inserti32x4::<2>(v, l(2 * bb + o));
-            _mm512_inserti32x4::<3>(v, l(3 * bb + o))
-        };
-        // d (and m) of the 4 blocks, each f16 repeated 4 times: 16-bit index 0, BB/2, ...
-        let h = (bb / 2) as i16;
-        #[rustfmt::skip]
-        let idx = _mm512_set_epi16(
-            3 * h + 1, 3 * h + 1, 3 * h + 1, 3 * h + 1, 2 * h + 1, 2 * h + 1, 2 * h + 1, 2 * h + 1,
-            h + 1, h + 1, h + 1, h + 1, 1, 1, 1, 1,
-            3 * h, 3 * h, 3 * h, 3 * h, 2 * h, 2 * h, 2 * h, 2 * h,
-            h, h, h, h, 0, 0, 0, 0,
-        );
-        let z0 = _mm512_loadu_si512(p as *const _);
-        let dm = if F::Q8 {
-            // block 2 and 3's d lie past the first 64 bytes (4·34 = 136 bytes a group)
-            let z1 = _mm512_loadu_si512(p.add(64) as *const _);
-            _mm512_permutex2var_epi16(z0, idx, z1)
-        } else {
-            _mm512_permutexvar_epi16(idx, z0)
-        };
-        let d = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
-        let m = if F::HAS_M {
-            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(dm))
-        } else {
-            _mm512_setzero_ps()
+            let l = |b: usize| {
+                if b < NB {
+                    _mm_loadu_si128(p.add(b * bb + o) as *const __m128i)
+                } else {
+                    _mm_setzero_si128()
+                }
+            };
+            let v = _mm512_castsi128_si512(l(0));
+            let v = _mm512_inserti32x4::<1>(v, l(1));
+            let v = _mm512_inserti32x4::<2>(v, l(2));
+            _mm512_inserti32x4::<3>(v, l(3))
         };
         let (lo, hi) = if F::Q8 {
             // q + 128 as unsigned (corrected by -128·Σq)
@@ -654,17 +684,23 @@ mod x86 {
         let mut wv = [zero; NR];
         for g in 0..full {
             for t in 0..NR {
-                wv[t] = prep512::<F>(job.wrow(j + t).add(g * 4 * F::BB));
+                let p = job.wrow(j + t).add(g * 4 * F::BB);
+                if i == 0 {
+                    prefetch_ahead::<F>(job, p);
+                }
+                wv[t] = prep512::<F, 4>(p);
             }
             step512::<F, MR, NR>(&mut acc, &wv, x.add(g), job.groups);
         }
         if tail > 0 {
-            // the last 1-3 blocks, copied into a zeroed group (zero weights and scales)
+            // the last 1-3 blocks (x's blocks past K are zero as well)
             for t in 0..NR {
-                let mut buf = [0u8; 4 * 34];
-                let src = job.wrow(j + t).add(full * 4 * F::BB);
-                core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), tail * F::BB);
-                wv[t] = prep512::<F>(buf.as_ptr());
+                let p = job.wrow(j + t).add(full * 4 * F::BB);
+                wv[t] = match tail {
+                    1 => prep512::<F, 1>(p),
+                    2 => prep512::<F, 2>(p),
+                    _ => prep512::<F, 3>(p),
+                };
             }
             step512::<F, MR, NR>(&mut acc, &wv, x.add(full), job.groups);
         }
@@ -709,7 +745,12 @@ mod x86 {
         let h2 = |o: usize| (p.add(o) as *const u16).read_unaligned() as i32;
         // [d0, m0, d1, m1] (m only for Q4_1) as f32
         let dm = if F::HAS_M {
-            _mm_cvtph_ps(_mm_set_epi32(0, 0, h2(bb) | h2(bb + 2) << 16, h2(0) | h2(2) << 16))
+            _mm_cvtph_ps(_mm_set_epi32(
+                0,
+                0,
+                h2(bb) | h2(bb + 2) << 16,
+                h2(0) | h2(2) << 16,
+            ))
         } else {
             _mm_cvtph_ps(_mm_set_epi32(0, 0, h2(bb), h2(0)))
         };
@@ -814,7 +855,11 @@ mod x86 {
         let mut wv = [zero; NR];
         for p in 0..pairs {
             for t in 0..NR {
-                wv[t] = prep256::<F>(job.wrow(j + t).add(p * 2 * F::BB));
+                let w = job.wrow(j + t).add(p * 2 * F::BB);
+                if i == 0 && p % 2 == 0 {
+                    prefetch_ahead::<F>(job, w);
+                }
+                wv[t] = prep256::<F>(w);
             }
             step256::<F, MR, NR>(&mut acc, &wv, x.add(p / 2), job.groups, p % 2);
         }
@@ -876,7 +921,11 @@ mod tests {
     fn isas() -> Vec<QIsa> {
         let mut v = vec![QIsa::Portable];
         #[cfg(target_arch = "x86_64")]
-        v.extend([QIsa::Avx2, QIsa::Vnni512].into_iter().filter(|i| i.available()));
+        v.extend(
+            [QIsa::Avx2, QIsa::Vnni512]
+                .into_iter()
+                .filter(|i| i.available()),
+        );
         v
     }
 
@@ -944,7 +993,10 @@ mod tests {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            vals.extend(xb.iter().map(|&v| d * (v * id).round_ties_even().clamp(-127.0, 127.0)));
+            vals.extend(
+                xb.iter()
+                    .map(|&v| d * (v * id).round_ties_even().clamp(-127.0, 127.0)),
+            );
             amaxes.push(amax);
         }
         (vals, amaxes)
@@ -1041,7 +1093,9 @@ mod tests {
                                         bound += amax[t / QK] as f64 / 254.0 * (wr[t] as f64).abs();
                                     }
                                     let got = c[i * cs.c_rs + j] as f64;
-                                    let ctx = format!("{fmt} {isa:?} m{m} n{n} k{k} acc {acc} C[{i},{j}]");
+                                    let ctx = format!(
+                                        "{fmt} {isa:?} m{m} n{n} k{k} acc {acc} C[{i},{j}]"
+                                    );
                                     let tight = 2e-6 * mag + 1e-6 * base.abs() + 1e-30;
                                     assert!(
                                         (got - quant).abs() <= tight,
@@ -1113,9 +1167,20 @@ mod tests {
         let w = vec![0u8; 3 * 2 * 20];
         let mut c = vec![0f32; 2 * 3];
         let go = |k: usize, w: &[u8], w_rs: usize, c: &mut [f32], x: &[f32]| {
-            super::super::xwt(2, 3, k, x, k, super::super::WRows::Q4_1(w), w_rs, c, 3, false)
-                .unwrap_err()
-                .to_string()
+            super::super::xwt(
+                2,
+                3,
+                k,
+                x,
+                k,
+                super::super::WRows::Q4_1(w),
+                w_rs,
+                c,
+                3,
+                false,
+            )
+            .unwrap_err()
+            .to_string()
         };
         let e = go(48, &w, 64, &mut c, &x);
         assert!(e.contains("K = 48 is not a multiple"), "{e}");
@@ -1130,9 +1195,20 @@ mod tests {
         let e = go(64, &w, 64, &mut c[..5], &x);
         assert!(e.contains("C (5 elements"), "{e}");
         // Q8_0 blocks are 34 bytes: 120 bytes do not hold 3 rows of 2
-        let e = super::super::xwt(2, 3, 64, &x, 64, super::super::WRows::Q8_0(&w), 64, &mut c, 3, false)
-            .unwrap_err()
-            .to_string();
+        let e = super::super::xwt(
+            2,
+            3,
+            64,
+            &x,
+            64,
+            super::super::WRows::Q8_0(&w),
+            64,
+            &mut c,
+            3,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("Q8_0: W (120 bytes"), "{e}");
     }
 }
