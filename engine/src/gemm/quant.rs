@@ -661,18 +661,85 @@ mod x86 {
         }
     }
 
-    /// One VNNI tile: sums of rows [i, i + MR) of x against W rows [j, j + NR).
+    /// Group `g` of W row `j` unpacked (the tail group with its 1-3 blocks), prefetching the
+    /// rows ahead when `pf`.
     ///
     /// # Safety
-    /// As `super::share`, for the tile; AVX-512 F/BW/VNNI.
+    /// Row `j` and group `g` must exist; AVX-512 F/BW.
+    #[inline(always)]
+    unsafe fn load_w<F: Fmt>(job: &Job, j: usize, g: usize, pf: bool) -> W512 {
+        let p = job.wrow(j).add(g * 4 * F::BB);
+        match job.nblk - g * 4 {
+            1 => prep512::<F, 1>(p),
+            2 => prep512::<F, 2>(p),
+            3 => prep512::<F, 3>(p),
+            _ => {
+                if pf {
+                    prefetch_ahead::<F>(job, p);
+                }
+                prep512::<F, 4>(p)
+            }
+        }
+    }
+
+    /// Sums of 4 vectors' lanes, as [a, b, c, d].
+    #[inline(always)]
+    unsafe fn hsum4(v: [__m512; 4]) -> __m128 {
+        let h = |a: __m512| {
+            _mm256_add_ps(
+                _mm512_castps512_ps256(a),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))),
+            )
+        };
+        let ab = _mm256_hadd_ps(h(v[0]), h(v[1]));
+        let cd = _mm256_hadd_ps(h(v[2]), h(v[3]));
+        let abcd = _mm256_hadd_ps(ab, cd);
+        _mm_add_ps(
+            _mm256_castps256_ps128(abcd),
+            _mm256_extractf128_ps::<1>(abcd),
+        )
+    }
+
+    /// Each accumulator's lanes summed, four at a time.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn tile_vnni<F: Fmt, const MR: usize, const NR: usize>(
+    unsafe fn reduce<const MR: usize, const NR: usize>(
+        acc: &[[__m512; NR]; MR],
+    ) -> [[f32; NR]; MR] {
+        let mut out = [[0f32; NR]; MR];
+        let mut q = 0;
+        while q < MR * NR {
+            let mut v = [_mm512_setzero_ps(); 4];
+            for e in 0..4 {
+                if q + e < MR * NR {
+                    v[e] = acc[(q + e) / NR][(q + e) % NR];
+                }
+            }
+            let mut s = [0f32; 4];
+            _mm_storeu_ps(s.as_mut_ptr(), hsum4(v));
+            for e in 0..4 {
+                if q + e < MR * NR {
+                    out[(q + e) / NR][(q + e) % NR] = s[e];
+                }
+            }
+            q += 4;
+        }
+        out
+    }
+
+    /// One VNNI tile: sums of rows [i, i + MR) of x against W rows [j, j + NR), W unpacked
+    /// here, or read unpacked from `pack` (group g of row j + t at g·NR + t) when PACKED.
+    ///
+    /// # Safety
+    /// As `super::share`, for the tile; `pack` as described when PACKED; AVX-512 F/BW/VNNI.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile_vnni<F: Fmt, const MR: usize, const NR: usize, const PACKED: bool>(
         job: &Job,
         i: usize,
         j: usize,
+        pack: *const W512,
     ) -> [[f32; NR]; MR] {
-        let (full, tail) = (job.nblk / 4, job.nblk % 4);
         let mut acc = [[_mm512_setzero_ps(); NR]; MR];
         let x = job.xq.add(i * job.groups);
         let zero = W512 {
@@ -682,35 +749,32 @@ mod x86 {
             m: _mm512_setzero_ps(),
         };
         let mut wv = [zero; NR];
-        for g in 0..full {
+        for g in 0..job.groups {
             for t in 0..NR {
-                let p = job.wrow(j + t).add(g * 4 * F::BB);
-                if i == 0 {
-                    prefetch_ahead::<F>(job, p);
-                }
-                wv[t] = prep512::<F, 4>(p);
+                wv[t] = if PACKED {
+                    *pack.add(g * NR + t)
+                } else {
+                    load_w::<F>(job, j + t, g, i == 0)
+                };
             }
             step512::<F, MR, NR>(&mut acc, &wv, x.add(g), job.groups);
         }
-        if tail > 0 {
-            // the last 1-3 blocks (x's blocks past K are zero as well)
-            for t in 0..NR {
-                let p = job.wrow(j + t).add(full * 4 * F::BB);
-                wv[t] = match tail {
-                    1 => prep512::<F, 1>(p),
-                    2 => prep512::<F, 2>(p),
-                    _ => prep512::<F, 3>(p),
-                };
-            }
-            step512::<F, MR, NR>(&mut acc, &wv, x.add(full), job.groups);
-        }
-        let mut out = [[0f32; NR]; MR];
-        for r in 0..MR {
-            for t in 0..NR {
-                out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-            }
-        }
-        out
+        reduce(&acc)
+    }
+
+    /// `tile_vnni` with W unpacked in the tile.
+    #[inline(always)]
+    unsafe fn tile_vnni_direct<F: Fmt, const MR: usize, const NR: usize>(
+        job: &Job,
+        i: usize,
+        j: usize,
+    ) -> [[f32; NR]; MR] {
+        tile_vnni::<F, MR, NR, false>(job, i, j, core::ptr::null())
+    }
+
+    thread_local! {
+        /// Unpacked weight groups of the tile being computed (more than 4 rows of x).
+        static PACK: std::cell::RefCell<Vec<W512>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
     /// The VNNI kernel over W rows [j0, j1).
@@ -719,7 +783,55 @@ mod x86 {
     /// As `super::share`; the CPU must support AVX-512 F/BW/VNNI.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn share_vnni<F: Fmt>(job: &Job, j0: usize, j1: usize) {
-        walk_tiles!(job, j0, j1, tile_vnni, F)
+        if job.m <= 4 {
+            walk_tiles!(job, j0, j1, tile_vnni_direct, F);
+            return;
+        }
+        // More rows: each pair of W rows is unpacked once into `pack` (L1-resident, 256
+        // bytes a group a row) and read by every tile of 4 rows of x.
+        const NR: usize = 2;
+        let mut pack = PACK.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let zero = W512 {
+            lo: _mm512_setzero_si512(),
+            hi: _mm512_setzero_si512(),
+            d: _mm512_setzero_ps(),
+            m: _mm512_setzero_ps(),
+        };
+        if pack.len() < job.groups * NR {
+            pack.resize(job.groups * NR, zero);
+        }
+        let mut j = j0;
+        while j < j1 {
+            let nr = NR.min(j1 - j);
+            for g in 0..job.groups {
+                for t in 0..nr {
+                    pack[g * nr + t] = load_w::<F>(job, j + t, g, true);
+                }
+            }
+            let pk = pack.as_ptr();
+            let mut i = 0;
+            while i < job.m {
+                let mr = (job.m - i).min(4);
+                macro_rules! go {
+                    ($mr:literal, $nr:literal) => {
+                        job.put(i, j, tile_vnni::<F, $mr, $nr, true>(job, i, j, pk))
+                    };
+                }
+                match (mr, nr) {
+                    (4, 2) => go!(4, 2),
+                    (3, 2) => go!(3, 2),
+                    (2, 2) => go!(2, 2),
+                    (1, 2) => go!(1, 2),
+                    (4, _) => go!(4, 1),
+                    (3, _) => go!(3, 1),
+                    (2, _) => go!(2, 1),
+                    _ => go!(1, 1),
+                }
+                i += mr;
+            }
+            j += nr;
+        }
+        let _ = PACK.try_with(|s| *s.borrow_mut() = pack);
     }
 
     /// Two weight blocks unpacked for AVX2: 8-bit weights (unsigned nibbles, or Q8_0's
