@@ -1157,8 +1157,9 @@ mod tests {
         c
     }
 
-    /// Every format x every ISA of this CPU x m in 1..64 x k in {32, 64, 576, 1536}, N not a
-    /// multiple of any tile, strided x / W / C, overwrite and accumulate: against the f64
+    /// Every format x every ISA of this CPU x m in 1..64 x k in {32, 64, 128, 224, 576, 1536}
+    /// (tail groups of 1, 2, 3 blocks and none), N not a multiple of any tile, strided x / W
+    /// / C, 2 threads, overwrite and accumulate: against the f64
     /// product of dequantized W with the 8-bit-quantized x (tight: 2e-6 of Σ|w|·|x|), the
     /// same with the exact f32 x (within the worst case of the 8-bit rounding of x:
     /// Σ_blocks max|x|/254 · Σ|w|), and the ISAs against each other (1e-6 of Σ|w|·|x|).
@@ -1170,7 +1171,7 @@ mod tests {
             .unwrap();
         let mut rng = Rng::new(11);
         for &m in &[1usize, 2, 3, 4, 5, 8, 16, 33, 64] {
-            for &k in &[32usize, 64, 576, 1536] {
+            for &k in &[32usize, 64, 128, 224, 576, 1536] {
                 let n = if m * k > 20_000 { 37 } else { 11 };
                 // W rows padded by a block when m is odd: the stride is honoured
                 let cs = Case {

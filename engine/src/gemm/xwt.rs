@@ -83,6 +83,8 @@ const XT_BLOCK_BYTES: usize = 512 << 10;
 
 /// `C = [C +] x · Wᵀ`: x is m x k (row stride `x_rs`, unit column stride), W is n x k
 /// (row stride `w_rs`), C is m x n (row stride `c_rs`). Validated; on the current rayon pool.
+/// Quantized W (`WRows::Q8_0` / `Q4_0` / `Q4_1`) goes to the integer kernels of module
+/// `quant` (x rounded to 8-bit blocks of 32 first; K and `w_rs` multiples of 32).
 #[allow(clippy::too_many_arguments)]
 pub fn xwt(
     m: usize,
