@@ -78,6 +78,10 @@ pub fn write_config(dir: &Path, cfg: &DditConfig) -> Result<()> {
 /// The tokenizer of a model directory, checked against the model's vocabulary: every id
 /// the tokenizer can produce must have an embedding row.
 pub fn read_tokenizer(dir: &Path, cfg: &DditConfig) -> Result<Tokenizer> {
+    if crate::llama::is_gguf(dir) {
+        // the vocabulary of a GGUF file is its own metadata
+        return Tokenizer::from_gguf(&kf_engine::gguf::Gguf::open(dir)?);
+    }
     let tok = Tokenizer::from_file(model_file(dir, TOKENIZER_FILE)?)?;
     ensure!(
         tok.vocab_size() <= cfg.vocab_size,

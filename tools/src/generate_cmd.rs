@@ -29,7 +29,8 @@ const DEFAULT_MODEL: &str = "models/default/student";
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory: config.json, model.safetensors, tokenizer.json (an AR teacher or a
-    /// PFLM student) [default: the shipped student, models/default/student].
+    /// PFLM student), a Llama-family GGUF file (`kfrun models fetch`) or a Hugging Face
+    /// Llama directory [default: the shipped student, models/default/student].
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// Prompt text (repeat the flag for several prompts).
@@ -64,6 +65,10 @@ pub struct Args {
     /// far) from its logits before the argmax.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     freq_penalty: f64,
+    /// Wrap each prompt as one user turn of the GGUF file's chat template (a chat model
+    /// such as SmolLM2-Instruct; ChatML templates).
+    #[arg(long)]
+    chat: bool,
 }
 
 /// The loaded model: AR teacher or k-token student.
@@ -135,10 +140,26 @@ fn load_model(a: &Args) -> Result<Model> {
 /// `--prompt`s as token ids, each non-empty and shorter than the model's max_seq_len.
 fn encode_prompts(a: &Args, tok: &Tokenizer, cfg: &DditConfig) -> Result<Vec<Vec<u32>>> {
     let mut encoded = Vec::with_capacity(a.prompts.len());
+    let gguf = if a.chat {
+        ensure!(
+            kf_model::llama::is_gguf(&a.model),
+            "--chat applies a GGUF file's chat template; {} is not a GGUF file",
+            a.model.display()
+        );
+        Some(kf_engine::gguf::Gguf::open(&a.model)?)
+    } else {
+        None
+    };
     for (i, p) in a.prompts.iter().enumerate() {
-        let ids = tok
-            .encode(p)
-            .with_context(|| format!("cannot tokenise prompt {i}"))?;
+        let text = match &gguf {
+            Some(g) => kf_model::tokenizer::apply_chat_template(g, p)?,
+            None => p.clone(),
+        };
+        let mut ids: Vec<u32> = cfg.bos_token_id.into_iter().collect();
+        ids.extend(
+            tok.encode(&text)
+                .with_context(|| format!("cannot tokenise prompt {i}"))?,
+        );
         ensure!(
             !ids.is_empty(),
             "prompt {i} ({p:?}) is empty after tokenisation"
