@@ -33,7 +33,6 @@ struct HfConfig {
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
     tie_word_embeddings: Option<bool>,
-    bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
     head_dim: Option<usize>,
     attention_bias: Option<bool>,
@@ -356,7 +355,6 @@ pub fn config_from_hf(dir: &Path) -> Result<DditConfig> {
         tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
         bos_token_id: None,
     };
-    let _ = hf_id(&hf.bos_token_id);
     cfg.validate().with_context(|| format!("{p}"))?;
     Ok(cfg)
 }
