@@ -30,6 +30,7 @@ use crate::kv_cache::KvCache;
 use crate::weights::{self, WeightStore};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::{grad_enabled, should_record, BackwardOp};
+use kf_engine::gemm::{xwt, QFormat, WRows};
 use kf_engine::{io, DType, Device, Float, Tensor};
 use kf_ops::attention::{attention, rope_attention, AttnParams, AttnPattern};
 use kf_ops::embedding::embedding;
@@ -167,6 +168,20 @@ pub struct Ddit {
     pub cfg: DditConfig,
     params: Vec<(String, Tensor)>,
     trainable: bool,
+    /// Matrices as a GGUF file stored them (Q8_0 / Q4_0 / Q4_1 blocks), by parameter
+    /// index: a CPU inference pass multiplies with these (like llama.cpp: activations
+    /// rounded to 8-bit blocks, ~4.5 bits a weight read per step); everything else (the
+    /// tape, devices, saving) uses the f32 parameter, their exact dequantization. Empty
+    /// for models of other origins; dropped by every conversion.
+    quant: Arc<BTreeMap<usize, Arc<QMat>>>,
+}
+
+/// A weight matrix `[rows, cols]` in ggml blocks along `cols` (see [`Ddit::set_quantized`]).
+pub struct QMat {
+    pub format: QFormat,
+    pub bytes: Vec<u8>,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 impl std::fmt::Debug for Ddit {
@@ -214,6 +229,7 @@ impl Ddit {
             cfg: cfg.clone(),
             params,
             trainable: false,
+            quant: Default::default(),
         })
     }
 
@@ -259,6 +275,7 @@ impl Ddit {
             cfg: cfg.clone(),
             params,
             trainable: false,
+            quant: Default::default(),
         })
     }
 
@@ -276,7 +293,8 @@ impl Ddit {
     pub fn load_with(dir: &Path, store: WeightStore) -> Result<Ddit> {
         // pretrained Llama-family teachers: a GGUF file or a Hugging Face directory
         if crate::llama::is_gguf(dir) {
-            return crate::llama::load_gguf(dir);
+            // serving keeps the file's blocks (as 16-bit tables stay 16-bit)
+            return crate::llama::load_gguf_with(dir, store == WeightStore::Exact);
         }
         if crate::llama::is_hf_dir(dir) {
             return crate::llama::load_hf(dir);
@@ -370,6 +388,7 @@ impl Ddit {
             cfg: self.cfg.clone(),
             params: weights::params_to_dtype(&self.params, dtype)?,
             trainable: false,
+            quant: Default::default(),
         };
         if self.trainable {
             m.set_trainable(true);
@@ -395,6 +414,7 @@ impl Ddit {
             cfg: self.cfg.clone(),
             params: weights::params_to_device(&self.params, device, store)?,
             trainable: false,
+            quant: Default::default(),
         })
     }
 
@@ -406,8 +426,55 @@ impl Ddit {
     fn p(&self, i: usize) -> &Tensor {
         &self.params[i].1
     }
+
+    /// Attaches the stored blocks of parameter `name` (a `[rows, cols]` matrix whose f32
+    /// value must be their dequantization; the importer guarantees it).
+    pub fn set_quantized(&mut self, name: &str, q: QMat) -> Result<()> {
+        let i = self
+            .params
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no parameter {name}"))?;
+        let t = &self.params[i].1;
+        let qk = kf_engine::gemm::QK;
+        ensure!(
+            t.shape() == [q.rows, q.cols]
+                && q.cols % qk == 0
+                && q.bytes.len() == q.rows * q.cols / qk * q.format.block_bytes(),
+            "{name}: quantized blocks for {} x {} do not fit the parameter {:?}",
+            q.rows,
+            q.cols,
+            t.shape()
+        );
+        Arc::make_mut(&mut self.quant).insert(i, Arc::new(q));
+        Ok(())
+    }
+
+    /// Parameters multiplied from stored blocks on the CPU.
+    pub fn n_quantized(&self) -> usize {
+        self.quant.len()
+    }
+
+    /// `[h +] x · W_iᵀ [+ b]`: from the stored blocks when there are some, the pass is off
+    /// the tape and on the CPU in f32; else the f32 (or 16-bit) parameter.
+    fn lin(&self, h: Option<&Tensor>, x: &Tensor, i: usize, b: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(q) = self.quant.get(&i) {
+            let mut ins = vec![x];
+            ins.extend(h);
+            if x.device().is_cpu() && x.dtype() == DType::F32 && !should_record(&ins) {
+                return qlinear(h, x, q, b);
+            }
+        }
+        match h {
+            Some(h) => linear_residual(h, x, self.p(i), b),
+            None => linear(x, self.p(i), b),
+        }
+    }
     fn block(&self, layer: usize, which: usize) -> &Tensor {
-        self.p(1 + layer * per_block(&self.cfg) + which)
+        self.p(self.block_idx(layer, which))
+    }
+    fn block_idx(&self, layer: usize, which: usize) -> usize {
+        1 + layer * per_block(&self.cfg) + which
     }
     fn final_idx(&self) -> usize {
         1 + self.cfg.n_layers * per_block(&self.cfg)
@@ -570,16 +637,17 @@ impl Ddit {
         for layer in 0..cfg.n_layers {
             let x = norm(&h, self.block(layer, NORM1))?;
             // [B, T, (H + 2 Hk) D] viewed as heads: q, k, v are strided views
-            let all =
-                linear(&x, self.block(layer, QKV), None)?.reshape(&[b, t, nh + 2 * hk, hd])?;
+            let all = self
+                .lin(None, &x, self.block_idx(layer, QKV), None)?
+                .reshape(&[b, t, nh + 2 * hk, hd])?;
             let qkv = Qkv { all, nh, hk };
             let a = mix(layer, &qkv)?.reshape(&[b, t, nh * hd])?;
             // the residual adds done by the GEMMs (they accumulate into h)
-            h = linear_residual(&h, &a, self.block(layer, OUT), None)?;
+            h = self.lin(Some(&h), &a, self.block_idx(layer, OUT), None)?;
             let x = norm(&h, self.block(layer, NORM2))?;
             h = if llama {
-                let gu = linear(&x, self.block(layer, GATE_UP), None)?;
-                linear_residual(&h, &swiglu(&gu)?, self.block(layer, DOWN), None)?
+                let gu = self.lin(None, &x, self.block_idx(layer, GATE_UP), None)?;
+                self.lin(Some(&h), &swiglu(&gu)?, self.block_idx(layer, DOWN), None)?
             } else {
                 // the first bias in the GELU's pass (one kernel on a device)
                 let m = linear(&x, self.block(layer, MLP0_W), None)?;
@@ -663,12 +731,8 @@ impl Ddit {
         let f = self.final_idx();
         if self.cfg.arch == Arch::Llama {
             let x = rms_norm(h, self.p(f), self.cfg.ln_eps)?;
-            let w = if self.cfg.tie_embeddings {
-                self.p(0)
-            } else {
-                self.p(f + 1)
-            };
-            return mask_logit(linear(&x, w, None)?, self.cfg.mask_token_id);
+            let w = if self.cfg.tie_embeddings { 0 } else { f + 1 };
+            return mask_logit(self.lin(None, &x, w, None)?, self.cfg.mask_token_id);
         }
         let x = layer_norm(h, self.p(f), None, self.cfg.ln_eps)?;
         let logits = linear(&x, self.p(f + 1), Some(self.p(f + 2)))?;
@@ -720,6 +784,46 @@ impl Qkv {
             nh: self.nh,
             hk: self.hk,
         })
+    }
+}
+
+/// `[h +] x · Wᵀ [+ b]` with W in stored blocks (off the tape, CPU, f32): x's rows are
+/// rounded to 8-bit blocks by the kernel, as llama.cpp does.
+fn qlinear(h: Option<&Tensor>, x: &Tensor, q: &QMat, b: Option<&Tensor>) -> Result<Tensor> {
+    let k = q.cols;
+    ensure!(
+        x.dim(x.rank() - 1)? == k,
+        "linear: input {:?} does not fit a [{}, {k}] weight",
+        x.shape(),
+        q.rows
+    );
+    let m = x.numel() / k;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = q.rows;
+    let mut c = match h {
+        Some(h) => {
+            ensure!(
+                h.shape() == shape,
+                "linear: residual {:?} vs {shape:?}",
+                h.shape()
+            );
+            h.contiguous()?.to_vec::<f32>()?
+        }
+        None => vec![0f32; m * q.rows],
+    };
+    let xc = x.contiguous()?;
+    let xs = xc.cpu_data::<f32>()?;
+    let w = match q.format {
+        QFormat::Q8_0 => WRows::Q8_0(&q.bytes),
+        QFormat::Q4_0 => WRows::Q4_0(&q.bytes),
+        QFormat::Q4_1 => WRows::Q4_1(&q.bytes),
+    };
+    xwt(m, q.rows, k, &xs, k, w, k, &mut c, q.rows, h.is_some())?;
+    drop(xs);
+    let out = Tensor::from_vec(c, &shape, Device::Cpu)?;
+    match b {
+        Some(b) => kf_ops::elementwise::bias_add(&out, b),
+        None => Ok(out),
     }
 }
 

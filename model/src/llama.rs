@@ -10,9 +10,10 @@
 //! that permutation (row `h·D + 2j + s` of the file is row `h·D + s·D/2 + j` here).
 
 use crate::config::{Arch, DditConfig};
-use crate::ddit::Ddit;
+use crate::ddit::{Ddit, QMat};
 use anyhow::{bail, ensure, Context, Result};
-use kf_engine::gguf::{Gguf, GgufValue};
+use kf_engine::gemm::QFormat;
+use kf_engine::gguf::{GgmlType, Gguf, GgufValue};
 use kf_engine::{io, DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -181,8 +182,9 @@ pub fn config_from_gguf(g: &Gguf) -> Result<DditConfig> {
 
 /// Undoes llama.cpp's per-head row permutation of `attn_q` / `attn_k` (module docs):
 /// `w [heads·D, cols]` in the file's order -> Hugging Face's order.
-fn unpermute_rows(w: &[f32], heads: usize, hd: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
+/// Rows are `cols` items long (f32 values, or the bytes of a quantized row).
+fn unpermute_rows<T: Copy + Default>(w: &[T], heads: usize, hd: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::default(); w.len()];
     let half = hd / 2;
     for h in 0..heads {
         for j in 0..half {
@@ -208,6 +210,132 @@ fn stack_rows(parts: &[Vec<f32>], cols: usize) -> Result<Tensor> {
 
 /// Loads a Llama-family GGUF file as an f32 backbone (every tensor dequantized).
 pub fn load_gguf(path: &Path) -> Result<Ddit> {
+    load_gguf_with(path, false)
+}
+
+/// The ggml block format of the engine's quantized x·Wᵀ kernels, if `ty` is one.
+fn kernel_format(ty: GgmlType) -> Option<QFormat> {
+    match ty {
+        GgmlType::Q8_0 => Some(QFormat::Q8_0),
+        GgmlType::Q4_0 => Some(QFormat::Q4_0),
+        GgmlType::Q4_1 => Some(QFormat::Q4_1),
+        _ => None,
+    }
+}
+
+/// [`load_gguf`]; with `keep_quantized`, the matrices stored as Q8_0 / Q4_0 / Q4_1 also keep
+/// their blocks, which CPU inference multiplies with (`Ddit::set_quantized`; the f32
+/// parameters stay, for the tape and the devices).
+pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<Ddit> {
+    let mut m = load_gguf_f32(path)?;
+    if !keep_quantized {
+        return Ok(m);
+    }
+    let g = Gguf::open(path)?;
+    let cfg = m.cfg.clone();
+    let (d, hd, f) = (cfg.d_model, cfg.head_dim(), cfg.ffn());
+    let (nh, hk) = (cfg.n_heads, cfg.kv_heads());
+    // the blocks of tensors that all share one kernel format, rows stacked (q/k rows
+    // un-permuted like the f32 values)
+    let stacked = |parts: &[(&str, usize)]| -> Result<Option<(QFormat, Vec<u8>)>> {
+        let mut fmt = None;
+        let mut bytes = vec![];
+        for &(name, heads) in parts {
+            let info = g
+                .tensor_info(name)
+                .with_context(|| format!("{}: missing tensor {name}", path.display()))?;
+            let Some(q) = kernel_format(info.ty) else {
+                return Ok(None);
+            };
+            if fmt.is_some_and(|f| f != q) {
+                return Ok(None);
+            }
+            fmt = Some(q);
+            let raw = g.tensor_bytes(name)?;
+            let row = raw.len() / info.shape[0];
+            if heads > 0 {
+                bytes.extend(unpermute_rows(raw, heads, hd, row));
+            } else {
+                bytes.extend_from_slice(raw);
+            }
+        }
+        Ok(fmt.map(|f| (f, bytes)))
+    };
+    let attach = |m: &mut Ddit,
+                  param: &str,
+                  parts: &[(&str, usize)],
+                  rows: usize,
+                  cols: usize|
+     -> Result<()> {
+        if let Some((format, bytes)) = stacked(parts)? {
+            m.set_quantized(
+                param,
+                QMat {
+                    format,
+                    bytes,
+                    rows,
+                    cols,
+                },
+            )?;
+        }
+        Ok(())
+    };
+    attach(
+        &mut m,
+        "model.embed_tokens.weight",
+        &[("token_embd.weight", 0)],
+        cfg.vocab_size,
+        d,
+    )?;
+    for i in 0..cfg.n_layers {
+        let (b, l) = (format!("blk.{i}"), format!("model.layers.{i}"));
+        let q = format!("{b}.attn_q.weight");
+        let k = format!("{b}.attn_k.weight");
+        let v = format!("{b}.attn_v.weight");
+        attach(
+            &mut m,
+            &format!("{l}.self_attn.qkv_proj.weight"),
+            &[(&q, nh), (&k, hk), (&v, 0)],
+            (nh + 2 * hk) * hd,
+            d,
+        )?;
+        attach(
+            &mut m,
+            &format!("{l}.self_attn.o_proj.weight"),
+            &[(&format!("{b}.attn_output.weight"), 0)],
+            d,
+            nh * hd,
+        )?;
+        let gate = format!("{b}.ffn_gate.weight");
+        let up = format!("{b}.ffn_up.weight");
+        attach(
+            &mut m,
+            &format!("{l}.mlp.gate_up_proj.weight"),
+            &[(&gate, 0), (&up, 0)],
+            2 * f,
+            d,
+        )?;
+        attach(
+            &mut m,
+            &format!("{l}.mlp.down_proj.weight"),
+            &[(&format!("{b}.ffn_down.weight"), 0)],
+            d,
+            f,
+        )?;
+    }
+    if !cfg.tie_embeddings {
+        attach(
+            &mut m,
+            "lm_head.weight",
+            &[("output.weight", 0)],
+            cfg.vocab_size,
+            d,
+        )?;
+    }
+    Ok(m)
+}
+
+fn load_gguf_f32(path: &Path) -> Result<Ddit> {
     let g = Gguf::open(path)?;
     let cfg = config_from_gguf(&g)?;
     let p = path.display();
