@@ -145,7 +145,10 @@ fn tiny(extra: Vec<(String, GgufValue)>) -> Vec<(String, GgufValue)> {
 }
 
 fn load(meta: Vec<(String, GgufValue)>) -> anyhow::Result<(Gguf, Tokenizer)> {
-    let p = tmp("tiny.gguf");
+    // one file per call: the tests run in parallel threads of one process
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = tmp(&format!("tiny-{n}.gguf"));
     write_gguf(&p, &meta, &[]).unwrap();
     let g = Gguf::open(&p)?;
     let t = Tokenizer::from_gguf(&g);
