@@ -200,9 +200,13 @@ impl Engine {
     /// one), then starts the scheduler.
     pub fn load(dir: &Path, device: Device, opts: EngineOptions) -> Result<Engine> {
         let model = Model::load(dir, device)?;
-        let tok = match checkpoint::model_file(dir, "tokenizer.json") {
-            Ok(p) => Some(Tokenizer::from_file(p)?),
-            Err(_) => None,
+        let tok = if crate::llama::is_gguf(dir) {
+            Some(checkpoint::read_tokenizer(dir, model.cfg())?)
+        } else {
+            match checkpoint::model_file(dir, "tokenizer.json") {
+                Ok(p) => Some(Tokenizer::from_file(p)?),
+                Err(_) => None,
+            }
         };
         let name = dir
             .canonicalize()
