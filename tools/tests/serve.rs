@@ -384,7 +384,9 @@ fn a_full_queue_gets_429_and_a_disconnect_cancels() {
 #[test]
 fn sigterm_finishes_running_streams_and_exits_zero() {
     let mut s = Server::start("teacher", &["--shutdown-grace", "0.2"]);
-    let body = json!({"prompt": "A", "max_tokens": 250, "stream": true}).to_string();
+    // ignore_eos: a sampled EOS would end the stream with "stop" before the signal
+    let body =
+        json!({"prompt": "A", "max_tokens": 250, "stream": true, "ignore_eos": true}).to_string();
     let mut t = TcpStream::connect(&s.addr).unwrap();
     t.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(t, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
@@ -410,7 +412,8 @@ fn sigterm_finishes_running_streams_and_exits_zero() {
     );
     assert!(
         all.contains("\"finish_reason\":\"shutdown\"")
-            || all.contains("\"finish_reason\":\"length\"")
+            || all.contains("\"finish_reason\":\"length\""),
+        "{all}"
     );
     let status = s.child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
