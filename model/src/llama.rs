@@ -227,11 +227,12 @@ fn kernel_format(ty: GgmlType) -> Option<QFormat> {
 /// their blocks, which CPU inference multiplies with (`Ddit::set_quantized`; the f32
 /// parameters stay, for the tape and the devices).
 pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<Ddit> {
-    let mut m = load_gguf_f32(path)?;
+    // one validated mapping of the file for both the f32 values and the blocks
+    let g = Gguf::open(path)?;
+    let mut m = load_gguf_f32(&g, path)?;
     if !keep_quantized {
         return Ok(m);
     }
-    let g = Gguf::open(path)?;
     let cfg = m.cfg.clone();
     let (d, hd, f) = (cfg.d_model, cfg.head_dim(), cfg.ffn());
     let (nh, hk) = (cfg.n_heads, cfg.kv_heads());
@@ -335,8 +336,7 @@ pub fn load_gguf_with(path: &Path, keep_quantized: bool) -> Result<Ddit> {
     Ok(m)
 }
 
-fn load_gguf_f32(path: &Path) -> Result<Ddit> {
-    let g = Gguf::open(path)?;
+fn load_gguf_f32(g: &Gguf, path: &Path) -> Result<Ddit> {
     let cfg = config_from_gguf(&g)?;
     let p = path.display();
     let (d, hd, f) = (cfg.d_model, cfg.head_dim(), cfg.ffn());
