@@ -7,6 +7,7 @@ pub mod autograd;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod dist;
 pub mod dtype;
 pub mod emu;
 pub mod fs;
