@@ -797,6 +797,9 @@ pub struct StageOptions {
     pub resume: bool,
     pub max_steps: Option<u64>,
     pub stop: Option<Arc<AtomicBool>>,
+    /// One rank of several (data parallelism): every rank reads the same files; rank 0
+    /// alone writes `out`.
+    pub comm: Option<crate::train::SharedCollective>,
 }
 
 /// What [`distill_stage`] returns.
@@ -1010,8 +1013,14 @@ pub fn distill_stage_on(
         }),
         _ => None,
     };
-    let mut sess = session(task, device, opts.config.optim.clone(), from)
-        .with_context(|| format!("distilling on {device}"))?;
+    let mut sess = session(
+        task,
+        device,
+        opts.config.optim.clone(),
+        from,
+        opts.comm.clone(),
+    )
+    .with_context(|| format!("distilling on {device}"))?;
     let spec = RunSpec {
         out: opts.out.clone(),
         kind,
@@ -1040,10 +1049,16 @@ pub fn distill_stage_on(
         let metrics = metrics
             .as_ref()
             .context("the final evaluation left no metrics")?;
-        kf_engine::fs::write_atomic(
-            &opts.out.join(STAGE_METRICS_FILE),
-            serde_json::to_string_pretty(metrics)?.as_bytes(),
-        )?;
+        if rank_of(&opts.comm)? == 0 {
+            kf_engine::fs::write_atomic(
+                &opts.out.join(STAGE_METRICS_FILE),
+                serde_json::to_string_pretty(metrics)?.as_bytes(),
+            )?;
+        }
+        if let Some(c) = &opts.comm {
+            // the next stage (on every rank) looks for this file
+            c.lock()?.barrier()?;
+        }
     }
     let mut student = task.student;
     student.set_trainable(false);
@@ -1052,4 +1067,12 @@ pub fn distill_stage_on(
         outcome,
         metrics,
     })
+}
+
+/// This process's rank under `comm` (0 without one).
+pub(crate) fn rank_of(comm: &Option<crate::train::SharedCollective>) -> Result<usize> {
+    match comm {
+        None => Ok(0),
+        Some(c) => Ok(c.lock()?.rank()),
+    }
 }

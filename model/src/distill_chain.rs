@@ -171,6 +171,9 @@ pub struct ChainOptions {
     /// Per stage, as in `kfrun train --max-steps`.
     pub max_steps: Option<u64>,
     pub stop: Option<Arc<AtomicBool>>,
+    /// One rank of several (data parallelism): every rank reads the same files; rank 0
+    /// alone writes `out`.
+    pub comm: Option<crate::train::SharedCollective>,
 }
 
 /// What happened to one stage.
@@ -309,6 +312,7 @@ pub fn distill_chain_on(
                 resume: opts.resume,
                 max_steps: opts.max_steps,
                 stop: opts.stop.clone(),
+                comm: opts.comm.clone(),
             },
             device,
             &mut |e| on_event(ChainEvent::Run(e)),
@@ -343,10 +347,12 @@ pub fn distill_chain_on(
         "stages": reports,
         "elapsed_s": reports.iter().map(|r| r.elapsed_s).sum::<f64>(),
     });
-    write_atomic(
-        &opts.out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+    if crate::distill::rank_of(&opts.comm)? == 0 {
+        write_atomic(
+            &opts.out.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+    }
     Ok(ChainOutcome::Finished {
         final_dir,
         stages: reports,

@@ -139,6 +139,7 @@ fn teacher(root: &Path, data: &Path, steps: u64) -> PathBuf {
             resume: false,
             max_steps: None,
             stop: None,
+            comm: None,
         },
         &mut |_| {},
     )
@@ -208,6 +209,7 @@ fn stage(
             resume: false,
             max_steps: None,
             stop: None,
+            comm: None,
         },
         &mut |_| {},
     )

@@ -89,6 +89,7 @@ fn opts(cfg: Option<PathBuf>, out: &Path) -> TeacherOptions {
         resume: false,
         max_steps: None,
         stop: None,
+        comm: None,
     }
 }
 

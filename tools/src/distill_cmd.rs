@@ -48,6 +48,8 @@ pub struct DistillArgs {
     /// Checkpoints are the same files on every device: a run resumes on any of them.
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    dist: crate::dist_arg::DistArgs,
 }
 
 pub fn run(a: &DistillArgs) -> Result<()> {
@@ -59,8 +61,17 @@ pub fn run(a: &DistillArgs) -> Result<()> {
         Some("inversion") => recipe.variant = Variant::Inversion,
         _ => {}
     }
+    let comm = a.dist.connect()?;
+    let (rank, ranks) = crate::dist_arg::rank_size(&comm)?;
     let stop = install_stop_handler()?;
-    let mut progress = RunProgress::new(a.resume);
+    let mut progress = RunProgress::new(a.resume).silent(rank > 0);
+    if ranks > 1 {
+        progress.say(format!(
+            "data parallel over {ranks} ranks ({}); rank 0 writes {}",
+            a.dist.distributed,
+            a.out.display()
+        ));
+    }
     let opts = ChainOptions {
         teacher: a.teacher.clone(),
         data: a.data.clone(),
@@ -71,6 +82,7 @@ pub fn run(a: &DistillArgs) -> Result<()> {
         resume: a.resume,
         max_steps: a.max_steps,
         stop: Some(stop),
+        comm,
     };
     let mut dir = a.out.clone();
     if !device.is_cpu() {
@@ -108,7 +120,18 @@ pub fn run(a: &DistillArgs) -> Result<()> {
         ChainEvent::Run(e) => progress.event(e, &dir),
     });
     progress.finish();
-    match res? {
+    let res = res?;
+    if rank > 0 {
+        if let ChainOutcome::Stopped {
+            outcome: Outcome::Interrupted { .. },
+            ..
+        } = res
+        {
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
+    match res {
         ChainOutcome::Finished { final_dir, stages } => {
             println!("stage  steps  wall s  val loss  agreement  whole windows  per offset");
             for s in &stages {

@@ -20,6 +20,7 @@ mod bench_train;
 mod cost_model;
 mod data_cmd;
 mod device_arg;
+mod dist_arg;
 mod distill_cmd;
 mod eval_cmd;
 mod export_cmd;

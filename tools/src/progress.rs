@@ -47,6 +47,8 @@ pub struct RunProgress {
     every: u64,
     /// `--resume` was given (for the "no checkpoint" message).
     resume: bool,
+    /// Shows nothing (the ranks other than 0 of a data-parallel run).
+    silent: bool,
 }
 
 impl RunProgress {
@@ -64,11 +66,24 @@ impl RunProgress {
             tps_ema: None,
             every: 1,
             resume,
+            silent: false,
         }
+    }
+
+    /// Shows nothing: rank 0 speaks for a data-parallel run.
+    pub fn silent(mut self, yes: bool) -> RunProgress {
+        if yes {
+            self.bar.set_draw_target(ProgressDrawTarget::hidden());
+            self.silent = true;
+        }
+        self
     }
 
     /// A line above the bar (or on stderr).
     pub fn say(&self, s: String) {
+        if self.silent {
+            return;
+        }
         if self.plain {
             eprintln!("{s}");
         } else {
@@ -78,6 +93,9 @@ impl RunProgress {
 
     /// Shows one training event; `out` is the run directory (for messages).
     pub fn event(&mut self, ev: &Event, out: &std::path::Path) {
+        if self.silent {
+            return;
+        }
         match ev {
             Event::Start {
                 step,

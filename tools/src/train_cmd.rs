@@ -36,12 +36,23 @@ pub struct TrainArgs {
     /// Checkpoints are the same files on every device: a run resumes on any of them.
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    dist: crate::dist_arg::DistArgs,
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
     let device = crate::device_arg::select_device(&a.device)?;
+    let comm = a.dist.connect()?;
+    let (rank, ranks) = crate::dist_arg::rank_size(&comm)?;
     let stop = install_stop_handler()?;
-    let mut progress = RunProgress::new(a.resume);
+    let mut progress = RunProgress::new(a.resume).silent(rank > 0);
+    if ranks > 1 {
+        progress.say(format!(
+            "data parallel over {ranks} ranks ({}); rank 0 writes {}",
+            a.dist.distributed,
+            a.out.display()
+        ));
+    }
     let opts = TeacherOptions {
         config: a.config.clone(),
         data: a.data.clone(),
@@ -50,13 +61,22 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         resume: a.resume,
         max_steps: a.max_steps,
         stop: Some(stop),
+        comm,
     };
     if !device.is_cpu() {
         progress.say(format!("the model, its updates and validation on {device}"));
     }
     let res = train::train_teacher_on(&opts, device, &mut |ev| progress.event(ev, &a.out));
     progress.finish();
-    match res? {
+    let res = res?;
+    if rank > 0 {
+        // rank 0 reports; an interrupted run still exits 130 everywhere
+        if let Outcome::Interrupted { .. } = res {
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
+    match res {
         Outcome::Finished {
             step,
             final_dir,

@@ -81,7 +81,11 @@ impl std::str::FromStr for Backend {
 /// The (rank, size) an MPI launcher put in the environment (Open MPI's `OMPI_COMM_WORLD_*`,
 /// MPICH/Hydra's `PMI_*`), if any.
 pub fn launcher_env() -> Option<(usize, usize)> {
-    let get = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let get = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
     for (r, s) in [
         ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
         ("PMI_RANK", "PMI_SIZE"),
@@ -117,12 +121,18 @@ pub fn connect(backend: Backend, timeout: Timeout) -> Result<Option<BoxCollectiv
 }
 
 #[cfg(feature = "mpi")]
-fn mpi_connect(timeout: Timeout, _launched: Option<(usize, usize)>) -> Result<Option<BoxCollective>> {
+fn mpi_connect(
+    timeout: Timeout,
+    _launched: Option<(usize, usize)>,
+) -> Result<Option<BoxCollective>> {
     Ok(Some(Box::new(mpi::MpiCollective::init(timeout)?)))
 }
 
 #[cfg(not(feature = "mpi"))]
-fn mpi_connect(_timeout: Timeout, launched: Option<(usize, usize)>) -> Result<Option<BoxCollective>> {
+fn mpi_connect(
+    _timeout: Timeout,
+    launched: Option<(usize, usize)>,
+) -> Result<Option<BoxCollective>> {
     let who = match launched {
         Some((r, s)) => format!("this process is rank {r} of {s} started by an MPI launcher, but "),
         None => String::new(),
@@ -134,12 +144,18 @@ fn mpi_connect(_timeout: Timeout, launched: Option<(usize, usize)>) -> Result<Op
 }
 
 #[cfg(feature = "nccl")]
-fn nccl_connect(timeout: Timeout, _launched: Option<(usize, usize)>) -> Result<Option<BoxCollective>> {
+fn nccl_connect(
+    timeout: Timeout,
+    _launched: Option<(usize, usize)>,
+) -> Result<Option<BoxCollective>> {
     Ok(Some(Box::new(nccl::NcclCollective::init(timeout)?)))
 }
 
 #[cfg(not(feature = "nccl"))]
-fn nccl_connect(_timeout: Timeout, _launched: Option<(usize, usize)>) -> Result<Option<BoxCollective>> {
+fn nccl_connect(
+    _timeout: Timeout,
+    _launched: Option<(usize, usize)>,
+) -> Result<Option<BoxCollective>> {
     bail!(
         "--distributed nccl: this kfrun was built without NCCL support: build with \
          `cargo build --release -p kf-tools --features nccl` (needs MPI too: the ranks exchange NCCL's id over MPI)"
@@ -229,7 +245,11 @@ pub mod local {
             "local"
         }
         fn sum_ordered(&mut self, parts: &[&[f32]], out: &mut [f32]) -> Result<()> {
-            ensure!(!parts.is_empty(), "sum_ordered: rank {} has no parts", self.rank);
+            ensure!(
+                !parts.is_empty(),
+                "sum_ordered: rank {} has no parts",
+                self.rank
+            );
             ensure!(
                 parts.iter().all(|p| p.len() == out.len()),
                 "sum_ordered: parts of different lengths"
@@ -297,7 +317,11 @@ mod tests {
     fn ordered_sum_equals_the_sequential_sum_for_any_grouping() {
         // values whose sum depends on the order in f32
         let parts: Vec<Vec<f32>> = (0..6)
-            .map(|i| (0..37).map(|j| ((i * 37 + j) as f32 * 0.731).sin() * 10f32.powi(i % 4 * 3)).collect())
+            .map(|i| {
+                (0..37)
+                    .map(|j| ((i * 37 + j) as f32 * 0.731).sin() * 10f32.powi(i % 4 * 3))
+                    .collect()
+            })
             .collect();
         let mut seq = parts[0].clone();
         parts[1..].iter().for_each(|p| add_into(&mut seq, p));
@@ -310,8 +334,10 @@ mod tests {
                         let parts = &parts;
                         s.spawn(move || {
                             let r = c.rank();
-                            let mine: Vec<&[f32]> =
-                                parts[r * per..(r + 1) * per].iter().map(|v| &v[..]).collect();
+                            let mine: Vec<&[f32]> = parts[r * per..(r + 1) * per]
+                                .iter()
+                                .map(|v| &v[..])
+                                .collect();
                             let mut out = vec![0f32; 37];
                             c.sum_ordered(&mine, &mut out).unwrap();
                             out
@@ -341,7 +367,10 @@ mod tests {
         let mut c = comms.pop().unwrap();
         let t = std::time::Instant::now();
         let e = c.all_gather(b"x").unwrap_err().to_string();
-        assert!(e.contains("no message from rank 1 within the collective timeout"), "{e}");
+        assert!(
+            e.contains("no message from rank 1 within the collective timeout"),
+            "{e}"
+        );
         assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 

@@ -75,8 +75,16 @@ impl MpiCollective {
     }
 
     /// Sends `data` to `to`, waiting (with the deadline) until MPI is done with the buffer.
-    fn send<T: mpi::datatype::Equivalence + Copy + 'static>(&mut self, to: usize, tag: i32, data: &[T]) -> Result<()> {
-        ensure!(!self.broken, "the MPI communicator is broken by an earlier timeout");
+    fn send<T: mpi::datatype::Equivalence + Copy + 'static>(
+        &mut self,
+        to: usize,
+        tag: i32,
+        data: &[T],
+    ) -> Result<()> {
+        ensure!(
+            !self.broken,
+            "the MPI communicator is broken by an earlier timeout"
+        );
         // An owned copy MPI may still read after a timeout (then it is leaked, never freed).
         let raw: *mut [T] = Box::into_raw(data.to_vec().into_boxed_slice());
         // SAFETY: `raw` comes from Box::into_raw and is freed only once the request completed
@@ -107,15 +115,26 @@ impl MpiCollective {
     }
 
     /// Receives the next message with `tag` from `from` (any length), with the deadline.
-    fn recv<T: mpi::datatype::Equivalence + Copy + Default>(&mut self, from: usize, tag: i32) -> Result<Vec<T>> {
-        ensure!(!self.broken, "the MPI communicator is broken by an earlier timeout");
+    fn recv<T: mpi::datatype::Equivalence + Copy + Default>(
+        &mut self,
+        from: usize,
+        tag: i32,
+    ) -> Result<Vec<T>> {
+        ensure!(
+            !self.broken,
+            "the MPI communicator is broken by an earlier timeout"
+        );
         let t0 = Instant::now();
         let mut spins = 0u32;
         let peer = self.world.process_at_rank(from as i32);
         loop {
             if let Some((msg, status)) = peer.immediate_matched_probe_with_tag(tag) {
                 let n = status.count(T::equivalent_datatype());
-                ensure!(n >= 0, "rank {}: a message of undefined length from rank {from}", self.rank);
+                ensure!(
+                    n >= 0,
+                    "rank {}: a message of undefined length from rank {from}",
+                    self.rank
+                );
                 let mut v = vec![T::default(); n as usize];
                 msg.matched_receive_into(&mut v[..]);
                 return Ok(v);
@@ -189,7 +208,11 @@ impl Collective for MpiCollective {
     }
 
     fn sum_ordered(&mut self, parts: &[&[f32]], out: &mut [f32]) -> Result<()> {
-        ensure!(!parts.is_empty(), "sum_ordered: rank {} has no parts", self.rank);
+        ensure!(
+            !parts.is_empty(),
+            "sum_ordered: rank {} has no parts",
+            self.rank
+        );
         ensure!(
             parts.iter().all(|p| p.len() == out.len()),
             "sum_ordered: parts of different lengths"
@@ -221,7 +244,11 @@ impl Collective for MpiCollective {
     }
 
     fn broadcast(&mut self, root: usize, buf: &mut Vec<u8>) -> Result<()> {
-        ensure!(root < self.size, "broadcast: root {root} of {} ranks", self.size);
+        ensure!(
+            root < self.size,
+            "broadcast: root {root} of {} ranks",
+            self.size
+        );
         if self.size == 1 {
             return Ok(());
         }

@@ -5,7 +5,7 @@
 //! the trainer are the same on every device; the ops dispatch on where the tensors are. The
 //! checkpoint files are the same too, so a run started on one device resumes on another.
 
-use super::optim::{OptimConfig, Trainer};
+use super::optim::{OptimConfig, SharedCollective, Trainer};
 use super::run::{Session, TrainSession, TrainTask};
 use anyhow::{Context, Result};
 use kf_engine::Device;
@@ -22,12 +22,14 @@ pub struct ResumeFrom<'a> {
 pub type BoxSession<T> = Box<dyn Session<Task = T>>;
 
 /// A training session on `device`: the task's models moved there (the trained one as
-/// variables), the optimizer state from `resume` or zero.
+/// variables), the optimizer state from `resume` or zero; with `comm`, one rank of several
+/// (rank 0's parameters, moments and step are taken by every rank).
 pub fn session<T: TrainTask + 'static>(
     mut task: T,
     device: Device,
     opt: OptimConfig,
     resume: Option<ResumeFrom<'_>>,
+    comm: Option<SharedCollective>,
 ) -> Result<BoxSession<T>> {
     if !device.is_cpu() {
         task.to_device(device)
@@ -36,6 +38,9 @@ pub fn session<T: TrainTask + 'static>(
     let mut trainer = Trainer::new(&task.params(), opt)?;
     if let Some(r) = resume {
         trainer.load_optimizer(r.optimizer, r.step)?;
+    }
+    if let Some(c) = comm {
+        trainer.set_collective(c)?;
     }
     Ok(Box::new(TrainSession {
         trainer,

@@ -42,7 +42,7 @@ pub mod teacher;
 pub use backend::{session, BoxSession, ResumeFrom};
 pub use checkpoint::{DataId, TrainerState};
 pub use metrics::StepRecord;
-pub use optim::{Extras, NonFinite, OptimConfig, StepStats, Trainer};
+pub use optim::{Extras, NonFinite, OptimConfig, SharedCollective, StepStats, Trainer};
 pub use run::{drive, Event, Outcome, RunSpec, Session, TrainSession, TrainTask, FINAL_DIR};
 
 pub use config::{

@@ -7,8 +7,16 @@
 //! has the 0-based index `i = step()`; the closure is called as `loss(i, micro)`, the
 //! learning rate is `lr_at(i)`, AdamW's bias-correction step is `i + 1`, and metrics
 //! and messages call it step `i + 1` (so "step 1" is the first update).
+//!
+//! Data parallelism ([`Trainer::set_collective`]): with `W` ranks, rank `r` computes the
+//! micro-batches `r * A / W .. (r + 1) * A / W` of each update (`A = grad_accum`, a multiple
+//! of `W`) and the gradients are summed by [`Collective::sum_ordered`] in micro-batch order —
+//! the very additions a single process makes — so every rank applies the same AdamW update
+//! and the result is bit-identical to one process with the same config (and thread count per
+//! micro-batch), whatever `W`.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use kf_engine::dist::Collective;
 use kf_engine::{autograd, DType, Device, Tensor};
 use kf_ops::adamw::{adamw_step, AdamWConfig};
 use kf_ops::elementwise::scale;
@@ -16,6 +24,31 @@ use kf_ops::reduce::sum_squares;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// A collective shared by the sessions of one process (the stages of a distillation chain
+/// run one after another on the same ranks).
+#[derive(Clone)]
+pub struct SharedCollective(Arc<Mutex<kf_engine::dist::BoxCollective>>);
+
+impl SharedCollective {
+    pub fn new(c: kf_engine::dist::BoxCollective) -> SharedCollective {
+        SharedCollective(Arc::new(Mutex::new(c)))
+    }
+
+    /// The collective (one user at a time).
+    pub fn lock(&self) -> Result<std::sync::MutexGuard<'_, kf_engine::dist::BoxCollective>> {
+        self.0
+            .lock()
+            .map_err(|_| anyhow!("the collective's lock is poisoned (a thread panicked)"))
+    }
+}
+
+impl std::fmt::Debug for SharedCollective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedCollective")
+    }
+}
 
 /// Extra per-step metrics a loss closure reports (name, value); averaged over micro-batches.
 pub type Extras = Vec<(String, f64)>;
@@ -174,6 +207,8 @@ pub struct Trainer {
     params: Vec<Param>,
     opt: OptimConfig,
     step: u64,
+    /// Set when this process is one rank of several.
+    comm: Option<SharedCollective>,
 }
 
 /// `format` in the optimizer file's metadata.
@@ -217,7 +252,75 @@ impl Trainer {
             params: out,
             opt,
             step: 0,
+            comm: None,
         })
+    }
+
+    /// Makes this trainer one rank of `comm`'s group: checks that the update's micro-batches
+    /// split evenly, then takes rank 0's parameters, moments and step (the broadcast of the
+    /// initial or resumed state), so every rank starts from the same bits.
+    pub fn set_collective(&mut self, comm: SharedCollective) -> Result<()> {
+        {
+            let mut c = comm.lock()?;
+            let w = c.size();
+            ensure!(
+                self.opt.grad_accum % w == 0,
+                "grad_accum {} is not a multiple of the {w} ranks: each rank computes whole micro-batches of an update \
+                 (batch_size x grad_accum windows); set grad_accum to a multiple of {w} (and divide batch_size to keep the global batch)",
+                self.opt.grad_accum
+            );
+            if w > 1 {
+                self.sync_from_root(&mut **c)
+                    .context("taking rank 0's parameters and optimizer state")?;
+            }
+        }
+        self.comm = Some(comm);
+        Ok(())
+    }
+
+    /// This process's rank and the number of ranks ((0, 1) without a collective).
+    pub fn rank_size(&self) -> Result<(usize, usize)> {
+        match &self.comm {
+            None => Ok((0, 1)),
+            Some(c) => {
+                let c = c.lock()?;
+                Ok((c.rank(), c.size()))
+            }
+        }
+    }
+
+    /// The collective, when there is one.
+    pub fn collective(&self) -> Option<&SharedCollective> {
+        self.comm.as_ref()
+    }
+
+    fn sync_from_root(&mut self, c: &mut dyn Collective) -> Result<()> {
+        let mut step = self.step.to_le_bytes().to_vec();
+        c.broadcast(0, &mut step)?;
+        let got: [u8; 8] = step
+            .as_slice()
+            .try_into()
+            .map_err(|_| anyhow!("rank 0 sent a step of {} bytes", step.len()))?;
+        self.step = u64::from_le_bytes(got);
+        for p in self.params.iter_mut() {
+            for t in [&p.tensor, &p.m, &p.v] {
+                let mut b: Vec<u8> = bytemuck::cast_slice(&t.to_vec::<f32>()?).to_vec();
+                c.broadcast(0, &mut b)?;
+                ensure!(
+                    b.len() == t.numel() * 4,
+                    "{}: rank 0 sent {} bytes for {} values: the ranks built different models",
+                    p.name,
+                    b.len(),
+                    t.numel()
+                );
+                let v: Vec<f32> = b
+                    .chunks_exact(4)
+                    .map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]]))
+                    .collect();
+                t.copy_from(&Tensor::from_vec(v, t.shape(), t.device())?)?;
+            }
+        }
+        Ok(())
     }
 
     /// Completed updates.
@@ -242,41 +345,71 @@ impl Trainer {
     where
         F: FnMut(u64, usize) -> Result<(Tensor, Extras)>,
     {
+        if let Some(comm) = self.comm.clone() {
+            let mut c = comm.lock()?;
+            if c.size() > 1 {
+                return self.train_step_ranks(&mut **c, loss_fn);
+            }
+        }
         let i = self.step;
-        let step1 = i + 1;
         let accum = self.opt.grad_accum;
         // the summed gradients, on the parameters' device
         let mut acc: Vec<Option<Tensor>> = vec![None; self.params.len()];
         let mut loss_sum = 0.0;
         let mut extras = ExtrasSum::default();
         for micro in 0..accum {
-            let (loss, ex) =
-                loss_fn(i, micro).with_context(|| format!("step {step1}, micro-batch {micro}"))?;
-            ensure!(
-                loss.numel() == 1,
-                "step {step1}: the loss has shape {:?}, expected a scalar",
-                loss.shape()
-            );
-            let lv = loss.to_scalar_f64()?;
-            if !lv.is_finite() {
-                return Err(NonFinite {
-                    step: step1,
-                    what: "the training loss is",
-                    value: lv,
-                    micro: Some(micro),
-                }
-                .into());
-            }
+            let (lv, ex, grads) = self.micro_grads(&mut loss_fn, i, micro)?;
             loss_sum += lv;
             extras.add(ex);
-            let grads = loss
-                .backward()
-                .with_context(|| format!("step {step1}, micro-batch {micro}: backward"))?;
-            drop(loss);
-            for (p, a) in self.params.iter().zip(acc.iter_mut()) {
-                let Some(g) = grads.get(&p.tensor) else {
-                    continue;
-                };
+            for (g, a) in grads.into_iter().zip(acc.iter_mut()) {
+                let Some(g) = g else { continue };
+                *a = Some(match a.take() {
+                    None => g.whole_buffer()?,
+                    Some(sum) => sum.add_same_shape(&g)?,
+                });
+            }
+        }
+        self.apply(acc, loss_sum, extras)
+    }
+
+    /// Micro-batch `micro` of update `i`: its loss (checked finite), extras and the
+    /// gradient of every parameter (None where the loss does not reach it).
+    #[allow(clippy::type_complexity)]
+    fn micro_grads<F>(
+        &self,
+        loss_fn: &mut F,
+        i: u64,
+        micro: usize,
+    ) -> Result<(f64, Extras, Vec<Option<Tensor>>)>
+    where
+        F: FnMut(u64, usize) -> Result<(Tensor, Extras)>,
+    {
+        let step1 = i + 1;
+        let (loss, ex) =
+            loss_fn(i, micro).with_context(|| format!("step {step1}, micro-batch {micro}"))?;
+        ensure!(
+            loss.numel() == 1,
+            "step {step1}: the loss has shape {:?}, expected a scalar",
+            loss.shape()
+        );
+        let lv = loss.to_scalar_f64()?;
+        if !lv.is_finite() {
+            return Err(NonFinite {
+                step: step1,
+                what: "the training loss is",
+                value: lv,
+                micro: Some(micro),
+            }
+            .into());
+        }
+        let grads = loss
+            .backward()
+            .with_context(|| format!("step {step1}, micro-batch {micro}: backward"))?;
+        drop(loss);
+        let mut out = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let g = grads.get(&p.tensor);
+            if let Some(g) = g {
                 ensure!(
                     g.dtype() == DType::F32 && g.shape() == p.tensor.shape(),
                     "step {step1}: gradient of {} has {} {:?}, expected f32 {:?}",
@@ -285,12 +418,165 @@ impl Trainer {
                     g.shape(),
                     p.tensor.shape()
                 );
-                *a = Some(match a.take() {
-                    None => g.whole_buffer()?,
-                    Some(sum) => sum.add_same_shape(g)?,
+            }
+            out.push(g.cloned());
+        }
+        Ok((lv, ex, out))
+    }
+
+    /// [`Trainer::train_step`] as one rank of several (module docs): this rank's
+    /// micro-batches, their reports (loss, extras, which gradients exist, or the error)
+    /// gathered from every rank, the gradients summed in micro-batch order, then the same
+    /// update everywhere. An error on any rank is the error of every rank (the first in
+    /// micro-batch order), so the ranks never part ways.
+    fn train_step_ranks<F>(&mut self, c: &mut dyn Collective, mut loss_fn: F) -> Result<StepStats>
+    where
+        F: FnMut(u64, usize) -> Result<(Tensor, Extras)>,
+    {
+        let i = self.step;
+        let step1 = i + 1;
+        let (r, w) = (c.rank(), c.size());
+        let per = self.opt.grad_accum / w;
+        let mut reports: Vec<MicroReport> = Vec::with_capacity(per);
+        let mut grads: Vec<Vec<Option<Vec<f32>>>> = Vec::with_capacity(per);
+        for micro in r * per..(r + 1) * per {
+            let res = self
+                .micro_grads(&mut loss_fn, i, micro)
+                .and_then(|(lv, ex, g)| {
+                    let host = g
+                        .iter()
+                        .map(|t| t.as_ref().map(|t| t.to_vec::<f32>()).transpose())
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok((lv, ex, host))
                 });
+            match res {
+                Ok((lv, ex, g)) => {
+                    reports.push(MicroReport {
+                        micro,
+                        loss: lv.to_bits(),
+                        extras: ex.into_iter().map(|(k, v)| (k, v.to_bits())).collect(),
+                        present: g.iter().map(Option::is_some).collect(),
+                        error: None,
+                    });
+                    grads.push(g);
+                }
+                Err(e) => {
+                    let error = Some(match e.downcast_ref::<NonFinite>() {
+                        Some(nf) => MicroError::NonFinite {
+                            what: nf.what.to_string(),
+                            value: nf.value.to_bits(),
+                        },
+                        None => MicroError::Other(format!("rank {r}: {e:#}")),
+                    });
+                    reports.push(MicroReport {
+                        micro,
+                        loss: 0,
+                        extras: Vec::new(),
+                        present: Vec::new(),
+                        error,
+                    });
+                    break;
+                }
             }
         }
+        let gathered = c
+            .all_gather(&serde_json::to_vec(&reports)?)
+            .with_context(|| format!("step {step1}: gathering the micro-batch reports"))?;
+        let mut all: Vec<MicroReport> = Vec::with_capacity(self.opt.grad_accum);
+        for (q, b) in gathered.iter().enumerate() {
+            let v: Vec<MicroReport> = serde_json::from_slice(b)
+                .with_context(|| format!("step {step1}: rank {q}'s report"))?;
+            all.extend(v);
+        }
+        if let Some((micro, e)) = all
+            .iter()
+            .find_map(|m| m.error.as_ref().map(|e| (m.micro, e)))
+        {
+            return Err(match e {
+                MicroError::NonFinite { what, value } => NonFinite {
+                    step: step1,
+                    what: static_what(what),
+                    value: f64::from_bits(*value),
+                    micro: Some(micro),
+                }
+                .into(),
+                MicroError::Other(msg) => anyhow!("step {step1}, micro-batch {micro}: {msg}"),
+            });
+        }
+        ensure!(
+            all.len() == self.opt.grad_accum
+                && all.iter().enumerate().all(|(j, m)| m.micro == j
+                    && m.present.len() == self.params.len()),
+            "step {step1}: the ranks' reports do not cover micro-batches 0..{} (ranks built with different configs?)",
+            self.opt.grad_accum
+        );
+        // a gradient exists where any micro-batch has it; elsewhere a part holds zeros
+        let present: Vec<bool> = (0..self.params.len())
+            .map(|k| all.iter().any(|m| m.present[k]))
+            .collect();
+        let mut offsets = Vec::with_capacity(self.params.len());
+        let mut total = 0usize;
+        for (p, &has) in self.params.iter().zip(&present) {
+            offsets.push(total);
+            if has {
+                total += p.tensor.numel();
+            }
+        }
+        let parts: Vec<Vec<f32>> = grads
+            .into_iter()
+            .map(|g| {
+                let mut flat = vec![0f32; total];
+                for (k, gk) in g.into_iter().enumerate() {
+                    if let (true, Some(v)) = (present[k], gk) {
+                        flat[offsets[k]..offsets[k] + v.len()].copy_from_slice(&v);
+                    }
+                }
+                flat
+            })
+            .collect();
+        let refs: Vec<&[f32]> = parts.iter().map(|v| &v[..]).collect();
+        let mut sum = vec![0f32; total];
+        c.sum_ordered(&refs, &mut sum)
+            .with_context(|| format!("step {step1}: summing the gradients over {w} ranks"))?;
+        drop(parts);
+        let mut acc: Vec<Option<Tensor>> = Vec::with_capacity(self.params.len());
+        for (k, p) in self.params.iter().enumerate() {
+            acc.push(if present[k] {
+                let n = p.tensor.numel();
+                Some(Tensor::from_vec(
+                    sum[offsets[k]..offsets[k] + n].to_vec(),
+                    p.tensor.shape(),
+                    p.tensor.device(),
+                )?)
+            } else {
+                None
+            });
+        }
+        // the losses and extras in micro-batch order, as one process adds them
+        let mut loss_sum = 0.0;
+        let mut extras = ExtrasSum::default();
+        for m in all {
+            loss_sum += f64::from_bits(m.loss);
+            extras.add(
+                m.extras
+                    .into_iter()
+                    .map(|(k, v)| (k, f64::from_bits(v)))
+                    .collect(),
+            );
+        }
+        self.apply(acc, loss_sum, extras)
+    }
+
+    /// The rest of an update from the summed gradients: global norm, clipping, AdamW.
+    fn apply(
+        &mut self,
+        acc: Vec<Option<Tensor>>,
+        loss_sum: f64,
+        extras: ExtrasSum,
+    ) -> Result<StepStats> {
+        let i = self.step;
+        let step1 = i + 1;
+        let accum = self.opt.grad_accum;
         // global norm of the averaged gradient (kf_ops::reduce::sum_squares: the same bits
         // at any thread count)
         let inv = 1.0 / accum as f64;
@@ -368,6 +654,32 @@ impl Trainer {
         }
         self.step = expected_step;
         Ok(())
+    }
+}
+
+/// One micro-batch's outcome, as a rank reports it to the others (f64 as bits: exact, and
+/// NaN survives JSON).
+#[derive(Serialize, Deserialize)]
+struct MicroReport {
+    micro: usize,
+    loss: u64,
+    extras: Vec<(String, u64)>,
+    present: Vec<bool>,
+    error: Option<MicroError>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum MicroError {
+    NonFinite { what: String, value: u64 },
+    Other(String),
+}
+
+/// [`NonFinite::what`] for a remote rank's report.
+fn static_what(what: &str) -> &'static str {
+    match what {
+        "the gradient norm is" => "the gradient norm is",
+        "the model's logits hold" => "the model's logits hold",
+        _ => "the training loss is",
     }
 }
 

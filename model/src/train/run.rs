@@ -9,6 +9,11 @@
 //! a multiple of `checkpoint_every`, the last step, `--max-steps`, or after a stop
 //! request. A checkpoint therefore always includes its own step's metrics line, and a
 //! resumed run continues at `s + 1` exactly as the uninterrupted run would.
+//!
+//! As one rank of several (a session with a collective), every rank runs this loop in
+//! step: the ranks agree on stopping after each step, every rank validates (the same bits),
+//! and rank 0 alone writes metrics.jsonl, checkpoints, the plot, summary.json and `final/`;
+//! the run ends with a barrier, so no rank moves on before rank 0's files are complete.
 
 use super::checkpoint::{self, DataId, TrainerState, CKPT_DIR, OPTIMIZER_FILE, TRAINER_FORMAT};
 use super::metrics::{Curves, MetricsLog, StepRecord, METRICS_FILE, PLOT_FILE};
@@ -69,6 +74,18 @@ pub trait Session {
     fn thread_sensitive(&self) -> bool;
     /// The task, its model holding the trained parameters.
     fn into_task(self: Box<Self>) -> Result<Self::Task>;
+    /// This process's rank and the number of ranks ((0, 1) for a single process).
+    fn rank_size(&self) -> Result<(usize, usize)> {
+        Ok((0, 1))
+    }
+    /// Whether any rank's `flag` is set (the ranks' agreement on stopping).
+    fn any_rank(&mut self, flag: bool) -> Result<bool> {
+        Ok(flag)
+    }
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The autograd [`Trainer`] on a [`TrainTask`] whose models are on `device`.
@@ -115,6 +132,25 @@ impl<T: TrainTask> Session for TrainSession<T> {
             task.to_device(Device::Cpu)?;
         }
         Ok(task)
+    }
+    fn rank_size(&self) -> Result<(usize, usize)> {
+        self.trainer.rank_size()
+    }
+    fn any_rank(&mut self, flag: bool) -> Result<bool> {
+        let Some(c) = self.trainer.collective() else {
+            return Ok(flag);
+        };
+        let mut c = c.lock()?;
+        Ok(c.all_gather(&[flag as u8])?
+            .iter()
+            .any(|b| b.first() == Some(&1)))
+    }
+    fn barrier(&mut self) -> Result<()> {
+        let Some(c) = self.trainer.collective() else {
+            return Ok(());
+        };
+        let mut c = c.lock()?;
+        c.barrier()
     }
 }
 
@@ -181,7 +217,8 @@ pub enum Outcome {
 
 struct Driver<'a> {
     spec: &'a RunSpec,
-    log: MetricsLog,
+    /// None on ranks other than 0 (they write nothing).
+    log: Option<MetricsLog>,
     curves: Curves,
     best_val: Option<f64>,
     last_val: Option<f64>,
@@ -206,14 +243,30 @@ impl Driver<'_> {
             data: self.spec.data.clone(),
             best_val_loss: self.best_val,
             last_val_loss: self.last_val,
-            metrics_bytes: self.log.sync()?,
+            metrics_bytes: match &mut self.log {
+                Some(l) => l.sync()?,
+                None => 0,
+            },
             tokens_seen: self.tokens,
             elapsed_s: self.elapsed(),
             threads: rayon::current_num_threads(),
         })
     }
 
+    fn root(&self) -> bool {
+        self.log.is_some()
+    }
+
+    fn sync_log(&mut self) {
+        if let Some(l) = &mut self.log {
+            let _ = l.sync();
+        }
+    }
+
     fn plot(&self) -> Result<()> {
+        if !self.root() {
+            return Ok(());
+        }
         super::metrics::write_loss_svg(
             &self.spec.out.join(PLOT_FILE),
             &self.curves,
@@ -223,6 +276,12 @@ impl Driver<'_> {
 
     fn checkpoint<S: Session + ?Sized>(&mut self, sess: &mut S) -> Result<PathBuf> {
         let step = sess.step();
+        if !self.root() {
+            // rank 0 writes it; the others know where
+            let path = self.spec.out.join(CKPT_DIR);
+            self.last_ckpt = Some((step, path.clone()));
+            return Ok(path);
+        }
         let state = self.state(step)?;
         let path = checkpoint::write_dir_atomic(&self.spec.out, CKPT_DIR, |d| {
             sess.save_model(d)?;
@@ -240,7 +299,7 @@ impl Driver<'_> {
             .eval()
             .with_context(|| format!("validation at step {s}; {}", self.where_good()))?;
         if !v.is_finite() {
-            let _ = self.log.sync();
+            self.sync_log();
             return Err(anyhow!(
                 "step {s}: the validation loss is {v}: training stopped; {}",
                 self.where_good()
@@ -266,8 +325,11 @@ impl Driver<'_> {
             let p = self.checkpoint(sess)?;
             on_event(&Event::Checkpoint { step, path: &p });
         }
-        let final_dir =
-            checkpoint::write_dir_atomic(&self.spec.out, FINAL_DIR, |dir| sess.save_model(dir))?;
+        let final_dir = if self.root() {
+            checkpoint::write_dir_atomic(&self.spec.out, FINAL_DIR, |dir| sess.save_model(dir))?
+        } else {
+            self.spec.out.join(FINAL_DIR)
+        };
         self.plot()?;
         let tokens_per_s = if train_time > 0.0 {
             trained_tokens as f64 / train_time
@@ -288,10 +350,15 @@ impl Driver<'_> {
             "config": self.spec.config,
             "final_dir": final_dir,
         });
-        kf_engine::fs::write_atomic(
-            &self.spec.out.join(SUMMARY_FILE),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
-        )?;
+        if self.root() {
+            kf_engine::fs::write_atomic(
+                &self.spec.out.join(SUMMARY_FILE),
+                serde_json::to_string_pretty(&summary)?.as_bytes(),
+            )?;
+        }
+        // no rank goes on (to the next stage, which reads final/) before rank 0 wrote it
+        sess.barrier()
+            .context("waiting for the other ranks at the end of the run")?;
         on_event(&Event::Final { path: &final_dir });
         Ok(Outcome::Finished {
             step,
@@ -320,14 +387,20 @@ pub fn drive<S: Session + ?Sized>(
     resumed: Option<(&TrainerState, &Path)>,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Outcome> {
-    std::fs::create_dir_all(&spec.out)
-        .with_context(|| format!("cannot create {}", spec.out.display()))?;
-    checkpoint::remove_stale_temps(&spec.out)?;
+    let (rank, _) = sess.rank_size()?;
     let total = sess.total_steps();
     let metrics_path = spec.out.join(METRICS_FILE);
-    let (log, curves) = match resumed {
-        Some((st, _)) => MetricsLog::resume(&metrics_path, st.metrics_bytes)?,
-        None => (MetricsLog::create(&metrics_path)?, Curves::default()),
+    let (log, curves) = if rank == 0 {
+        std::fs::create_dir_all(&spec.out)
+            .with_context(|| format!("cannot create {}", spec.out.display()))?;
+        checkpoint::remove_stale_temps(&spec.out)?;
+        let (l, c) = match resumed {
+            Some((st, _)) => MetricsLog::resume(&metrics_path, st.metrics_bytes)?,
+            None => (MetricsLog::create(&metrics_path)?, Curves::default()),
+        };
+        (Some(l), c)
+    } else {
+        (None, Curves::default())
     };
     let mut d = Driver {
         spec,
@@ -359,7 +432,9 @@ pub fn drive<S: Session + ?Sized>(
     let stop_requested = || spec.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     while sess.step() < total {
         let step = sess.step();
-        if stop_requested() || spec.max_steps.is_some_and(|m| step >= m) {
+        // every rank stops after the same step
+        let stop_now = sess.any_rank(stop_requested())?;
+        if stop_now || spec.max_steps.is_some_and(|m| step >= m) {
             let checkpoint = match &d.last_ckpt {
                 Some((s, p)) if *s == step => p.clone(),
                 _ => {
@@ -368,7 +443,7 @@ pub fn drive<S: Session + ?Sized>(
                     p
                 }
             };
-            return Ok(if stop_requested() {
+            return Ok(if stop_now {
                 Outcome::Interrupted { step, checkpoint }
             } else {
                 Outcome::Paused { step, checkpoint }
@@ -378,7 +453,7 @@ pub fn drive<S: Session + ?Sized>(
         let stats = match sess.train_step() {
             Ok(s) => s,
             Err(e) => {
-                let _ = d.log.sync();
+                d.sync_log();
                 let _ = d.plot();
                 return Err(match e.downcast_ref::<NonFinite>() {
                     Some(nf) => anyhow!("{nf}: training stopped; {}", d.where_good()),
@@ -420,7 +495,9 @@ pub fn drive<S: Session + ?Sized>(
             val_loss,
             extras,
         };
-        d.log.append(&rec)?;
+        if let Some(l) = &mut d.log {
+            l.append(&rec)?;
+        }
         d.curves.push(&rec);
         on_event(&Event::Step(&rec));
         if last || (spec.checkpoint_every > 0 && s % spec.checkpoint_every == 0) {

@@ -34,6 +34,9 @@ pub struct TeacherOptions {
     pub resume: bool,
     pub max_steps: Option<u64>,
     pub stop: Option<Arc<AtomicBool>>,
+    /// One rank of several (data parallelism): every rank reads the same files; rank 0
+    /// alone writes `out`.
+    pub comm: Option<super::SharedCollective>,
 }
 
 /// The AR teacher as a [`TrainTask`]: next-token cross-entropy on random windows.
@@ -346,7 +349,7 @@ pub fn train_teacher_on(
         }),
         _ => None,
     };
-    let mut sess = backend::session(task, device, cfg.optim(), from)
+    let mut sess = backend::session(task, device, cfg.optim(), from, opts.comm.clone())
         .with_context(|| format!("training on {device}"))?;
     let spec = RunSpec {
         out: opts.out.clone(),

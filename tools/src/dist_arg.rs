@@ -1,0 +1,49 @@
+//! `--distributed` and `--collective-timeout` of `kfrun train` and `kfrun distill`: joins the
+//! ranks an MPI launcher started (`mpirun -n N kfrun train ...`) into one data-parallel run
+//! (kf_engine::dist), or refuses with one clear error when that cannot work.
+
+use anyhow::Result;
+use clap::Args;
+use kf_engine::dist::{self, Backend, Timeout};
+use kf_model::train::SharedCollective;
+use std::time::Duration;
+
+#[derive(Args, Clone, Debug)]
+pub struct DistArgs {
+    /// Data parallelism: auto (MPI when started by `mpirun -n N` with N > 1, else one
+    /// process), none, mpi, or nccl (GPUs; bootstraps over MPI). Every rank must see the same
+    /// input files and --out (one host or a shared filesystem); rank 0 alone writes. The
+    /// result equals one process with the same config, bit for bit; grad_accum must be a
+    /// multiple of the number of ranks (each rank computes whole micro-batches).
+    #[arg(long, default_value = "auto")]
+    pub distributed: String,
+    /// Seconds a rank waits for another in a collective before it ends the run with an
+    /// error naming the silent rank (it died or hangs).
+    #[arg(long, default_value_t = 300.0)]
+    pub collective_timeout: f64,
+}
+
+impl DistArgs {
+    /// The collective of this process, or None for a single-process run.
+    pub fn connect(&self) -> Result<Option<SharedCollective>> {
+        let backend: Backend = self.distributed.parse()?;
+        anyhow::ensure!(
+            self.collective_timeout.is_finite() && self.collective_timeout > 0.0,
+            "--collective-timeout must be a positive number of seconds, got {}",
+            self.collective_timeout
+        );
+        let t = Timeout(Duration::from_secs_f64(self.collective_timeout));
+        Ok(dist::connect(backend, t)?.map(SharedCollective::new))
+    }
+}
+
+/// (rank, size) of `comm` ((0, 1) without one).
+pub fn rank_size(comm: &Option<SharedCollective>) -> Result<(usize, usize)> {
+    match comm {
+        None => Ok((0, 1)),
+        Some(c) => {
+            let c = c.lock()?;
+            Ok((c.rank(), c.size()))
+        }
+    }
+}
