@@ -9,8 +9,8 @@
 //! * `broadcast`: a chain from the root, chunked; `all_gather`: every rank sends to every other.
 //!
 //! After a timeout the communicator is broken: its pending requests (and their buffers) are
-//! leaked on purpose, and dropping it aborts the MPI job, so that the launcher ends the other
-//! ranks rather than waiting for a `MPI_Finalize` that a dead peer never reaches.
+//! leaked on purpose, and dropping it skips `MPI_Finalize` (a dead peer never reaches it):
+//! the process reports the error and exits non-zero, and the launcher ends the other ranks.
 
 use super::{add_into, Collective, Timeout};
 use anyhow::{anyhow, ensure, Result};
@@ -294,9 +294,10 @@ impl Collective for MpiCollective {
 impl Drop for MpiCollective {
     fn drop(&mut self) {
         if self.broken {
-            // A peer is dead or hung: MPI_Finalize would wait for it. End the whole job (the
-            // error was returned to the caller, who reported it before dropping us).
-            self.world.abort(1);
+            // A peer is dead or hung: MPI_Finalize would wait for it. Skip it; the process
+            // then exits non-zero after reporting the error, and the launcher ends the job.
+            std::mem::forget(self.universe.take());
+            return;
         }
         // MPI_Finalize, after every rank is done with its messages
         drop(self.universe.take());
