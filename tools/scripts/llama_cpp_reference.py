@@ -5,7 +5,11 @@ first documents of data/excerpt/corpus.jsonl and writes, as JSON: the token ids 
 text (llama.cpp's tokenizer), per position the top-5 ids with their log-probs and the
 log-prob of the next token, and a greedy 64-token continuation of the first 32 tokens.
 
-    python tools/scripts/llama_cpp_reference.py MODEL.gguf OUT.json [--tokens 320]
+    python tools/scripts/llama_cpp_reference.py MODEL.gguf OUT.json [--tokens 320] [--kv f32]
+
+`--kv f32` keeps llama.cpp's KV cache in f32 (type_k = type_v = GGML_TYPE_F32, no flash
+attention) instead of its default f16: how far llama.cpp moves from itself with one
+precision choice is the noise floor of the parity numbers.
 """
 import argparse, json, math, sys
 
@@ -26,6 +30,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=320)
     ap.add_argument("--corpus", default="data/excerpt/corpus.jsonl")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv", choices=["f16", "f32"], default="f16")
     a = ap.parse_args()
     text = ""
     with open(a.corpus) as f:
@@ -33,8 +38,9 @@ def main():
             text += json.loads(line)["text"] + "\n\n"
             if len(text) > 8 * a.tokens:
                 break
+    kv = {} if a.kv == "f16" else {"type_k": 0, "type_v": 0, "flash_attn": False}
     llm = Llama(model_path=a.model, n_ctx=1024, logits_all=True, n_threads=a.threads,
-                n_batch=512, verbose=False, seed=0)
+                n_batch=512, verbose=False, seed=0, **kv)
     ids = llm.tokenize(text.encode(), add_bos=False, special=False)[: a.tokens]
     llm.reset()
     llm.eval(ids)

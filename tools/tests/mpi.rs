@@ -1,6 +1,6 @@
 //! Data parallelism under `mpirun` (issue 22): `mpirun -n 2 kfrun train|distill` ends with the
 //! same weights and the same logged losses as one process with the same global batch, bit for
-//! bit; a killed or hung rank ends the run with an error instead of a hang, and `--resume`
+//! bit (also when a run changes its world size on resume); a killed or hung rank ends the run with an error instead of a hang, and `--resume`
 //! then finishes with the uninterrupted run's weights; a config whose micro-batches do not
 //! split over the ranks is refused with one clear error.
 //!
@@ -213,6 +213,29 @@ mod with_mpi {
         assert_eq!(metrics(&one), metrics(&two));
         assert_eq!(metrics(&one).len(), 20);
         assert!(weights(&one.join("final")) == weights(&two.join("final")));
+
+        // the world size may change on resume: 2 ranks to step 10, then one process
+        let mixed = root.join("mixed");
+        ok(
+            mpirun(2)
+                .unwrap()
+                .args(train_args(&root, &cfg, &mixed))
+                .args(["--max-steps", "10"])
+                .output()
+                .unwrap(),
+            "mpirun -n 2 kfrun train --max-steps 10",
+        );
+        ok(
+            kfrun()
+                .args(["--threads", "1"])
+                .args(train_args(&root, &cfg, &mixed))
+                .arg("--resume")
+                .output()
+                .unwrap(),
+            "kfrun train --resume (1 process after 2 ranks)",
+        );
+        assert_eq!(metrics(&one), metrics(&mixed));
+        assert!(weights(&one.join("final")) == weights(&mixed.join("final")));
         let _ = std::fs::remove_dir_all(&root);
     }
 
