@@ -11,10 +11,11 @@ use std::time::Duration;
 #[derive(Args, Clone, Debug)]
 pub struct DistArgs {
     /// Data parallelism: auto (MPI when started by `mpirun -n N` with N > 1, else one
-    /// process), none, mpi, or nccl (GPUs; bootstraps over MPI). Every rank must see the same
-    /// input files and --out (one host or a shared filesystem); rank 0 alone writes. The
-    /// result equals one process with the same config, bit for bit; grad_accum must be a
-    /// multiple of the number of ranks (each rank computes whole micro-batches).
+    /// process), none, mpi, or nccl (GPUs, bootstrapped over MPI; `--device cuda` then means
+    /// each rank's own GPU). Every rank must see the same input files and --out (one host or
+    /// a shared filesystem); rank 0 alone writes. The result equals one process with the same
+    /// config, bit for bit; grad_accum must be a multiple of the number of ranks (each rank
+    /// computes whole micro-batches).
     #[arg(long, default_value = "auto")]
     pub distributed: String,
     /// Seconds a rank waits for another in a collective before it ends the run with an
@@ -34,6 +35,26 @@ impl DistArgs {
         );
         let t = Timeout(Duration::from_secs_f64(self.collective_timeout));
         Ok(dist::connect(backend, t)?.map(SharedCollective::new))
+    }
+}
+
+/// The `--device` of this rank: under NCCL a bare `cuda` means the rank's own GPU (the one
+/// its collective runs on); an explicit `cuda:N` must be that GPU.
+pub fn rank_device(flag: &str, comm: &Option<SharedCollective>) -> Result<String> {
+    let Some(ord) = comm
+        .as_ref()
+        .map(|c| c.lock().map(|c| c.cuda_ordinal()))
+        .transpose()?
+        .flatten()
+    else {
+        return Ok(flag.to_string());
+    };
+    match flag {
+        "cuda" => Ok(format!("cuda:{ord}")),
+        f if f == format!("cuda:{ord}") => Ok(f.to_string()),
+        f => anyhow::bail!(
+            "--device {f}: this rank's NCCL communicator is on cuda:{ord}; use --device cuda (each rank then takes its own GPU)"
+        ),
     }
 }
 

@@ -53,7 +53,6 @@ pub struct DistillArgs {
 }
 
 pub fn run(a: &DistillArgs) -> Result<()> {
-    let device = crate::device_arg::select_device(&a.device)?;
     ensure!(a.k >= 1, "--k must be at least 1");
     let mut recipe = Recipe::from_file(&a.recipe)?;
     match a.variant.as_deref() {
@@ -63,6 +62,8 @@ pub fn run(a: &DistillArgs) -> Result<()> {
     }
     let comm = a.dist.connect()?;
     let (rank, ranks) = crate::dist_arg::rank_size(&comm)?;
+    let device =
+        crate::device_arg::select_device(&crate::dist_arg::rank_device(&a.device, &comm)?)?;
     let stop = install_stop_handler()?;
     let mut progress = RunProgress::new(a.resume).silent(rank > 0);
     if ranks > 1 {

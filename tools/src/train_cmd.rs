@@ -41,9 +41,10 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
-    let device = crate::device_arg::select_device(&a.device)?;
     let comm = a.dist.connect()?;
     let (rank, ranks) = crate::dist_arg::rank_size(&comm)?;
+    let device =
+        crate::device_arg::select_device(&crate::dist_arg::rank_device(&a.device, &comm)?)?;
     let stop = install_stop_handler()?;
     let mut progress = RunProgress::new(a.resume).silent(rank > 0);
     if ranks > 1 {

@@ -38,6 +38,10 @@ pub trait Collective: Send {
     fn barrier(&mut self) -> Result<()> {
         self.all_gather(&[]).map(|_| ())
     }
+    /// The GPU this rank's collective runs on (NCCL), where the rank's model belongs too.
+    fn cuda_ordinal(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A boxed collective, as the trainer holds it.

@@ -775,6 +775,9 @@ impl Collective for NcclCollective {
     fn size(&self) -> usize {
         self.size
     }
+    fn cuda_ordinal(&self) -> Option<usize> {
+        Some(self.ordinal)
+    }
     fn backend(&self) -> &'static str {
         "nccl"
     }
