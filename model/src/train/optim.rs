@@ -893,4 +893,125 @@ mod tests {
             .to_string();
         assert!(e.contains("set_trainable"), "{e}");
     }
+
+    /// One rank of a data-parallel group (or the single process, `comm` None): 5 updates of
+    /// a small non-linear loss whose gradients' sum depends on the order of the micro-batches;
+    /// returns the final parameters' bits and every step's (loss, grad norm) bits.
+    fn dp_run(
+        comm: Option<SharedCollective>,
+        init: f32,
+        nan_at: Option<(u64, usize)>,
+    ) -> Result<(Vec<u32>, Vec<(u64, u64)>)> {
+        let w0: Vec<f32> = (0..64).map(|k| init + (k as f32 * 0.37).sin()).collect();
+        let w = Tensor::from_vec(w0, &[8, 8], Device::Cpu)?.var();
+        let mut o = opt();
+        o.grad_accum = 4;
+        o.warmup_steps = 0;
+        let mut tr = Trainer::new(&[("w".into(), w.clone())], o)?;
+        if let Some(c) = comm {
+            tr.set_collective(c)?;
+        }
+        let mut stats = Vec::new();
+        for _ in 0..5 {
+            let st = tr.train_step(|i, j| {
+                // magnitudes spread over 1e-3 .. 1e3: f32 sums differ with the order
+                let x: Vec<f32> = (0..64)
+                    .map(|k| {
+                        ((i as f32 + 1.0) * (j as f32 + 2.0) * k as f32 * 0.11).cos()
+                            * 10f32.powi(j as i32 * 2 - 3)
+                    })
+                    .collect();
+                let x = Tensor::from_vec(x, &[8, 8], Device::Cpu)?;
+                let ww = kf_ops::elementwise::mul(&w, &w)?;
+                let mut l = kf_ops::reduce::sum(&kf_ops::elementwise::mul(&ww, &x)?)?;
+                if nan_at == Some((i, j)) {
+                    l = kf_ops::elementwise::scale(&l, f64::NAN)?;
+                }
+                Ok((l, vec![("j".into(), j as f64)]))
+            })?;
+            stats.push((st.loss.to_bits(), st.grad_norm.to_bits()));
+        }
+        Ok((
+            w.to_vec::<f32>()?.iter().map(|v| v.to_bits()).collect(),
+            stats,
+        ))
+    }
+
+    #[test]
+    fn ranks_train_the_bits_of_one_process_and_share_its_errors() {
+        use kf_engine::dist::{local::group, Timeout};
+        let single = dp_run(None, 0.0, None).unwrap();
+        for w in [2usize, 4] {
+            let comms = group(w, Timeout::default());
+            let runs: Vec<_> = std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .into_iter()
+                    .map(|c| {
+                        // every rank but 0 starts elsewhere: rank 0's state is broadcast
+                        let init = c.rank() as f32;
+                        s.spawn(move || {
+                            dp_run(Some(SharedCollective::new(Box::new(c))), init, None)
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+            });
+            for r in runs {
+                assert_eq!(r, single, "{w} ranks");
+            }
+        }
+        // the data is order-sensitive: step 1's gradient parts 2 w x_j summed in reverse give
+        // other bits somewhere (so equal bits above come from the order, not from luck)
+        let w0: Vec<f32> = (0..64).map(|k| (k as f32 * 0.37).sin()).collect();
+        let g = |j: usize| -> Vec<f32> {
+            (0..64)
+                .map(|k| {
+                    let x = (1.0 * (j as f32 + 2.0) * k as f32 * 0.11).cos()
+                        * 10f32.powi(j as i32 * 2 - 3);
+                    2.0 * w0[k] * x
+                })
+                .collect()
+        };
+        let fwd: Vec<f32> = (0..64)
+            .map(|k| ((g(0)[k] + g(1)[k]) + g(2)[k]) + g(3)[k])
+            .collect();
+        let rev: Vec<f32> = (0..64)
+            .map(|k| ((g(3)[k] + g(2)[k]) + g(1)[k]) + g(0)[k])
+            .collect();
+        assert_ne!(fwd, rev);
+
+        // a non-finite loss on rank 1's micro-batch 3 is every rank's error, before any update
+        let comms = group(2, Timeout::default());
+        let errs: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        dp_run(Some(SharedCollective::new(Box::new(c))), 0.0, Some((0, 3)))
+                            .unwrap_err()
+                            .to_string()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for e in errs {
+            assert!(
+                e.contains("step 1: the training loss is NaN (micro-batch 3)")
+                    || e.contains("step 1: the training loss is NaN"),
+                "{e}"
+            );
+        }
+
+        // grad_accum must split over the ranks
+        let mut comms = group(3, Timeout::default());
+        let c = comms.remove(0);
+        let e = dp_run(Some(SharedCollective::new(Box::new(c))), 0.0, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("grad_accum 4 is not a multiple of the 3 ranks"),
+            "{e}"
+        );
+    }
 }
