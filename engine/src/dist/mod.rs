@@ -174,6 +174,30 @@ pub fn add_into(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// Spin briefly, then yield, then sleep: a rank waiting for a peer must not steal its core's
+/// time from a co-located rank's compute. Shared by the backends' polling loops.
+#[cfg(feature = "mpi")]
+pub(crate) fn backoff(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 200 {
+        std::hint::spin_loop();
+    } else if *spins < 2000 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// The arguments every backend's [`Collective::sum_ordered`] checks first.
+pub(crate) fn check_parts(rank: usize, parts: &[&[f32]], out: &[f32]) -> Result<()> {
+    anyhow::ensure!(!parts.is_empty(), "sum_ordered: rank {rank} has no parts");
+    anyhow::ensure!(
+        parts.iter().all(|p| p.len() == out.len()),
+        "sum_ordered: parts of different lengths"
+    );
+    Ok(())
+}
+
 /// A collective over threads of one process: every "rank" is a thread holding one end. The
 /// reference the MPI and NCCL backends are tested against, and the way the trainer's
 /// data-parallel logic is tested without a launcher.
@@ -249,15 +273,7 @@ pub mod local {
             "local"
         }
         fn sum_ordered(&mut self, parts: &[&[f32]], out: &mut [f32]) -> Result<()> {
-            ensure!(
-                !parts.is_empty(),
-                "sum_ordered: rank {} has no parts",
-                self.rank
-            );
-            ensure!(
-                parts.iter().all(|p| p.len() == out.len()),
-                "sum_ordered: parts of different lengths"
-            );
+            super::check_parts(self.rank, parts, out)?;
             let (r, w) = (self.rank, self.size());
             if r == 0 {
                 out.copy_from_slice(parts[0]);

@@ -12,14 +12,14 @@
 //! leaked on purpose, and dropping it skips `MPI_Finalize` (a dead peer never reaches it):
 //! the process reports the error and exits non-zero, and the launcher ends the other ranks.
 
-use super::{add_into, Collective, Timeout};
+use super::{add_into, backoff, Collective, Timeout};
 use anyhow::{anyhow, ensure, Result};
 use mpi::environment::Universe;
 use mpi::point_to_point::{Destination, Source};
 use mpi::request::StaticScope;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::Threading;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Elements per message of the chunked chain (4 MiB of f32).
 const CHUNK: usize = 1 << 20;
@@ -183,19 +183,6 @@ impl MpiCollective {
     }
 }
 
-/// Spin briefly, then yield, then sleep: a waiting rank must not steal its core's time from
-/// a co-located rank's compute.
-fn backoff(spins: &mut u32) {
-    *spins += 1;
-    if *spins < 200 {
-        std::hint::spin_loop();
-    } else if *spins < 2000 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
 impl Collective for MpiCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -208,15 +195,7 @@ impl Collective for MpiCollective {
     }
 
     fn sum_ordered(&mut self, parts: &[&[f32]], out: &mut [f32]) -> Result<()> {
-        ensure!(
-            !parts.is_empty(),
-            "sum_ordered: rank {} has no parts",
-            self.rank
-        );
-        ensure!(
-            parts.iter().all(|p| p.len() == out.len()),
-            "sum_ordered: parts of different lengths"
-        );
+        super::check_parts(self.rank, parts, out)?;
         let (r, w, n) = (self.rank, self.size, out.len());
         let mut c0 = 0;
         while c0 < n {

@@ -18,7 +18,7 @@
 //!   hanging in `ncclCommInitRank`.
 
 use super::mpi::MpiCollective;
-use super::{add_into, Collective, Timeout};
+use super::{add_into, backoff, Collective, Timeout};
 use crate::cuda::{check_driver, driver_error_text, CudaDevice};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use cudarc::driver::sys::CUresult;
@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Elements per transfer of the chain and of the final broadcast (4 MiB of f32), and the size
 /// of the one device staging buffer.
@@ -755,19 +755,6 @@ fn create_comm(
     }
 }
 
-/// Spin briefly, then yield, then sleep (as the MPI backend): a waiting rank must not steal
-/// its core from a co-located rank's host work.
-fn backoff(spins: &mut u32) {
-    *spins += 1;
-    if *spins < 200 {
-        std::hint::spin_loop();
-    } else if *spins < 2000 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
 impl Collective for NcclCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -792,15 +779,7 @@ impl Collective for NcclCollective {
     /// sums the same length (a mismatched NCCL receive would hang or corrupt, not fail).
     fn sum_ordered(&mut self, parts: &[&[f32]], out: &mut [f32]) -> Result<()> {
         self.live()?;
-        ensure!(
-            !parts.is_empty(),
-            "sum_ordered: rank {} has no parts",
-            self.rank
-        );
-        ensure!(
-            parts.iter().all(|p| p.len() == out.len()),
-            "sum_ordered: parts of different lengths"
-        );
+        super::check_parts(self.rank, parts, out)?;
         let (r, w, n) = (self.rank, self.size, out.len());
         if w > 1 {
             let lens = self.mpi()?.all_gather(&(n as u64).to_le_bytes())?;
