@@ -24,7 +24,38 @@ pub struct DistArgs {
     pub collective_timeout: f64,
 }
 
+/// What `kfrun train` and `kfrun distill` start from: the collective (None: one process),
+/// this rank, its device and its progress display (silent but on rank 0).
+pub struct RunSetup {
+    pub comm: Option<SharedCollective>,
+    pub rank: usize,
+    pub device: kf_engine::Device,
+    pub progress: crate::progress::RunProgress,
+}
+
 impl DistArgs {
+    /// Joins the ranks (if any), picks this rank's device from `--device`, and opens the
+    /// progress display; `out` is named in the data-parallel banner.
+    pub fn setup(&self, device: &str, resume: bool, out: &std::path::Path) -> Result<RunSetup> {
+        let comm = self.connect()?;
+        let (rank, ranks) = rank_size(&comm)?;
+        let device = crate::device_arg::select_device(&rank_device(device, &comm)?)?;
+        let progress = crate::progress::RunProgress::new(resume).silent(rank > 0);
+        if ranks > 1 {
+            progress.say(format!(
+                "data parallel over {ranks} ranks ({}); rank 0 writes {}",
+                self.distributed,
+                out.display()
+            ));
+        }
+        Ok(RunSetup {
+            comm,
+            rank,
+            device,
+            progress,
+        })
+    }
+
     /// The collective of this process, or None for a single-process run.
     pub fn connect(&self) -> Result<Option<SharedCollective>> {
         let backend: Backend = self.distributed.parse()?;

@@ -3,7 +3,7 @@
 //! stage, Ctrl-C -> checkpoint and exit 130, `--resume` within and across stages, and a
 //! per-stage summary on stdout.
 
-use crate::progress::{install_stop_handler, RunProgress};
+use crate::progress::install_stop_handler;
 use anyhow::{ensure, Result};
 use clap::Args;
 use kf_model::distill::Variant;
@@ -60,19 +60,13 @@ pub fn run(a: &DistillArgs) -> Result<()> {
         Some("inversion") => recipe.variant = Variant::Inversion,
         _ => {}
     }
-    let comm = a.dist.connect()?;
-    let (rank, ranks) = crate::dist_arg::rank_size(&comm)?;
-    let device =
-        crate::device_arg::select_device(&crate::dist_arg::rank_device(&a.device, &comm)?)?;
+    let crate::dist_arg::RunSetup {
+        comm,
+        rank,
+        device,
+        mut progress,
+    } = a.dist.setup(&a.device, a.resume, &a.out)?;
     let stop = install_stop_handler()?;
-    let mut progress = RunProgress::new(a.resume).silent(rank > 0);
-    if ranks > 1 {
-        progress.say(format!(
-            "data parallel over {ranks} ranks ({}); rank 0 writes {}",
-            a.dist.distributed,
-            a.out.display()
-        ));
-    }
     let opts = ChainOptions {
         teacher: a.teacher.clone(),
         data: a.data.clone(),

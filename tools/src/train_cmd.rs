@@ -2,7 +2,7 @@
 //! stderr (loss, lr, tokens/s, ETA), Ctrl-C (also SIGTERM, SIGHUP) -> checkpoint after
 //! the current step and exit 130, and a summary on stdout.
 
-use crate::progress::{human, install_stop_handler, RunProgress};
+use crate::progress::{human, install_stop_handler};
 use anyhow::Result;
 use clap::Args;
 use kf_model::train::{self, Outcome, TeacherOptions};
@@ -41,19 +41,13 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
-    let comm = a.dist.connect()?;
-    let (rank, ranks) = crate::dist_arg::rank_size(&comm)?;
-    let device =
-        crate::device_arg::select_device(&crate::dist_arg::rank_device(&a.device, &comm)?)?;
+    let crate::dist_arg::RunSetup {
+        comm,
+        rank,
+        device,
+        mut progress,
+    } = a.dist.setup(&a.device, a.resume, &a.out)?;
     let stop = install_stop_handler()?;
-    let mut progress = RunProgress::new(a.resume).silent(rank > 0);
-    if ranks > 1 {
-        progress.say(format!(
-            "data parallel over {ranks} ranks ({}); rank 0 writes {}",
-            a.dist.distributed,
-            a.out.display()
-        ));
-    }
     let opts = TeacherOptions {
         config: a.config.clone(),
         data: a.data.clone(),
