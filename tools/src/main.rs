@@ -15,6 +15,7 @@ mod bench_decode;
 mod bench_gemm;
 mod bench_gen;
 mod bench_kernels;
+mod bench_llama;
 mod bench_serve;
 mod bench_train;
 mod cost_model;
@@ -119,6 +120,9 @@ enum BenchCmd {
     /// Load test of `kfrun serve` on loopback: 1-64 concurrent streaming clients, aggregate
     /// tokens/s, time to first token and inter-chunk latency, next to `kfrun bench` at batch 16.
     Serve(bench_serve::Args),
+    /// A pretrained Llama-family model (GGUF or Hugging Face): batch-1 decode and 512-token
+    /// prefill, ours next to llama.cpp (llama-cpp-python) on the same file and threads.
+    Llama(bench_llama::Args),
     /// CUDA kernels on a device (cuda, or emu: the CPU emulator): GB/s and GFLOP/s per family
     /// next to the device's copy bandwidth and GEMM rate.
     Kernels(bench_kernels::Args),
@@ -156,6 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Some(BenchCmd::Cost(a)) => cost_model::run(&a),
             Some(BenchCmd::Kernels(a)) => bench_kernels::run(&a),
             Some(BenchCmd::Serve(a)) => bench_serve::run(threads, &a),
+            Some(BenchCmd::Llama(a)) => bench_llama::run(threads, &a),
         },
     }
 }

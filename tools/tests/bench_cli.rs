@@ -149,3 +149,57 @@ fn torch_peer_missing_is_reported_not_fatal() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--peer torch compares the CPU"));
 }
+
+/// `kfrun bench llama` on SmolLM2 (needs KF_SMOLLM2_GGUF, as the parity tests; CI sets it),
+/// ours only (the llama.cpp side needs llama-cpp-python): a row of positive speeds in the
+/// JSON; a file that is no model is one clear error.
+#[test]
+fn llama_bench_reports_our_speeds_and_refuses_a_non_model() {
+    let dir = std::env::temp_dir().join(format!("kfrun-bench-llama-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bogus = dir.join("x.gguf");
+    std::fs::write(&bogus, b"not a gguf file at all").unwrap();
+    let o = kfrun(&[
+        "bench",
+        "llama",
+        "--model",
+        bogus.to_str().unwrap(),
+        "--no-peer",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("x.gguf") && !err.contains("panicked"), "{err}");
+    let Some(gguf) = std::env::var_os("KF_SMOLLM2_GGUF") else {
+        eprintln!(
+            "skipped the SmolLM2 half: set KF_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf"
+        );
+        return;
+    };
+    let json = dir.join("l.json");
+    let o = kfrun(&[
+        "bench",
+        "llama",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--no-peer",
+        "--new",
+        "8",
+        "--runs",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("llama.cpp: not run (--no-peer)"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for k in ["decode_tok_s", "prefill_tok_s"] {
+        let x = v["ours"][k].as_f64().unwrap();
+        assert!(x.is_finite() && x > 0.0, "{k} = {x}");
+    }
+    assert!(v["llama_cpp"].is_null());
+    let _ = std::fs::remove_dir_all(&dir);
+}
