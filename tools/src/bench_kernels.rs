@@ -148,31 +148,57 @@ fn values(n: usize, salt: u32) -> Vec<f32> {
 /// Runs every family on `dev` with shapes `sz`.
 pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result<Report> {
     ensure!(runs >= 1, "--runs must be at least 1");
-    let s = 4.0; // f32 storage
-    let (b, t, d, h, v) = (sz.batch, sz.seq, sz.d, sz.heads, sz.vocab);
     ensure!(
-        d % h == 0 && matches!(d / h, 64 | 128),
+        sz.d % sz.heads == 0 && matches!(sz.d / sz.heads, 64 | 128),
         "head dim {} has no attention kernel (64 or 128)",
-        d / h
+        sz.d / sz.heads
     );
-    let hd = d / h;
-    let r = sz.rows();
-    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
-        DTensor::from_slice(dev, &values(n, salt), shape)
-    };
-
     let (copy_gb_s, gemm_gflop_s) = device_probes(dev, sz.copy_bytes, sz.gemm)?;
+    let mut bn = Bencher {
+        dev,
+        runs,
+        copy_gb_s,
+        rows: Vec::new(),
+    };
+    pointwise(&mut bn, &sz)?;
+    attention(&mut bn, &sz)?;
+    norm_backward(&mut bn, &sz)?;
+    decode_products(&mut bn, &sz)?;
+    loss_and_optimizer(&mut bn, &sz)?;
+    vocab_rows(&mut bn, &sz)?;
+    block_gemm(&mut bn, &sz)?;
+    Ok(Report {
+        device: dev.name(),
+        size: sz,
+        runs,
+        copy_gb_s,
+        gemm_gflop_s,
+        rows: bn.rows,
+    })
+}
 
-    let mut rows = Vec::new();
-    let mut push = |family: &'static str,
-                    kernel: &str,
-                    shape: String,
-                    cost: Cost,
-                    f: &mut dyn FnMut() -> Result<()>|
-     -> Result<()> {
-        let secs = time(dev, runs, f).with_context(|| format!("benchmarking {kernel}"))?;
+/// The timed rows of one run, with what timing them needs.
+struct Bencher<'a, D: KernelDevice + ?Sized> {
+    dev: &'a D,
+    runs: usize,
+    copy_gb_s: f64,
+    rows: Vec<Row>,
+}
+
+impl<D: KernelDevice + ?Sized> Bencher<'_, D> {
+    /// Times `f` (median of the runs) and records its row.
+    fn push(
+        &mut self,
+        family: &'static str,
+        kernel: &str,
+        shape: String,
+        cost: Cost,
+        f: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let secs =
+            time(self.dev, self.runs, f).with_context(|| format!("benchmarking {kernel}"))?;
         let gb_s = cost.bytes / secs / 1e9;
-        rows.push(Row {
+        self.rows.push(Row {
             family,
             kernel: kernel.to_string(),
             shape,
@@ -181,24 +207,34 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
             flops: cost.flops,
             gb_s,
             gflop_s: cost.flops / secs / 1e9,
-            of_copy_bw: gb_s / copy_gb_s,
+            of_copy_bw: gb_s / self.copy_gb_s,
         });
         Ok(())
-    };
+    }
+}
 
+/// Elementwise, GELU, LayerNorm forward and the embedding gather over the batch's rows.
+fn pointwise<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Result<()> {
+    let dev = bn.dev;
+    let s = 4.0; // f32 storage
+    let (d, v) = (sz.d, sz.vocab);
+    let r = sz.rows();
+    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
+        DTensor::from_slice(dev, &values(n, salt), shape)
+    };
+    let sh = |a: &[usize]| format!("{a:?}");
     let x = up(r * d, &[r, d], 3)?;
     let y = up(r * d, &[r, d], 4)?;
     let w = up(d, &[d], 5)?;
     let bias = up(d, &[d], 6)?;
-    let sh = |a: &[usize]| format!("{a:?}");
-    push(
+    bn.push(
         "elementwise",
         "add_f32",
         sh(&[r, d]),
         cm::add(r * d, s),
         &mut || kl::add(dev, &x, &y).map(drop),
     )?;
-    push(
+    bn.push(
         "elementwise",
         "bias_add_f32",
         sh(&[r, d]),
@@ -206,7 +242,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         &mut || kl::bias_add(dev, &x, &bias).map(drop),
     )?;
     let x4 = up(r * 4 * d, &[r, 4 * d], 7)?;
-    push(
+    bn.push(
         "elementwise",
         "gelu_tanh_f32",
         sh(&[r, 4 * d]),
@@ -214,14 +250,14 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         &mut || kl::gelu_tanh(dev, &x4).map(drop),
     )?;
     let b4 = up(4 * d, &[4 * d], 15)?;
-    push(
+    bn.push(
         "elementwise",
         "bias_gelu_tanh_f32",
         sh(&[r, 4 * d]),
         cm::gelu_tanh_fwd(r * 4 * d, s),
         &mut || kl::bias_gelu_tanh(dev, &x4, &b4).map(drop),
     )?;
-    push(
+    bn.push(
         "gelu",
         "gelu_erf_f32",
         sh(&[r, 4 * d]),
@@ -229,7 +265,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         &mut || kl::gelu_erf(dev, &x4).map(drop),
     )?;
     drop(x4);
-    push(
+    bn.push(
         "layernorm",
         "layernorm_fwd_f32",
         sh(&[r, d]),
@@ -239,7 +275,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
     let table = up(v * d, &[v, d], 8)?;
     let ids: Vec<u32> = (0..r as u32).map(|i| (i * 7919) % v as u32).collect();
     let ids = DTensor::from_slice(dev, &ids, &[r])?;
-    push(
+    bn.push(
         "embedding",
         "embedding_fwd_f32",
         format!("{r} of [{v}, {d}]"),
@@ -247,13 +283,27 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         &mut || kl::embedding(dev, &ids, &table).map(drop),
     )?;
     drop(table);
+    Ok(())
+}
+
+/// RoPE and attention: the causal forward, a KV-cached PFLM step, the training backward.
+fn attention<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Result<()> {
+    let dev = bn.dev;
+    let s = 4.0; // f32 storage
+    let (b, t, d, h) = (sz.batch, sz.seq, sz.d, sz.heads);
+    let hd = d / h;
+    let r = sz.rows();
+    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
+        DTensor::from_slice(dev, &values(n, salt), shape)
+    };
+    let sh = |a: &[usize]| format!("{a:?}");
     let pos: Vec<u32> = (0..t as u32).collect();
     let pos = DTensor::from_slice(dev, &pos, &[t])?;
     let (cos, sin) = kl::rope_tables(dev, &pos, hd, 10000.0)?;
     let q = up(r * d, &[b, t, h, hd], 9)?;
     let k = up(r * d, &[b, t, h, hd], 10)?;
     let vv = up(r * d, &[b, t, h, hd], 11)?;
-    push(
+    bn.push(
         "rope",
         "rope_fwd_f32",
         sh(&[b, t, h, hd]),
@@ -273,7 +323,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         tq: t,
         tk: t,
     };
-    push(
+    bn.push(
         "attention",
         &format!("attn_fwd_d{hd}_f32"),
         format!("causal {:?}", [b, t, h, hd]),
@@ -298,7 +348,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         q_start: t - tq,
         ..causal.clone()
     };
-    push(
+    bn.push(
         "attention",
         &format!("attn_decode_d{hd}_f32"),
         format!("{tq} rows over {t} keys, B {b}"),
@@ -327,7 +377,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         AttnPath::Tiles,
     )?;
     let go = up(r * d, &[b, t, h, hd], 16)?;
-    push(
+    bn.push(
         "attention",
         &format!("attn_bwd_d{hd}_f32 (dot + dq + dkdv)"),
         format!("causal {:?}", [b, t, h, hd]),
@@ -348,8 +398,24 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         },
     )?;
     drop((q, k, vv, qd, cos, sin, fwd, go));
+    Ok(())
+}
+
+/// The LayerNorm backward and the bias gradient's column sums.
+fn norm_backward<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Result<()> {
+    let dev = bn.dev;
+    let s = 4.0; // f32 storage
+    let d = sz.d;
+    let r = sz.rows();
+    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
+        DTensor::from_slice(dev, &values(n, salt), shape)
+    };
+    let sh = |a: &[usize]| format!("{a:?}");
+    let x = up(r * d, &[r, d], 3)?;
+    let y = up(r * d, &[r, d], 4)?;
+    let w = up(d, &[d], 5)?;
     let ln = kl::layer_norm(dev, &x, &w, None, 1e-5)?;
-    push(
+    bn.push(
         "layernorm",
         "layernorm_bwd (dx + dw)",
         sh(&[r, d]),
@@ -357,13 +423,24 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         &mut || kl::layer_norm_bwd(dev, &x, &w, &y, &ln.mean, &ln.rstd, false).map(drop),
     )?;
     drop(ln);
-    push(
+    bn.push(
         "reduce",
         "colsum_f32 (bias gradient)",
         sh(&[r, d]),
         Cost::stream(4.0 * (r * d + d) as f64, (r * d) as f64),
         &mut || kl::colsum(dev, &x).map(drop),
     )?;
+    Ok(())
+}
+
+/// Decode GEMMs on half weights (gemv_wt) next to the f32 GEMM of the same shape.
+fn decode_products<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Result<()> {
+    let dev = bn.dev;
+    let (d, v) = (sz.d, sz.vocab);
+    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
+        DTensor::from_slice(dev, &values(n, salt), shape)
+    };
+    let sh = |a: &[usize]| format!("{a:?}");
     // decode GEMMs on half weights (gemv_wt) next to the f32 GEMM of the same shape: one
     // sequence's PFLM K = 4 step (2K = 8 rows) through the LM head, and an AR step (1 row)
     // through the MLP's up projection
@@ -375,14 +452,14 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         let w32 = DTensor::from_slice(dev, &w32, &[n, d])?;
         let io = 4.0 * (rows * d + rows * n) as f64;
         let flops = 2.0 * (rows * n * d) as f64;
-        push(
+        bn.push(
             "gemv",
             &format!("gemv_wt_f16 ({what})"),
             sh(&[rows, d, n]),
             Cost::stream(2.0 * (n * d) as f64 + io, flops),
             &mut || kl::linear(dev, &xs, &w16, None).map(drop),
         )?;
-        push(
+        bn.push(
             "gemm",
             &format!("f32 GEMM, gemv_wt's shape ({what})"),
             sh(&[rows, d, n]),
@@ -390,11 +467,24 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
             &mut || kl::linear(dev, &xs, &w32, None).map(drop),
         )?;
     }
+    Ok(())
+}
+
+/// The loss over the vocabulary (forward and backward) and AdamW over one block's MLP weight.
+fn loss_and_optimizer<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Result<()> {
+    let dev = bn.dev;
+    let s = 4.0; // f32 storage
+    let (d, v) = (sz.d, sz.vocab);
+    let r = sz.rows();
+    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
+        DTensor::from_slice(dev, &values(n, salt), shape)
+    };
+    let sh = |a: &[usize]| format!("{a:?}");
     // the loss over the vocabulary: every row of a training batch
     let lt = up(r * v, &[r, v], 17)?;
     let targets: Vec<u32> = (0..r as u32).map(|i| (i * 31) % v as u32).collect();
     let targets = DTensor::from_slice(dev, &targets, &[r])?;
-    push(
+    bn.push(
         "cross_entropy",
         "cross_entropy_fwd + mean",
         sh(&[r, v]),
@@ -403,7 +493,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
     )?;
     let ce = kl::cross_entropy(dev, &lt, &targets, None)?;
     let one = DTensor::from_slice(dev, &[1.0f32], &[1])?;
-    push(
+    bn.push(
         "cross_entropy",
         "cross_entropy_bwd",
         sh(&[r, v]),
@@ -423,7 +513,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
     );
     let acfg = kf_ops::adamw::AdamWConfig::default();
     let mut step = 0u64;
-    push(
+    bn.push(
         "adamw",
         "adamw_f32",
         format!("{n_p}"),
@@ -434,10 +524,23 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         },
     )?;
     drop((p, g, m1, m2));
+    Ok(())
+}
+
+/// Vocabulary-wide rows of a decode step (softmax, sampling, argmax + penalty), noise features, Philox.
+fn vocab_rows<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Result<()> {
+    let dev = bn.dev;
+    let s = 4.0; // f32 storage
+    let (b, d, v) = (sz.batch, sz.d, sz.vocab);
+    let r = sz.rows();
+    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
+        DTensor::from_slice(dev, &values(n, salt), shape)
+    };
+    let sh = |a: &[usize]| format!("{a:?}");
     // vocabulary-wide rows: one row per sequence of a decode step (B x K = 4 positions)
     let lr = b * 4;
     let logits = up(lr * v, &[lr, v], 13)?;
-    push(
+    bn.push(
         "softmax",
         "softmax_fwd_f32",
         sh(&[lr, v]),
@@ -446,7 +549,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
     )?;
     let u: Vec<f64> = (0..lr).map(|i| (i as f64 + 0.5) / lr as f64).collect();
     let u = DTensor::from_slice(dev, &u, &[lr])?;
-    push(
+    bn.push(
         "sampling",
         "sample_inverse_cdf_f32",
         sh(&[lr, v]),
@@ -456,7 +559,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
     let l3 = DTensor::from_buf(dev, dev.alloc(lr * v * 4)?, &[b, 4, v], DType::F32)?;
     dev.copy(&logits.buf, 0, &l3.buf, 0, lr * v * 4)?;
     let counts = DTensor::zeros(dev, &[b, v], DType::U32)?;
-    push(
+    bn.push(
         "argmax",
         "argmax_penalty_f32",
         sh(&[b, 4, v]),
@@ -466,7 +569,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
     drop((logits, l3, counts, u));
     let levels: Vec<f64> = (0..r).map(|i| (i as f64 + 0.5) / r as f64).collect();
     let levels = DTensor::from_slice(dev, &levels, &[r])?;
-    push(
+    bn.push(
         "noise",
         "noise_features_f32",
         sh(&[r, d]),
@@ -474,16 +577,28 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         &mut || kl::noise_features(dev, &levels, d).map(drop),
     )?;
     let n = r * d;
-    push(
+    bn.push(
         "philox",
         "philox_uniform_f64",
         format!("{n}"),
         Cost::stream(8.0 * n as f64, 0.0),
         &mut || kl::philox_uniform_f64(dev, n, 1, 2, 0).map(drop),
     )?;
+    Ok(())
+}
+
+/// The GEMM of one block at these rows (x·Wᵀ of the fused QKV projection).
+fn block_gemm<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Result<()> {
+    let dev = bn.dev;
+    let d = sz.d;
+    let r = sz.rows();
+    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
+        DTensor::from_slice(dev, &values(n, salt), shape)
+    };
+    let x = up(r * d, &[r, d], 3)?;
     // the GEMMs of one block at these rows (x·Wᵀ of the fused QKV projection)
     let wq = up(3 * d * d, &[3 * d, d], 14)?;
-    push(
+    bn.push(
         "gemm",
         "gemm qkv",
         format!("{r}x{}x{d}", 3 * d),
@@ -493,14 +608,7 @@ pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result
         ),
         &mut || kl::linear(dev, &x, &wq, None).map(drop),
     )?;
-    Ok(Report {
-        device: dev.name(),
-        size: sz,
-        runs,
-        copy_gb_s,
-        gemm_gflop_s,
-        rows,
-    })
+    Ok(())
 }
 
 fn print(rep: &Report) {
