@@ -40,3 +40,23 @@ template <class T> __device__ __forceinline__ T kf_from_f32(float v);
 template <> __device__ __forceinline__ float kf_from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half kf_from_f32<__half>(float v) { return __float2half(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 kf_from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+// Asynchronous global -> shared copies (sm_80 cp.async), `n` = 4, 8 or 16 bytes, both
+// addresses aligned to n: issue, commit the issued copies as a group, wait until at most
+// `newer` of this thread's committed groups are in flight. The shared bytes may be read
+// only after the wait (and a barrier, for other threads); the emulator fails an access
+// before the wait (a missing wait_group), so double buffering is checked, not assumed.
+#ifdef KF_EMU
+__device__ __forceinline__ void kf_cp_async(void* smem, const void* gmem, unsigned n) { kf_emu_cp_async(smem, gmem, n); }
+__device__ __forceinline__ void kf_cp_async_commit() { kf_emu_cp_async_commit(); }
+template <int N> __device__ __forceinline__ void kf_cp_async_wait() { kf_emu_cp_async_wait(N); }
+#else
+__device__ __forceinline__ void kf_cp_async(void* smem, const void* gmem, unsigned n) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    if (n == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+    else if (n == 8) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+    else asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void kf_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void kf_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif

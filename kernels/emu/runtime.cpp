@@ -97,6 +97,14 @@ struct Launch {
     std::vector<Buffer> buffers;
     std::vector<uint32_t> warp_ep;
     std::vector<std::pair<uintptr_t, uintptr_t>> dyn;  // this thread's dynamic shared arrays
+    // cp.async copies issued and not yet completed by a cp.async.wait_group of their thread
+    struct AsyncCopy {
+        uintptr_t dst;
+        const void* src;
+        uint32_t n, thread, group;
+    };
+    std::vector<AsyncCopy> async;
+    std::vector<uint32_t> async_committed;  // per thread: groups committed so far
 };
 
 // Per OS thread: fiber stacks (one mapping), the launch in progress, shadow pages.
@@ -279,6 +287,15 @@ inline void on_access(const void* p, size_t n, bool write) {
             break;
         }
     }
+    // a byte a cp.async has not landed in yet: only cp.async.wait_group makes it visible
+    for (const auto& c : L->async) {
+        if (a + n > c.dst && a < c.dst + c.n) {
+            fail(L, fmt("%s: %s of shared memory that a cp.async of thread %s has not completed "
+                        "(a missing cp.async.wait_group before the access)",
+                        where(L, f).c_str(), write ? "write" : "read", tid_str(L, c.thread).c_str()));
+            return;
+        }
+    }
     // static or dynamic shared memory (or another global of the kernel file)
     check_shared(L, f, a, n, write);
 }
@@ -401,6 +418,8 @@ void run_block(Launch* L) {
         makecontext(&f.ctx, fiber_main, 0);
     }
     for (auto& d : L->dyn) memset((void*)d.first, 0xFF, L->smem);  // NaN-filled, like garbage
+    L->async.clear();
+    L->async_committed.assign(n, 0);
     std::fill(L->warp_ep.begin(), L->warp_ep.end(), 0);
     for (;;) {
         for (uint32_t i = 0; i < n; i++) {
@@ -539,6 +558,49 @@ unsigned kf_emu_activemask(void) {
     for (uint32_t j = 0; j < nl; j++)
         if (g_launch->fibers[base + j].state != DONE) m |= 1u << j;
     return m;
+}
+
+// cp.async (global -> shared, 4, 8 or 16 bytes): checked like a read of the source now,
+// recorded as in flight into the destination; any access to those bytes fails until the
+// issuing thread's cp.async.wait_group completes its group (the copy is made then).
+void kf_emu_cp_async(void* dst, const void* src, unsigned n) {
+    Launch* L = g_launch;
+    Fiber* f = current("cp.async");
+    if (n != 4 && n != 8 && n != 16) {
+        fail(L, fmt("%s: cp.async of %u bytes (4, 8 or 16)", where(L, f).c_str(), n));
+    }
+    if (((uintptr_t)dst | (uintptr_t)src) % n) {
+        fail(L, fmt("%s: cp.async of %u bytes with a misaligned address", where(L, f).c_str(), n));
+    }
+    on_access(src, n, false);
+    // the destination must be shared memory no copy is already landing in
+    on_access(dst, n, true);
+    if (L->failed) return;
+    L->async.push_back({(uintptr_t)dst, src, n, f->linear, L->async_committed[f->linear]});
+}
+
+void kf_emu_cp_async_commit(void) {
+    Fiber* f = current("cp.async.commit_group");
+    g_launch->async_committed[f->linear]++;
+}
+
+// Completes this thread's copies in committed groups older than its `newer` most recent.
+void kf_emu_cp_async_wait(unsigned newer) {
+    Launch* L = g_launch;
+    Fiber* f = current("cp.async.wait_group");
+    uint32_t committed = L->async_committed[f->linear];
+    uint32_t limit = committed > newer ? committed - newer : 0;
+    std::vector<Launch::AsyncCopy> keep;
+    std::vector<Launch::AsyncCopy> land;
+    for (const auto& c : L->async) {
+        if (c.thread == f->linear && c.group < limit) land.push_back(c);
+        else keep.push_back(c);
+    }
+    L->async.swap(keep);
+    for (const auto& c : land) {
+        memcpy((void*)c.dst, c.src, c.n);
+        check_shared(L, f, c.dst, c.n, true);  // a write by this thread, for the race checks
+    }
 }
 
 void kf_emu_trap(const char* what) {

@@ -1,7 +1,8 @@
-// selftest.cu: kernels that test the emulator itself (not shipped as PTX):
-// a shuffle-based block reduction, a tiled shared-memory transpose, warp votes,
-// atomics, dynamic shared memory, and three planted faults that the emulator
-// must report (a shared-memory race, an out-of-bounds write, a divergent barrier).
+// selftest.cu: kernels that test the emulator itself (not shipped as PTX; NVRTC compiles
+// them in tools/ptxgen/tests/fresh.rs): a shuffle-based block reduction, a tiled
+// shared-memory transpose, warp votes, atomics, dynamic shared memory, cp.async groups,
+// and planted faults that the emulator must report (a shared-memory race, an
+// out-of-bounds write, a divergent barrier, a read before cp.async.wait_group, ...).
 // Letters: n elements, R x C matrices, T threads per block.
 #include "common.cuh"  // kernels/, on the include path of NVRTC and of the emulator
 
@@ -113,4 +114,35 @@ extern "C" __global__ void fault_dyn_smem_overrun(float* out) {
     dyn[threadIdx.x] = 1.0f;
     __syncthreads();
     out[threadIdx.x] = dyn[threadIdx.x + blockDim.x];
+}
+
+// ---------------------------------------------------------------- cp.async
+// out[t] = 2 in[T - 1 - t] through shared memory: the first T / 4 threads copy 16 bytes each
+// with cp.async (T <= 256, a multiple of 4); `wait` = 0 plants the fault: the barrier and the
+// reads come without a cp.async.wait_group.
+extern "C" __global__ void selftest_cp_async(const float* __restrict__ in, float* __restrict__ out, int wait) {
+    __shared__ __align__(16) float tile[256];
+    const unsigned t = threadIdx.x, T = blockDim.x;
+    if (t < T / 4) kf_cp_async(&tile[4 * t], &in[4 * t], 16);
+    kf_cp_async_commit();
+    if (wait) kf_cp_async_wait<0>();
+    __syncthreads();
+    out[t] = 2.0f * tile[T - 1 - t];
+}
+
+// Double buffering: two groups (halves of a 2T tile, 4-byte copies), wait_group 1 lands only
+// the first; out[t] = the first half, then out[T + t] = the second half after wait_group 0
+// (`second_wait` = 0 plants the fault: the second half is read while still in flight).
+extern "C" __global__ void selftest_cp_async_groups(const float* __restrict__ in, float* __restrict__ out,
+                                                    int second_wait) {
+    __shared__ float tile[512];
+    const unsigned t = threadIdx.x, T = blockDim.x;
+    kf_cp_async(&tile[t], &in[t], 4);
+    kf_cp_async_commit();
+    kf_cp_async(&tile[T + t], &in[T + t], 4);
+    kf_cp_async_commit();
+    kf_cp_async_wait<1>();
+    out[t] = tile[t];  // its own copy, landed: no barrier needed
+    if (second_wait) kf_cp_async_wait<0>();
+    out[T + t] = tile[T + t];
 }

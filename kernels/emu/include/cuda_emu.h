@@ -55,6 +55,9 @@ uint64_t kf_emu_warp_op(int op, unsigned mask, uint64_t bits, int arg, int width
 unsigned kf_emu_activemask(void);
 uint64_t kf_emu_atomic(int op, int type, void* p, uint64_t a, uint64_t b);
 void kf_emu_trap(const char* what) __attribute__((noreturn));
+void kf_emu_cp_async(void* dst, const void* src, unsigned n);
+void kf_emu_cp_async_commit(void);
+void kf_emu_cp_async_wait(unsigned newer);
 }
 
 #define threadIdx (kf_emu_thread_idx())

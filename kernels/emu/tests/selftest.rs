@@ -1,7 +1,8 @@
 //! Self-tests of the CPU emulator on kernels/emu/selftest.cu: a shuffle-based
 //! block reduction and a tiled shared-memory transpose give the right answers,
-//! warp votes / atomics / dynamic shared memory behave as on a GPU, and the
-//! planted faults (race, out-of-bounds write, divergent barrier, ...) are
+//! warp votes / atomics / dynamic shared memory / cp.async groups behave as on a GPU, and
+//! the planted faults (race, out-of-bounds write, divergent barrier, a read before
+//! cp.async.wait_group, ...) are
 //! reported with kernel, block and thread instead of passing or hanging.
 
 use kf_kernels_emu::{kernels, launch, Arg, DeviceBuffer, EmuError, LaunchConfig};
@@ -291,4 +292,57 @@ fn bad_launches_are_errors() {
         &[Arg::Buf(&out), Arg::U32(0)],
     )
     .unwrap();
+}
+
+#[test]
+fn cp_async_lands_at_its_wait_and_a_missing_wait_is_reported() {
+    let t = 128usize;
+    let x = data(2 * t, 77);
+    let xb = DeviceBuffer::from_slice(&x);
+    let out = DeviceBuffer::uninit(4 * t);
+    launch(
+        "selftest_cp_async",
+        cfg((1, 1, 1), (t as u32, 1, 1), 0),
+        &[Arg::Buf(&xb), Arg::Buf(&out), Arg::I32(1)],
+    )
+    .unwrap();
+    let got = out.to_vec::<f32>();
+    for i in 0..t {
+        assert_eq!(got[i], 2.0 * x[t - 1 - i], "element {i}");
+    }
+    // the planted fault: the barrier and the reads without cp.async.wait_group
+    let e = launch_err(
+        "selftest_cp_async",
+        cfg((1, 1, 1), (t as u32, 1, 1), 0),
+        &[Arg::Buf(&xb), Arg::Buf(&out), Arg::I32(0)],
+    );
+    eprintln!("{e}");
+    assert!(
+        e.contains("read of shared memory that a cp.async of thread")
+            && e.contains("missing cp.async.wait_group"),
+        "{e}"
+    );
+    assert!(e.contains("kernel selftest_cp_async, block (0,0,0)"), "{e}");
+}
+
+#[test]
+fn cp_async_wait_group_keeps_the_newer_groups_in_flight() {
+    let t = 64usize;
+    let x = data(2 * t, 78);
+    let xb = DeviceBuffer::from_slice(&x);
+    let out = DeviceBuffer::uninit(4 * 2 * t);
+    launch(
+        "selftest_cp_async_groups",
+        cfg((1, 1, 1), (t as u32, 1, 1), 0),
+        &[Arg::Buf(&xb), Arg::Buf(&out), Arg::I32(1)],
+    )
+    .unwrap();
+    assert_eq!(out.to_vec::<f32>(), x);
+    // wait_group 1 lands the first group only: reading the second is the fault
+    let e = launch_err(
+        "selftest_cp_async_groups",
+        cfg((1, 1, 1), (t as u32, 1, 1), 0),
+        &[Arg::Buf(&xb), Arg::Buf(&out), Arg::I32(0)],
+    );
+    assert!(e.contains("missing cp.async.wait_group"), "{e}");
 }

@@ -43,3 +43,38 @@ fn pins_are_read() {
         .any(|(n, v)| n == "nvidia-cuda-nvrtc-cu12" && v == "12.4.127"));
     assert_eq!(p.len(), 3);
 }
+
+/// The emulator's self-test kernels (kernels/emu/selftest.cu, not shipped) compile with the
+/// pinned NVRTC too, so the CUDA side of what they exercise is real: cp.async (common.cuh)
+/// becomes cp.async PTX that ptxas accepts for sm_80 and sm_90.
+#[test]
+fn selftest_kernels_compile_and_cp_async_is_real_ptx() {
+    let root = repo_root();
+    let tc = match locate(&root) {
+        Ok(tc) => tc,
+        Err(e) if std::env::var("KF_REQUIRE_NVRTC").as_deref() != Ok("1") => {
+            eprintln!("skipped: the pinned NVRTC is not available ({e:#})");
+            return;
+        }
+        Err(e) => panic!("KF_REQUIRE_NVRTC=1 but the pinned NVRTC is not available: {e:#}"),
+    };
+    let nvrtc = kf_ptxgen::Nvrtc::open(&tc.nvrtc_lib).unwrap_or_else(|e| panic!("{e:#}"));
+    let src = std::fs::read_to_string(root.join("kernels/emu/selftest.cu")).unwrap();
+    let ptx = nvrtc
+        .compile(&src, "selftest.cu", &kf_ptxgen::nvrtc_options(&root, &tc))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    for want in [
+        "cp.async.cg.shared.global",
+        "cp.async.ca.shared.global",
+        "cp.async.commit_group",
+        "cp.async.wait_group 1",
+        "cp.async.wait_group 0",
+    ] {
+        assert!(ptx.contains(want), "no `{want}` in the PTX of selftest.cu");
+    }
+    for arch in ["sm_80", "sm_90"] {
+        let r = kf_ptxgen::ptxas_resources(&tc, &ptx, "selftest", arch)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(r.iter().any(|k| k.kernel == "selftest_cp_async_groups"));
+    }
+}
