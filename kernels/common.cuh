@@ -60,3 +60,45 @@ __device__ __forceinline__ void kf_cp_async(void* smem, const void* gmem, unsign
 __device__ __forceinline__ void kf_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void kf_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 #endif
+
+// Tensor cores (sm_80): D [16 x 8] f32 = A [16 x 16] bf16 (row) x B [16 x 8] bf16 (col) + C,
+// one warp, fragments in the PTX ISA layout of mma.m16n8k16 (lane l, g = l / 4, t = l % 4:
+// a[0..3] hold A (g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..); b[0..1] hold
+// B (2t.., g), (2t + 8.., g); c/d[0..3] hold (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)).
+// ldmatrix: lane 8 j + r passes the address of row r (16 bytes) of 8 x 8 matrix j in shared
+// memory; r[j] receives row l / 4, columns 2 (l % 4) and + 1 of matrix j (.trans: of its
+// transpose) — so x4 of A's four 8 x 8 quarters gives a[], x2 .trans of B's two gives b[].
+#ifdef KF_EMU
+__device__ __forceinline__ void kf_mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    kf_emu_mma_frag fr;
+    for (int i = 0; i < 4; i++) fr.a[i] = a[i], fr.c[i] = c[i];
+    fr.b[0] = b[0], fr.b[1] = b[1];
+    kf_emu_warp_op(KF_MMA_BF16, KF_FULL_MASK, (uint64_t)(uintptr_t)&fr, 0, 32);
+    for (int i = 0; i < 4; i++) d[i] = fr.d[i];
+}
+__device__ __forceinline__ void kf_emu_ldmatrix(unsigned* r, int count, int op, const void* row) {
+    kf_emu_ldm_frag fr;
+    fr.addr = (uint64_t)(uintptr_t)row;
+    kf_emu_warp_op(op, KF_FULL_MASK, (uint64_t)(uintptr_t)&fr, count, 32);
+    for (int j = 0; j < count; j++) r[j] = fr.r[j];
+}
+__device__ __forceinline__ void kf_ldmatrix_x4(unsigned r[4], const void* row) { kf_emu_ldmatrix(r, 4, KF_LDMATRIX, row); }
+__device__ __forceinline__ void kf_ldmatrix_x2_trans(unsigned r[2], const void* row) { kf_emu_ldmatrix(r, 2, KF_LDMATRIX_T, row); }
+#else
+__device__ __forceinline__ void kf_mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+__device__ __forceinline__ void kf_ldmatrix_x4(unsigned r[4], const void* row) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ void kf_ldmatrix_x2_trans(unsigned r[2], const void* row) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+}
+#endif

@@ -11,6 +11,8 @@
 // every load and store of kernel code and check it against the device buffers
 // (out of bounds = into a canary zone) and, for shared memory, against a shadow
 // of the last writer/reader per byte and barrier interval (races).
+// Tensor-core instructions (mma.sync, ldmatrix) are warp collectives whose lanes hand over
+// pointers to their fragments; cp.async copies land at their thread's wait_group.
 // Letters: T threads per block, W warps per block (ceil(T/32)).
 
 // the fortified longjmp refuses jumps between stacks, which is what fibers do
@@ -318,6 +320,97 @@ bool canaries_intact(const Buffer& b, std::string* what) {
 
 // ------------------------------------------------------------------ scheduling
 
+// ------------------------------------------------------------------ tensor-core collectives
+// The fragments follow the PTX ISA layouts (mma.m16n8k16 with .bf16 inputs and .f32
+// accumulators; ldmatrix .m8n8 .b16): lane l, group g = l / 4, t = l % 4.
+constexpr int kOpMma = 9, kOpLdmatrix = 10, kOpLdmatrixT = 11;
+struct MmaFrag {  // kf_emu_mma_frag of cuda_emu.h
+    uint32_t a[4], b[2];
+    float c[4], d[4];
+};
+struct LdmFrag {  // kf_emu_ldm_frag of cuda_emu.h
+    uint64_t addr;
+    uint32_t r[4];
+};
+inline float bf16_f32(uint32_t h) {
+    uint32_t u = (h & 0xffffu) << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+// D = A B + C over the warp's fragments (f32 sums in k order; a GPU's order is unspecified).
+bool warp_mma_bf16(Launch* L, uint32_t base) {
+    float A[16][16], B[16][8], C[16][8];
+    for (uint32_t l = 0; l < 32; l++) {
+        const MmaFrag* fr = (const MmaFrag*)L->fibers[base + l].wval;
+        uint32_t g = l / 4, t = l % 4;
+        for (int i = 0; i < 8; i++) {
+            int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+            int col = t * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+            A[row][col] = bf16_f32(fr->a[i / 2] >> (16 * (i & 1)));
+        }
+        for (int i = 0; i < 4; i++) B[t * 2 + (i & 1) + (i >= 2 ? 8 : 0)][g] = bf16_f32(fr->b[i / 2] >> (16 * (i & 1)));
+        for (int i = 0; i < 4; i++) C[i < 2 ? g : g + 8][t * 2 + (i & 1)] = fr->c[i];
+    }
+    for (uint32_t l = 0; l < 32; l++) {
+        MmaFrag* fr = (MmaFrag*)L->fibers[base + l].wval;
+        uint32_t g = l / 4, t = l % 4;
+        for (int i = 0; i < 4; i++) {
+            int row = i < 2 ? g : g + 8, col = t * 2 + (i & 1);
+            float acc = C[row][col];
+            for (int k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
+            fr->d[i] = acc;
+        }
+    }
+    return true;
+}
+
+// ldmatrix .x`count` (1, 2, 4), `trans` for .trans: lane 8 j + r gives the address of row r of
+// matrix j (16 bytes, 16-byte aligned, shared memory); lane l gets in r[j] the pair at row
+// l / 4, columns 2 (l % 4) and + 1 of matrix j (of its transpose with .trans).
+bool warp_ldmatrix(Launch* L, uint32_t base, bool trans, int count) {
+    if (count != 1 && count != 2 && count != 4) {
+        L->error = fmt("%s: ldmatrix .x%d (1, 2 or 4)", where(L, &L->fibers[base]).c_str(), count);
+        L->failed = true;
+        return false;
+    }
+    uint16_t M[4][8][8];
+    for (int j = 0; j < count; j++) {
+        for (int r = 0; r < 8; r++) {
+            Fiber* src = &L->fibers[base + 8 * j + r];
+            uintptr_t a = ((const LdmFrag*)src->wval)->addr;
+            if (a % 16) {
+                L->error = fmt("%s: ldmatrix row address %p is not 16-byte aligned", where(L, src).c_str(), (void*)a);
+                L->failed = true;
+                return false;
+            }
+            for (const auto& c : L->async) {
+                if (a + 16 > c.dst && a < c.dst + c.n) {
+                    L->error = fmt("%s: ldmatrix reads shared memory that a cp.async of thread %s has not "
+                                   "completed (a missing cp.async.wait_group before the access)",
+                                   where(L, src).c_str(), tid_str(L, c.thread).c_str());
+                    L->failed = true;
+                    return false;
+                }
+            }
+            check_shared(L, src, a, 16, false);
+            if (L->failed) return false;
+            memcpy(M[j][r], (const void*)a, 16);
+        }
+    }
+    for (uint32_t l = 0; l < 32; l++) {
+        LdmFrag* fr = (LdmFrag*)L->fibers[base + l].wval;
+        uint32_t row = l / 4, col = 2 * (l % 4);
+        for (int j = 0; j < count; j++) {
+            uint16_t lo = trans ? M[j][col][row] : M[j][row][col];
+            uint16_t hi = trans ? M[j][col + 1][row] : M[j][row][col + 1];
+            fr->r[j] = (uint32_t)lo | ((uint32_t)hi << 16);
+        }
+    }
+    return true;
+}
+
 // Complete the warp collectives whose lanes have all arrived; false when none could.
 // Sets an error on a divergent collective.
 bool resolve_warps(Launch* L) {
@@ -351,6 +444,22 @@ bool resolve_warps(Launch* L) {
                     L->failed = true;
                     return false;
                 }
+            }
+            // tensor-core and matrix-load collectives: the whole warp, fragments through pointers
+            if (f.wop >= kOpMma && f.wop <= kOpLdmatrixT) {
+                if (group != 0xffffffffu || nl != 32) {
+                    L->error = fmt("%s: %s needs all 32 lanes of a full warp (mask 0x%08x)", where(L, &f).c_str(),
+                                   f.wop == kOpMma ? "mma.sync" : "ldmatrix", f.wmask);
+                    L->failed = true;
+                    return false;
+                }
+                bool ok = f.wop == kOpMma ? warp_mma_bf16(L, base) : warp_ldmatrix(L, base, f.wop == kOpLdmatrixT, f.warg);
+                if (!ok) return false;
+                for (uint32_t j = 0; j < nl; j++) L->fibers[base + j].state = RUNNABLE;
+                done_group |= group;
+                L->warp_ep[w]++;
+                released = true;
+                continue;
             }
             // every lane of the group has deposited its value: compute the results
             unsigned vote = 0;

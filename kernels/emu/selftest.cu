@@ -1,6 +1,7 @@
 // selftest.cu: kernels that test the emulator itself (not shipped as PTX; NVRTC compiles
 // them in tools/ptxgen/tests/fresh.rs): a shuffle-based block reduction, a tiled
 // shared-memory transpose, warp votes, atomics, dynamic shared memory, cp.async groups,
+// mma.sync m16n8k16 bf16 with fragments from global memory and from ldmatrix,
 // and planted faults that the emulator must report (a shared-memory race, an
 // out-of-bounds write, a divergent barrier, a read before cp.async.wait_group, ...).
 // Letters: n elements, R x C matrices, T threads per block.
@@ -145,4 +146,50 @@ extern "C" __global__ void selftest_cp_async_groups(const float* __restrict__ in
     out[t] = tile[t];  // its own copy, landed: no barrier needed
     if (second_wait) kf_cp_async_wait<0>();
     out[T + t] = tile[T + t];
+}
+
+// ---------------------------------------------------------------- tensor cores
+// D [16 x 8] = A [16 x 16] (bf16, row-major) x B [16 x 8] (bf16, row-major: B[k][n]) + C
+// (f32), one warp: the mma.m16n8k16 fragments read straight from global memory by the
+// layout formulas of common.cuh.
+extern "C" __global__ void selftest_mma_bf16(const __nv_bfloat16* __restrict__ A, const __nv_bfloat16* __restrict__ B,
+                                             const float* __restrict__ C, float* __restrict__ D) {
+    const unsigned l = threadIdx.x, g = l / 4, t = l % 4;
+    const unsigned short* a16 = (const unsigned short*)A;
+    const unsigned short* b16 = (const unsigned short*)B;
+    unsigned a[4], b[2];
+    for (int r = 0; r < 4; r++) {
+        const unsigned row = g + (r & 1) * 8, col = 2 * t + (r >> 1) * 8;
+        a[r] = a16[row * 16 + col] | ((unsigned)a16[row * 16 + col + 1] << 16);
+    }
+    for (int r = 0; r < 2; r++) {
+        const unsigned k = 2 * t + r * 8;
+        b[r] = b16[k * 8 + g] | ((unsigned)b16[(k + 1) * 8 + g] << 16);
+    }
+    float c[4], d[4];
+    for (int i = 0; i < 4; i++) c[i] = C[(g + (i >> 1) * 8) * 8 + 2 * t + (i & 1)];
+    kf_mma_bf16_16816(d, a, b, c);
+    for (int i = 0; i < 4; i++) D[(g + (i >> 1) * 8) * 8 + 2 * t + (i & 1)] = d[i];
+}
+
+// The same product with the fragments loaded by ldmatrix from shared memory: x4 of A's four
+// 8 x 8 quarters, x2 .trans of B's two 8 x 8 halves (B row-major [k][n] is B's column-major
+// view transposed).
+extern "C" __global__ void selftest_mma_ldmatrix(const __nv_bfloat16* __restrict__ A,
+                                                 const __nv_bfloat16* __restrict__ B, const float* __restrict__ C,
+                                                 float* __restrict__ D) {
+    __shared__ __align__(16) unsigned short As[16 * 16];
+    __shared__ __align__(16) unsigned short Bs[16 * 8];
+    const unsigned l = threadIdx.x, g = l / 4, t = l % 4;
+    for (unsigned i = l; i < 256; i += 32) As[i] = ((const unsigned short*)A)[i];
+    for (unsigned i = l; i < 128; i += 32) Bs[i] = ((const unsigned short*)B)[i];
+    __syncthreads();
+    unsigned a[4], b[2];
+    const unsigned j = l / 8, r = l % 8;  // this lane's matrix and row
+    kf_ldmatrix_x4(a, &As[((j & 1) * 8 + r) * 16 + (j >> 1) * 8]);
+    kf_ldmatrix_x2_trans(b, &Bs[((j & 1) * 8 + r) * 8]);
+    float c[4], d[4];
+    for (int i = 0; i < 4; i++) c[i] = C[(g + (i >> 1) * 8) * 8 + 2 * t + (i & 1)];
+    kf_mma_bf16_16816(d, a, b, c);
+    for (int i = 0; i < 4; i++) D[(g + (i >> 1) * 8) * 8 + 2 * t + (i & 1)] = d[i];
 }

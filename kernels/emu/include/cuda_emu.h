@@ -101,6 +101,19 @@ __attribute__((always_inline)) inline unsigned __ballot_sync(unsigned m, int p) 
 __attribute__((always_inline)) inline int __any_sync(unsigned m, int p) { return (int)kf_emu_warp_op(KF_ANY, m, p != 0, 0, 32); }
 __attribute__((always_inline)) inline int __all_sync(unsigned m, int p) { return (int)kf_emu_warp_op(KF_ALL, m, p != 0, 0, 32); }
 
+// ---------------------------------------------------------------- tensor cores
+// mma.sync m16n8k16 (bf16 in, f32 accumulate) and ldmatrix as warp collectives: each lane
+// hands the runtime a pointer to its fragment (runtime.cpp: warp_mma_bf16, warp_ldmatrix).
+enum { KF_MMA_BF16 = 9, KF_LDMATRIX = 10, KF_LDMATRIX_T = 11 };
+struct kf_emu_mma_frag {
+    uint32_t a[4], b[2];
+    float c[4], d[4];
+};
+struct kf_emu_ldm_frag {
+    uint64_t addr;
+    uint32_t r[4];
+};
+
 // ---------------------------------------------------------------- atomics
 // Done by the (uninstrumented) runtime: bounds-checked, exempt from race checks.
 enum { KF_AT_ADD = 1, KF_AT_MAX = 2, KF_AT_MIN = 3, KF_AT_CAS = 4, KF_AT_EXCH = 5 };

@@ -346,3 +346,62 @@ fn cp_async_wait_group_keeps_the_newer_groups_in_flight() {
     );
     assert!(e.contains("missing cp.async.wait_group"), "{e}");
 }
+
+/// bf16 bits of `x` (round to nearest even) and back.
+fn bf16(x: f32) -> u16 {
+    let u = x.to_bits();
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+fn f32_of(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+#[test]
+fn mma_m16n8k16_bf16_computes_a_b_plus_c_from_fragments_and_from_ldmatrix() {
+    let a: Vec<u16> = data(256, 91).iter().map(|&x| bf16(x)).collect();
+    let b: Vec<u16> = data(128, 92).iter().map(|&x| bf16(x)).collect();
+    let c = data(128, 93);
+    let want: Vec<f64> = (0..128)
+        .map(|i| {
+            let (row, col) = (i / 8, i % 8);
+            c[i] as f64
+                + (0..16)
+                    .map(|k| f32_of(a[row * 16 + k]) as f64 * f32_of(b[k * 8 + col]) as f64)
+                    .sum::<f64>()
+        })
+        .collect();
+    let (ab, bb, cb) = (
+        DeviceBuffer::from_slice(&a),
+        DeviceBuffer::from_slice(&b),
+        DeviceBuffer::from_slice(&c),
+    );
+    for kernel in ["selftest_mma_bf16", "selftest_mma_ldmatrix"] {
+        let d = DeviceBuffer::uninit(4 * 128);
+        launch(
+            kernel,
+            cfg((1, 1, 1), (32, 1, 1), 0),
+            &[Arg::Buf(&ab), Arg::Buf(&bb), Arg::Buf(&cb), Arg::Buf(&d)],
+        )
+        .unwrap_or_else(|e| panic!("{kernel}: {e}"));
+        let got = d.to_vec::<f32>();
+        for i in 0..128 {
+            // bf16 products are exact in f32; 16 f32 additions round
+            assert!(
+                (got[i] as f64 - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+                "{kernel}: D[{}][{}] = {}, want {}",
+                i / 8,
+                i % 8,
+                got[i],
+                want[i]
+            );
+        }
+    }
+    // a warp with lanes missing cannot run mma.sync
+    let d = DeviceBuffer::uninit(4 * 128);
+    let e = launch_err(
+        "selftest_mma_bf16",
+        cfg((1, 1, 1), (16, 1, 1), 0),
+        &[Arg::Buf(&ab), Arg::Buf(&bb), Arg::Buf(&cb), Arg::Buf(&d)],
+    );
+    assert!(e.contains("mma.sync needs all 32 lanes"), "{e}");
+}

@@ -45,10 +45,10 @@ fn pins_are_read() {
 }
 
 /// The emulator's self-test kernels (kernels/emu/selftest.cu, not shipped) compile with the
-/// pinned NVRTC too, so the CUDA side of what they exercise is real: cp.async (common.cuh)
-/// becomes cp.async PTX that ptxas accepts for sm_80 and sm_90.
+/// pinned NVRTC too, so the CUDA side of what they exercise is real: cp.async, mma.sync and
+/// ldmatrix (common.cuh) become that PTX, and ptxas accepts it for sm_80 and sm_90.
 #[test]
-fn selftest_kernels_compile_and_cp_async_is_real_ptx() {
+fn selftest_kernels_compile_to_cp_async_mma_and_ldmatrix_ptx() {
     let root = repo_root();
     let tc = match locate(&root) {
         Ok(tc) => tc,
@@ -69,6 +69,9 @@ fn selftest_kernels_compile_and_cp_async_is_real_ptx() {
         "cp.async.commit_group",
         "cp.async.wait_group 1",
         "cp.async.wait_group 0",
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+        "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16",
     ] {
         assert!(ptx.contains(want), "no `{want}` in the PTX of selftest.cu");
     }
