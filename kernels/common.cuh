@@ -83,6 +83,7 @@ __device__ __forceinline__ void kf_emu_ldmatrix(unsigned* r, int count, int op, 
     for (int j = 0; j < count; j++) r[j] = fr.r[j];
 }
 __device__ __forceinline__ void kf_ldmatrix_x4(unsigned r[4], const void* row) { kf_emu_ldmatrix(r, 4, KF_LDMATRIX, row); }
+__device__ __forceinline__ void kf_ldmatrix_x2(unsigned r[2], const void* row) { kf_emu_ldmatrix(r, 2, KF_LDMATRIX, row); }
 __device__ __forceinline__ void kf_ldmatrix_x2_trans(unsigned r[2], const void* row) { kf_emu_ldmatrix(r, 2, KF_LDMATRIX_T, row); }
 #else
 __device__ __forceinline__ void kf_mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
@@ -96,6 +97,10 @@ __device__ __forceinline__ void kf_ldmatrix_x4(unsigned r[4], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(s));
+}
+__device__ __forceinline__ void kf_ldmatrix_x2(unsigned r[2], const void* row) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
 }
 __device__ __forceinline__ void kf_ldmatrix_x2_trans(unsigned r[2], const void* row) {
     const unsigned s = (unsigned)__cvta_generic_to_shared(row);

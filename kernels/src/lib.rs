@@ -104,6 +104,11 @@ pub const FAMILIES: &[Family] = &[
         entries: entries!("sample_inverse_cdf", "inverse_cdf_noise"),
     },
     Family {
+        name: "attention_mma",
+        ptx: include_str!("../../ptx/attention_mma.ptx"),
+        entries: &["attn_fwd_mma_d64_bf16", "attn_fwd_mma_d128_bf16"],
+    },
+    Family {
         name: "attention",
         ptx: include_str!("../../ptx/attention.ptx"),
         entries: entries!(
