@@ -1,14 +1,16 @@
 // attention_mma.cu: attention forward on tensor cores (issue 23), FlashAttention-2 shaped: bf16
 // Q, K, V [B, T, H, D] in, f32 O [B, T, H, D] and logsumexp [B, H, T] out, causal or full.
 // A block of 4 warps owns 64 query rows (16 per warp); key tiles of 64 rows stream through
-// shared memory by cp.async; S = Q·Kᵀ and O += P·V are mma.sync m16n8k16 (bf16 in, f32
+// shared memory by cp.async, double-buffered (the next tile lands while this one is used); S = Q·Kᵀ and O += P·V are mma.sync m16n8k16 (bf16 in, f32
 // accumulate) with the operands loaded by ldmatrix (Q and K as stored, V transposed by
 // ldmatrix.trans); the online softmax runs on the S accumulators in registers, and P goes back
 // into the A fragments of the P·V product without touching shared memory (the C layout of two
 // adjacent 16 x 8 tiles is the A layout of one 16 x 16). Masking is applied only on the key
 // tiles that cross the causal diagonal or the end of the sequence.
-// Not yet: double-buffered K/V tiles, a swizzled shared layout (ldmatrix bank conflicts), the
-// staircase patterns and key_skip of attention.cu, the backward.
+// Shared memory: Q plus two stages of K and V, 5 x 64 x D bf16 (40 KB at D 64, 80 KB at D 128:
+// above 48 KB the launch needs the dynamic shared-memory opt-in). Not yet: a swizzled shared
+// layout (ldmatrix bank conflicts), the staircase patterns and key_skip of attention.cu, the
+// backward.
 // Letters: B batch, T positions, H heads, D head dim (64, 128), BR = 64 query rows per block,
 // BC = 64 keys per tile; in a warp, lane l, g = l / 4, t = l % 4 (common.cuh's layouts).
 #include "common.cuh"
@@ -36,7 +38,7 @@ __device__ __forceinline__ unsigned kf_pack_bf16x2(float lo, float hi) {
 }
 
 // rows [row0, row0 + 64) of one head of X [B, T, H, D] into S [64][D] (bf16): 16-byte cp.async
-// chunks; rows past T are zeros (plain stores).
+// chunks (the caller commits them as a group); rows past T are zeros (plain stores).
 template <int D>
 __device__ __forceinline__ void kf_mma_load_tile(unsigned short* S, const __nv_bfloat16* X, int b, int h, int row0,
                                                  int T, int H) {
@@ -51,7 +53,6 @@ __device__ __forceinline__ void kf_mma_load_tile(unsigned short* S, const __nv_b
             for (int i = 0; i < 8; i++) dst[i] = 0;
         }
     }
-    kf_cp_async_commit();
 }
 
 template <int D>
@@ -59,16 +60,20 @@ __device__ void kf_attn_fwd_mma(const __nv_bfloat16* __restrict__ Q, const __nv_
                                 const __nv_bfloat16* __restrict__ V, float* __restrict__ O, float* __restrict__ lse,
                                 int T, int H, int causal, float scale) {
     extern __shared__ __align__(16) unsigned short kf_mma_smem[];
+    // Q, then two stages of (K, V): the next tile lands while this one is used
     unsigned short* Qs = kf_mma_smem;
-    unsigned short* Ks = Qs + KF_MMA_BR * D;
-    unsigned short* Vs = Ks + KF_MMA_BC * D;
     const int b = blockIdx.z, h = blockIdx.y, q_blk = blockIdx.x * KF_MMA_BR;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int j = lane >> 3, r8 = lane & 7;  // this lane's ldmatrix matrix and row
     const int q_warp = q_blk + warp * 16;
+    const int k_end = causal ? min(T, q_blk + KF_MMA_BR) : T;
 
     kf_mma_load_tile<D>(Qs, Q, b, h, q_blk, T, H);
-    kf_cp_async_wait<0>();
+    kf_cp_async_commit();
+    kf_mma_load_tile<D>(Qs + KF_MMA_BR * D, K, b, h, 0, T, H);
+    kf_mma_load_tile<D>(Qs + (KF_MMA_BR + KF_MMA_BC) * D, V, b, h, 0, T, H);
+    kf_cp_async_commit();
+    kf_cp_async_wait<1>();  // Q (the first tile of K and V may still be in flight)
     __syncthreads();
     unsigned qa[D / 16][4];
     KF_UNROLL
@@ -81,12 +86,20 @@ __device__ void kf_attn_fwd_mma(const __nv_bfloat16* __restrict__ Q, const __nv_
     // rows g and g + 8 of the warp: running max (scaled logits) and this lane's partial sum
     float m[2] = {kf_neg_inf_mma(), kf_neg_inf_mma()}, l[2] = {0.0f, 0.0f};
 
-    const int k_end = causal ? min(T, q_blk + KF_MMA_BR) : T;
-    for (int k0 = 0; k0 < k_end; k0 += KF_MMA_BC) {
-        __syncthreads();  // the previous tile's ldmatrix reads are done
-        kf_mma_load_tile<D>(Ks, K, b, h, k0, T, H);
-        kf_mma_load_tile<D>(Vs, V, b, h, k0, T, H);
-        kf_cp_async_wait<0>();
+    for (int k0 = 0, stage = 0; k0 < k_end; k0 += KF_MMA_BC, stage ^= 1) {
+        unsigned short* Ks = Qs + (KF_MMA_BR + 2 * stage * KF_MMA_BC) * D;
+        unsigned short* Vs = Ks + KF_MMA_BC * D;
+        if (k0 + KF_MMA_BC < k_end) {
+            // prefetch the next tile into the other stage (free: the barrier at the end of
+            // the previous iteration), then wait for this one only
+            unsigned short* Kn = Qs + (KF_MMA_BR + 2 * (stage ^ 1) * KF_MMA_BC) * D;
+            kf_mma_load_tile<D>(Kn, K, b, h, k0 + KF_MMA_BC, T, H);
+            kf_mma_load_tile<D>(Kn + KF_MMA_BC * D, V, b, h, k0 + KF_MMA_BC, T, H);
+            kf_cp_async_commit();
+            kf_cp_async_wait<1>();
+        } else {
+            kf_cp_async_wait<0>();
+        }
         __syncthreads();
 
         // S [16 x 64] = Q Kᵀ: 8 column tiles of 8 keys
@@ -156,6 +169,7 @@ __device__ void kf_attn_fwd_mma(const __nv_bfloat16* __restrict__ Q, const __nv_
                 kf_mma_bf16_16816(o[dc], pa, vb, o[dc]);
             }
         }
+        __syncthreads();  // every warp is done with this stage before it is refilled
     }
     // the row sums over the group's 4 lanes, then O / l and the logsumexp
     KF_UNROLL

@@ -52,7 +52,7 @@ fn tensor_core_attention_matches_f64_on_bf16_inputs() {
                 LaunchConfig {
                     grid_dim: (t.div_ceil(64) as u32, h as u32, b as u32),
                     block_dim: (128, 1, 1),
-                    shared_mem_bytes: (3 * 64 * d * 2) as u32,
+                    shared_mem_bytes: (5 * 64 * d * 2) as u32,
                 },
                 &[
                     Arg::Buf(&qb),
