@@ -149,7 +149,7 @@ fn values(n: usize, salt: u32) -> Vec<f32> {
 pub fn bench<D: KernelDevice + ?Sized>(dev: &D, sz: Size, runs: usize) -> Result<Report> {
     ensure!(runs >= 1, "--runs must be at least 1");
     ensure!(
-        sz.d % sz.heads == 0 && matches!(sz.d / sz.heads, 64 | 128),
+        sz.d.is_multiple_of(sz.heads) && matches!(sz.d / sz.heads, 64 | 128),
         "head dim {} has no attention kernel (64 or 128)",
         sz.d / sz.heads
     );

@@ -61,8 +61,8 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
     let prompt: Vec<u32> = ids[..8].to_vec();
     let long: Vec<u32> = prompt.iter().cycle().take(512).copied().collect();
     ensure!(
-        cfg.max_seq_len >= 512 + 1 && cfg.max_seq_len >= 8 + a.new,
-        "{}: max_seq_len {} is below the 513 positions of the prefill test",
+        cfg.max_seq_len > 512 && cfg.max_seq_len >= 8 + a.new,
+        "{}: max_seq_len {} is below the 513 positions of the prefill test (or 8 + --new)",
         a.model.display(),
         cfg.max_seq_len
     );

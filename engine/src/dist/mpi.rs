@@ -250,23 +250,18 @@ impl Collective for MpiCollective {
         let (r, w) = (self.rank, self.size);
         // Ranks below this one send first to it, it to those above: no two ranks wait on
         // each other's send (sends complete eagerly for small messages anyway).
-        let mut got: Vec<Option<Vec<u8>>> = vec![None; w];
-        got[r] = Some(bytes.to_vec());
-        for q in 0..w {
-            if q == r {
-                for p in (0..w).filter(|&p| p != r) {
-                    self.send(p, TAG_GATHER, bytes)?;
-                }
-            } else if q < r {
-                got[q] = Some(self.recv::<u8>(q, TAG_GATHER)?);
-            }
+        let mut got: Vec<Vec<u8>> = Vec::with_capacity(w);
+        for q in 0..r {
+            got.push(self.recv::<u8>(q, TAG_GATHER)?);
+        }
+        got.push(bytes.to_vec());
+        for p in (0..w).filter(|&p| p != r) {
+            self.send(p, TAG_GATHER, bytes)?;
         }
         for q in r + 1..w {
-            got[q] = Some(self.recv::<u8>(q, TAG_GATHER)?);
+            got.push(self.recv::<u8>(q, TAG_GATHER)?);
         }
-        got.into_iter()
-            .map(|g| g.ok_or_else(|| anyhow!("all_gather: a rank's message is missing")))
-            .collect()
+        Ok(got)
     }
 }
 

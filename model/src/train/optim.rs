@@ -264,7 +264,7 @@ impl Trainer {
             let mut c = comm.lock()?;
             let w = c.size();
             ensure!(
-                self.opt.grad_accum % w == 0,
+                self.opt.grad_accum.is_multiple_of(w),
                 "grad_accum {} is not a multiple of the {w} ranks: each rank computes whole micro-batches of an update \
                  (batch_size x grad_accum windows); set grad_accum to a multiple of {w} (and divide batch_size to keep the global batch)",
                 self.opt.grad_accum
