@@ -186,6 +186,11 @@ struct Bencher<'a, D: KernelDevice + ?Sized> {
 }
 
 impl<D: KernelDevice + ?Sized> Bencher<'_, D> {
+    /// A device tensor of `n` deterministic values (`salt` picks them).
+    fn up(&self, n: usize, shape: &[usize], salt: u32) -> Result<DTensor> {
+        DTensor::from_slice(self.dev, &values(n, salt), shape)
+    }
+
     /// Times `f` (median of the runs) and records its row.
     fn push(
         &mut self,
@@ -219,14 +224,11 @@ fn pointwise<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Re
     let s = 4.0; // f32 storage
     let (d, v) = (sz.d, sz.vocab);
     let r = sz.rows();
-    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
-        DTensor::from_slice(dev, &values(n, salt), shape)
-    };
     let sh = |a: &[usize]| format!("{a:?}");
-    let x = up(r * d, &[r, d], 3)?;
-    let y = up(r * d, &[r, d], 4)?;
-    let w = up(d, &[d], 5)?;
-    let bias = up(d, &[d], 6)?;
+    let x = bn.up(r * d, &[r, d], 3)?;
+    let y = bn.up(r * d, &[r, d], 4)?;
+    let w = bn.up(d, &[d], 5)?;
+    let bias = bn.up(d, &[d], 6)?;
     bn.push(
         "elementwise",
         "add_f32",
@@ -241,7 +243,7 @@ fn pointwise<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Re
         cm::bias_add(r, d, s),
         &mut || kl::bias_add(dev, &x, &bias).map(drop),
     )?;
-    let x4 = up(r * 4 * d, &[r, 4 * d], 7)?;
+    let x4 = bn.up(r * 4 * d, &[r, 4 * d], 7)?;
     bn.push(
         "elementwise",
         "gelu_tanh_f32",
@@ -249,7 +251,7 @@ fn pointwise<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Re
         cm::gelu_tanh_fwd(r * 4 * d, s),
         &mut || kl::gelu_tanh(dev, &x4).map(drop),
     )?;
-    let b4 = up(4 * d, &[4 * d], 15)?;
+    let b4 = bn.up(4 * d, &[4 * d], 15)?;
     bn.push(
         "elementwise",
         "bias_gelu_tanh_f32",
@@ -272,7 +274,7 @@ fn pointwise<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Re
         cm::layernorm_fwd(r, d, s, false, true),
         &mut || kl::layer_norm(dev, &x, &w, None, 1e-5).map(drop),
     )?;
-    let table = up(v * d, &[v, d], 8)?;
+    let table = bn.up(v * d, &[v, d], 8)?;
     let ids: Vec<u32> = (0..r as u32).map(|i| (i * 7919) % v as u32).collect();
     let ids = DTensor::from_slice(dev, &ids, &[r])?;
     bn.push(
@@ -293,16 +295,13 @@ fn attention<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Re
     let (b, t, d, h) = (sz.batch, sz.seq, sz.d, sz.heads);
     let hd = d / h;
     let r = sz.rows();
-    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
-        DTensor::from_slice(dev, &values(n, salt), shape)
-    };
     let sh = |a: &[usize]| format!("{a:?}");
     let pos: Vec<u32> = (0..t as u32).collect();
     let pos = DTensor::from_slice(dev, &pos, &[t])?;
     let (cos, sin) = kl::rope_tables(dev, &pos, hd, 10000.0)?;
-    let q = up(r * d, &[b, t, h, hd], 9)?;
-    let k = up(r * d, &[b, t, h, hd], 10)?;
-    let vv = up(r * d, &[b, t, h, hd], 11)?;
+    let q = bn.up(r * d, &[b, t, h, hd], 9)?;
+    let k = bn.up(r * d, &[b, t, h, hd], 10)?;
+    let vv = bn.up(r * d, &[b, t, h, hd], 11)?;
     bn.push(
         "rope",
         "rope_fwd_f32",
@@ -343,7 +342,7 @@ fn attention<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Re
     )?;
     // a KV-cached PFLM step: 8 query rows (4 committed + 4 hints) over the whole cache
     let tq = 8.min(t);
-    let qd = up(b * tq * d, &[b, tq, h, hd], 12)?;
+    let qd = bn.up(b * tq * d, &[b, tq, h, hd], 12)?;
     let step = AttnParams {
         q_start: t - tq,
         ..causal.clone()
@@ -376,7 +375,7 @@ fn attention<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Re
         &causal,
         AttnPath::Tiles,
     )?;
-    let go = up(r * d, &[b, t, h, hd], 16)?;
+    let go = bn.up(r * d, &[b, t, h, hd], 16)?;
     bn.push(
         "attention",
         &format!("attn_bwd_d{hd}_f32 (dot + dq + dkdv)"),
@@ -407,13 +406,10 @@ fn norm_backward<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -
     let s = 4.0; // f32 storage
     let d = sz.d;
     let r = sz.rows();
-    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
-        DTensor::from_slice(dev, &values(n, salt), shape)
-    };
     let sh = |a: &[usize]| format!("{a:?}");
-    let x = up(r * d, &[r, d], 3)?;
-    let y = up(r * d, &[r, d], 4)?;
-    let w = up(d, &[d], 5)?;
+    let x = bn.up(r * d, &[r, d], 3)?;
+    let y = bn.up(r * d, &[r, d], 4)?;
+    let w = bn.up(d, &[d], 5)?;
     let ln = kl::layer_norm(dev, &x, &w, None, 1e-5)?;
     bn.push(
         "layernorm",
@@ -437,15 +433,12 @@ fn norm_backward<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -
 fn decode_products<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Result<()> {
     let dev = bn.dev;
     let (d, v) = (sz.d, sz.vocab);
-    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
-        DTensor::from_slice(dev, &values(n, salt), shape)
-    };
     let sh = |a: &[usize]| format!("{a:?}");
     // decode GEMMs on half weights (gemv_wt) next to the f32 GEMM of the same shape: one
     // sequence's PFLM K = 4 step (2K = 8 rows) through the LM head, and an AR step (1 row)
     // through the MLP's up projection
     for (rows, n, what) in [(8, v, "LM head, 8 rows"), (1, 4 * d, "MLP up, 1 row")] {
-        let xs = up(rows * d, &[rows, d], 21)?;
+        let xs = bn.up(rows * d, &[rows, d], 21)?;
         let w32 = values(n * d, 22);
         let w16: Vec<half::f16> = w32.iter().map(|&x| half::f16::from_f32(x)).collect();
         let w16 = DTensor::from_slice(dev, &w16, &[n, d])?;
@@ -476,12 +469,9 @@ fn loss_and_optimizer<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Si
     let s = 4.0; // f32 storage
     let (d, v) = (sz.d, sz.vocab);
     let r = sz.rows();
-    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
-        DTensor::from_slice(dev, &values(n, salt), shape)
-    };
     let sh = |a: &[usize]| format!("{a:?}");
     // the loss over the vocabulary: every row of a training batch
-    let lt = up(r * v, &[r, v], 17)?;
+    let lt = bn.up(r * v, &[r, v], 17)?;
     let targets: Vec<u32> = (0..r as u32).map(|i| (i * 31) % v as u32).collect();
     let targets = DTensor::from_slice(dev, &targets, &[r])?;
     bn.push(
@@ -506,8 +496,8 @@ fn loss_and_optimizer<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Si
     // the optimizer over one block's MLP weight
     let n_p = 4 * d * d;
     let (p, g, m1, m2) = (
-        up(n_p, &[4 * d, d], 18)?,
-        up(n_p, &[4 * d, d], 19)?,
+        bn.up(n_p, &[4 * d, d], 18)?,
+        bn.up(n_p, &[4 * d, d], 19)?,
         DTensor::zeros(dev, &[4 * d, d], DType::F32)?,
         DTensor::zeros(dev, &[4 * d, d], DType::F32)?,
     );
@@ -533,13 +523,10 @@ fn vocab_rows<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> R
     let s = 4.0; // f32 storage
     let (b, d, v) = (sz.batch, sz.d, sz.vocab);
     let r = sz.rows();
-    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
-        DTensor::from_slice(dev, &values(n, salt), shape)
-    };
     let sh = |a: &[usize]| format!("{a:?}");
     // vocabulary-wide rows: one row per sequence of a decode step (B x K = 4 positions)
     let lr = b * 4;
-    let logits = up(lr * v, &[lr, v], 13)?;
+    let logits = bn.up(lr * v, &[lr, v], 13)?;
     bn.push(
         "softmax",
         "softmax_fwd_f32",
@@ -592,12 +579,9 @@ fn block_gemm<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> R
     let dev = bn.dev;
     let d = sz.d;
     let r = sz.rows();
-    let up = |n: usize, shape: &[usize], salt: u32| -> Result<DTensor> {
-        DTensor::from_slice(dev, &values(n, salt), shape)
-    };
-    let x = up(r * d, &[r, d], 3)?;
+    let x = bn.up(r * d, &[r, d], 3)?;
     // the GEMMs of one block at these rows (x·Wᵀ of the fused QKV projection)
-    let wq = up(3 * d * d, &[3 * d, d], 14)?;
+    let wq = bn.up(3 * d * d, &[3 * d, d], 14)?;
     bn.push(
         "gemm",
         "gemm qkv",

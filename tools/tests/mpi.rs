@@ -181,6 +181,16 @@ mod with_mpi {
         ]
     }
 
+    /// `kfrun --threads 1 train` (one process) into `out`, checked to succeed.
+    fn train_one(root: &Path, cfg: &Path, out: &Path, resume: bool, what: &str) {
+        let mut c = kfrun();
+        c.args(["--threads", "1"]).args(train_args(root, cfg, out));
+        if resume {
+            c.arg("--resume");
+        }
+        ok(c.output().unwrap(), what);
+    }
+
     #[test]
     fn two_ranks_train_exactly_what_one_process_trains() {
         let Some(mut mp) = mpirun(2) else { return };
@@ -192,14 +202,7 @@ mod with_mpi {
             c["warmup_steps"] = 5.into();
         });
         let (one, two) = (root.join("one"), root.join("two"));
-        ok(
-            kfrun()
-                .args(["--threads", "1"])
-                .args(train_args(&root, &cfg, &one))
-                .output()
-                .unwrap(),
-            "kfrun train",
-        );
+        train_one(&root, &cfg, &one, false, "kfrun train");
         let o = ok(
             mp.args(train_args(&root, &cfg, &two)).output().unwrap(),
             "mpirun -n 2 kfrun train",
@@ -225,13 +228,11 @@ mod with_mpi {
                 .unwrap(),
             "mpirun -n 2 kfrun train --max-steps 10",
         );
-        ok(
-            kfrun()
-                .args(["--threads", "1"])
-                .args(train_args(&root, &cfg, &mixed))
-                .arg("--resume")
-                .output()
-                .unwrap(),
+        train_one(
+            &root,
+            &cfg,
+            &mixed,
+            true,
             "kfrun train --resume (1 process after 2 ranks)",
         );
         assert_eq!(metrics(&one), metrics(&mixed));
@@ -248,14 +249,7 @@ mod with_mpi {
             c["checkpoint_every"] = 10.into();
         });
         let teacher = root.join("teacher");
-        ok(
-            kfrun()
-                .args(["--threads", "1"])
-                .args(train_args(&root, &cfg, &teacher))
-                .output()
-                .unwrap(),
-            "kfrun train (the teacher)",
-        );
+        train_one(&root, &cfg, &teacher, false, "kfrun train (the teacher)");
         let mut r: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(repo("configs/distill-tiny.json")).unwrap(),
         )
@@ -398,14 +392,7 @@ mod with_mpi {
             c["checkpoint_every"] = 10.into();
         });
         let (one, two) = (root.join("one"), root.join("two"));
-        ok(
-            kfrun()
-                .args(["--threads", "1"])
-                .args(train_args(&root, &cfg, &one))
-                .output()
-                .unwrap(),
-            "kfrun train (uninterrupted)",
-        );
+        train_one(&root, &cfg, &one, false, "kfrun train (uninterrupted)");
 
         // rank 1 killed: the launcher ends the job (rank 0 would time out otherwise)
         let (o, took) = interrupt(&root, &cfg, &two, 60, "-KILL", false);

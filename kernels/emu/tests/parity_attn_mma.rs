@@ -5,27 +5,10 @@
 //! weight, so |O - O_ref| <= ~2^-8 max|V| = 4e-3 here), the logsumexp is computed in f32
 //! from unrounded values (1e-4).
 
+mod common;
+
+use common::{inputs, St};
 use kf_kernels_emu::{launch, Arg, DeviceBuffer, LaunchConfig};
-
-/// Deterministic values in [-1, 1) (SplitMix64), rounded to bf16 (bits).
-fn bf16_data(n: usize, seed: u64) -> Vec<u16> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            let x = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-            let u = x.to_bits();
-            ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
-        })
-        .collect()
-}
-
-fn f(h: u16) -> f64 {
-    f32::from_bits((h as u32) << 16) as f64
-}
 
 #[test]
 fn tensor_core_attention_matches_f64_on_bf16_inputs() {
@@ -34,15 +17,15 @@ fn tensor_core_attention_matches_f64_on_bf16_inputs() {
         for (t, causal) in [(100usize, true), (100, false), (64, true), (7, false)] {
             let n = b * t * h * d;
             let (q, k, v) = (
-                bf16_data(n, 1 + d as u64),
-                bf16_data(n, 2 + t as u64),
-                bf16_data(n, 3),
+                inputs(n, 1 + d as u64, St::Bf16, -1.0, 1.0),
+                inputs(n, 2 + t as u64, St::Bf16, -1.0, 1.0),
+                inputs(n, 3, St::Bf16, -1.0, 1.0),
             );
             let scale = 1.0 / (d as f64).sqrt();
             let (qb, kb, vb) = (
-                DeviceBuffer::from_slice(&q),
-                DeviceBuffer::from_slice(&k),
-                DeviceBuffer::from_slice(&v),
+                St::Bf16.upload(&q),
+                St::Bf16.upload(&k),
+                St::Bf16.upload(&v),
             );
             let ob = DeviceBuffer::uninit(4 * n);
             let lb = DeviceBuffer::uninit(4 * b * h * t);
@@ -68,8 +51,8 @@ fn tensor_core_attention_matches_f64_on_bf16_inputs() {
             )
             .unwrap_or_else(|e| panic!("{kernel}: {e}"));
             let (o, lse) = (ob.to_vec::<f32>(), lb.to_vec::<f32>());
-            let at = |x: &[u16], bi: usize, ti: usize, hi: usize, di: usize| {
-                f(x[((bi * t + ti) * h + hi) * d + di])
+            let at = |x: &[f32], bi: usize, ti: usize, hi: usize, di: usize| {
+                x[((bi * t + ti) * h + hi) * d + di] as f64
             };
             let (mut worst_o, mut worst_l) = (0f64, 0f64);
             for bi in 0..b {

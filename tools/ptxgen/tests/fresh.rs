@@ -5,17 +5,22 @@
 
 use kf_ptxgen::{differences, generate, locate, repo_root};
 
+/// The pinned toolchain, or None (saying why) when it is missing and not required.
+fn toolchain(root: &std::path::Path) -> Option<kf_ptxgen::Toolchain> {
+    match locate(root) {
+        Ok(tc) => Some(tc),
+        Err(e) if std::env::var("KF_REQUIRE_NVRTC").as_deref() != Ok("1") => {
+            eprintln!("skipped: the pinned NVRTC is not available ({e:#})");
+            None
+        }
+        Err(e) => panic!("KF_REQUIRE_NVRTC=1 but the pinned NVRTC is not available: {e:#}"),
+    }
+}
+
 #[test]
 fn committed_ptx_is_fresh() {
     let root = repo_root();
-    let tc = match locate(&root) {
-        Ok(tc) => tc,
-        Err(e) if std::env::var("KF_REQUIRE_NVRTC").as_deref() != Ok("1") => {
-            eprintln!("skipped: the pinned NVRTC is not available ({e:#})");
-            return;
-        }
-        Err(e) => panic!("KF_REQUIRE_NVRTC=1 but the pinned NVRTC is not available: {e:#}"),
-    };
+    let Some(tc) = toolchain(&root) else { return };
     let g = generate(&root, &tc).unwrap_or_else(|e| panic!("{e:#}"));
     let bad = differences(&root, &g);
     assert!(
@@ -50,14 +55,7 @@ fn pins_are_read() {
 #[test]
 fn selftest_kernels_compile_to_cp_async_mma_and_ldmatrix_ptx() {
     let root = repo_root();
-    let tc = match locate(&root) {
-        Ok(tc) => tc,
-        Err(e) if std::env::var("KF_REQUIRE_NVRTC").as_deref() != Ok("1") => {
-            eprintln!("skipped: the pinned NVRTC is not available ({e:#})");
-            return;
-        }
-        Err(e) => panic!("KF_REQUIRE_NVRTC=1 but the pinned NVRTC is not available: {e:#}"),
-    };
+    let Some(tc) = toolchain(&root) else { return };
     let nvrtc = kf_ptxgen::Nvrtc::open(&tc.nvrtc_lib).unwrap_or_else(|e| panic!("{e:#}"));
     let src = std::fs::read_to_string(root.join("kernels/emu/selftest.cu")).unwrap();
     let ptx = nvrtc
