@@ -54,18 +54,19 @@ pub struct DistillArgs {
 
 pub fn run(a: &DistillArgs) -> Result<()> {
     ensure!(a.k >= 1, "--k must be at least 1");
-    let mut recipe = Recipe::from_file(&a.recipe)?;
-    match a.variant.as_deref() {
-        Some("rollout") => recipe.variant = Variant::Rollout,
-        Some("inversion") => recipe.variant = Variant::Inversion,
-        _ => {}
-    }
+    // the device (and the ranks) first: a bad --device is the error, whatever else is wrong
     let crate::dist_arg::RunSetup {
         comm,
         rank,
         device,
         mut progress,
     } = a.dist.setup(&a.device, a.resume, &a.out)?;
+    let mut recipe = Recipe::from_file(&a.recipe)?;
+    match a.variant.as_deref() {
+        Some("rollout") => recipe.variant = Variant::Rollout,
+        Some("inversion") => recipe.variant = Variant::Inversion,
+        _ => {}
+    }
     let stop = install_stop_handler()?;
     let opts = ChainOptions {
         teacher: a.teacher.clone(),
