@@ -108,7 +108,7 @@ fn weights(dir: &Path) -> Vec<u8> {
 
 #[cfg(not(feature = "mpi"))]
 #[test]
-fn a_rank_started_by_a_launcher_is_refused_without_the_mpi_feature() {
+fn without_the_mpi_feature_a_launched_rank_and_bad_flags_are_one_error() {
     let root = setup("nofeature");
     let cfg = config(&root, "cfg.json", |_| {});
     let o = kfrun()
@@ -138,6 +138,47 @@ fn a_rank_started_by_a_launcher_is_refused_without_the_mpi_feature() {
         "{err}"
     );
     assert!(!root.join("run").exists(), "nothing may be written");
+    // bad --distributed values and a build without NCCL: one sentence each, nothing written
+    for (flag, want) in [
+        (
+            &["--distributed", "gloo"][..],
+            "unknown --distributed \"gloo\"",
+        ),
+        (
+            &["--collective-timeout", "0"][..],
+            "--collective-timeout must be a positive number",
+        ),
+        (&["--distributed", "nccl"][..], "built without NCCL support"),
+    ] {
+        let o = kfrun()
+            .args([
+                "train",
+                "--config",
+                s(&cfg),
+                "--data",
+                s(&root.join("shards")),
+            ])
+            .args([
+                "--tokenizer",
+                s(&root.join("tok.json")),
+                "--out",
+                s(&root.join("run")),
+            ])
+            .args(flag)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{flag:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{flag:?}: one line: {err}"
+        );
+        assert!(
+            !root.join("run").exists(),
+            "{flag:?}: nothing may be written"
+        );
+    }
     eprintln!(
         "note: the mpirun tests of this file need `--features mpi` (see .ci/run); skipped here"
     );
