@@ -111,8 +111,9 @@ fn weights(dir: &Path) -> Vec<u8> {
 fn without_the_mpi_feature_a_launched_rank_and_bad_flags_are_one_error() {
     let root = setup("nofeature");
     let cfg = config(&root, "cfg.json", |_| {});
-    let o = kfrun()
-        .args([
+    let train = || {
+        let mut c = kfrun();
+        c.args([
             "train",
             "--config",
             s(&cfg),
@@ -124,7 +125,10 @@ fn without_the_mpi_feature_a_launched_rank_and_bad_flags_are_one_error() {
             s(&root.join("tok.json")),
             "--out",
             s(&root.join("run")),
-        ])
+        ]);
+        c
+    };
+    let o = train()
         .env("OMPI_COMM_WORLD_RANK", "0")
         .env("OMPI_COMM_WORLD_SIZE", "2")
         .output()
@@ -150,23 +154,7 @@ fn without_the_mpi_feature_a_launched_rank_and_bad_flags_are_one_error() {
         ),
         (&["--distributed", "nccl"][..], "built without NCCL support"),
     ] {
-        let o = kfrun()
-            .args([
-                "train",
-                "--config",
-                s(&cfg),
-                "--data",
-                s(&root.join("shards")),
-            ])
-            .args([
-                "--tokenizer",
-                s(&root.join("tok.json")),
-                "--out",
-                s(&root.join("run")),
-            ])
-            .args(flag)
-            .output()
-            .unwrap();
+        let o = train().args(flag).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{flag:?}: {err}");
         assert_eq!(
