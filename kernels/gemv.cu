@@ -11,8 +11,8 @@
 // eight weights (16 bytes) of each column and two float4 of x per row at a time when the
 // launcher says the rows are 16-byte aligned (`vec`), one element at a time otherwise; the
 // lanes' partial sums meet in shared memory (one __syncwarp) and lane v adds output v's. The
-// launcher (ops/src/kdev/launch.rs) widens W with widen_<T> and calls the f32 GEMM for more
-// rows. widen_<T>: out[i] = float(in[in_off + i]).
+// launcher (ops/src/matmul.rs) widens W with cast_<T>_f32 (copy.cu) and calls the f32 GEMM for
+// more rows.
 // Letters: M rows, N output columns, K inputs, ROWS rows per block row, COLS columns per warp.
 #include "common.cuh"
 
@@ -124,22 +124,12 @@ KF_GEMV_UNROLL
     }
 }
 
-template <class T>
-__device__ __forceinline__ void kf_widen(const T* __restrict__ in, size_t in_off, float* __restrict__ out,
-                                         size_t n) {
-    for (size_t i = kf_gid(); i < n; i += kf_gstride()) out[i] = kf_to_f32(in[in_off + i]);
-}
-
 #define KF_GEMV(T, SUFFIX)                                                                                      \
     extern "C" __global__ void gemv_wt_##SUFFIX(const float* __restrict__ x, size_t x_off, unsigned lda,       \
                                                 const T* __restrict__ w, size_t w_off, unsigned ldw,           \
                                                 float* __restrict__ y, size_t y_off, unsigned ldy, unsigned m, \
                                                 unsigned n, unsigned k, float beta, unsigned vec) {            \
         kf_gemv_wt<T>(x, x_off, lda, w, w_off, ldw, y, y_off, ldy, m, n, k, beta, vec);                        \
-    }                                                                                                           \
-    extern "C" __global__ void widen_##SUFFIX(const T* __restrict__ in, size_t in_off, float* __restrict__ out, \
-                                              size_t n) {                                                       \
-        kf_widen<T>(in, in_off, out, n);                                                                        \
     }
 
 KF_GEMV(__half, f16)

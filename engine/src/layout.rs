@@ -241,6 +241,34 @@ fn common_run(a: &Layout, b: &Layout) -> (usize, usize) {
     (run, outer)
 }
 
+/// The shape and both strides of two layouts of one shape with size-1 dims dropped and each
+/// dim merged into the next where both layouts step over it as one (a stride copy then walks
+/// the fewest dims). Offsets are not included.
+pub fn collapse_pair(a: &Layout, b: &Layout) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    debug_assert_eq!(a.shape, b.shape, "collapse_pair: shapes differ");
+    let (mut shape, mut sa, mut sb): (Vec<usize>, Vec<usize>, Vec<usize>) =
+        (vec![], vec![], vec![]);
+    for k in 0..a.shape.len() {
+        let (d, x, y) = (a.shape[k], a.strides[k], b.strides[k]);
+        if d == 1 {
+            continue;
+        }
+        match (shape.last_mut(), sa.last_mut(), sb.last_mut()) {
+            (Some(pd), Some(px), Some(py)) if *px == x * d && *py == y * d => {
+                *pd *= d;
+                *px = x;
+                *py = y;
+            }
+            _ => {
+                shape.push(d);
+                sa.push(x);
+                sb.push(y);
+            }
+        }
+    }
+    (shape, sa, sb)
+}
+
 /// The run length [`for_each_common_run`] walks `a` and `b` in (0 when empty).
 pub fn common_run_len(a: &Layout, b: &Layout) -> usize {
     if a.numel() == 0 {
@@ -290,6 +318,52 @@ pub fn for_each_common_run(a: &Layout, b: &Layout, mut f: impl FnMut(usize, usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every element's storage index under the collapsed dims equals the original's.
+    #[test]
+    fn collapse_pair_keeps_every_index() {
+        let idx = |shape: &[usize], st: &[usize], mut i: usize| {
+            let mut o = 0;
+            for k in (0..shape.len()).rev() {
+                o += (i % shape[k]) * st[k];
+                i /= shape[k];
+            }
+            o
+        };
+        let cases = [
+            (
+                // the last two dims step as one in both: [4, 10]
+                Layout::contiguous(&[4, 3, 5]).narrow(1, 1, 2).unwrap(),
+                Layout::contiguous(&[4, 2, 5]),
+                2,
+            ),
+            (
+                Layout::contiguous(&[2, 1, 3, 4]).transpose(2, 3).unwrap(),
+                Layout::contiguous(&[2, 1, 4, 3]),
+                3,
+            ),
+            (
+                Layout::contiguous(&[3, 1]).broadcast_as(&[3, 4]).unwrap(),
+                Layout::contiguous(&[3, 4]),
+                2,
+            ),
+            (
+                Layout::contiguous(&[2, 3, 7]),
+                Layout::contiguous(&[2, 3, 7]),
+                1,
+            ),
+            (Layout::contiguous(&[1, 1]), Layout::contiguous(&[1, 1]), 0),
+        ];
+        for (a, b, rank) in cases {
+            let (shape, sa, sb) = collapse_pair(&a, &b);
+            assert_eq!(shape.len(), rank, "{a:?} / {b:?} -> {shape:?}");
+            assert_eq!(shape.iter().product::<usize>(), a.numel());
+            for i in 0..a.numel() {
+                assert_eq!(idx(&shape, &sa, i), idx(a.shape(), a.strides(), i));
+                assert_eq!(idx(&shape, &sb, i), idx(b.shape(), b.strides(), i));
+            }
+        }
+    }
 
     #[test]
     fn common_runs_cover_every_element_once() {

@@ -371,14 +371,18 @@ impl KernelStorage {
     }
     /// A new uninitialised buffer of `len` elements of this storage's dtype on its device.
     pub fn alloc_like(&self, len: usize) -> Result<KernelStorage> {
+        self.alloc_of(len, self.dtype)
+    }
+    /// A new uninitialised buffer of `len` elements of `dtype` on this storage's device.
+    pub fn alloc_of(&self, len: usize, dtype: DType) -> Result<KernelStorage> {
         let bytes = len
-            .checked_mul(self.dtype.size())
-            .ok_or_else(|| anyhow!("{len} elements of {} overflow", self.dtype))?;
+            .checked_mul(dtype.size())
+            .ok_or_else(|| anyhow!("{len} elements of {dtype} overflow"))?;
         let buf = self
             .dev
             .alloc(bytes)
             .with_context(|| format!("allocating {bytes} bytes on {}", self.device))?;
-        KernelStorage::new(buf, self.dev.clone(), self.device, self.dtype, len)
+        KernelStorage::new(buf, self.dev.clone(), self.device, dtype, len)
     }
 }
 

@@ -577,7 +577,7 @@ impl Tensor {
                 Storage::Cpu(s) => Storage::Cpu(gather(s, &self.0.layout)),
                 Storage::Kernel(k) => {
                     let out = k.alloc_like(self.numel())?;
-                    copy_runs_on_device(k, &self.0.layout, &out, &Layout::contiguous(self.shape()))
+                    copy_on_device(k, &self.0.layout, &out, &Layout::contiguous(self.shape()))
                         .context("contiguous")?;
                     Storage::Kernel(out)
                 }
@@ -606,6 +606,12 @@ impl Tensor {
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
             return Ok(self.clone());
+        }
+        if !self.device().is_cpu() {
+            let (from, to) = (self.dtype().to_string(), dtype.to_string());
+            if let Some(entry) = kf_kernels::copy::cast_entry(&from, &to) {
+                return self.cast_on_device(entry, dtype);
+            }
         }
         let v = self.to_vec_f64()?;
         let storage = match dtype {
@@ -642,7 +648,8 @@ impl Tensor {
             Layout::contiguous(self.shape()),
             node,
         )?;
-        // a device tensor is converted through the host (no cast kernel yet) and stays there
+        // a device tensor without a cast kernel for this pair (integers, f64 <-> 16-bit) is
+        // converted through the host and goes back
         if self.device().is_cpu() {
             Ok(out)
         } else {
@@ -651,6 +658,36 @@ impl Tensor {
                 .to_device(self.device())?
                 .rewrap(out.grad_node().cloned()))
         }
+    }
+
+    /// [`Tensor::to_dtype`] on a kernel device with copy.cu's `entry` (`cast_<from>_<to>`):
+    /// rounds as the host conversion does, so either gives the same bits.
+    fn cast_on_device(&self, entry: &str, dtype: DType) -> Result<Tensor> {
+        let c = {
+            let _g = autograd::no_grad();
+            self.contiguous()?
+        };
+        let n = c.numel();
+        let g = c.storage()?;
+        let k = g.kernel()?;
+        let out = k.alloc_of(n, dtype)?;
+        if n > 0 {
+            use crate::kernel_device::KArg;
+            k.dev
+                .launch(
+                    entry,
+                    kf_kernels::copy::config(n),
+                    &[
+                        KArg::Buf(&k.buf),
+                        KArg::U64(c.layout().offset() as u64),
+                        KArg::Buf(&out.buf),
+                        KArg::U64(n as u64),
+                    ],
+                )
+                .with_context(|| format!("{entry} on {}", self.device()))?;
+        }
+        let node = self.view_node(ViewKind::Cast(self.dtype()));
+        Tensor::from_storage(Storage::Kernel(out), Layout::contiguous(self.shape()), node)
     }
 
     /// Elementwise sum of two tensors of equal shape and dtype (not recorded;
@@ -788,7 +825,7 @@ fn copy_layout(src: &Tensor, dst: &Tensor, dst_l: &Layout) -> Result<()> {
     let mut dg = dst.storage_mut()?;
     match (&*sg, &mut *dg) {
         (Storage::Cpu(s), Storage::Cpu(d)) => scatter(s, src.layout(), d, dst_l),
-        (Storage::Kernel(s), Storage::Kernel(d)) => copy_runs_on_device(s, src.layout(), d, dst_l),
+        (Storage::Kernel(s), Storage::Kernel(d)) => copy_on_device(s, src.layout(), d, dst_l),
         _ => bail!(
             "copy: source on {} and destination on {}",
             src.device(),
@@ -797,14 +834,17 @@ fn copy_layout(src: &Tensor, dst: &Tensor, dst_l: &Layout) -> Result<()> {
     }
 }
 
-/// Copies the elements of `src_l` in `src` to the positions `dst_l` in `dst` (same shape
-/// and dtype, one kernel device), one device-to-device copy per run contiguous in both.
-fn copy_runs_on_device(
+/// Copies the elements of `src_l` in `src` to the positions `dst_l` in `dst` on their kernel
+/// device: one memcpy when both are one contiguous run, else one `strided_copy` launch
+/// (kernels/copy.cu) over the layouts collapsed to at most `kf_kernels::copy::RANK` dims, else
+/// (a higher rank) one memcpy per common run.
+fn copy_on_device(
     src: &KernelStorage,
     src_l: &Layout,
     dst: &KernelStorage,
     dst_l: &Layout,
 ) -> Result<()> {
+    use crate::kernel_device::KArg;
     ensure!(
         src.device == dst.device && src.dtype() == dst.dtype(),
         "copy: {} {} to {} {}",
@@ -814,12 +854,51 @@ fn copy_runs_on_device(
         dst.dtype()
     );
     let es = src.dtype().size();
+    let n = src_l.numel();
+    let ctx = || format!("device copy on {}", src.device);
+    if n == 0 {
+        return Ok(());
+    }
+    let (shape, ss, ds) = crate::layout::collapse_pair(src_l, dst_l);
+    if shape.len() <= 1 && ss.first().is_none_or(|&s| s == 1) && ds.first().is_none_or(|&s| s == 1)
+    {
+        return src
+            .dev
+            .copy(
+                &src.buf,
+                src_l.offset() * es,
+                &dst.buf,
+                dst_l.offset() * es,
+                n * es,
+            )
+            .with_context(ctx);
+    }
+    const R: usize = kf_kernels::copy::RANK;
+    if let (true, Some(entry)) = (shape.len() <= R, kf_kernels::copy::strided_entry(es)) {
+        // leading dims padded with size 1
+        let pad = R - shape.len();
+        let dim = |v: &[usize], one: usize, k: usize| if k < pad { one } else { v[k - pad] };
+        let mut args = vec![
+            KArg::Buf(&src.buf),
+            KArg::U64(src_l.offset() as u64),
+            KArg::Buf(&dst.buf),
+            KArg::U64(dst_l.offset() as u64),
+            KArg::U64(n as u64),
+        ];
+        args.extend((0..R).map(|k| KArg::U64(dim(&shape, 1, k) as u64)));
+        args.extend((0..R).map(|k| KArg::U64(dim(&ss, 0, k) as u64)));
+        args.extend((0..R).map(|k| KArg::U64(dim(&ds, 0, k) as u64)));
+        return src
+            .dev
+            .launch(entry, kf_kernels::copy::config(n), &args)
+            .with_context(ctx);
+    }
     let mut runs = Vec::new();
     let run = crate::layout::for_each_common_run(src_l, dst_l, |a, b| runs.push((a, b)));
     for (a, b) in runs {
         src.dev
             .copy(&src.buf, a * es, &dst.buf, b * es, run * es)
-            .with_context(|| format!("device copy on {}", src.device))?;
+            .with_context(ctx)?;
     }
     Ok(())
 }

@@ -120,3 +120,149 @@ fn cpu_only_code_names_the_device_instead_of_panicking() {
     let got = back.get("t").unwrap().to_vec::<f32>().unwrap();
     assert_eq!(got, vec![1.0, 2.0]);
 }
+
+/// Views of every element size gathered on a device (`contiguous`, one `strided_copy` launch;
+/// past six dims after collapsing, one memcpy per run) and scattered into a view
+/// (`copy_from`) give the CPU's values.
+#[test]
+fn device_views_gather_and_scatter_like_the_cpu() {
+    let base: Vec<f64> = (0..2 * 3 * 4 * 5).map(|i| (i * 7 % 113) as f64).collect();
+    let typed = |dtype: DType| {
+        Tensor::from_vec(base.clone(), &[2, 3, 4, 5], Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let views = |x: &Tensor| -> Vec<Tensor> {
+        vec![
+            x.permute(&[3, 1, 0, 2]).unwrap(),
+            x.narrow(2, 1, 2).unwrap().transpose(0, 3).unwrap(),
+            x.narrow(0, 1, 1).unwrap().narrow(3, 2, 3).unwrap(),
+            x.narrow(1, 2, 1)
+                .unwrap()
+                .broadcast_as(&[2, 3, 4, 5])
+                .unwrap(),
+            // seven dims that do not collapse: the per-run fallback
+            x.reshape(&[2, 3, 4, 5, 1, 1, 1])
+                .unwrap()
+                .permute(&[3, 2, 1, 0, 4, 5, 6])
+                .unwrap(),
+        ]
+    };
+    let seven = Tensor::from_vec(
+        (0..2 * 2 * 2 * 2 * 2 * 2 * 3).map(|i| i as f32).collect(),
+        &[2, 2, 2, 2, 2, 2, 3],
+        Device::Cpu,
+    )
+    .unwrap();
+    let seven_view = seven.permute(&[6, 0, 5, 1, 4, 2, 3]).unwrap();
+    for device in kernel_devices() {
+        for dtype in [DType::F16, DType::F32, DType::F64, DType::U32] {
+            let x = typed(dtype);
+            let xd = x.to_device(device).unwrap();
+            for (v, vd) in views(&x).iter().zip(views(&xd)) {
+                let got = vd.contiguous().unwrap();
+                assert!(got.is_contiguous() && got.device() == device);
+                assert_eq!(
+                    got.to_device(Device::Cpu).unwrap().to_vec_f64().unwrap(),
+                    v.to_vec_f64().unwrap(),
+                    "{dtype} view {:?} strides {:?} on {device}",
+                    v.shape(),
+                    v.strides()
+                );
+            }
+            // scatter: a transposed source into a narrowed destination
+            let src = x.narrow(3, 0, 2).unwrap().transpose(1, 2).unwrap();
+            let want = Tensor::zeros(&[2, 4, 3, 4], dtype, Device::Cpu).unwrap();
+            want.narrow(3, 1, 2).unwrap().copy_from(&src).unwrap();
+            let dst = Tensor::zeros(&[2, 4, 3, 4], dtype, device).unwrap();
+            let src_d = xd.narrow(3, 0, 2).unwrap().transpose(1, 2).unwrap();
+            dst.narrow(3, 1, 2).unwrap().copy_from(&src_d).unwrap();
+            assert_eq!(
+                dst.to_device(Device::Cpu).unwrap().to_vec_f64().unwrap(),
+                want.to_vec_f64().unwrap(),
+                "{dtype} scatter on {device}"
+            );
+        }
+        let got = seven_view.to_device(device).unwrap();
+        assert_eq!(
+            got.to_vec::<f32>().unwrap(),
+            seven_view.to_vec::<f32>().unwrap()
+        );
+        let on = seven
+            .to_device(device)
+            .unwrap()
+            .permute(&[6, 0, 5, 1, 4, 2, 3])
+            .unwrap();
+        assert_eq!(
+            on.contiguous().unwrap().to_vec::<f32>().unwrap(),
+            seven_view.to_vec::<f32>().unwrap(),
+            "a rank-7 view on {device}"
+        );
+    }
+}
+
+/// Float casts on a device (copy.cu's `cast_<from>_<to>`, from a view too) give the host
+/// conversion's bits: ties to even, subnormals, overflow to infinity, signed zeros; NaN stays
+/// NaN.
+#[test]
+fn device_casts_give_the_host_conversions_bits() {
+    let mut v: Vec<f64> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -2.5,
+        65504.0,
+        65520.0, // past f16's largest: infinity
+        1e-7,    // an f16 subnormal
+        1e-40,   // an f32 subnormal
+        3.0e38,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::NAN,
+        1.0 + 1.0 / 2048.0, // halfway between f16 neighbours: ties to even
+        1.0 + 3.0 / 2048.0,
+        1.0 + 1.0 / 256.0, // halfway between bf16 neighbours
+        1.0 + 3.0 / 256.0,
+        0.1,
+        std::f64::consts::PI,
+    ];
+    v.extend((0..200).map(|i| ((i as f64) * 0.731).sin() * 10f64.powi(i % 9 - 4)));
+    let n = v.len();
+    let pairs = [
+        (DType::F32, DType::F16),
+        (DType::F32, DType::BF16),
+        (DType::F16, DType::F32),
+        (DType::BF16, DType::F32),
+        (DType::F64, DType::F32),
+        (DType::F32, DType::F64),
+    ];
+    let host = Tensor::from_vec(v, &[2, n / 2], Device::Cpu).unwrap();
+    for device in kernel_devices() {
+        for (from, to) in pairs {
+            let x = host.to_dtype(from).unwrap();
+            for (want_src, got_src) in [
+                (x.clone(), x.to_device(device).unwrap()),
+                (
+                    x.narrow(1, 3, n / 2 - 3).unwrap(),
+                    x.to_device(device)
+                        .unwrap()
+                        .narrow(1, 3, n / 2 - 3)
+                        .unwrap(),
+                ),
+            ] {
+                let want = want_src.to_dtype(to).unwrap().to_vec_f64().unwrap();
+                let got_t = got_src.to_dtype(to).unwrap();
+                assert_eq!((got_t.device(), got_t.dtype()), (device, to));
+                let got = got_t.to_device(Device::Cpu).unwrap().to_vec_f64().unwrap();
+                assert_eq!(got.len(), want.len());
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                        "{from} -> {to} on {device}, element {i}: {g:e} vs the host's {w:e}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,12 +1,12 @@
 //! Launch shapes of the gemv family (kernels/gemv.cu): `gemv_wt_<f16|bf16>`, f32 rows times
 //! half-precision weights `[N, K]` transposed (one warp per `COLS` output columns, `ROWS` rows
-//! per `blockIdx.y`), and `widen_<f16|bf16>` (half to f32, a grid-stride loop). Letters: M rows,
-//! N output columns, K inputs.
+//! per `blockIdx.y`); past `MAX_ROWS` the launcher widens the weights with copy.cu's
+//! `cast_<f16|bf16>_f32`. Letters: M rows, N output columns, K inputs.
 
 use crate::LaunchConfig;
 
 /// Entry points (weights f16 or bf16; activations f32).
-pub const ENTRIES: &[&str] = &["gemv_wt_f16", "gemv_wt_bf16", "widen_f16", "widen_bf16"];
+pub const ENTRIES: &[&str] = &["gemv_wt_f16", "gemv_wt_bf16"];
 /// Rows per `blockIdx.y` (`KF_GEMV_ROWS` in gemv.cu): the weights are read once per this many.
 pub const ROWS: usize = 8;
 /// Output columns per warp (`KF_GEMV_COLS`).

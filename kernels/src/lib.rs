@@ -134,11 +134,17 @@ pub const FAMILIES: &[Family] = &[
         ptx: include_str!("../../ptx/gemv.ptx"),
         entries: gemv::ENTRIES,
     },
+    Family {
+        name: "copy",
+        ptx: include_str!("../../ptx/copy.ptx"),
+        entries: copy::ENTRIES,
+    },
 ];
 
 pub mod adamw;
 pub mod argmax;
 pub mod attention;
+pub mod copy;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod gelu;

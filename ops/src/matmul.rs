@@ -819,7 +819,7 @@ pub mod launch {
     /// result is the f32 GEMM's with the weights widened (exactly) up to the order of the sums. Up
     /// to `kf_kernels::gemv::MAX_ROWS` rows the `gemv_wt` kernel reads the half weights directly (a
     /// decode step moves half the bytes of f32 weights); more rows widen the weights the GEMM reads
-    /// into a temporary f32 buffer (`widen`) and run the f32 GEMM (cuBLAS on a GPU).
+    /// into a temporary f32 buffer (`cast_<dtype>_f32`) and run the f32 GEMM (cuBLAS on a GPU).
     pub fn matmul_half_weights<D: KernelDevice + ?Sized>(
         dev: &D,
         spec: &GemmSpec,
@@ -878,7 +878,7 @@ pub mod launch {
         let wide = DTensor::uninit(dev, &[len], DType::F32)?;
         run(
             dev,
-            &format!("widen_{suffix}"),
+            &format!("cast_{suffix}_f32"),
             elementwise::config(len),
             &[
                 KArg::Buf(&w.buf),

@@ -42,14 +42,13 @@ pub fn device_of(op: &str, inputs: &[&Tensor]) -> Result<Option<OnDevice>> {
 
 /// The launchers' view of a device tensor: shares the buffer when the tensor is a whole
 /// contiguous buffer; a view (transposed, narrowed, broadcast) is first gathered into a new
-/// contiguous buffer on the device (one device copy per contiguous run: no strided-copy
-/// kernel yet).
+/// contiguous buffer on the device (one `strided_copy` launch, kernels/copy.cu).
 pub fn dt(t: &Tensor) -> Result<DTensor> {
     DTensor::from_tensor(&t.whole_buffer()?)
 }
 
 /// [`dt`] of `t` in `dtype`, for kernels that read one element type (f64 noise levels and
-/// uniforms): another dtype is converted through the host (small per-row inputs).
+/// uniforms): another dtype is cast on the device (`Tensor::to_dtype`).
 pub fn dt_as(t: &Tensor, dtype: kf_engine::DType) -> Result<DTensor> {
     dt(&t.to_dtype(dtype)?)
 }
