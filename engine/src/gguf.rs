@@ -567,6 +567,55 @@ fn min_value_size(ty: u32) -> Option<usize> {
 
 fn parse(buf: &[u8]) -> Result<Parsed> {
     let mut r = Reader { buf, pos: 0 };
+    let (version, n_tensors, n_kv) = read_header(&mut r)?;
+    let mut metadata = Vec::with_capacity(n_kv as usize);
+    let mut keys = HashSet::new();
+    for i in 0..n_kv {
+        let key = r.string(&format!("metadata key #{i}"))?;
+        if !keys.insert(key.clone()) {
+            bail!("duplicate metadata key {key:?}");
+        }
+        let ty = r.u32("a metadata type")?;
+        let v = r.value(ty, &key, 0)?;
+        metadata.push((key, v));
+    }
+
+    let alignment = match metadata.iter().find(|(k, _)| k == ALIGNMENT_KEY) {
+        None => DEFAULT_ALIGNMENT,
+        Some((_, GgufValue::U32(a))) if a.is_power_of_two() => *a as usize,
+        Some((_, v)) => bail!(
+            "{ALIGNMENT_KEY} must be a u32 power of two, found {}",
+            v.summary()
+        ),
+    };
+
+    let mut raws = Vec::with_capacity(n_tensors as usize);
+    let mut names = HashSet::new();
+    for i in 0..n_tensors {
+        let name = r.string(&format!("tensor name #{i}"))?;
+        if !names.insert(name.clone()) {
+            bail!("duplicate tensor name {name:?}");
+        }
+        raws.push(read_tensor_info(&mut r, name, alignment)?);
+    }
+    let data_start = r
+        .pos
+        .checked_next_multiple_of(alignment)
+        .ok_or_else(|| anyhow!("the data section offset overflows"))?;
+    let tensors = place(raws, data_start, buf.len())?;
+    Ok(Parsed {
+        version,
+        alignment,
+        data_start,
+        metadata,
+        tensors,
+    })
+}
+
+/// The magic, the version (2 or 3), and the tensor and metadata counts, checked against the
+/// bytes the file has.
+fn read_header(r: &mut Reader<'_>) -> Result<(u32, u64, u64)> {
+    let buf = r.buf;
     let magic = r
         .take(4, "the magic")
         .map_err(|_| anyhow!("not a GGUF file: {} bytes, too short", buf.len()))?;
@@ -602,111 +651,89 @@ fn parse(buf: &[u8]) -> Result<Parsed> {
         );
     }
 
-    let mut metadata = Vec::with_capacity(n_kv as usize);
-    let mut keys = HashSet::new();
-    for i in 0..n_kv {
-        let key = r.string(&format!("metadata key #{i}"))?;
-        if !keys.insert(key.clone()) {
-            bail!("duplicate metadata key {key:?}");
-        }
-        let ty = r.u32("a metadata type")?;
-        let v = r.value(ty, &key, 0)?;
-        metadata.push((key, v));
-    }
+    Ok((version, n_tensors, n_kv))
+}
 
-    let alignment = match metadata.iter().find(|(k, _)| k == ALIGNMENT_KEY) {
-        None => DEFAULT_ALIGNMENT,
-        Some((_, GgufValue::U32(a))) if a.is_power_of_two() => *a as usize,
-        Some((_, v)) => bail!(
-            "{ALIGNMENT_KEY} must be a u32 power of two, found {}",
-            v.summary()
-        ),
-    };
+/// A tensor's header entry as read, before its bytes are placed in the data section.
+struct RawTensor {
+    name: String,
+    shape: Vec<usize>,
+    ty: GgmlType,
+    rel_offset: u64,
+    n_bytes: usize,
+}
 
-    struct Raw {
-        name: String,
-        shape: Vec<usize>,
-        ty: GgmlType,
-        rel_offset: u64,
-        n_bytes: usize,
+/// The rest of tensor `name`'s header entry: rank, dims, type and offset, checked.
+fn read_tensor_info(r: &mut Reader<'_>, name: String, alignment: usize) -> Result<RawTensor> {
+    let n_dims = r.u32("a tensor rank")?;
+    if n_dims as usize > MAX_DIMS {
+        bail!("tensor {name:?}: {n_dims} dimensions (at most {MAX_DIMS})");
     }
-    let mut raws = Vec::with_capacity(n_tensors as usize);
-    let mut names = HashSet::new();
-    for i in 0..n_tensors {
-        let name = r.string(&format!("tensor name #{i}"))?;
-        if !names.insert(name.clone()) {
-            bail!("duplicate tensor name {name:?}");
+    let mut ne = Vec::with_capacity(n_dims as usize);
+    for _ in 0..n_dims {
+        let d = r.u64("a tensor dimension")?;
+        if d > i64::MAX as u64 || usize::try_from(d).is_err() {
+            bail!("tensor {name:?}: dimension {d} is out of range");
         }
-        let n_dims = r.u32("a tensor rank")?;
-        if n_dims as usize > MAX_DIMS {
-            bail!("tensor {name:?}: {n_dims} dimensions (at most {MAX_DIMS})");
-        }
-        let mut ne = Vec::with_capacity(n_dims as usize);
-        for _ in 0..n_dims {
-            let d = r.u64("a tensor dimension")?;
-            if d > i64::MAX as u64 || usize::try_from(d).is_err() {
-                bail!("tensor {name:?}: dimension {d} is out of range");
-            }
-            ne.push(d as usize);
-        }
-        let id = r.u32("a tensor type")?;
-        let ty = GgmlType::from_id(id).ok_or_else(|| {
-            let hint = if id == 9 {
-                " (Q8_1 is an activation format, not stored in files)"
-            } else {
-                ""
-            };
-            anyhow!("tensor {name:?}: unknown ggml type id {id}{hint}")
-        })?;
-        let rel_offset = r.u64("a tensor offset")?;
-        let numel = ne
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| anyhow!("tensor {name:?}: element count of ne {ne:?} overflows"))?;
-        let row = ne.first().copied().unwrap_or(1);
-        if !row.is_multiple_of(ty.block_elems()) {
-            bail!(
-                "tensor {name:?}: row length {row} is not a multiple of the {ty} block size {}",
-                ty.block_elems()
-            );
-        }
-        let n_bytes = ty
-            .bytes_for(numel)
-            .ok_or_else(|| anyhow!("tensor {name:?}: byte size of {numel} {ty} overflows"))?;
-        if !rel_offset.is_multiple_of(alignment as u64) {
-            bail!("tensor {name:?}: offset {rel_offset} is not a multiple of the alignment {alignment}");
-        }
-        let shape = ne.iter().rev().copied().collect();
-        raws.push(Raw {
-            name,
-            shape,
-            ty,
-            rel_offset,
-            n_bytes,
-        });
+        ne.push(d as usize);
     }
+    let id = r.u32("a tensor type")?;
+    let ty = GgmlType::from_id(id).ok_or_else(|| {
+        let hint = if id == 9 {
+            " (Q8_1 is an activation format, not stored in files)"
+        } else {
+            ""
+        };
+        anyhow!("tensor {name:?}: unknown ggml type id {id}{hint}")
+    })?;
+    let rel_offset = r.u64("a tensor offset")?;
+    let numel = ne
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| anyhow!("tensor {name:?}: element count of ne {ne:?} overflows"))?;
+    let row = ne.first().copied().unwrap_or(1);
+    if !row.is_multiple_of(ty.block_elems()) {
+        bail!(
+            "tensor {name:?}: row length {row} is not a multiple of the {ty} block size {}",
+            ty.block_elems()
+        );
+    }
+    let n_bytes = ty
+        .bytes_for(numel)
+        .ok_or_else(|| anyhow!("tensor {name:?}: byte size of {numel} {ty} overflows"))?;
+    if !rel_offset.is_multiple_of(alignment as u64) {
+        bail!(
+            "tensor {name:?}: offset {rel_offset} is not a multiple of the alignment {alignment}"
+        );
+    }
+    let shape = ne.iter().rev().copied().collect();
+    Ok(RawTensor {
+        name,
+        shape,
+        ty,
+        rel_offset,
+        n_bytes,
+    })
+}
 
-    let data_start = r
-        .pos
-        .checked_next_multiple_of(alignment)
-        .ok_or_else(|| anyhow!("the data section offset overflows"))?;
+/// The tensors at their absolute offsets: each inside the file, no two sharing bytes.
+fn place(raws: Vec<RawTensor>, data_start: usize, file_len: usize) -> Result<Vec<GgufTensorInfo>> {
     let mut tensors = Vec::with_capacity(raws.len());
     for t in raws {
         let offset = usize::try_from(t.rel_offset)
             .ok()
             .and_then(|o| o.checked_add(data_start));
         let end = offset.and_then(|o| o.checked_add(t.n_bytes));
-        let (offset, end) = match (offset, end) {
-            (Some(o), Some(e)) if e <= buf.len() => (o, e),
+        let offset = match (offset, end) {
+            (Some(o), Some(e)) if e <= file_len => o,
             _ => bail!(
                 "tensor {:?}: bytes {}+{} (data section at {data_start}) lie outside the file ({} bytes)",
                 t.name,
                 t.rel_offset,
                 t.n_bytes,
-                buf.len()
+                file_len
             ),
         };
-        let _ = end;
         tensors.push(GgufTensorInfo {
             name: t.name,
             shape: t.shape,
@@ -727,13 +754,7 @@ fn parse(buf: &[u8]) -> Result<Parsed> {
             );
         }
     }
-    Ok(Parsed {
-        version,
-        alignment,
-        data_start,
-        metadata,
-        tensors,
-    })
+    Ok(tensors)
 }
 
 /// One tensor for [`write_gguf`]: name, type, row-major shape, raw bytes of that type.

@@ -330,18 +330,7 @@ pub fn load_pair(
 
 pub fn run(threads: usize, a: &Args) -> Result<()> {
     let device = crate::device_arg::select_device(&a.device)?;
-    ensure!(a.runs >= 1, "--runs must be at least 1");
-    ensure!(a.max_new >= 1, "--max-new must be at least 1");
-    ensure!(a.prompt_len >= 1, "--prompt-len must be at least 1");
-    ensure!(
-        !a.batches.is_empty() && a.batches.iter().all(|&b| b >= 1),
-        "--batches must list sizes >= 1"
-    );
-    ensure!(
-        a.peer.is_none() || a.device == "cpu",
-        "--peer torch compares the CPU: drop --device {}",
-        a.device
-    );
+    check_args(a)?;
     let (ar, pf, label) = load(a)?;
     let cfg = ar.cfg.clone();
     ensure!(
@@ -372,118 +361,17 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
             pf.to_device_with(device, store)?,
         )
     };
-    let machine = if device.is_cpu() {
-        Machine {
-            copy_gb_s: copy_bandwidth(),
-            gemm_gflop_s: gemm_rate()?,
-            threads,
-        }
-    } else {
-        // the emulator is slow: small probes there
-        let (bytes, g) = if device == Device::Emu {
-            (1 << 22, 256)
-        } else {
-            (1 << 30, 4096)
-        };
-        let (copy_gb_s, gemm_gflop_s) =
-            crate::bench_kernels::device_probes(&*device.kernel()?, bytes, g)?;
-        Machine {
-            copy_gb_s,
-            gemm_gflop_s,
-            threads,
-        }
-    };
-    let device_name = if device.is_cpu() {
-        "the CPU".to_string()
-    } else {
-        device.kernel()?.name()
-    };
-    eprintln!(
-        "{device_name}: copy {:.1} GB/s (read + write), f32 GEMM {:.0} GFLOP/s",
-        machine.copy_gb_s, machine.gemm_gflop_s
-    );
+    let (machine, device_name) = probe_machine(device, threads)?;
     // the parameters as the decode reads them (tables at the served precision)
     let (weight_bytes, weight_desc) = {
         let wb = WeightBytes::of(&pf.params());
         (wb.total as f64, wb.describe())
     };
-    let ctx = a.prompt_len as f64 + a.max_new as f64 / 2.0;
-    let mut rows: Vec<Row> = Vec::new();
-    for &b in &a.batches {
-        let mut ar_tps = 0.0;
-        for k in 0..=pf.k {
-            let (mut times, passes, peak) = measure(
-                &ar,
-                &pf,
-                k,
-                b,
-                GenShape {
-                    prompt_len: a.prompt_len,
-                    max_new: a.max_new,
-                    runs: a.runs,
-                },
-            )
-            .with_context(|| {
-                format!(
-                    "batch {b}, {}",
-                    if k == 0 {
-                        "AR".into()
-                    } else {
-                        format!("PFLM K = {k}")
-                    }
-                )
-            })?;
-            let med = median(&mut times);
-            let tps = (b * a.max_new) as f64 / med;
-            if k == 0 {
-                ar_tps = tps;
-            }
-            let row = Row {
-                mode: if k == 0 { "ar" } else { "pflm" }.into(),
-                k: k.max(1),
-                batch: b,
-                tokens_per_s: tps,
-                median_s: med,
-                runs_s: times,
-                passes_per_token: passes as f64 / a.max_new as f64,
-                peak_rss_mb: peak,
-                speedup: (k > 0).then(|| tps / ar_tps),
-                predicted_speedup: (k > 0)
-                    .then(|| predicted(&cfg, &machine, weight_bytes, b, k, ctx)),
-            };
-            eprintln!(
-                "  batch {b:>3} {:>4} K={}: {:>9.1} tokens/s{}",
-                row.mode,
-                row.k,
-                tps,
-                match (row.speedup, row.predicted_speedup) {
-                    (Some(s), Some(p)) => format!("  speedup {s:.2}x (roofline {p:.2}x)"),
-                    _ => String::new(),
-                }
-            );
-            rows.push(row);
-        }
-    }
+    let rows = measure_rows(a, &ar, &pf, &machine, weight_bytes)?;
     // batch-1 AR: achieved weight-read bandwidth
     let b1 = rows.iter().find(|r| r.mode == "ar" && r.batch == 1);
     let read_gb_s = b1.map(|r| weight_bytes * r.tokens_per_s / 1e9);
-
-    println!("| batch | mode | K | tokens/s | speedup | roofline | passes/token | peak RSS MB |");
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
-    let f = |x: Option<f64>, u: &str| x.map_or("—".into(), |v| format!("{v:.2}{u}"));
-    for r in &rows {
-        println!(
-            "| {} | {} | {} | {:.1} | {} | {} | {:.3} | {} |",
-            r.batch,
-            r.mode,
-            r.k,
-            r.tokens_per_s,
-            f(r.speedup, "x"),
-            f(r.predicted_speedup, "x"),
-            r.passes_per_token,
-            r.peak_rss_mb.map_or("—".into(), |m| format!("{m:.0}"))
-        );
-    }
+    print_table(&rows);
     let peer = match &a.peer {
         Some(_) => Some(torch_peer(a, &cfg, pf.k, threads)),
         None => None,
@@ -522,6 +410,148 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         eprintln!("kfrun bench: wrote {}", p.display());
     }
     Ok(())
+}
+
+/// The flag checks that need no model.
+fn check_args(a: &Args) -> Result<()> {
+    ensure!(a.runs >= 1, "--runs must be at least 1");
+    ensure!(a.max_new >= 1, "--max-new must be at least 1");
+    ensure!(a.prompt_len >= 1, "--prompt-len must be at least 1");
+    ensure!(
+        !a.batches.is_empty() && a.batches.iter().all(|&b| b >= 1),
+        "--batches must list sizes >= 1"
+    );
+    ensure!(
+        a.peer.is_none() || a.device == "cpu",
+        "--peer torch compares the CPU: drop --device {}",
+        a.device
+    );
+    Ok(())
+}
+
+/// The roofline's machine (copy bandwidth, f32 GEMM rate) measured on `device`, and its name.
+fn probe_machine(device: Device, threads: usize) -> Result<(Machine, String)> {
+    let machine = if device.is_cpu() {
+        Machine {
+            copy_gb_s: copy_bandwidth(),
+            gemm_gflop_s: gemm_rate()?,
+            threads,
+        }
+    } else {
+        // the emulator is slow: small probes there
+        let (bytes, g) = if device == Device::Emu {
+            (1 << 22, 256)
+        } else {
+            (1 << 30, 4096)
+        };
+        let (copy_gb_s, gemm_gflop_s) =
+            crate::bench_kernels::device_probes(&*device.kernel()?, bytes, g)?;
+        Machine {
+            copy_gb_s,
+            gemm_gflop_s,
+            threads,
+        }
+    };
+    let device_name = if device.is_cpu() {
+        "the CPU".to_string()
+    } else {
+        device.kernel()?.name()
+    };
+    eprintln!(
+        "{device_name}: copy {:.1} GB/s (read + write), f32 GEMM {:.0} GFLOP/s",
+        machine.copy_gb_s, machine.gemm_gflop_s
+    );
+    Ok((machine, device_name))
+}
+
+/// One row per batch and K (0 = the AR teacher): the median over `a.runs`, the speedup over
+/// the batch's AR row and the roofline's prediction; each printed as it is measured.
+fn measure_rows(
+    a: &Args,
+    ar: &Ddit,
+    pf: &Pflm,
+    machine: &Machine,
+    weight_bytes: f64,
+) -> Result<Vec<Row>> {
+    let cfg = &ar.cfg;
+    let ctx = a.prompt_len as f64 + a.max_new as f64 / 2.0;
+    let mut rows: Vec<Row> = Vec::new();
+    for &b in &a.batches {
+        let mut ar_tps = 0.0;
+        for k in 0..=pf.k {
+            let (mut times, passes, peak) = measure(
+                ar,
+                pf,
+                k,
+                b,
+                GenShape {
+                    prompt_len: a.prompt_len,
+                    max_new: a.max_new,
+                    runs: a.runs,
+                },
+            )
+            .with_context(|| {
+                format!(
+                    "batch {b}, {}",
+                    if k == 0 {
+                        "AR".into()
+                    } else {
+                        format!("PFLM K = {k}")
+                    }
+                )
+            })?;
+            let med = median(&mut times);
+            let tps = (b * a.max_new) as f64 / med;
+            if k == 0 {
+                ar_tps = tps;
+            }
+            let row = Row {
+                mode: if k == 0 { "ar" } else { "pflm" }.into(),
+                k: k.max(1),
+                batch: b,
+                tokens_per_s: tps,
+                median_s: med,
+                runs_s: times,
+                passes_per_token: passes as f64 / a.max_new as f64,
+                peak_rss_mb: peak,
+                speedup: (k > 0).then(|| tps / ar_tps),
+                predicted_speedup: (k > 0)
+                    .then(|| predicted(cfg, machine, weight_bytes, b, k, ctx)),
+            };
+            eprintln!(
+                "  batch {b:>3} {:>4} K={}: {:>9.1} tokens/s{}",
+                row.mode,
+                row.k,
+                tps,
+                match (row.speedup, row.predicted_speedup) {
+                    (Some(s), Some(p)) => format!("  speedup {s:.2}x (roofline {p:.2}x)"),
+                    _ => String::new(),
+                }
+            );
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+/// The results as a Markdown table on stdout.
+fn print_table(rows: &[Row]) {
+    println!("| batch | mode | K | tokens/s | speedup | roofline | passes/token | peak RSS MB |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    let f = |x: Option<f64>, u: &str| x.map_or("—".into(), |v| format!("{v:.2}{u}"));
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {:.1} | {} | {} | {:.3} | {} |",
+            r.batch,
+            r.mode,
+            r.k,
+            r.tokens_per_s,
+            f(r.speedup, "x"),
+            f(r.predicted_speedup, "x"),
+            r.passes_per_token,
+            r.peak_rss_mb.map_or("—".into(), |m| format!("{m:.0}"))
+        );
+    }
 }
 
 /// Runs the PyTorch peer; its JSON (`rows`: batch, mode, k, tokens_per_s), or why it could not.

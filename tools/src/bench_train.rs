@@ -315,27 +315,8 @@ fn bench_jax(
 
 /// `kfrun bench train`.
 pub fn run(threads: usize, a: &TrainBenchArgs) -> Result<()> {
-    ensure!(a.steps >= 1, "--steps must be at least 1");
-    let mut cfg = TrainConfig::from_file(&a.config)?;
-    if let Some(x) = a.batch {
-        cfg.batch_size = x;
-    }
-    if let Some(x) = a.seq_len {
-        cfg.seq_len = x;
-    }
-    if let Some(x) = a.grad_accum {
-        cfg.grad_accum = x;
-    }
-    cfg.validate().context("with the overrides")?;
+    let (cfg, vocab, mcfg) = resolve(threads, a)?;
     let preset = cfg.model.preset.clone();
-    let vocab = match a.vocab {
-        Some(v) => v,
-        None => DditConfig::preset(preset.as_deref().unwrap_or("tiny"))?.vocab_size,
-    };
-    ensure!(vocab >= 2, "--vocab must be at least 2");
-    let mcfg = cfg
-        .model_config(vocab, (vocab - 1) as u32)
-        .with_context(|| format!("training config {}", a.config.display()))?;
     let tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum;
     let name = a
         .config
@@ -343,32 +324,6 @@ pub fn run(threads: usize, a: &TrainBenchArgs) -> Result<()> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let target = (preset.as_deref() == Some("small")).then_some(1.0);
-    println!(
-        "train benchmark: {} ({} layers, d {}, {} heads, V {}, {:.1}M params), {} x {} tokens x accum {} = {} tokens/update, {} thread(s), median of {} updates after {} untimed",
-        a.config.display(),
-        mcfg.n_layers,
-        mcfg.d_model,
-        mcfg.n_heads,
-        vocab,
-        mcfg.n_params() as f64 / 1e6,
-        cfg.batch_size,
-        cfg.seq_len,
-        cfg.grad_accum,
-        tokens_per_step,
-        threads,
-        a.steps,
-        1 + a.warmup
-    );
-    if let Some(avail) = available_memory() {
-        let need = kf_model::train::estimate_train_bytes(&mcfg, cfg.batch_size, cfg.seq_len);
-        if need > avail {
-            bail!(
-                "this configuration needs about {:.1} GiB for our training step but {:.1} GiB are available: lower --batch (raise --grad-accum)",
-                need as f64 / (1u64 << 30) as f64,
-                avail as f64 / (1u64 << 30) as f64
-            );
-        }
-    }
 
     let ours = bench_ours(&cfg, &mcfg, a.steps, a.warmup)?;
     let ours_tps = tokens_per_step as f64 / ours.step_s;
@@ -493,11 +448,67 @@ pub fn run(threads: usize, a: &TrainBenchArgs) -> Result<()> {
             "target": target,
             "pass": match (ratio, target) { (Some(r), Some(t)) => Some(r >= t), _ => None },
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        kf_engine::fs::write_atomic(
+            path,
+            (serde_json::to_string_pretty(&doc)? + "\n").as_bytes(),
+        )?;
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The training config with the command line's overrides, the vocabulary and the model
+/// config; prints what is measured and refuses a run that would not fit in memory.
+fn resolve(threads: usize, a: &TrainBenchArgs) -> Result<(TrainConfig, usize, DditConfig)> {
+    ensure!(a.steps >= 1, "--steps must be at least 1");
+    let mut cfg = TrainConfig::from_file(&a.config)?;
+    if let Some(x) = a.batch {
+        cfg.batch_size = x;
+    }
+    if let Some(x) = a.seq_len {
+        cfg.seq_len = x;
+    }
+    if let Some(x) = a.grad_accum {
+        cfg.grad_accum = x;
+    }
+    cfg.validate().context("with the overrides")?;
+    let preset = cfg.model.preset.clone();
+    let vocab = match a.vocab {
+        Some(v) => v,
+        None => DditConfig::preset(preset.as_deref().unwrap_or("tiny"))?.vocab_size,
+    };
+    ensure!(vocab >= 2, "--vocab must be at least 2");
+    let mcfg = cfg
+        .model_config(vocab, (vocab - 1) as u32)
+        .with_context(|| format!("training config {}", a.config.display()))?;
+    let tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum;
+    println!(
+        "train benchmark: {} ({} layers, d {}, {} heads, V {}, {:.1}M params), {} x {} tokens x accum {} = {} tokens/update, {} thread(s), median of {} updates after {} untimed",
+        a.config.display(),
+        mcfg.n_layers,
+        mcfg.d_model,
+        mcfg.n_heads,
+        vocab,
+        mcfg.n_params() as f64 / 1e6,
+        cfg.batch_size,
+        cfg.seq_len,
+        cfg.grad_accum,
+        tokens_per_step,
+        threads,
+        a.steps,
+        1 + a.warmup
+    );
+    if let Some(avail) = available_memory() {
+        let need = kf_model::train::estimate_train_bytes(&mcfg, cfg.batch_size, cfg.seq_len);
+        if need > avail {
+            bail!(
+                "this configuration needs about {:.1} GiB for our training step but {:.1} GiB are available: lower --batch (raise --grad-accum)",
+                need as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+    Ok((cfg, vocab, mcfg))
 }
 
 /// One row of the per-op breakdown: median forward and backward seconds of one call at

@@ -618,221 +618,206 @@ pub struct Call {
 /// The kernels of one forward pass in launch order (per-layer kernels listed once, with
 /// `count` = layers).
 pub fn forward_pass(m: &ModelShape, prec: Precision, fused: bool, p: &Pass) -> Vec<Call> {
-    let s = prec.bytes();
-    let gu = prec.gemm_unit();
-    let (d, h, hd, v, l) = (m.d, m.heads, m.head_dim(), m.vocab, m.layers);
+    let mut c = Calls {
+        out: Vec::new(),
+        s: prec.bytes(),
+        gu: prec.gemm_unit(),
+        fused,
+    };
     let b = p.batch;
-    let rows = b * p.rows_per_seq();
-    let mut out: Vec<Call> = Vec::new();
-    let mut push = |kernel: &'static str, role: &'static str, shape: String, count, cost| {
-        out.push(Call {
+    // embeddings of the token rows; the hint rows come from the noise encoder, whose last
+    // GEMM writes them into the same [B, T, d] buffer (strided output, no concat)
+    if p.tokens > 0 {
+        let r = b * p.tokens;
+        let cost = embedding_fwd(r, m.d, c.s);
+        c.push(
+            "embedding_fwd",
+            "tokens",
+            format!("{r} ids, d {}", m.d),
+            1,
+            cost,
+        );
+    }
+    if p.hints > 0 {
+        c.noise_encoder(m, b * p.hints);
+    }
+    c.blocks(m, p);
+    // the head, on the rows that need logits (the LayerNorm reads them strided)
+    if p.head_rows > 0 && p.readout != Readout::None {
+        c.head(m, p);
+    }
+    c.out
+}
+
+/// The calls of a pass as they are listed: element size, GEMM unit and whether the GEMMs
+/// fuse their bias / GELU / residual epilogues (else those are separate kernels).
+struct Calls {
+    out: Vec<Call>,
+    s: f64,
+    gu: Unit,
+    fused: bool,
+}
+
+impl Calls {
+    fn push(
+        &mut self,
+        kernel: &'static str,
+        role: &'static str,
+        shape: String,
+        count: usize,
+        cost: Cost,
+    ) {
+        self.out.push(Call {
             kernel,
             role,
             shape,
             count,
             cost,
         })
-    };
-    let g = |mm: usize, n: usize, k: usize, e: Epilogue| gemm(mm, n, k, s, gu, e);
-    let gs = |mm: usize, n: usize, k: usize| format!("{mm}x{k} . {k}x{n}");
-    let none = Epilogue::default();
-    // embeddings of the token rows; the hint rows come from the noise encoder, whose last
-    // GEMM writes them into the same [B, T, d] buffer (strided output, no concat)
-    if p.tokens > 0 {
-        let r = b * p.tokens;
-        push(
-            "embedding_fwd",
-            "tokens",
-            format!("{r} ids, d {d}"),
-            1,
-            embedding_fwd(r, d, s),
-        );
     }
-    if p.hints > 0 {
-        let r = b * p.hints;
-        push(
+
+    /// A `[mm, k] . [k, n]` GEMM with the epilogues `bias`, `gelu`, `residual` asks for when
+    /// fused; unfused, they follow it as `bias_add`, `gelu_tanh_fwd` and `add` kernels.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &mut self,
+        role: &'static str,
+        count: usize,
+        (mm, n, k): (usize, usize, usize),
+        bias: bool,
+        gelu: bool,
+        residual: bool,
+        resid_role: &'static str,
+    ) {
+        let f = self.fused;
+        let e = Epilogue {
+            bias: bias && f,
+            gelu: gelu && f,
+            residual: residual && f,
+            ..Epilogue::default()
+        };
+        let cost = gemm(mm, n, k, self.s, self.gu, e);
+        self.push("gemm", role, format!("{mm}x{k} . {k}x{n}"), count, cost);
+        if f {
+            return;
+        }
+        let (s, sh) = (self.s, format!("{mm} x {n}"));
+        if bias {
+            self.push("bias_add", role, sh.clone(), count, bias_add(mm, n, s));
+        }
+        if gelu {
+            self.push(
+                "gelu_tanh_fwd",
+                "mlp",
+                sh.clone(),
+                count,
+                gelu_tanh_fwd(mm * n, s),
+            );
+        }
+        if residual {
+            self.push("add", resid_role, sh, count, add(mm * n, s));
+        }
+    }
+
+    /// The noise encoder on `r` hint rows: features, projection, LayerNorm, the MLP with its
+    /// residual.
+    fn noise_encoder(&mut self, m: &ModelShape, r: usize) {
+        let (d, s) = (m.d, self.s);
+        let cost = noise_features(r, d, s);
+        self.push(
             "noise_features",
             "noise enc",
             format!("{r} x 2d {}", 2 * d),
             1,
-            noise_features(r, d, s),
+            cost,
         );
-        let e = Epilogue {
-            bias: fused,
-            ..none
-        };
-        push("gemm", "noise proj", gs(r, d, 2 * d), 1, g(r, d, 2 * d, e));
-        if !fused {
-            push(
-                "bias_add",
-                "noise proj",
-                format!("{r} x {d}"),
-                1,
-                bias_add(r, d, s),
-            );
-        }
-        push(
+        self.gemm("noise proj", 1, (r, d, 2 * d), true, false, false, "");
+        let cost = layernorm_fwd(r, d, s, true, false);
+        self.push(
             "layernorm_fwd",
             "noise ln",
             format!("{r} x {d}, bias"),
             1,
-            layernorm_fwd(r, d, s, true, false),
+            cost,
         );
-        push("gemm", "noise mlp0", gs(r, 4 * d, d), 1, g(r, 4 * d, d, e));
-        if !fused {
-            push(
-                "bias_add",
-                "noise mlp0",
-                format!("{r} x {}", 4 * d),
-                1,
-                bias_add(r, 4 * d, s),
-            );
-        }
+        self.gemm("noise mlp0", 1, (r, 4 * d, d), true, false, false, "");
         // exact GELU: no cuBLASLt epilogue computes erf, so it stays a kernel
-        push(
+        let cost = gelu_erf_fwd(r * 4 * d, s);
+        self.push(
             "gelu_erf_fwd",
             "noise mlp",
             format!("{r} x {}", 4 * d),
             1,
-            gelu_erf_fwd(r * 4 * d, s),
+            cost,
         );
-        let e2 = Epilogue {
-            bias: fused,
-            residual: fused,
-            ..none
-        };
-        push("gemm", "noise mlp2", gs(r, d, 4 * d), 1, g(r, d, 4 * d, e2));
-        if !fused {
-            push(
-                "bias_add",
-                "noise mlp2",
-                format!("{r} x {d}"),
-                1,
-                bias_add(r, d, s),
-            );
-            push("add", "noise resid", format!("{r} x {d}"), 1, add(r * d, s));
-        }
+        self.gemm(
+            "noise mlp2",
+            1,
+            (r, d, 4 * d),
+            true,
+            false,
+            true,
+            "noise resid",
+        );
     }
-    // the blocks
-    let ln = format!("{rows} x {d}");
-    push(
-        "layernorm_fwd",
-        "ln1",
-        ln.clone(),
-        l,
-        layernorm_fwd(rows, d, s, false, false),
-    );
-    push(
-        "gemm",
-        "qkv",
-        gs(rows, 3 * d, d),
-        l,
-        g(rows, 3 * d, d, none),
-    );
-    push(
-        "rope_qk_cache",
-        "rope+kv",
-        format!("{rows} x 3 x {h} x {hd}"),
-        l,
-        rope_qk_cache(rows, h, hd, s),
-    );
-    push(
-        "attention_fwd",
-        "attention",
-        format!(
+
+    /// The transformer blocks (each kernel once, `count` = layers).
+    fn blocks(&mut self, m: &ModelShape, p: &Pass) {
+        let (d, h, hd, l, s) = (m.d, m.heads, m.head_dim(), m.layers, self.s);
+        let (b, rows) = (p.batch, p.batch * p.rows_per_seq());
+        let ln = format!("{rows} x {d}");
+        let cost = layernorm_fwd(rows, d, s, false, false);
+        self.push("layernorm_fwd", "ln1", ln.clone(), l, cost);
+        self.gemm("qkv", l, (rows, 3 * d, d), false, false, false, "");
+        let cost = rope_qk_cache(rows, h, hd, s);
+        self.push(
+            "rope_qk_cache",
+            "rope+kv",
+            format!("{rows} x 3 x {h} x {hd}"),
+            l,
+            cost,
+        );
+        let shape = format!(
             "B {b}, {} q rows, {} cached, H {h}, D {hd}",
             p.rows_per_seq(),
             p.cache
-        ),
-        l,
-        attention_fwd(b, h, hd, p.rows_per_seq(), p.cache, s, false),
-    );
-    let resid = Epilogue {
-        residual: fused,
-        ..none
-    };
-    push("gemm", "attn out", gs(rows, d, d), l, g(rows, d, d, resid));
-    if !fused {
-        push("add", "resid1", ln.clone(), l, add(rows * d, s));
-    }
-    push(
-        "layernorm_fwd",
-        "ln2",
-        ln.clone(),
-        l,
-        layernorm_fwd(rows, d, s, false, false),
-    );
-    let e0 = Epilogue {
-        bias: fused,
-        gelu: fused,
-        ..none
-    };
-    push("gemm", "mlp0", gs(rows, 4 * d, d), l, g(rows, 4 * d, d, e0));
-    if !fused {
-        let sh = format!("{rows} x {}", 4 * d);
-        push("bias_add", "mlp0", sh.clone(), l, bias_add(rows, 4 * d, s));
-        push(
-            "gelu_tanh_fwd",
-            "mlp",
-            sh,
-            l,
-            gelu_tanh_fwd(rows * 4 * d, s),
         );
+        let cost = attention_fwd(b, h, hd, p.rows_per_seq(), p.cache, s, false);
+        self.push("attention_fwd", "attention", shape, l, cost);
+        self.gemm("attn out", l, (rows, d, d), false, false, true, "resid1");
+        let cost = layernorm_fwd(rows, d, s, false, false);
+        self.push("layernorm_fwd", "ln2", ln, l, cost);
+        self.gemm("mlp0", l, (rows, 4 * d, d), true, true, false, "");
+        self.gemm("mlp2", l, (rows, d, 4 * d), true, false, true, "resid2");
     }
-    let e2 = Epilogue {
-        bias: fused,
-        residual: fused,
-        ..none
-    };
-    push("gemm", "mlp2", gs(rows, d, 4 * d), l, g(rows, d, 4 * d, e2));
-    if !fused {
-        push("bias_add", "mlp2", ln.clone(), l, bias_add(rows, d, s));
-        push("add", "resid2", ln, l, add(rows * d, s));
-    }
-    // the head, on the rows that need logits (the LayerNorm reads them strided)
-    if p.head_rows > 0 && p.readout != Readout::None {
+
+    /// The final LayerNorm, the head GEMM and the read-off on the rows that need logits.
+    fn head(&mut self, m: &ModelShape, p: &Pass) {
+        let (d, v, s, b) = (m.d, m.vocab, self.s, p.batch);
         let r = b * p.head_rows;
-        push(
-            "layernorm_fwd",
-            "ln_f",
-            format!("{r} x {d}"),
-            1,
-            layernorm_fwd(r, d, s, false, false),
-        );
-        let e = Epilogue {
-            bias: fused,
-            ..none
-        };
-        push("gemm", "head", gs(r, v, d), 1, g(r, v, d, e));
-        if !fused {
-            push(
-                "bias_add",
-                "head",
-                format!("{r} x {v}"),
-                1,
-                bias_add(r, v, s),
-            );
-        }
+        let cost = layernorm_fwd(r, d, s, false, false);
+        self.push("layernorm_fwd", "ln_f", format!("{r} x {d}"), 1, cost);
+        self.gemm("head", 1, (r, v, d), true, false, false, "");
         // the reserved token's logit is skipped inside the read-off kernel (no launch)
         match p.readout {
-            Readout::Sample => push(
-                "sample_inverse_cdf",
-                "sample",
-                format!("{r} x {v}"),
-                1,
-                sample_inverse_cdf(r, v, s),
-            ),
-            Readout::Argmax => push(
-                "argmax_penalty",
-                "read off",
-                format!("B {b} x K {} x {v}", p.head_rows),
-                1,
-                argmax_penalty(b, p.head_rows, v, s),
-            ),
+            Readout::Sample => {
+                let cost = sample_inverse_cdf(r, v, s);
+                self.push(
+                    "sample_inverse_cdf",
+                    "sample",
+                    format!("{r} x {v}"),
+                    1,
+                    cost,
+                )
+            }
+            Readout::Argmax => {
+                let shape = format!("B {b} x K {} x {v}", p.head_rows);
+                let cost = argmax_penalty(b, p.head_rows, v, s);
+                self.push("argmax_penalty", "read off", shape, 1, cost)
+            }
             Readout::None => {}
         }
     }
-    out
 }
 
 /// Where a pass's time goes.
