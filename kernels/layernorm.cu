@@ -4,6 +4,8 @@
 // var = (sum d^2 - (sum d)^2 / D) / D with d = x - mean. Optional bias (null),
 // optional saved mean / rstd [R] for the backward (null). With `cached` != 0
 // the row is kept in dynamic shared memory (D floats), read from global once.
+// With `rms` != 0 it is RMSNorm (the Llama family's, ops/src/rmsnorm.rs): no
+// centring (mean 0, saved as such) and 1/rstd^2 - eps = sum(x^2) / D, no bias.
 // Letters: R rows, D features, T threads per block (a multiple of 32).
 // The backward kernels follow the forward (see "backward" below).
 #include "common.cuh"
@@ -14,7 +16,7 @@ template <class T>
 __device__ __forceinline__ void kf_layernorm_fwd(const T* __restrict__ x, const T* __restrict__ w,
                                                  const T* __restrict__ b, T* __restrict__ out,
                                                  float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                                 unsigned rows, unsigned d, float eps, int cached) {
+                                                 unsigned rows, unsigned d, float eps, int cached, int rms) {
     __shared__ float scratch[32];
     extern __shared__ float kf_row[];
     const unsigned r = blockIdx.x;
@@ -29,7 +31,8 @@ __device__ __forceinline__ void kf_layernorm_fwd(const T* __restrict__ x, const 
         s += v - x0;
     }
     const float fd = (float)d;
-    const float mean = x0 + kf_block_sum(s, scratch) / fd;
+    const float shift = kf_block_sum(s, scratch) / fd;  // every thread reaches the barrier
+    const float mean = rms ? 0.0f : x0 + shift;
     float sd = 0.0f, sdd = 0.0f;
     for (unsigned j = threadIdx.x; j < d; j += blockDim.x) {
         const float v = (cached ? kf_row[j] : kf_to_f32(xr[j])) - mean;
@@ -38,7 +41,7 @@ __device__ __forceinline__ void kf_layernorm_fwd(const T* __restrict__ x, const 
     }
     sd = kf_block_sum(sd, scratch);
     sdd = kf_block_sum(sdd, scratch);
-    const float var = fmaxf((sdd - sd * sd / fd) / fd, 0.0f);
+    const float var = rms ? sdd / fd : fmaxf((sdd - sd * sd / fd) / fd, 0.0f);
     const float rstd = 1.0f / sqrtf(var + eps);
     for (unsigned j = threadIdx.x; j < d; j += blockDim.x) {
         const float v = cached ? kf_row[j] : kf_to_f32(xr[j]);
@@ -57,8 +60,8 @@ __device__ __forceinline__ void kf_layernorm_fwd(const T* __restrict__ x, const 
                                                       const T* __restrict__ b, T* __restrict__ out,        \
                                                       float* __restrict__ mean_out,                        \
                                                       float* __restrict__ rstd_out, unsigned rows,         \
-                                                      unsigned d, float eps, int cached) {                 \
-        kf_layernorm_fwd<T>(x, w, b, out, mean_out, rstd_out, rows, d, eps, cached);                       \
+                                                      unsigned d, float eps, int cached, int rms) {        \
+        kf_layernorm_fwd<T>(x, w, b, out, mean_out, rstd_out, rows, d, eps, cached, rms);                  \
     }
 
 KF_LAYERNORM(float, f32)
@@ -76,7 +79,9 @@ KF_LAYERNORM(__nv_bfloat16, bf16)
 // order), layernorm_bwd_reduce_f32 adds the C partials of each column in
 // order. With C = 1 the partials are dw / db themselves and the reduce is
 // skipped. db and its partials may be null (no bias). dw / db are f32 for
-// every storage dtype. Letters: C chunks of `chunk` rows.
+// every storage dtype. A null `mean` is RMSNorm's backward: xh = x rstd and
+// dx = rstd (dxh - xh mean(dxh xh)) (no mean(dxh) term). Letters: C chunks of
+// `chunk` rows.
 
 // kf-hot: layernorm_bwd_dx_f32 layernorm_bwd_dx_f16 layernorm_bwd_dx_bf16
 // kf-hot: layernorm_bwd_dwdb_f32 layernorm_bwd_dwdb_f16 layernorm_bwd_dwdb_bf16 layernorm_bwd_reduce_f32
@@ -90,7 +95,7 @@ __device__ __forceinline__ void kf_layernorm_bwd_dx(const T* __restrict__ x, con
     const unsigned r = blockIdx.x;
     if (r >= rows || d == 0) return;  // uniform over the block
     const size_t off = (size_t)r * d;
-    const float m = mean[r], rs = rstd[r];
+    const float m = mean ? mean[r] : 0.0f, rs = rstd[r];
     float s1 = 0.0f, s2 = 0.0f;
     for (unsigned j = threadIdx.x; j < d; j += blockDim.x) {
         const float xh = (kf_to_f32(x[off + j]) - m) * rs;
@@ -99,7 +104,8 @@ __device__ __forceinline__ void kf_layernorm_bwd_dx(const T* __restrict__ x, con
         s2 += dxh * xh;
     }
     const float fd = (float)d;
-    const float c1 = kf_block_sum(s1, scratch) / fd;
+    const float t1 = kf_block_sum(s1, scratch);  // every thread reaches the barrier
+    const float c1 = mean ? t1 / fd : 0.0f;
     const float c2 = kf_block_sum(s2, scratch) / fd;
     for (unsigned j = threadIdx.x; j < d; j += blockDim.x) {
         const float xh = (kf_to_f32(x[off + j]) - m) * rs;
@@ -128,7 +134,7 @@ __device__ __forceinline__ void kf_layernorm_bwd_dwdb(const T* __restrict__ x, c
     for (unsigned r = r0 + ty; r < r1; r += 8) {
         const size_t i = (size_t)r * d + jc;
         const float gg = kf_to_f32(g[i]);
-        adw += gg * ((kf_to_f32(x[i]) - mean[r]) * rstd[r]);
+        adw += gg * ((kf_to_f32(x[i]) - (mean ? mean[r] : 0.0f)) * rstd[r]);
         adb += gg;
     }
     sdw[ty][tx] = adw;

@@ -412,6 +412,7 @@ fn layernorm_forward_matches_the_cpu_op() {
             KernelArg::U32(d as u32),
             KernelArg::F32(1e-5),
             KernelArg::I32(cached as i32),
+            KernelArg::I32(0),
         ];
         // SAFETY: x/out hold rows*d, w/b hold d, mean/rstd hold rows elements.
         unsafe { dev.launch("layernorm", "layernorm_fwd_f32", cfg, &args) }.unwrap();

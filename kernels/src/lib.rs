@@ -135,6 +135,11 @@ pub const FAMILIES: &[Family] = &[
         entries: gemv::ENTRIES,
     },
     Family {
+        name: "swiglu",
+        ptx: include_str!("../../ptx/swiglu.ptx"),
+        entries: entries!("swiglu_fwd", "swiglu_bwd"),
+    },
+    Family {
         name: "copy",
         ptx: include_str!("../../ptx/copy.ptx"),
         entries: copy::ENTRIES,

@@ -30,6 +30,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Resul
             &bridge::dt(w)?,
             bd.as_ref(),
             eps as f32,
+            false,
         )?;
         let (mean, rstd) = (bridge::back(&on, o.mean)?, bridge::back(&on, o.rstd)?);
         return bridge::back_recorded(&on, o.y, &all, || {
@@ -167,7 +168,7 @@ impl<T: Float> BackwardOp for LayerNormBackward<T> {
                 &bridge::dt(&self.x)?,
                 &bridge::dt(&self.w)?,
                 &bridge::dt(g)?,
-                &bridge::dt(&self.mean)?,
+                Some(&bridge::dt(&self.mean)?),
                 &bridge::dt(&self.rstd)?,
                 self.b.is_some(),
             )?;
@@ -326,15 +327,18 @@ pub mod launch {
         pub rstd: DTensor,
     }
 
-    /// LayerNorm over the last dimension of `x [..., D]` with weight `[D]` and optional bias `[D]`.
+    /// LayerNorm over the last dimension of `x [..., D]` with weight `[D]` and optional bias
+    /// `[D]`; with `rms`, RMSNorm (no centring, no bias; `mean` comes back as zeros).
     pub fn layer_norm<D: KernelDevice + ?Sized>(
         dev: &D,
         x: &DTensor,
         w: &DTensor,
         b: Option<&DTensor>,
         eps: f32,
+        rms: bool,
     ) -> Result<LayerNormOut> {
-        let op = "layer_norm";
+        let op = if rms { "rms_norm" } else { "layer_norm" };
+        ensure!(!(rms && b.is_some()), "{op}: RMSNorm takes no bias");
         f32_in(op, "x", x)?;
         f32_in(op, "weight", w)?;
         let (rows, d) = rows_cols(op, x)?;
@@ -381,6 +385,7 @@ pub mod launch {
                     KArg::U32(d as u32),
                     KArg::F32(eps),
                     KArg::I32(cached as i32),
+                    KArg::I32(rms as i32),
                 ],
             )?;
         }
@@ -388,7 +393,8 @@ pub mod launch {
     }
 
     /// Gradients of LayerNorm over the last dimension: `dx` (shape of x), `dw [D]`, `db [D]`
-    /// (when `bias`), from the forward's saved per-row `mean` and `rstd`.
+    /// (when `bias`), from the forward's saved per-row `mean` and `rstd`; without `mean`, of
+    /// RMSNorm.
     pub struct LayerNormGrads {
         pub dx: DTensor,
         pub dw: DTensor,
@@ -400,18 +406,20 @@ pub mod launch {
         x: &DTensor,
         w: &DTensor,
         g: &DTensor,
-        mean: &DTensor,
+        mean: Option<&DTensor>,
         rstd: &DTensor,
         bias: bool,
     ) -> Result<LayerNormGrads> {
-        let op = "layer_norm_bwd";
-        for (what, t) in [
-            ("x", x),
-            ("weight", w),
-            ("grad", g),
-            ("mean", mean),
-            ("rstd", rstd),
-        ] {
+        let op = if mean.is_some() {
+            "layer_norm_bwd"
+        } else {
+            "rms_norm_bwd"
+        };
+        ensure!(mean.is_some() || !bias, "{op}: RMSNorm has no bias");
+        for (what, t) in [("x", x), ("weight", w), ("grad", g), ("rstd", rstd)]
+            .into_iter()
+            .chain(mean.map(|m| ("mean", m)))
+        {
             f32_in(op, what, t)?;
         }
         same_shape(op, x, g)?;
@@ -423,9 +431,9 @@ pub mod launch {
             w.shape()
         );
         ensure!(
-            mean.shape() == [rows] && rstd.shape() == [rows],
+            mean.is_none_or(|m| m.shape() == [rows]) && rstd.shape() == [rows],
             "{op}: mean {:?} / rstd {:?} must be [{rows}]",
-            mean.shape(),
+            mean.map(|m| m.shape()),
             rstd.shape()
         );
         u32_fits(op, &[rows, d])?;
@@ -457,7 +465,7 @@ pub mod launch {
                 KArg::Buf(&x.buf),
                 KArg::Buf(&w.buf),
                 KArg::Buf(&g.buf),
-                KArg::Buf(&mean.buf),
+                mean.map_or(KArg::Null, |m| KArg::Buf(&m.buf)),
                 KArg::Buf(&rstd.buf),
                 KArg::Buf(&dx.buf),
                 KArg::U32(rows as u32),
@@ -487,7 +495,7 @@ pub mod launch {
             &[
                 KArg::Buf(&x.buf),
                 KArg::Buf(&g.buf),
-                KArg::Buf(&mean.buf),
+                mean.map_or(KArg::Null, |m| KArg::Buf(&m.buf)),
                 KArg::Buf(&rstd.buf),
                 KArg::Buf(&tw.buf),
                 tb.map_or(KArg::Null, |t| KArg::Buf(&t.buf)),

@@ -24,12 +24,12 @@ macro_rules! for_each_op {
             Embedding => embedding, linalg, grad: true, kernels: true;
             LayerNorm => layer_norm, norm, grad: true, kernels: true;
             LayerNormBias => layer_norm_bias, norm, grad: true, kernels: true;
-            RmsNorm => rms_norm, norm, grad: true, kernels: false;
+            RmsNorm => rms_norm, norm, grad: true, kernels: true;
             Rope => rope, norm, grad: true, kernels: true;
             GeluTanh => gelu_tanh, norm, grad: true, kernels: true;
             GeluErf => gelu_erf, norm, grad: true, kernels: true;
             BiasGeluTanh => bias_gelu_tanh, norm, grad: true, kernels: true;
-            Swiglu => swiglu, norm, grad: true, kernels: false;
+            Swiglu => swiglu, norm, grad: true, kernels: true;
             Softmax => softmax, norm, grad: true, kernels: true;
             CrossEntropy => cross_entropy, norm, grad: true, kernels: true;
             Attention => attention, attention, grad: true, kernels: true;

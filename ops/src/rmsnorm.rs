@@ -1,12 +1,13 @@
 //! RMSNorm over the last dimension D of `x [..., D]` with a weight `[D]` (the Llama
 //! family's norm): `y = x / sqrt(mean(x²) + eps) * w`. LayerNorm without the centring and
-//! the bias; 1/rms per row is saved for the backward. CPU only for now: on a kernel device
-//! it is one clear error (no kernel yet). Letters: R rows, D features.
+//! the bias; 1/rms per row is saved for the backward. On a kernel device it runs LayerNorm's
+//! kernels in their RMS mode (kernels/layernorm.cu, `crate::layernorm::launch`), f32.
+//! Letters: R rows, D features.
 
 use crate::dispatch_float;
 use crate::kdev::bridge;
 use crate::util::{expect_shape, float_dtype, for_each_row, sum_map};
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use kf_engine::autograd::should_record;
 use kf_engine::{BackwardOp, Float, OutBuf, Tensor};
 use rayon::prelude::*;
@@ -17,10 +18,23 @@ use std::sync::Arc;
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let op = "rms_norm";
     if let Some(on) = bridge::device_of(op, &[x, w])? {
-        bail!(
-            "{op}: no kernel for {} yet (Llama-family models run on the CPU: --device cpu)",
-            on.device
-        );
+        let o = crate::layernorm::launch::layer_norm(
+            &*on.dev,
+            &bridge::dt(x)?,
+            &bridge::dt(w)?,
+            None,
+            eps as f32,
+            true,
+        )?;
+        let rstd = bridge::back(&on, o.rstd)?;
+        return bridge::back_recorded(&on, o.y, &[x, w], || {
+            Arc::new(RmsNormBackward::<f32> {
+                x: x.clone(),
+                w: w.clone(),
+                rstd,
+                _t: std::marker::PhantomData,
+            })
+        });
     }
     let dt = float_dtype(op, &[x, w])?;
     ensure!(
@@ -93,6 +107,21 @@ impl<T: Float> BackwardOp for RmsNormBackward<T> {
     fn backward(&self, _out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let d = self.w.numel();
         expect_shape("rms_norm backward", "gradient", g, self.x.shape())?;
+        if let Some(on) = bridge::device_of("rms_norm backward", &[&self.x, &self.w, g])? {
+            let gr = crate::layernorm::launch::layer_norm_bwd(
+                &*on.dev,
+                &bridge::dt(&self.x)?,
+                &bridge::dt(&self.w)?,
+                &bridge::dt(g)?,
+                None,
+                &bridge::dt(&self.rstd)?,
+                false,
+            )?;
+            return Ok(vec![
+                Some(bridge::back(&on, gr.dx)?),
+                Some(bridge::back(&on, gr.dw)?),
+            ]);
+        }
         let (xc, wc, gc) = (self.x.contiguous()?, self.w.contiguous()?, g.contiguous()?);
         let (xs, ws, gs) = (
             xc.cpu_data::<T>()?,

@@ -272,7 +272,7 @@ fn pointwise<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Re
         "layernorm_fwd_f32",
         sh(&[r, d]),
         cm::layernorm_fwd(r, d, s, false, true),
-        &mut || kl::layer_norm(dev, &x, &w, None, 1e-5).map(drop),
+        &mut || kl::layer_norm(dev, &x, &w, None, 1e-5, false).map(drop),
     )?;
     let table = bn.up(v * d, &[v, d], 8)?;
     let ids: Vec<u32> = (0..r as u32).map(|i| (i * 7919) % v as u32).collect();
@@ -410,13 +410,13 @@ fn norm_backward<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -
     let x = bn.up(r * d, &[r, d], 3)?;
     let y = bn.up(r * d, &[r, d], 4)?;
     let w = bn.up(d, &[d], 5)?;
-    let ln = kl::layer_norm(dev, &x, &w, None, 1e-5)?;
+    let ln = kl::layer_norm(dev, &x, &w, None, 1e-5, false)?;
     bn.push(
         "layernorm",
         "layernorm_bwd (dx + dw)",
         sh(&[r, d]),
         cm::layernorm_bwd(r, d, s, false),
-        &mut || kl::layer_norm_bwd(dev, &x, &w, &y, &ln.mean, &ln.rstd, false).map(drop),
+        &mut || kl::layer_norm_bwd(dev, &x, &w, &y, Some(&ln.mean), &ln.rstd, false).map(drop),
     )?;
     drop(ln);
     bn.push(

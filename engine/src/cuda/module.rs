@@ -166,12 +166,25 @@ mod tests {
             ptx_params(ew, "scale_bf16").unwrap(),
             vec![p8, p8, (ParamKind::Float, 4), p8]
         );
-        // layernorm_fwd(x, w, b, out, mean, rstd, unsigned rows, unsigned d, float eps, int cached)
+        // layernorm_fwd(x, w, b, out, mean, rstd, unsigned rows, unsigned d, float eps, int cached,
+        // int rms)
         let ln = kf_kernels::family("layernorm").unwrap().ptx;
         let i4 = (ParamKind::Int, 4);
         assert_eq!(
             ptx_params(ln, "layernorm_fwd_f16").unwrap(),
-            vec![p8, p8, p8, p8, p8, p8, i4, i4, (ParamKind::Float, 4), i4]
+            vec![
+                p8,
+                p8,
+                p8,
+                p8,
+                p8,
+                p8,
+                i4,
+                i4,
+                (ParamKind::Float, 4),
+                i4,
+                i4
+            ]
         );
         assert!(ptx_params(ew, "add_f64").is_none());
         // every entry of every family parses

@@ -210,6 +210,7 @@ fn layernorm_forward_matches_the_cpu_op() {
                         Arg::U32(d as u32),
                         Arg::F32(EPS),
                         Arg::I32(cached as i32),
+                        Arg::I32(0),
                     ],
                 )
                 .unwrap();
