@@ -6,8 +6,8 @@
 // made on the host by kf_ops::rope::rope_tables (f64, then cast, as the CPU op
 // does) or on the device by rope_tables_f32 (in double, then cast). P = T
 // (positions per time step) or B * T (per batch row, `batched_pos` != 0).
-// rope_fwd reads x [B, T, H, D] through element strides (sb, st, sh) with a
-// unit last stride (q or k narrowed out of a fused qkv is read in place) and
+// rope_fwd reads x [B, T, H, D] from element x_off through element strides
+// (sb, st, sh) with a unit last stride (q or k of a fused qkv is read in place) and
 // writes a contiguous out; rope_bwd is the inverse rotation (the transpose:
 // sin negated), dx from g. Products and differences are rounded one by one
 // (__fmul_rn / __fsub_rn, no FMA contraction), as the CPU op computes them,
@@ -19,7 +19,7 @@
 // kf-hot: rope_fwd_f32 rope_fwd_f16 rope_fwd_bf16 rope_bwd_f32 rope_bwd_f16 rope_bwd_bf16
 
 template <class T>
-__device__ __forceinline__ void kf_rope(const T* __restrict__ x, const float* __restrict__ cos_t,
+__device__ __forceinline__ void kf_rope(const T* __restrict__ x, size_t x_off, const float* __restrict__ cos_t,
                                         const float* __restrict__ sin_t, T* __restrict__ out, unsigned nb,
                                         unsigned nt, unsigned nh, unsigned d, size_t sb, size_t st, size_t sh,
                                         int batched_pos, float sign) {
@@ -30,7 +30,7 @@ __device__ __forceinline__ void kf_rope(const T* __restrict__ x, const float* __
         const size_t prow = batched_pos ? r : ti;
         const float* __restrict__ c = cos_t + prow * half;
         const float* __restrict__ s = sin_t + prow * half;
-        const T* __restrict__ xr = x + bi * sb + ti * st;
+        const T* __restrict__ xr = x + x_off + bi * sb + ti * st;
         T* __restrict__ outr = out + r * (size_t)nh * d;
         for (unsigned k = threadIdx.x; k < pairs; k += blockDim.x) {
             const unsigned h = k / half, j = k - h * half;
@@ -44,17 +44,19 @@ __device__ __forceinline__ void kf_rope(const T* __restrict__ x, const float* __
 }
 
 #define KF_ROPE(T, SUFFIX)                                                                                  \
-    extern "C" __global__ void rope_fwd_##SUFFIX(const T* __restrict__ x, const float* __restrict__ cos_t, \
+    extern "C" __global__ void rope_fwd_##SUFFIX(const T* __restrict__ x, size_t x_off,                 \
+                                                 const float* __restrict__ cos_t,                           \
                                                  const float* __restrict__ sin_t, T* __restrict__ out,      \
                                                  unsigned nb, unsigned nt, unsigned nh, unsigned d,         \
                                                  size_t sb, size_t st, size_t sh, int batched_pos) {        \
-        kf_rope<T>(x, cos_t, sin_t, out, nb, nt, nh, d, sb, st, sh, batched_pos, 1.0f);                    \
+        kf_rope<T>(x, x_off, cos_t, sin_t, out, nb, nt, nh, d, sb, st, sh, batched_pos, 1.0f);             \
     }                                                                                                       \
-    extern "C" __global__ void rope_bwd_##SUFFIX(const T* __restrict__ g, const float* __restrict__ cos_t, \
+    extern "C" __global__ void rope_bwd_##SUFFIX(const T* __restrict__ g, size_t g_off,                 \
+                                                 const float* __restrict__ cos_t,                           \
                                                  const float* __restrict__ sin_t, T* __restrict__ dx,       \
                                                  unsigned nb, unsigned nt, unsigned nh, unsigned d,         \
                                                  size_t sb, size_t st, size_t sh, int batched_pos) {        \
-        kf_rope<T>(g, cos_t, sin_t, dx, nb, nt, nh, d, sb, st, sh, batched_pos, -1.0f);                    \
+        kf_rope<T>(g, g_off, cos_t, sin_t, dx, nb, nt, nh, d, sb, st, sh, batched_pos, -1.0f);             \
     }
 
 KF_ROPE(float, f32)

@@ -12,6 +12,50 @@ use kf_kernels_emu::{launch, Arg, DeviceBuffer};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Emu;
 
+/// What the emulator was asked to do on this thread since [`reset_counts`]: the host-side
+/// traffic a GPU would pay for (launches, device copies, uploads, downloads, allocations),
+/// so tests can bound a decode step's overhead without a GPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Kernel launches, GEMMs included (cuBLAS launches on a GPU).
+    pub launches: u64,
+    /// Device-to-device copies (a cudaMemcpy each).
+    pub copies: u64,
+    /// Host-to-device uploads.
+    pub uploads: u64,
+    /// Device-to-host downloads (each a sync on a GPU).
+    pub downloads: u64,
+    /// Buffer allocations.
+    pub allocs: u64,
+    /// Launches per entry point (GEMMs as "gemm").
+    pub by_entry: std::collections::BTreeMap<String, u64>,
+}
+
+thread_local! {
+    static COUNTS: std::cell::RefCell<Counts> = std::cell::RefCell::new(Counts::default());
+}
+
+fn count(f: impl FnOnce(&mut Counts)) {
+    COUNTS.with(|c| f(&mut c.borrow_mut()));
+}
+
+/// The counts of this thread's emulator calls since the last [`reset_counts`].
+pub fn counts() -> Counts {
+    COUNTS.with(|c| c.borrow().clone())
+}
+
+/// Zeroes this thread's counts.
+pub fn reset_counts() {
+    count(|c| *c = Counts::default());
+}
+
+fn count_launch(entry: &str) {
+    count(|c| {
+        c.launches += 1;
+        *c.by_entry.entry(entry.to_string()).or_default() += 1;
+    });
+}
+
 fn range_in(what: &str, off: usize, bytes: usize, b: &DeviceBuffer) -> Result<()> {
     ensure!(
         off.checked_add(bytes).is_some_and(|e| e <= b.len_bytes()),
@@ -35,15 +79,19 @@ impl KernelDevice for Emu {
         "emu".into()
     }
     fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuf> {
+        count(|c| c.allocs += 1);
         Ok(DeviceBuf::new(DeviceBuffer::zeros::<u8>(bytes)))
     }
     fn alloc(&self, bytes: usize) -> Result<DeviceBuf> {
+        count(|c| c.allocs += 1);
         Ok(DeviceBuf::new(DeviceBuffer::uninit(bytes)))
     }
     fn upload(&self, data: &[u8]) -> Result<DeviceBuf> {
+        count(|c| c.uploads += 1);
         Ok(DeviceBuf::new(DeviceBuffer::from_slice(data)))
     }
     fn download(&self, buf: &DeviceBuf) -> Result<Vec<u8>> {
+        count(|c| c.downloads += 1);
         Ok(buf.get::<DeviceBuffer>()?.to_vec::<u8>())
     }
     fn copy(
@@ -54,6 +102,7 @@ impl KernelDevice for Emu {
         dst_off: usize,
         bytes: usize,
     ) -> Result<()> {
+        count(|c| c.copies += 1);
         let (src, dst) = (src.get::<DeviceBuffer>()?, dst.get::<DeviceBuffer>()?);
         range_in("source", src_off, bytes, src)?;
         range_in("destination", dst_off, bytes, dst)?;
@@ -69,6 +118,7 @@ impl KernelDevice for Emu {
         Ok(())
     }
     fn launch(&self, entry: &str, cfg: LaunchConfig, args: &[KArg<'_>]) -> Result<()> {
+        count_launch(entry);
         let args = args
             .iter()
             .map(|a| {
@@ -87,6 +137,7 @@ impl KernelDevice for Emu {
         launch(entry, cfg, &args).with_context(|| format!("emulated launch of {entry}"))
     }
     fn gemm(&self, s: &GemmSpec, a: &DeviceBuf, b: &DeviceBuf, c: &DeviceBuf) -> Result<()> {
+        count_launch("gemm");
         let (a, b, c) = (
             a.get::<DeviceBuffer>()?,
             b.get::<DeviceBuffer>()?,

@@ -38,7 +38,7 @@ use kf_ops::gelu::bias_gelu_tanh;
 use kf_ops::layernorm::layer_norm;
 use kf_ops::matmul::{linear, linear_residual};
 use kf_ops::rmsnorm::rms_norm;
-use kf_ops::rope::rope;
+use kf_ops::rope::RopeAt;
 use kf_ops::swiglu::swiglu;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -562,12 +562,16 @@ impl Ddit {
             pos.dtype(),
             pos.shape()
         );
-        if let Some(&mx) = pos.to_vec::<u32>()?.iter().max() {
-            ensure!(
-                (mx as usize) < cfg.max_seq_len,
-                "backbone: position {mx} is beyond the model's max_seq_len {}",
-                cfg.max_seq_len
-            );
+        // positions on a kernel device are not read back (a sync per pass): the generation
+        // and serving loops bound prompt + new tokens by max_seq_len before any pass
+        if pos.device().is_cpu() {
+            if let Some(&mx) = pos.to_vec::<u32>()?.iter().max() {
+                ensure!(
+                    (mx as usize) < cfg.max_seq_len,
+                    "backbone: position {mx} is beyond the model's max_seq_len {}",
+                    cfg.max_seq_len
+                );
+            }
         }
         if let Some(c) = cache.as_deref() {
             ensure!(
@@ -593,10 +597,12 @@ impl Ddit {
             );
         }
         let fused = cfg.arch == Arch::Ddit;
+        // the rotation's tables once for every layer of the pass
+        let ra = RopeAt::new(pos, cfg.head_dim(), cfg.rope_base)?;
         self.blocks(h0, |layer, qkv| match cache.as_deref_mut() {
             Some(c) => {
-                let q = rope(&qkv.q()?, pos, cfg.rope_base)?;
-                let k = rope(&qkv.k()?, pos, cfg.rope_base)?;
+                let q = ra.apply(&qkv.q()?)?;
+                let k = ra.apply(&qkv.k()?)?;
                 let (kc, vc) = c.write(layer, &k, &qkv.v()?)?;
                 attention(&q, &kc, &vc, attn)
             }
@@ -605,8 +611,8 @@ impl Ddit {
             // per-part gradients summed on the tape)
             None if fused => rope_attention(&qkv.packed()?, pos, cfg.rope_base, attn),
             None => {
-                let q = rope(&qkv.q()?, pos, cfg.rope_base)?;
-                let k = rope(&qkv.k()?, pos, cfg.rope_base)?;
+                let q = ra.apply(&qkv.q()?)?;
+                let k = ra.apply(&qkv.k()?)?;
                 attention(&q, &k, &qkv.v()?, attn)
             }
         })
@@ -705,7 +711,8 @@ impl Ddit {
                     cfg.max_seq_len
                 );
             }
-            pos.push(Tensor::from_vec(s.pos.clone(), &[1, s.pos.len()], dev)?);
+            let p = Tensor::from_vec(s.pos.clone(), &[1, s.pos.len()], dev)?;
+            pos.push(RopeAt::new(&p, hd, cfg.rope_base)?);
         }
         self.blocks(h0, |layer, qkv| {
             let out = Tensor::zeros(&[1, r, nh, hd], self.dtype(), dev)?;
@@ -713,8 +720,8 @@ impl Ddit {
             for (s, p) in seqs.iter_mut().zip(&pos) {
                 let t = s.pos.len();
                 let rows = qkv.rows(at, t)?;
-                let q = rope(&rows.q()?, p, cfg.rope_base)?;
-                let k = rope(&rows.k()?, p, cfg.rope_base)?;
+                let q = p.apply(&rows.q()?)?;
+                let k = p.apply(&rows.k()?)?;
                 let (kc, vc) = s.cache.write(layer, &k, &rows.v()?)?;
                 let attn = self.attn_params(s.cache.len(), vec![]);
                 out.narrow(1, at, t)?
@@ -903,15 +910,13 @@ fn mask_logit_on_device(logits: Tensor, v: usize, col: usize) -> Result<Tensor> 
     Ok(logits)
 }
 
-/// Writes `value` into column `col` of every row of the whole f32 device buffer `t [.., V]`.
+/// Writes `value` into column `col` of every row of the whole f32 device buffer `t [.., V]`:
+/// one strided copy of the value broadcast over the column view (not one copy per row).
 fn set_column_on_device(t: &Tensor, v: usize, col: usize, value: f32) -> Result<()> {
-    let val = Tensor::from_vec(vec![value], &[1], t.device())?;
-    let (src, dst) = (val.storage()?, t.storage()?);
-    let (src, dst) = (src.kernel()?, dst.kernel()?);
-    for r in 0..t.numel() / v {
-        dst.dev.copy(&src.buf, 0, &dst.buf, 4 * (r * v + col), 4)?;
-    }
-    Ok(())
+    let rows = t.numel() / v;
+    let _g = kf_engine::no_grad();
+    let val = Tensor::from_vec(vec![value], &[1, 1], t.device())?.broadcast_as(&[rows, 1])?;
+    t.reshape(&[rows, v])?.narrow(1, col, 1)?.copy_from(&val)
 }
 
 struct MaskLogitBackward {

@@ -3,7 +3,7 @@
 //! blocks with an online softmax, so no [Tq, Tk] score or mask matrix ever exists in memory.
 //! Dimensions: B batch, Tq query rows, Tk keys, H heads, D head dim; N context, k hints per window.
 
-use crate::kdev::{bridge, DTensor};
+use crate::kdev::bridge;
 use crate::util::exp_f32;
 use crate::util::float_dtype;
 use anyhow::{ensure, Context, Result};
@@ -1704,17 +1704,15 @@ fn rope_attention_on(
     let pos = bridge::dt(&pos.reshape(&[pos.numel()])?)?;
     let (cos, sin) = crate::rope::launch::rope_tables(dev, &pos, d, rope_base)?;
     let strides = [t * 3 * h * d, 3 * h * d, d];
-    let q = crate::rope::launch::rope_view(dev, &x.buf, [b, t, h, d], strides, &cos, &sin)?;
-    let row = h * d * 4;
-    let part = |i: usize| -> Result<DTensor> {
-        let out = DTensor::uninit(dev, &[b, t, h, d], kf_engine::DType::F32)?;
-        for r in 0..b * t {
-            dev.copy(&x.buf, (3 * r + i) * row, &out.buf, r * row, row)?;
-        }
-        Ok(out)
+    let rope_part = |i: usize| {
+        crate::rope::launch::rope_view(dev, &x.buf, i * h * d, [b, t, h, d], strides, &cos, &sin)
     };
-    let k = crate::rope::launch::rope(dev, &part(1)?, &cos, &sin)?;
-    let v = part(2)?;
+    let (q, k) = (rope_part(0)?, rope_part(1)?);
+    // v gathered out of the packed rows in one strided copy
+    let v = {
+        let _g = kf_engine::no_grad();
+        bridge::dt(&qkv.narrow(2, 2, 1)?.contiguous()?.reshape(&[b, t, h, d])?)?
+    };
     let dims = launch::AttnDims {
         b,
         h,

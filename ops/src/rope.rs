@@ -52,8 +52,7 @@ pub fn rope(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
             pos.shape()
         );
         let (cos, sin) = tables_on(&on, pos, d, base)?;
-        let y = launch::rope(&*on.dev, &bridge::dt(x)?, &cos, &sin)?;
-        return bridge::back_recorded(&on, y, &[x], || node::<f32>(x, pos, base));
+        return rope_on(&on, x, pos, base, &cos, &sin);
     }
     let dt = float_dtype(op, &[x])?;
     ensure!(
@@ -171,6 +170,83 @@ fn node<T: Float>(x: &Tensor, pos: &Tensor, base: f64) -> Arc<dyn BackwardOp> {
         base,
         _t: std::marker::PhantomData,
     })
+}
+
+/// Positions with the rotation's tables made once for a pass: on a kernel device cos / sin
+/// are computed here once instead of in every [`rope`] call (two per layer); on the CPU
+/// [`RopeAt::apply`] is [`rope`].
+pub struct RopeAt {
+    pos: Tensor,
+    base: f64,
+    tables: Option<(
+        bridge::OnDevice,
+        usize,
+        crate::kdev::DTensor,
+        crate::kdev::DTensor,
+    )>,
+}
+
+impl RopeAt {
+    /// The tables of `pos` ([T] or [B, T]) for head dim `d`.
+    pub fn new(pos: &Tensor, d: usize, base: f64) -> Result<RopeAt> {
+        let tables = match bridge::device_of("rope", &[pos])? {
+            Some(on) => {
+                let (c, s) = tables_on(&on, pos, d, base)?;
+                Some((on, d, c, s))
+            }
+            None => None,
+        };
+        Ok(RopeAt {
+            pos: pos.clone(),
+            base,
+            tables,
+        })
+    }
+
+    /// [`rope`] of `x [B, T, H, D]` at these positions.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some((on, d, cos, sin)) = &self.tables {
+            let s = x.shape();
+            let fits = x.device() == on.device
+                && x.rank() == 4
+                && s[3] == *d
+                && (self.pos.shape() == [s[1]] || self.pos.shape() == [s[0], s[1]]);
+            if fits {
+                return rope_on(on, x, &self.pos, self.base, cos, sin);
+            }
+        }
+        rope(x, &self.pos, self.base)
+    }
+}
+
+/// [`rope`] on a kernel device with the tables of `pos`: a view whose last dim is unit-stride
+/// (q or k of a fused qkv) is read in place, any other is gathered first.
+fn rope_on(
+    on: &bridge::OnDevice,
+    x: &Tensor,
+    pos: &Tensor,
+    base: f64,
+    cos: &crate::kdev::DTensor,
+    sin: &crate::kdev::DTensor,
+) -> Result<Tensor> {
+    let s = x.shape();
+    let dims = [s[0], s[1], s[2], s[3]];
+    let y = if x.dtype() == DType::F32 && (x.strides()[3] == 1 || s[3] <= 1) {
+        let st = x.strides();
+        let buf = x.storage()?.kernel()?.buf.clone();
+        launch::rope_view(
+            &*on.dev,
+            &buf,
+            x.layout().offset(),
+            dims,
+            [st[0], st[1], st[2]],
+            cos,
+            sin,
+        )?
+    } else {
+        launch::rope(&*on.dev, &bridge::dt(x)?, cos, sin)?
+    };
+    bridge::back_recorded(on, y, &[x], || node::<f32>(x, pos, base))
 }
 
 /// The cos / sin tables of device positions `pos` ([T] or [B, T]) on their device.
@@ -318,13 +394,14 @@ pub mod launch {
         Ok((cos, sin))
     }
 
-    /// RoPE of a strided view `x` = `[B, T, H, D]` of the f32 buffer `x` (strides over B, T, H in
-    /// elements, D unit-stride: e.g. q of a fused qkv) with tables from [`rope_tables`]: cos/sin
-    /// `[T, D/2]` (positions shared by the batch) or `[B*T, D/2]` (per batch row). Output
-    /// `[B, T, H, D]` contiguous.
+    /// RoPE of a strided view `x` = `[B, T, H, D]` of the f32 buffer `x` from element `x_off`
+    /// (strides over B, T, H in elements, D unit-stride: e.g. q or k of a fused qkv) with tables
+    /// from [`rope_tables`]: cos/sin `[T, D/2]` (positions shared by the batch) or `[B*T, D/2]`
+    /// (per batch row). Output `[B, T, H, D]` contiguous.
     pub fn rope_view<D: KernelDevice + ?Sized>(
         dev: &D,
         x: &DeviceBuf,
+        x_off: usize,
         dims: [usize; 4],
         strides: [usize; 3],
         cos: &DTensor,
@@ -357,7 +434,7 @@ pub mod launch {
                 d / 2
             )
         };
-        let span = view_span(dims, strides);
+        let span = view_span(dims, strides).saturating_add(x_off);
         let have = dev.buf_bytes(x) / 4;
         ensure!(
             span <= have,
@@ -375,6 +452,7 @@ pub mod launch {
                 rope::config(b, t, h, d),
                 &[
                     KArg::Buf(x),
+                    KArg::U64(x_off as u64),
                     KArg::Buf(&cos.buf),
                     KArg::Buf(&sin.buf),
                     KArg::Buf(&out.buf),
@@ -410,6 +488,7 @@ pub mod launch {
         rope_view(
             dev,
             &x.buf,
+            0,
             dims,
             [s[1] * s[2] * s[3], s[2] * s[3], s[3]],
             cos,
@@ -459,6 +538,7 @@ pub mod launch {
             rope::config(b, t, h, d),
             &[
                 KArg::Buf(&g.buf),
+                KArg::U64(0),
                 KArg::Buf(&cos.buf),
                 KArg::Buf(&sin.buf),
                 KArg::Buf(&out.buf),

@@ -258,6 +258,7 @@ fn rope_launch(
         rope::config(b, t, h, d),
         &[
             Arg::Buf(x),
+            Arg::U64(0),
             Arg::Buf(cos),
             Arg::Buf(sin),
             Arg::Buf(out),

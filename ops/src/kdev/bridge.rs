@@ -11,6 +11,7 @@ use kf_engine::{BackwardOp, Device, Tensor};
 use std::sync::Arc;
 
 /// A kernel device that runs an op, with its name.
+#[derive(Clone)]
 pub struct OnDevice {
     pub device: Device,
     pub dev: Arc<dyn KernelDevice>,
