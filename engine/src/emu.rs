@@ -29,6 +29,9 @@ pub struct Counts {
     pub allocs: u64,
     /// Launches per entry point (GEMMs as "gemm").
     pub by_entry: std::collections::BTreeMap<String, u64>,
+    /// With [`trace`] on: every launch (its entry point), copy ("copy"), upload ("upload") and
+    /// download ("download") in order.
+    pub trace: Option<Vec<String>>,
 }
 
 thread_local! {
@@ -44,15 +47,37 @@ pub fn counts() -> Counts {
     COUNTS.with(|c| c.borrow().clone())
 }
 
-/// Zeroes this thread's counts.
+/// Zeroes this thread's counts (and empties the trace, keeping it on or off).
 pub fn reset_counts() {
-    count(|c| *c = Counts::default());
+    count(|c| {
+        let on = c.trace.is_some();
+        *c = Counts::default();
+        c.trace = on.then(Vec::new);
+    });
+}
+
+/// Records (or stops recording) this thread's calls in order in [`Counts::trace`]; off by
+/// default, as a long emulated run would grow it without bound.
+pub fn trace(on: bool) {
+    count(|c| c.trace = on.then(Vec::new));
 }
 
 fn count_launch(entry: &str) {
     count(|c| {
         c.launches += 1;
         *c.by_entry.entry(entry.to_string()).or_default() += 1;
+        if let Some(t) = &mut c.trace {
+            t.push(entry.to_string());
+        }
+    });
+}
+
+fn count_transfer(what: &str, f: impl FnOnce(&mut Counts)) {
+    count(|c| {
+        f(c);
+        if let Some(t) = &mut c.trace {
+            t.push(what.to_string());
+        }
     });
 }
 
@@ -87,11 +112,11 @@ impl KernelDevice for Emu {
         Ok(DeviceBuf::new(DeviceBuffer::uninit(bytes)))
     }
     fn upload(&self, data: &[u8]) -> Result<DeviceBuf> {
-        count(|c| c.uploads += 1);
+        count_transfer("upload", |c| c.uploads += 1);
         Ok(DeviceBuf::new(DeviceBuffer::from_slice(data)))
     }
     fn download(&self, buf: &DeviceBuf) -> Result<Vec<u8>> {
-        count(|c| c.downloads += 1);
+        count_transfer("download", |c| c.downloads += 1);
         Ok(buf.get::<DeviceBuffer>()?.to_vec::<u8>())
     }
     fn copy(
@@ -102,7 +127,7 @@ impl KernelDevice for Emu {
         dst_off: usize,
         bytes: usize,
     ) -> Result<()> {
-        count(|c| c.copies += 1);
+        count_transfer("copy", |c| c.copies += 1);
         let (src, dst) = (src.get::<DeviceBuffer>()?, dst.get::<DeviceBuffer>()?);
         range_in("source", src_off, bytes, src)?;
         range_in("destination", dst_off, bytes, dst)?;

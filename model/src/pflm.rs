@@ -266,19 +266,16 @@ impl NoiseEncoder {
             tau.len()
         );
         let (m, d) = (u.len(), self.d);
-        let fu = noise_features(&Tensor::from_slice(u, &[m], Device::Cpu)?, d, DType::F64)?
-            .to_vec::<f64>()?;
-        let ft = noise_features(&Tensor::from_slice(tau, &[m], Device::Cpu)?, d, DType::F64)?
-            .to_vec::<f64>()?;
-        let mut f = Vec::with_capacity(m * 2 * d);
-        for r in 0..m {
-            f.extend_from_slice(&fu[r * d..(r + 1) * d]);
-            f.extend_from_slice(&ft[r * d..(r + 1) * d]);
-        }
-        // computed in f64, then cast (as noise_features does for an f32 output)
-        let f = Tensor::from_vec(f, &[m, 2 * d], Device::Cpu)?
-            .to_dtype(self.dtype())?
-            .to_device(self.device())?;
+        // the features of u_0, tau_0, u_1, tau_1, ..: [2m, d] rows that are the [m, 2d] rows
+        // [f(u_r), f(tau_r)]; on a kernel device only the 2m levels travel and the features
+        // are made there (computed in f64 and rounded once, as on the CPU)
+        let s: Vec<f64> = u.iter().zip(tau).flat_map(|(&a, &t)| [a, t]).collect();
+        let f = noise_features(
+            &Tensor::from_vec(s, &[2 * m], self.device())?,
+            d,
+            self.dtype(),
+        )?
+        .reshape(&[m, 2 * d])?;
         let x = linear(&f, self.p(0), Some(self.p(1)))?;
         let y = layer_norm(&x, self.p(2), Some(self.p(3)), self.eps)?;
         let y = gelu_erf(&linear(&y, self.p(4), Some(self.p(5)))?)?;

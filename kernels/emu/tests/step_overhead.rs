@@ -65,6 +65,7 @@ fn per_steps(layers: usize, batch: usize, pflm: bool, steps: usize) -> Counts {
             .map(|(e, n)| (e.clone(), n - a.by_entry.get(e).copied().unwrap_or(0)))
             .filter(|(_, n)| *n > 0)
             .collect(),
+        trace: None,
     }
 }
 
