@@ -295,6 +295,36 @@ pub fn rope_qk_cache(rows: usize, heads: usize, head_dim: usize, s: f64) -> Cost
     )
 }
 
+/// A device copy of `n` elements (a strided gather / scatter such as the KV append, or a
+/// memcpy): read and written once.
+pub fn copy(n: usize, s: f64) -> Cost {
+    let n = n as f64;
+    Cost::new(2.0 * n * s, 0.0, Unit::Fp32, ew_blocks(n))
+}
+
+/// The RoPE cos / sin tables of `rows` positions (f32, made once per pass, in double).
+pub fn rope_tables(rows: usize, head_dim: usize) -> Cost {
+    let n = (rows * head_dim / 2) as f64;
+    Cost::new(
+        8.0 * n + 4.0 * rows as f64,
+        40.0 * n,
+        Unit::Fp32,
+        ew_blocks(n),
+    )
+}
+
+/// The MLP's bias and GELU (tanh) in one pass over `rows x n` (the as-built decode path).
+pub fn bias_gelu_tanh(rows: usize, n: usize, s: f64) -> Cost {
+    let c = gelu_tanh_fwd(rows * n, s);
+    Cost::new(
+        c.bytes + n as f64 * s,
+        c.flops + (rows * n) as f64,
+        c.unit,
+        c.blocks,
+    )
+    .weights(n as f64 * s)
+}
+
 /// GELU, tanh approximation (the backbone's MLP), over `n` elements.
 pub fn gelu_tanh_fwd(n: usize, s: f64) -> Cost {
     let n = n as f64;
@@ -502,8 +532,10 @@ pub enum Launch {
     Graph,
 }
 
-/// One way of running the model: launch mode and whether GEMM epilogues absorb bias,
-/// GELU (tanh) and residual adds (cuBLASLt epilogues, beta = 1).
+/// One way of running the model: launch mode, and either the kernels the engine launches
+/// today (`fused: false`, "as built": a test checks them launch for launch against the
+/// emulator's counts) or the target plan (`fused: true`: GEMM epilogues absorb bias, GELU
+/// (tanh) and residual adds, RoPE and the KV append are one kernel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Mode {
     pub launch: Launch,
@@ -513,10 +545,10 @@ pub struct Mode {
 impl Mode {
     pub fn label(&self) -> &'static str {
         match (self.launch, self.fused) {
-            (Launch::Stream, false) => "stream launches, unfused kernels",
-            (Launch::Stream, true) => "stream launches, fused GEMM epilogues",
-            (Launch::Graph, false) => "CUDA graph, unfused kernels",
-            (Launch::Graph, true) => "CUDA graph, fused GEMM epilogues",
+            (Launch::Stream, false) => "stream launches, kernels as built",
+            (Launch::Stream, true) => "stream launches, fused plan",
+            (Launch::Graph, false) => "CUDA graph, kernels as built",
+            (Launch::Graph, true) => "CUDA graph, fused plan",
         }
     }
     /// Overhead per kernel launch, seconds.
@@ -640,6 +672,29 @@ pub fn forward_pass(m: &ModelShape, prec: Precision, fused: bool, p: &Pass) -> V
     }
     if p.hints > 0 {
         c.noise_encoder(m, b * p.hints);
+        if p.tokens > 0 && !fused {
+            // as built, the token and hint rows are joined along time: two strided copies
+            let rows = b * p.rows_per_seq();
+            for part in ["tokens", "hints"] {
+                c.push(
+                    "strided_copy",
+                    part,
+                    format!("into {rows} x {}", m.d),
+                    1,
+                    copy(rows * m.d / 2, c.s),
+                );
+            }
+        }
+    }
+    if !fused {
+        let cost = rope_tables(b * p.rows_per_seq(), m.head_dim());
+        c.push(
+            "rope_tables",
+            "rope",
+            format!("{} positions", b * p.rows_per_seq()),
+            1,
+            cost,
+        );
     }
     c.blocks(m, p);
     // the head, on the rows that need logits (the LayerNorm reads them strided)
@@ -677,7 +732,9 @@ impl Calls {
     }
 
     /// A `[mm, k] . [k, n]` GEMM with the epilogues `bias`, `gelu`, `residual` asks for when
-    /// fused; unfused, they follow it as `bias_add`, `gelu_tanh_fwd` and `add` kernels.
+    /// fused. As built, a residual starts the output (`bias_add` of the residual and the
+    /// bias, or a `copy` of the residual) that the GEMM accumulates into, and a bias without
+    /// one follows the GEMM as `bias_add`, or with the GELU as `bias_gelu_tanh`.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &mut self,
@@ -697,25 +754,23 @@ impl Calls {
             ..Epilogue::default()
         };
         let cost = gemm(mm, n, k, self.s, self.gu, e);
-        self.push("gemm", role, format!("{mm}x{k} . {k}x{n}"), count, cost);
-        if f {
-            return;
-        }
         let (s, sh) = (self.s, format!("{mm} x {n}"));
-        if bias {
-            self.push("bias_add", role, sh.clone(), count, bias_add(mm, n, s));
+        if !f && residual {
+            let (kernel, c) = if bias {
+                ("bias_add", bias_add(mm, n, s))
+            } else {
+                ("copy", copy(mm * n, s))
+            };
+            self.push(kernel, resid_role, sh.clone(), count, c);
         }
-        if gelu {
-            self.push(
-                "gelu_tanh_fwd",
-                "mlp",
-                sh.clone(),
-                count,
-                gelu_tanh_fwd(mm * n, s),
-            );
-        }
-        if residual {
-            self.push("add", resid_role, sh, count, add(mm * n, s));
+        self.push("gemm", role, format!("{mm}x{k} . {k}x{n}"), count, cost);
+        if !f && !residual && bias {
+            let (kernel, c) = if gelu {
+                ("bias_gelu_tanh", bias_gelu_tanh(mm, n, s))
+            } else {
+                ("bias_add", bias_add(mm, n, s))
+            };
+            self.push(kernel, role, sh, count, c);
         }
     }
 
@@ -769,14 +824,22 @@ impl Calls {
         let cost = layernorm_fwd(rows, d, s, false, false);
         self.push("layernorm_fwd", "ln1", ln.clone(), l, cost);
         self.gemm("qkv", l, (rows, 3 * d, d), false, false, false, "");
-        let cost = rope_qk_cache(rows, h, hd, s);
-        self.push(
-            "rope_qk_cache",
-            "rope+kv",
-            format!("{rows} x 3 x {h} x {hd}"),
-            l,
-            cost,
-        );
+        if self.fused {
+            let cost = rope_qk_cache(rows, h, hd, s);
+            let shape = format!("{rows} x 3 x {h} x {hd}");
+            self.push("rope_qk_cache", "rope+kv", shape, l, cost);
+        } else {
+            // as built: q and k rotated from the qkv rows in place, k and v appended to the
+            // KV cache by one strided copy each
+            for part in ["q", "k"] {
+                let shape = format!("{rows} x {h} x {hd}");
+                self.push("rope_fwd", part, shape, l, rope(rows, h, hd, s));
+            }
+            for part in ["kv append k", "kv append v"] {
+                let shape = format!("{rows} x {h} x {hd}");
+                self.push("strided_copy", part, shape, l, copy(rows * d, s));
+            }
+        }
         let shape = format!(
             "B {b}, {} q rows, {} cached, H {h}, D {hd}",
             p.rows_per_seq(),
@@ -795,10 +858,30 @@ impl Calls {
     fn head(&mut self, m: &ModelShape, p: &Pass) {
         let (d, v, s, b) = (m.d, m.vocab, self.s, p.batch);
         let r = b * p.head_rows;
+        if !self.fused && p.head_rows < p.rows_per_seq() {
+            // as built: the rows that need logits gathered first
+            self.push(
+                "strided_copy",
+                "head rows",
+                format!("{r} x {d}"),
+                1,
+                copy(r * d, s),
+            );
+        }
         let cost = layernorm_fwd(r, d, s, false, false);
         self.push("layernorm_fwd", "ln_f", format!("{r} x {d}"), 1, cost);
         self.gemm("head", 1, (r, v, d), true, false, false, "");
-        // the reserved token's logit is skipped inside the read-off kernel (no launch)
+        if !self.fused {
+            // as built: the reserved token's logit written by one strided copy of a value
+            self.push(
+                "strided_copy",
+                "mask logit",
+                format!("{r} rows"),
+                1,
+                copy(r, s),
+            );
+        }
+        // fused, the reserved token's logit is skipped inside the read-off kernel (no launch)
         match p.readout {
             Readout::Sample => {
                 let cost = sample_inverse_cdf(r, v, s);
@@ -1422,6 +1505,7 @@ pub fn run(a: &Args) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn paper() -> (DditConfig, ModelShape) {
         let cfg = DditConfig::preset("paper").unwrap();
@@ -1543,6 +1627,104 @@ mod tests {
         );
     }
 
+    /// Launch counts per kernel of one decode step on the emulator (`kf_engine::emu::counts`,
+    /// the difference between generating three and two steps' tokens), named as the cost
+    /// model names them: the dtype / element-size suffix dropped, the attention entries as
+    /// `attention_fwd`, device copies as `copy`.
+    fn emulated_step(
+        cfg: &DditConfig,
+        batch: usize,
+        pflm_k: Option<usize>,
+    ) -> BTreeMap<String, u64> {
+        use kf_engine::{no_grad, Device};
+        use kf_model::generate::{generate, GenerateOptions};
+        use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
+        let _g = no_grad();
+        let teacher = kf_model::Ddit::init(cfg, 3).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|i| vec![i as u32 + 1, 7, 9]).collect();
+        let run = |steps: usize| -> kf_engine::emu::Counts {
+            let base = GenerateOptions {
+                max_new: steps * pflm_k.unwrap_or(1),
+                tau: 0.8,
+                seed: 2,
+                use_cache: true,
+                ..Default::default()
+            };
+            if let Some(k) = pflm_k {
+                let student = Pflm::from_teacher(teacher.clone(), k, 4).unwrap();
+                let dev = student.to_device(Device::Emu).unwrap();
+                let opts = PflmGenerateOptions {
+                    base,
+                    k,
+                    freq_penalty: 0.5,
+                };
+                kf_engine::emu::reset_counts();
+                generate_pflm(&dev, &prompts, &opts, |_, _| Ok(())).unwrap();
+            } else {
+                let dev = teacher.to_device(Device::Emu).unwrap();
+                kf_engine::emu::reset_counts();
+                generate(&dev, &prompts, &base, |_, _| Ok(())).unwrap();
+            }
+            kf_engine::emu::counts()
+        };
+        // steps 2 and 3 (the first pass's cache shape can differ: with one token to make,
+        // the last one needs no KV row)
+        let (one, two) = (run(2), run(3));
+        let mut out = BTreeMap::new();
+        for (e, n) in &two.by_entry {
+            let n = n - one.by_entry.get(e).copied().unwrap_or(0);
+            let name = if e.starts_with("attn_") {
+                "attention_fwd".to_string()
+            } else if e == "gelu_erf_f32" {
+                "gelu_erf_fwd".to_string()
+            } else {
+                e.rsplit_once('_').map_or(e.clone(), |(a, _)| a.to_string())
+            };
+            if n > 0 {
+                *out.entry(name).or_default() += n;
+            }
+        }
+        if two.copies > one.copies {
+            out.insert("copy".to_string(), two.copies - one.copies);
+        }
+        out
+    }
+
+    /// The as-built plan is what the engine launches: an AR and a PFLM K = 4 decode step of a
+    /// small model on the emulator, kernel for kernel (a change to either side that the other
+    /// does not follow fails here).
+    #[test]
+    fn the_as_built_plan_is_what_the_emulator_launches() {
+        let mut cfg = DditConfig::preset("tiny").unwrap();
+        cfg.n_layers = 2;
+        cfg.d_model = 128;
+        cfg.n_heads = 2;
+        cfg.vocab_size = 97;
+        cfg.max_seq_len = 64;
+        cfg.mask_token_id = Some(96);
+        cfg.eos_token_id = None;
+        let m = ModelShape::from_config(&cfg);
+        let planned = |p: &Pass| {
+            let mut out: BTreeMap<String, u64> = BTreeMap::new();
+            for c in forward_pass(&m, Precision::F32, false, p) {
+                *out.entry(c.kernel.to_string()).or_default() += c.count as u64;
+            }
+            out
+        };
+        let b = 3;
+        // AR: prompts of 3, the second step after 4 cached positions
+        assert_eq!(
+            emulated_step(&cfg, b, None),
+            planned(&Pass::ar_step(b, 4)),
+            "AR step"
+        );
+        assert_eq!(
+            emulated_step(&cfg, b, Some(4)),
+            planned(&Pass::pflm_step(b, 4, 4, 7)),
+            "PFLM K = 4 step"
+        );
+    }
+
     #[test]
     fn cost_launch_counts() {
         let (_, m) = paper();
@@ -1552,14 +1734,17 @@ mod tests {
                 .map(|c| c.count)
                 .sum()
         };
-        // embedding + 13 per block + ln_f, head GEMM, bias, sampler
-        assert_eq!(n(false, &Pass::ar_step(1, 37)), 1 + 12 * 13 + 4);
+        // as built: embedding, RoPE tables, 14 per block (LN, qkv GEMM, 2 RoPE, 2 KV appends,
+        // attention, residual copy, out GEMM, LN, GEMM, bias + GELU, residual + bias, GEMM),
+        // then ln_f, head GEMM, bias, the mask logit, sampler
+        assert_eq!(n(false, &Pass::ar_step(1, 37)), 2 + 12 * 14 + 5);
         // fused: 8 per block, the head bias in the GEMM
         assert_eq!(n(true, &Pass::ar_step(1, 37)), 1 + 12 * 8 + 3);
-        // PFLM adds the noise encoder: features, 3 GEMMs + 3 biases, LN, GELU, residual
+        // PFLM as built adds the noise encoder (features, 3 GEMMs, 3 bias adds, LN, GELU),
+        // two copies joining token and hint rows and the head rows' gather
         assert_eq!(
             n(false, &Pass::pflm_step(1, 4, 4, 30)),
-            1 + 10 + 12 * 13 + 4
+            2 + 9 + 2 + 12 * 14 + 6
         );
         // fused: features, 3 GEMMs (bias and residual in the epilogue), LN, GELU (erf)
         assert_eq!(n(true, &Pass::pflm_step(1, 4, 4, 30)), 1 + 6 + 12 * 8 + 3);
