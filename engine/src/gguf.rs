@@ -571,10 +571,7 @@ fn parse(buf: &[u8]) -> Result<Parsed> {
     let mut metadata = Vec::with_capacity(n_kv as usize);
     let mut keys = HashSet::new();
     for i in 0..n_kv {
-        let key = r.string(&format!("metadata key #{i}"))?;
-        if !keys.insert(key.clone()) {
-            bail!("duplicate metadata key {key:?}");
-        }
+        let key = read_unique(&mut r, &mut keys, "metadata key", i)?;
         let ty = r.u32("a metadata type")?;
         let v = r.value(ty, &key, 0)?;
         metadata.push((key, v));
@@ -592,10 +589,7 @@ fn parse(buf: &[u8]) -> Result<Parsed> {
     let mut raws = Vec::with_capacity(n_tensors as usize);
     let mut names = HashSet::new();
     for i in 0..n_tensors {
-        let name = r.string(&format!("tensor name #{i}"))?;
-        if !names.insert(name.clone()) {
-            bail!("duplicate tensor name {name:?}");
-        }
+        let name = read_unique(&mut r, &mut names, "tensor name", i)?;
         raws.push(read_tensor_info(&mut r, name, alignment)?);
     }
     let data_start = r
@@ -610,6 +604,20 @@ fn parse(buf: &[u8]) -> Result<Parsed> {
         metadata,
         tensors,
     })
+}
+
+/// The string `what` #`i`, refused when `seen` already holds it.
+fn read_unique(
+    r: &mut Reader<'_>,
+    seen: &mut HashSet<String>,
+    what: &str,
+    i: u64,
+) -> Result<String> {
+    let s = r.string(&format!("{what} #{i}"))?;
+    if !seen.insert(s.clone()) {
+        bail!("duplicate {what} {s:?}");
+    }
+    Ok(s)
 }
 
 /// The magic, the version (2 or 3), and the tensor and metadata counts, checked against the

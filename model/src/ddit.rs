@@ -911,12 +911,30 @@ fn mask_logit_on_device(logits: Tensor, v: usize, col: usize) -> Result<Tensor> 
 }
 
 /// Writes `value` into column `col` of every row of the whole f32 device buffer `t [.., V]`:
-/// one strided copy of the value broadcast over the column view (not one copy per row).
+/// one strided copy of the value broadcast over the column view (not one copy per row). The
+/// value is uploaded once per device and value (an upload inside every decode step would be a
+/// host-to-device copy, and a sync on a GPU, each time).
 fn set_column_on_device(t: &Tensor, v: usize, col: usize, value: f32) -> Result<()> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static VALUES: OnceLock<Mutex<HashMap<(Device, u32), Tensor>>> = OnceLock::new();
     let rows = t.numel() / v;
     let _g = kf_engine::no_grad();
-    let val = Tensor::from_vec(vec![value], &[1, 1], t.device())?.broadcast_as(&[rows, 1])?;
-    t.reshape(&[rows, v])?.narrow(1, col, 1)?.copy_from(&val)
+    let val = {
+        let mut m = VALUES
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| anyhow::anyhow!("device constants poisoned by an earlier panic"))?;
+        match m.entry((t.device(), value.to_bits())) {
+            std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+            std::collections::hash_map::Entry::Vacant(e) => e
+                .insert(Tensor::from_vec(vec![value], &[1, 1], t.device())?)
+                .clone(),
+        }
+    };
+    t.reshape(&[rows, v])?
+        .narrow(1, col, 1)?
+        .copy_from(&val.broadcast_as(&[rows, 1])?)
 }
 
 struct MaskLogitBackward {

@@ -87,6 +87,7 @@ fn config(root: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) ->
 }
 
 /// Every metrics line without its timings (elapsed_s, tokens_per_s).
+#[cfg(feature = "mpi")]
 fn metrics(run: &Path) -> Vec<String> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap_or_else(|e| panic!("{}: {e}", run.display()))
@@ -101,6 +102,7 @@ fn metrics(run: &Path) -> Vec<String> {
         .collect()
 }
 
+#[cfg(feature = "mpi")]
 fn weights(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("model.safetensors"))
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))

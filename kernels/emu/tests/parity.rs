@@ -1,5 +1,6 @@
-//! Emulated-kernel parity: the elementwise and LayerNorm-forward kernels of
-//! kernels/*.cu, run by the CPU emulator with the launch shapes of kf-kernels,
+//! Emulated-kernel parity: the elementwise, LayerNorm-forward (and its RMS mode, with the
+//! backward) and SwiGLU kernels of kernels/*.cu, run by the CPU emulator with the launch
+//! shapes of kf-kernels,
 //! against the CPU ops of kf-ops (the specification) on ragged shapes, with the
 //! parity harness's comparison and tolerances. f16/bf16 storage kernels are
 //! compared with the f32 CPU op on the same rounded inputs, rounded once.
@@ -238,6 +239,161 @@ fn layernorm_forward_matches_the_cpu_op() {
                 // 1/std amplifies the f32 error of the variance when var is small (D = 1: var = 0, rstd = 1/sqrt(eps))
                 compare(&format!("{name} rstd"), &got_r, &wr, Tol::new(1e-4, 1e-3)).unwrap();
             }
+        }
+    }
+}
+
+/// LayerNorm's kernels in RMS mode (RMSNorm, the Llama family's norm) at every storage dtype:
+/// the forward (`rms` = 1: no centring, saved mean 0, rstd = 1/sqrt(mean(x²) + eps)) and the
+/// backward (`layernorm_bwd_dx` / `_dwdb` with a null mean) against kf_ops::rmsnorm's CPU op
+/// and its gradients on the same rounded inputs.
+#[test]
+fn rms_mode_matches_the_cpu_rms_norm() {
+    use kf_kernels::layernorm_bwd;
+    const EPS: f32 = 1e-5;
+    for st in ALL {
+        for &(rows, d) in LN_SHAPES {
+            let seed = (rows * 100_000 + d) as u64 + 17;
+            let x = inputs(rows * d, seed, st, -2.0, 3.0);
+            let w = inputs(d, seed + 1, st, -1.5, 1.5);
+            let g = inputs(rows * d, seed + 2, st, -1.0, 1.0);
+            let (xb, wb, gb) = (st.upload(&x), st.upload(&w), st.upload(&g));
+            let out = st.alloc(rows * d);
+            let (mean, rstd) = (
+                DeviceBuffer::uninit(4 * rows),
+                DeviceBuffer::uninit(4 * rows),
+            );
+            let (cfg, cached) = layernorm::config(rows, d);
+            let sfx = st.suffix();
+            launch(
+                &format!("layernorm_fwd_{sfx}"),
+                cfg,
+                &[
+                    Arg::Buf(&xb),
+                    Arg::Buf(&wb),
+                    Arg::Null,
+                    Arg::Buf(&out),
+                    Arg::Buf(&mean),
+                    Arg::Buf(&rstd),
+                    Arg::U32(rows as u32),
+                    Arg::U32(d as u32),
+                    Arg::F32(EPS),
+                    Arg::I32(cached as i32),
+                    Arg::I32(1),
+                ],
+            )
+            .unwrap();
+            let (xt, wt) = (tensor(&x, &[rows, d]).var(), tensor(&w, &[d]).var());
+            let cpu = kf_ops::rmsnorm::rms_norm(&xt, &wt, EPS as f64).unwrap();
+            let name = format!("rms {sfx} {rows}x{d}");
+            compare(&name, &st.download(&out), &cpu_out(&cpu, st), st.tol()).unwrap();
+            assert!(
+                mean.to_vec::<f32>().iter().all(|&m| m == 0.0),
+                "{name}: mean"
+            );
+            // backward from the forward's rstd, the mean argument null
+            let (dx, dw) = (st.alloc(rows * d), DeviceBuffer::uninit(4 * d));
+            launch(
+                &format!("layernorm_bwd_dx_{sfx}"),
+                layernorm_bwd::dx_config(rows, d),
+                &[
+                    Arg::Buf(&xb),
+                    Arg::Buf(&wb),
+                    Arg::Buf(&gb),
+                    Arg::Null,
+                    Arg::Buf(&rstd),
+                    Arg::Buf(&dx),
+                    Arg::U32(rows as u32),
+                    Arg::U32(d as u32),
+                ],
+            )
+            .unwrap();
+            // one chunk of all rows: the partials are dw itself
+            let cfg1 = kf_kernels::LaunchConfig {
+                grid_dim: (d.div_ceil(32) as u32, 1, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            launch(
+                &format!("layernorm_bwd_dwdb_{sfx}"),
+                cfg1,
+                &[
+                    Arg::Buf(&xb),
+                    Arg::Buf(&gb),
+                    Arg::Null,
+                    Arg::Buf(&rstd),
+                    Arg::Buf(&dw),
+                    Arg::Null,
+                    Arg::U32(rows as u32),
+                    Arg::U32(d as u32),
+                    Arg::U32(rows as u32),
+                ],
+            )
+            .unwrap();
+            let grads = cpu.backward_with(tensor(&g, &[rows, d])).unwrap();
+            let want_dx = cpu_out(grads.get(&xt).unwrap(), st);
+            let want_dw: Vec<f64> = grads.get(&wt).unwrap().to_vec_f64().unwrap();
+            // sums of D (dx) and R (dw) products in another order than the CPU's
+            let t = st.tol();
+            let tol = Tol::new(t.atol.max(1e-4), t.rtol.max(1e-3));
+            compare(&format!("{name} dx"), &st.download(&dx), &want_dx, tol).unwrap();
+            let got_dw: Vec<f64> = dw.to_vec::<f32>().iter().map(|&v| v as f64).collect();
+            compare(
+                &format!("{name} dw"),
+                &got_dw,
+                &want_dw,
+                Tol::new(1e-4, 1e-3),
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// SwiGLU's kernels at every storage dtype on ragged row widths, large |gate| both ways,
+/// against kf_ops::swiglu's CPU op and its gradient on the same rounded inputs.
+#[test]
+fn swiglu_matches_the_cpu_op() {
+    for st in ALL {
+        for &(rows, f) in &[(1usize, 1usize), (3, 5), (7, 129), (2, 1536)] {
+            let n = rows * f;
+            let mut x = inputs(2 * n, (rows * 1000 + f) as u64, st, -6.0, 6.0);
+            if x.len() >= 4 {
+                x[0] = st.round(30.0);
+                x[1] = st.round(-30.0);
+            }
+            let g = inputs(n, (rows * 1000 + f) as u64 + 1, st, -1.0, 1.0);
+            let (xb, gb, out, dgu) = (st.upload(&x), st.upload(&g), st.alloc(n), st.alloc(2 * n));
+            let sfx = st.suffix();
+            launch(
+                &format!("swiglu_fwd_{sfx}"),
+                elementwise::config(n),
+                &[
+                    Arg::Buf(&xb),
+                    Arg::Buf(&out),
+                    Arg::U64(n as u64),
+                    Arg::U64(f as u64),
+                ],
+            )
+            .unwrap();
+            launch(
+                &format!("swiglu_bwd_{sfx}"),
+                elementwise::config(n),
+                &[
+                    Arg::Buf(&xb),
+                    Arg::Buf(&gb),
+                    Arg::Buf(&dgu),
+                    Arg::U64(n as u64),
+                    Arg::U64(f as u64),
+                ],
+            )
+            .unwrap();
+            let xt = tensor(&x, &[rows, 2 * f]).var();
+            let cpu = kf_ops::swiglu::swiglu(&xt).unwrap();
+            let name = format!("swiglu {sfx} {rows}x{f}");
+            compare(&name, &st.download(&out), &cpu_out(&cpu, st), st.tol()).unwrap();
+            let grads = cpu.backward_with(tensor(&g, &[rows, f])).unwrap();
+            let want = cpu_out(grads.get(&xt).unwrap(), st);
+            compare(&format!("{name} d gu"), &st.download(&dgu), &want, st.tol()).unwrap();
         }
     }
 }
