@@ -7,7 +7,7 @@
 //! Letters: n elements, R rows, D features.
 
 use kf_engine::{no_grad, Tensor};
-use kf_kernels::{elementwise, layernorm};
+use kf_kernels::elementwise;
 use kf_kernels_emu::{launch, Arg, DeviceBuffer};
 use kf_tests::harness::{compare, Tol};
 
@@ -191,30 +191,10 @@ fn layernorm_forward_matches_the_cpu_op() {
                 let b = inputs(d, seed + 2, st, -1.0, 1.0);
                 let (xb, wb, bb) = (st.upload(&x), st.upload(&w), st.upload(&b));
                 let out = st.alloc(rows * d);
-                let (mean, rstd) = (
-                    DeviceBuffer::uninit(4 * rows),
-                    DeviceBuffer::uninit(4 * rows),
-                );
-                let (cfg, cached) = layernorm::config(rows, d);
                 let kernel = format!("layernorm_fwd_{}", st.suffix());
-                launch(
-                    &kernel,
-                    cfg,
-                    &[
-                        Arg::Buf(&xb),
-                        Arg::Buf(&wb),
-                        if bias { Arg::Buf(&bb) } else { Arg::Null },
-                        Arg::Buf(&out),
-                        Arg::Buf(&mean),
-                        Arg::Buf(&rstd),
-                        Arg::U32(rows as u32),
-                        Arg::U32(d as u32),
-                        Arg::F32(EPS),
-                        Arg::I32(cached as i32),
-                        Arg::I32(0),
-                    ],
-                )
-                .unwrap();
+                let bb = bias.then_some(&bb);
+                let common::LnStats { mean, rstd } =
+                    common::layernorm_fwd(st, &xb, &wb, bb, &out, (rows, d), EPS, false);
                 let bt = tensor(&b, &[d]);
                 let cpu = kf_ops::layernorm::layer_norm(
                     &tensor(&x, &[rows, d]),
@@ -259,30 +239,9 @@ fn rms_mode_matches_the_cpu_rms_norm() {
             let g = inputs(rows * d, seed + 2, st, -1.0, 1.0);
             let (xb, wb, gb) = (st.upload(&x), st.upload(&w), st.upload(&g));
             let out = st.alloc(rows * d);
-            let (mean, rstd) = (
-                DeviceBuffer::uninit(4 * rows),
-                DeviceBuffer::uninit(4 * rows),
-            );
-            let (cfg, cached) = layernorm::config(rows, d);
             let sfx = st.suffix();
-            launch(
-                &format!("layernorm_fwd_{sfx}"),
-                cfg,
-                &[
-                    Arg::Buf(&xb),
-                    Arg::Buf(&wb),
-                    Arg::Null,
-                    Arg::Buf(&out),
-                    Arg::Buf(&mean),
-                    Arg::Buf(&rstd),
-                    Arg::U32(rows as u32),
-                    Arg::U32(d as u32),
-                    Arg::F32(EPS),
-                    Arg::I32(cached as i32),
-                    Arg::I32(1),
-                ],
-            )
-            .unwrap();
+            let common::LnStats { mean, rstd } =
+                common::layernorm_fwd(st, &xb, &wb, None, &out, (rows, d), EPS, true);
             let (xt, wt) = (tensor(&x, &[rows, d]).var(), tensor(&w, &[d]).var());
             let cpu = kf_ops::rmsnorm::rms_norm(&xt, &wt, EPS as f64).unwrap();
             let name = format!("rms {sfx} {rows}x{d}");

@@ -10,7 +10,7 @@
 //! V vocabulary / softmax width, D features, B batch, T time, H heads.
 
 use kf_engine::{no_grad, DType, Device, Tensor};
-use kf_kernels::{adamw, embedding, gelu, layernorm, layernorm_bwd, noise, rope, softmax};
+use kf_kernels::{adamw, embedding, gelu, layernorm_bwd, noise, rope, softmax};
 use kf_kernels_emu::{launch, Arg, DeviceBuffer};
 use kf_tests::harness::{compare, Gen, Tol};
 
@@ -660,30 +660,17 @@ fn layernorm_backward_matches_the_cpu_op() {
                 let g = inputs(rows * d, seed + 3, st, -1.0, 1.0);
                 let (xb, wb, bb, gb) = (st.upload(&x), st.upload(&w), st.upload(&b), st.upload(&g));
                 // the statistics from the forward kernel, as in training
-                let (y, mean, rstd) = (
-                    st.alloc(rows * d),
-                    DeviceBuffer::uninit(4 * rows),
-                    DeviceBuffer::uninit(4 * rows),
+                let y = st.alloc(rows * d);
+                let common::LnStats { mean, rstd } = common::layernorm_fwd(
+                    st,
+                    &xb,
+                    &wb,
+                    bias.then_some(&bb),
+                    &y,
+                    (rows, d),
+                    EPS,
+                    false,
                 );
-                let (cfg, cached) = layernorm::config(rows, d);
-                launch(
-                    &format!("layernorm_fwd_{sfx}"),
-                    cfg,
-                    &[
-                        Arg::Buf(&xb),
-                        Arg::Buf(&wb),
-                        if bias { Arg::Buf(&bb) } else { Arg::Null },
-                        Arg::Buf(&y),
-                        Arg::Buf(&mean),
-                        Arg::Buf(&rstd),
-                        Arg::U32(rows as u32),
-                        Arg::U32(d as u32),
-                        Arg::F32(EPS),
-                        Arg::I32(cached as i32),
-                        Arg::I32(0),
-                    ],
-                )
-                .unwrap();
                 let dx = st.alloc(rows * d);
                 launch(
                     &format!("layernorm_bwd_dx_{sfx}"),

@@ -126,3 +126,49 @@ pub fn tiny_model_cfg() -> kf_model::config::DditConfig {
     c.eos_token_id = None;
     c
 }
+
+/// The saved statistics of [`layernorm_fwd`]: mean and rstd per row (f32).
+pub struct LnStats {
+    pub mean: DeviceBuffer,
+    pub rstd: DeviceBuffer,
+}
+
+/// `layernorm_fwd_<st>` of `x [rows, d]` with weight `w`, optional bias `b`, into `out`
+/// (`rms`: the RMS mode), with the launch shape of kf_kernels::layernorm; the statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_fwd(
+    st: St,
+    x: &DeviceBuffer,
+    w: &DeviceBuffer,
+    b: Option<&DeviceBuffer>,
+    out: &DeviceBuffer,
+    (rows, d): (usize, usize),
+    eps: f32,
+    rms: bool,
+) -> LnStats {
+    use kf_kernels_emu::{launch, Arg};
+    let s = LnStats {
+        mean: DeviceBuffer::uninit(4 * rows),
+        rstd: DeviceBuffer::uninit(4 * rows),
+    };
+    let (cfg, cached) = kf_kernels::layernorm::config(rows, d);
+    launch(
+        &format!("layernorm_fwd_{}", st.suffix()),
+        cfg,
+        &[
+            Arg::Buf(x),
+            Arg::Buf(w),
+            b.map_or(Arg::Null, Arg::Buf),
+            Arg::Buf(out),
+            Arg::Buf(&s.mean),
+            Arg::Buf(&s.rstd),
+            Arg::U32(rows as u32),
+            Arg::U32(d as u32),
+            Arg::F32(eps),
+            Arg::I32(cached as i32),
+            Arg::I32(rms as i32),
+        ],
+    )
+    .unwrap();
+    s
+}
