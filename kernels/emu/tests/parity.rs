@@ -8,7 +8,7 @@
 
 use kf_engine::{no_grad, Tensor};
 use kf_kernels::elementwise;
-use kf_kernels_emu::{launch, Arg, DeviceBuffer};
+use kf_kernels_emu::{launch, Arg};
 use kf_tests::harness::{compare, Tol};
 
 /// Element sizes (n) of the elementwise cases: 1, odd, one off a block
@@ -229,7 +229,6 @@ fn layernorm_forward_matches_the_cpu_op() {
 /// and its gradients on the same rounded inputs.
 #[test]
 fn rms_mode_matches_the_cpu_rms_norm() {
-    use kf_kernels::layernorm_bwd;
     const EPS: f32 = 1e-5;
     for st in ALL {
         for &(rows, d) in LN_SHAPES {
@@ -251,44 +250,8 @@ fn rms_mode_matches_the_cpu_rms_norm() {
                 "{name}: mean"
             );
             // backward from the forward's rstd, the mean argument null
-            let (dx, dw) = (st.alloc(rows * d), DeviceBuffer::uninit(4 * d));
-            launch(
-                &format!("layernorm_bwd_dx_{sfx}"),
-                layernorm_bwd::dx_config(rows, d),
-                &[
-                    Arg::Buf(&xb),
-                    Arg::Buf(&wb),
-                    Arg::Buf(&gb),
-                    Arg::Null,
-                    Arg::Buf(&rstd),
-                    Arg::Buf(&dx),
-                    Arg::U32(rows as u32),
-                    Arg::U32(d as u32),
-                ],
-            )
-            .unwrap();
-            // one chunk of all rows: the partials are dw itself
-            let cfg1 = kf_kernels::LaunchConfig {
-                grid_dim: (d.div_ceil(32) as u32, 1, 1),
-                block_dim: (32, 8, 1),
-                shared_mem_bytes: 0,
-            };
-            launch(
-                &format!("layernorm_bwd_dwdb_{sfx}"),
-                cfg1,
-                &[
-                    Arg::Buf(&xb),
-                    Arg::Buf(&gb),
-                    Arg::Null,
-                    Arg::Buf(&rstd),
-                    Arg::Buf(&dw),
-                    Arg::Null,
-                    Arg::U32(rows as u32),
-                    Arg::U32(d as u32),
-                    Arg::U32(rows as u32),
-                ],
-            )
-            .unwrap();
+            let (dx, dw, _) =
+                common::layernorm_bwd(st, &xb, &wb, &gb, None, &rstd, (rows, d), false);
             let grads = cpu.backward_with(tensor(&g, &[rows, d])).unwrap();
             let want_dx = cpu_out(grads.get(&xt).unwrap(), st);
             let want_dw: Vec<f64> = grads.get(&wt).unwrap().to_vec_f64().unwrap();

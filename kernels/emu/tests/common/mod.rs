@@ -172,3 +172,78 @@ pub fn layernorm_fwd(
     .unwrap();
     s
 }
+
+/// LayerNorm's backward as the launcher plans it (`layernorm_bwd_dx_<st>`, then
+/// `layernorm_bwd_dwdb_<st>` over row chunks and `layernorm_bwd_reduce_f32` when there is more
+/// than one): dx (storage dtype), dw and, with `bias`, db (f32). A null `mean` is RMSNorm's.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_bwd(
+    st: St,
+    x: &DeviceBuffer,
+    w: &DeviceBuffer,
+    g: &DeviceBuffer,
+    mean: Option<&DeviceBuffer>,
+    rstd: &DeviceBuffer,
+    (rows, d): (usize, usize),
+    bias: bool,
+) -> (DeviceBuffer, DeviceBuffer, Option<DeviceBuffer>) {
+    use kf_kernels::layernorm_bwd;
+    use kf_kernels_emu::{launch, Arg};
+    let sfx = st.suffix();
+    let dx = st.alloc(rows * d);
+    launch(
+        &format!("layernorm_bwd_dx_{sfx}"),
+        layernorm_bwd::dx_config(rows, d),
+        &[
+            Arg::Buf(x),
+            Arg::Buf(w),
+            Arg::Buf(g),
+            mean.map_or(Arg::Null, Arg::Buf),
+            Arg::Buf(rstd),
+            Arg::Buf(&dx),
+            Arg::U32(rows as u32),
+            Arg::U32(d as u32),
+        ],
+    )
+    .unwrap();
+    let (cfg, chunk, nchunks) = layernorm_bwd::dwdb_config(rows, d);
+    let (dw, db) = (DeviceBuffer::uninit(4 * d), DeviceBuffer::uninit(4 * d));
+    let (pdw, pdb) = (
+        DeviceBuffer::uninit(4 * d * nchunks as usize),
+        DeviceBuffer::uninit(4 * d * nchunks as usize),
+    );
+    let direct = nchunks == 1;
+    let (tw, tb) = if direct { (&dw, &db) } else { (&pdw, &pdb) };
+    launch(
+        &format!("layernorm_bwd_dwdb_{sfx}"),
+        cfg,
+        &[
+            Arg::Buf(x),
+            Arg::Buf(g),
+            mean.map_or(Arg::Null, Arg::Buf),
+            Arg::Buf(rstd),
+            Arg::Buf(tw),
+            if bias { Arg::Buf(tb) } else { Arg::Null },
+            Arg::U32(rows as u32),
+            Arg::U32(d as u32),
+            Arg::U32(chunk),
+        ],
+    )
+    .unwrap();
+    if !direct {
+        launch(
+            "layernorm_bwd_reduce_f32",
+            layernorm_bwd::reduce_config(d),
+            &[
+                Arg::Buf(&pdw),
+                if bias { Arg::Buf(&pdb) } else { Arg::Null },
+                Arg::Buf(&dw),
+                if bias { Arg::Buf(&db) } else { Arg::Null },
+                Arg::U32(d as u32),
+                Arg::U32(nchunks),
+            ],
+        )
+        .unwrap();
+    }
+    (dx, dw, bias.then_some(db))
+}
