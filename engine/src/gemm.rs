@@ -173,9 +173,20 @@ trait HalfSimd: Simd<T = f32> {
     unsafe fn load_bf16(p: *const u16) -> Self::V;
 }
 
+/// The storage of a `BElem`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    Native,
+    F16,
+    Bf16,
+}
+
 /// An element of B as the dot kernels read it: the kernel's own type as is, or a 16-bit
 /// float widened to f32 (exactly: every f16 / bf16 value is an f32 value).
 trait BElem<S: Simd>: Copy {
+    /// How the element is stored: `Native` (the kernel's own type), `F16` or `Bf16`, for
+    /// kernels written in assembly that pick their load instructions by it.
+    const STORED: Stored;
     /// `S::W` elements from `p` as one vector.
     ///
     /// # Safety
@@ -184,6 +195,7 @@ trait BElem<S: Simd>: Copy {
     fn widen(self) -> S::T;
 }
 impl<S: Simd<T = f32>> BElem<S> for f32 {
+    const STORED: Stored = Stored::Native;
     #[inline(always)]
     unsafe fn vload(p: *const f32) -> S::V {
         S::load(p)
@@ -194,6 +206,7 @@ impl<S: Simd<T = f32>> BElem<S> for f32 {
     }
 }
 impl<S: Simd<T = f64>> BElem<S> for f64 {
+    const STORED: Stored = Stored::Native;
     #[inline(always)]
     unsafe fn vload(p: *const f64) -> S::V {
         S::load(p)
@@ -204,6 +217,7 @@ impl<S: Simd<T = f64>> BElem<S> for f64 {
     }
 }
 impl<S: HalfSimd> BElem<S> for half::f16 {
+    const STORED: Stored = Stored::F16;
     #[inline(always)]
     unsafe fn vload(p: *const half::f16) -> S::V {
         S::load_f16(p as *const u16)
@@ -214,6 +228,7 @@ impl<S: HalfSimd> BElem<S> for half::f16 {
     }
 }
 impl<S: HalfSimd> BElem<S> for half::bf16 {
+    const STORED: Stored = Stored::Bf16;
     #[inline(always)]
     unsafe fn vload(p: *const half::bf16) -> S::V {
         S::load_bf16(p as *const u16)
@@ -754,6 +769,20 @@ fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// Hints the cache line at `p` into L2 (not L1). For streams read far ahead: L1 prefetches
+/// that far hold the few L1 miss buffers and stall the loads of the data in use. Never
+/// faults, so `p` may point anywhere.
+#[inline(always)]
+fn prefetch_l2<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as `prefetch`.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Dot kind, one register tile: rows [i, i+MR) x columns [j, j+NR), all of k. B is read
 /// from `b` (`p.b` retyped: f32 / f64 as is, or 16-bit weights widened in registers).
 #[allow(clippy::needless_range_loop)]
@@ -769,20 +798,21 @@ unsafe fn dot_tile<S: Simd, H: BElem<S>, const MR: usize, const NR: usize>(
     let b = b.add(j * p.b_s);
     let mut acc = [[S::zero(); NR]; MR];
     let kv = k / S::W * S::W;
+    // two strips ahead (four for 16-bit weights: the same distance in bytes), into L2
     let ahead = if core::mem::size_of::<H>() == 2 {
-        2 * NR
+        4 * NR
     } else {
-        NR
+        2 * NR
     };
     let mut kk = 0;
     while kk < kv {
         let mut bv = [S::zero(); NR];
         for r in 0..NR {
             bv[r] = H::vload(b.add(r * p.b_s + kk));
-            // The rows one strip ahead (two for 16-bit weights, the same distance in bytes):
             // B rows are short streams (k elements) that the hardware prefetcher barely
-            // trains on once several A rows share them.
-            prefetch(b.wrapping_add((ahead + r) * p.b_s + kk));
+            // trains on once several A rows share them (`kfrun bench decode`, Zen 4: two
+            // strips ahead into L2 reads W at ~30 GB/s for m = 2..4, one strip into L1 ~20)
+            prefetch_l2(b.wrapping_add((ahead + r) * p.b_s + kk));
         }
         for ii in 0..MR {
             let av = S::load(a.add(ii * p.a_s + kk));
@@ -792,6 +822,22 @@ unsafe fn dot_tile<S: Simd, H: BElem<S>, const MR: usize, const NR: usize>(
         }
         kk += S::W;
     }
+    dot_tile_store::<S, H, MR, NR>(p, b, (i, j), &acc, kv)
+}
+
+/// The end of a dot tile at rows [i, i+MR) x columns [j, j+NR): each accumulator summed
+/// across its lanes, the columns kv..k past the last full vector added one by one (B read
+/// from `b`, already at column j), the sums stored to C (or added to it).
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn dot_tile_store<S: Simd, H: BElem<S>, const MR: usize, const NR: usize>(
+    p: &Args<S::T>,
+    b: *const H,
+    (i, j): (usize, usize),
+    acc: &[[S::V; NR]; MR],
+    kv: usize,
+) {
+    let (k, a) = (p.k, p.a.add(i * p.a_s));
     let mut sums = [[S::T::GEMM_ZERO; NR]; MR];
     for ii in 0..MR {
         for r in 0..NR {
@@ -876,11 +922,11 @@ unsafe fn gemv_region<S: Simd, H: BElem<S>>(
         let mut acc = [S::zero(); 4];
         let mut kk = 0;
         while kk < k4 {
-            // ~2 KB ahead in the weights' byte stream (into the next rows when they are
-            // stored back to back): 16-bit rows are short and the prefetcher trails them
+            // `GEMV_AHEAD` bytes ahead in the weights' byte stream (into the next rows when
+            // they are stored back to back), into L2: the prefetcher alone trails 16-bit rows
             let ahead = (bj.wrapping_add(kk) as *const u8).wrapping_add(GEMV_AHEAD);
             for line in 0..(4 * S::W * core::mem::size_of::<H>()).div_ceil(64) {
-                prefetch(ahead.wrapping_add(64 * line));
+                prefetch_l2(ahead.wrapping_add(64 * line));
             }
             for (u, acc) in acc.iter_mut().enumerate() {
                 let at = kk + u * S::W;
@@ -901,8 +947,9 @@ unsafe fn gemv_region<S: Simd, H: BElem<S>>(
     }
 }
 
-/// Bytes ahead of the current weight that `gemv_region` prefetches.
-const GEMV_AHEAD: usize = 2048;
+/// Bytes ahead of the current weight that `gemv_region` prefetches into L2 (`kfrun bench
+/// decode` on Zen 4, m = 1: 8 KB reads bf16 weights at ~28 GB/s, 2 KB into L1 at ~19).
+const GEMV_AHEAD: usize = 8192;
 
 /// Bytes of A rows processed against each strip of B (fits L2 next to the B strips).
 const DOT_A_BLOCK_BYTES: usize = 256 << 10;

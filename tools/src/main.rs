@@ -136,8 +136,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(1),
     };
+    // The main thread is worker 0: the ops it calls run their first share on it, and only
+    // `threads` threads compete for the cores (an outside caller would sleep on every
+    // parallel call and wake for the next one: a context switch per product of a decode step)
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
+        .use_current_thread()
         .build_global()
         .map_err(|e| anyhow::anyhow!("cannot start {threads} worker threads: {e}"))?;
     match cli.cmd {

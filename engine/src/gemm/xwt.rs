@@ -10,11 +10,15 @@
 //!   FMAs, no horizontal sums. W is split into blocks of `NB` rows x `KC` columns, each
 //!   read from memory once and applied to all m rows while it is in L1/L2; the threads
 //!   split N.
-//! - `dot` (fewer rows, or no SIMD): the dot-product kernels of the parent module.
+//! - `strip` (2 <= m < `XT_MIN_M`, AVX2 / AVX-512): W taken a strip of NR rows at a time,
+//!   read from memory once (prefetched two strips ahead into L2) and met by every row of x
+//!   in MR x NR register tiles of the parent module's dot kernel (no transposes).
+//! - `dot` (one row, or no SIMD): the dot-product kernels of the parent module (m = 1: one
+//!   sequential stream of W, prefetched 8 KB ahead into L2).
 
 use super::quant::{xwt_q, QFormat};
 #[cfg(target_arch = "x86_64")]
-use super::{dot_avx2, dot_avx512, x86};
+use super::{dot_avx2, dot_avx512, dot_tile, dot_tile_store, x86, Stored};
 use super::{dot_portable, split, Args, BElem, Elem, HalfSimd, Isa, Portable, Simd, PAR_MIN_WORK};
 use anyhow::{ensure, Result};
 use half::{bf16, f16};
@@ -72,10 +76,9 @@ impl Dense<'_> {
     }
 }
 
-/// Rows from which the `xt` kernel beats the dot kernels (`kfrun bench decode`), with the
-/// ISA's widest vectors and with 8-lane vectors.
+/// Rows from which the `xt` kernel beats the strip kernel (`kfrun bench decode`, Zen 4:
+/// m = 12 strip 80-130 GFLOP/s vs xt 50-90; m = 16 about even).
 const XT_MIN_M: usize = 16;
-const XT_NARROW_MIN_M: usize = 8;
 /// Weight rows per block: a multiple of every tile's NW (6, 8, 12).
 const NB: usize = 24;
 /// Bytes of the xᵀ block (KC x m) kept in L2 while a weight block meets it.
@@ -172,12 +175,9 @@ pub fn xwt(
     } else {
         rayon::current_num_threads().max(1)
     };
-    // 8-lane vectors for fewer than 16 rows (on Zen 4 a 256-bit FMA issues twice per cycle,
-    // so they lose nothing there; 16-lane tiles would be half padding)
     let xt_isa = match isa {
         Isa::Portable => None,
         _ if m >= XT_MIN_M => Some(isa),
-        _ if m >= XT_NARROW_MIN_M => Some(Isa::Avx2),
         _ => None,
     };
     if let Some(xt_isa) = xt_isa {
@@ -188,7 +188,8 @@ pub fn xwt(
         unsafe { xt_path(xt_isa, threads, mnk, (x, x_rs), (w, w_rs), cc, accumulate) };
         return Ok(());
     }
-    // Few rows (or no SIMD): the dot kernels, W read in its own dtype (16-bit weights
+    // Few rows (or no SIMD): the dot kernels (one row: the gemv stream; 2..15 rows: W in
+    // strips, each read once and met by every row), W read in its own dtype (16-bit weights
     // widened in registers, so every dtype sums in one order), the threads splitting N.
     let cp = SyncPtr(c.as_mut_ptr());
     split(n, threads, NB, |j0, j1| {
@@ -228,6 +229,8 @@ where
     H: BElem<x86::Avx512F32> + BElem<x86::Avx2F32> + BElem<Portable<f32>>,
 {
     match isa {
+        Isa::Avx512 if p.m > 1 => strip_avx512::<H>(p, b, j0, j1),
+        Isa::Avx2 if p.m > 1 => strip_avx2::<H>(p, b, j0, j1),
         Isa::Avx512 => dot_avx512::<x86::Avx512F32, H>(p, b, 0, p.m, j0, j1),
         Isa::Avx2 => dot_avx2::<x86::Avx2F32, H>(p, b, 0, p.m, j0, j1),
         Isa::Portable => dot_portable::<Portable<f32>, H>(p, b, 0, p.m, j0, j1),
@@ -247,6 +250,241 @@ unsafe fn dot_share<H: BElem<Portable<f32>>>(
     j1: usize,
 ) {
     dot_portable::<Portable<f32>, H>(p, b, 0, p.m, j0, j1)
+}
+
+/// W rows [j0, j1) taken NR at a time (a strip, read from memory once and kept in L1 while
+/// it meets every row of x), the m rows of x in register tiles of MR, 6, 4, 2, 1 rows, each
+/// tile a call of `$tile` (not inlined: in one large function LLVM spilled an accumulator
+/// of the 8 x 2 tile to the stack, a store-to-load round trip per step that halved its
+/// rate). Each output's sum runs in the dot kernels' order whatever the tile, so every
+/// dtype of W and every m gives the bits of `dot_tile`.
+macro_rules! strip_region {
+    ($tile:ident, $H:ty, $MR:expr, $NR:expr, $p:expr, $b:expr, $j0:expr, $j1:expr) => {{
+        let (p, b, j1) = ($p, $b, $j1);
+        let mut j = $j0;
+        while j < j1 {
+            let full = j + $NR <= j1;
+            let mut i = 0;
+            while i < p.m {
+                macro_rules! go {
+                    ($mr:expr) => {{
+                        if full {
+                            $tile::<$H, $mr, $NR>(p, b, i, j)
+                        } else {
+                            $tile::<$H, $mr, 1>(p, b, i, j)
+                        }
+                        i += $mr;
+                    }};
+                }
+                let rest = p.m - i;
+                if rest >= $MR {
+                    go!($MR)
+                } else if rest >= 6 && $MR > 6 {
+                    go!(6)
+                } else if rest >= 4 && $MR > 4 {
+                    go!(4)
+                } else if rest >= 2 {
+                    go!(2)
+                } else {
+                    go!(1)
+                }
+            }
+            j += if full { $NR } else { 1 };
+        }
+    }};
+}
+
+/// The strip kernel with AVX-512: tiles of 8 rows x 2 weight rows (16 accumulators;
+/// measured against 8 x 3, 6 x 4 and 4 x 4 with `kfrun bench decode`, Zen 4: 8 x 2 was
+/// fastest).
+///
+/// # Safety
+/// As `dot_share`; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn strip_avx512<H: BElem<x86::Avx512F32>>(p: &Args<f32>, b: *const H, j0: usize, j1: usize) {
+    strip_region!(tile_avx512, H, 8, 2, p, b, j0, j1)
+}
+
+/// One AVX-512 register tile of the strip kernel.
+///
+/// # Safety
+/// As `dot_tile`; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline(never)]
+unsafe fn tile_avx512<H: BElem<x86::Avx512F32>, const MR: usize, const NR: usize>(
+    p: &Args<f32>,
+    b: *const H,
+    i: usize,
+    j: usize,
+) {
+    if MR == 8 && NR == 2 {
+        tile_8x2_avx512(p, b, i, j)
+    } else {
+        dot_tile::<x86::Avx512F32, H, MR, NR>(p, b, i, j)
+    }
+}
+
+/// `dot_tile` for 8 rows x 2 weight rows with AVX-512, its loop in assembly: written in
+/// Rust (generic or with the 16 accumulators named one by one) LLVM kept one accumulator on
+/// the stack and rotated others through register copies every step, and bf16 W ran at
+/// 55 GFLOP/s with W in cache (`kfrun bench decode`, m = 8, Zen 4). The same FMAs in the
+/// same order as `dot_tile` (x * w + acc, one rounding), so the same bits.
+///
+/// # Safety
+/// As `dot_tile`; the CPU has AVX-512F (its `vcvtph2ps` widens f16 W).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tile_8x2_avx512<H: BElem<x86::Avx512F32>>(
+    p: &Args<f32>,
+    b: *const H,
+    i: usize,
+    j: usize,
+) {
+    use core::arch::x86_64::*;
+    let (k, a_s, b_s) = (p.k, p.a_s, p.b_s);
+    let a = p.a.add(i * a_s);
+    let b0 = b.add(j * b_s);
+    let kv = k / 16 * 16;
+    let z = _mm512_setzero_ps();
+    let mut c = [z; 16];
+    if kv > 0 {
+        let eb = core::mem::size_of::<H>();
+        // two strips ahead (four for 16-bit weights: the same distance in bytes), as
+        // `dot_tile`, into L2
+        let pf = if eb == 2 { 8 } else { 4 } * b_s * eb;
+        let (s, s3) = (a_s * 4, a_s * 12);
+        let (mut a0, mut a4) = (a, a.add(4 * a_s));
+        let (mut w0, mut w1) = (b0 as *const u8, b0.add(b_s) as *const u8);
+        let mut n = kv / 16;
+        let [mut c0, mut c1, mut c2, mut c3, mut c4, mut c5, mut c6, mut c7, mut c8, mut c9, mut c10, mut c11, mut c12, mut c13, mut c14, mut c15] =
+            c;
+        macro_rules! run {
+            ($load0:literal, $load1:literal, $step:literal) => {
+                // SAFETY: n >= 1 steps of 16 columns, each reading 16 W elements from the
+                // two strip rows and 16 floats from each of the 8 x rows, all inside the
+                // operands (`dot_tile`'s contract); prefetches never fault.
+                core::arch::asm!(
+                    "2:",
+                    $load0,
+                    $load1,
+                    "prefetcht1 [{w0} + {pf}]",
+                    "prefetcht1 [{w1} + {pf}]",
+                    "vmovups zmm18, [{a0}]",
+                    "vfmadd231ps zmm0, zmm18, zmm16",
+                    "vfmadd231ps zmm1, zmm18, zmm17",
+                    "vmovups zmm18, [{a0} + {s}]",
+                    "vfmadd231ps zmm2, zmm18, zmm16",
+                    "vfmadd231ps zmm3, zmm18, zmm17",
+                    "vmovups zmm18, [{a0} + {s}*2]",
+                    "vfmadd231ps zmm4, zmm18, zmm16",
+                    "vfmadd231ps zmm5, zmm18, zmm17",
+                    "vmovups zmm18, [{a0} + {s3}]",
+                    "vfmadd231ps zmm6, zmm18, zmm16",
+                    "vfmadd231ps zmm7, zmm18, zmm17",
+                    "vmovups zmm18, [{a4}]",
+                    "vfmadd231ps zmm8, zmm18, zmm16",
+                    "vfmadd231ps zmm9, zmm18, zmm17",
+                    "vmovups zmm18, [{a4} + {s}]",
+                    "vfmadd231ps zmm10, zmm18, zmm16",
+                    "vfmadd231ps zmm11, zmm18, zmm17",
+                    "vmovups zmm18, [{a4} + {s}*2]",
+                    "vfmadd231ps zmm12, zmm18, zmm16",
+                    "vfmadd231ps zmm13, zmm18, zmm17",
+                    "vmovups zmm18, [{a4} + {s3}]",
+                    "vfmadd231ps zmm14, zmm18, zmm16",
+                    "vfmadd231ps zmm15, zmm18, zmm17",
+                    "add {a0}, 64",
+                    "add {a4}, 64",
+                    concat!("add {w0}, ", $step),
+                    concat!("add {w1}, ", $step),
+                    "dec {n}",
+                    "jnz 2b",
+                    a0 = inout(reg) a0,
+                    a4 = inout(reg) a4,
+                    w0 = inout(reg) w0,
+                    w1 = inout(reg) w1,
+                    n = inout(reg) n,
+                    s = in(reg) s,
+                    s3 = in(reg) s3,
+                    pf = in(reg) pf,
+                    inout("zmm0") c0,
+                    inout("zmm1") c1,
+                    inout("zmm2") c2,
+                    inout("zmm3") c3,
+                    inout("zmm4") c4,
+                    inout("zmm5") c5,
+                    inout("zmm6") c6,
+                    inout("zmm7") c7,
+                    inout("zmm8") c8,
+                    inout("zmm9") c9,
+                    inout("zmm10") c10,
+                    inout("zmm11") c11,
+                    inout("zmm12") c12,
+                    inout("zmm13") c13,
+                    inout("zmm14") c14,
+                    inout("zmm15") c15,
+                    out("zmm16") _,
+                    out("zmm17") _,
+                    out("zmm18") _,
+                    options(nostack, readonly),
+                )
+            };
+        }
+        match H::STORED {
+            Stored::Native => run!("vmovups zmm16, [{w0}]", "vmovups zmm17, [{w1}]", 64),
+            Stored::F16 => run!(
+                "vcvtph2ps zmm16, ymmword ptr [{w0}]",
+                "vcvtph2ps zmm17, ymmword ptr [{w1}]",
+                32
+            ),
+            Stored::Bf16 => run!(
+                "vpmovzxwd zmm16, ymmword ptr [{w0}]\n vpslld zmm16, zmm16, 16",
+                "vpmovzxwd zmm17, ymmword ptr [{w1}]\n vpslld zmm17, zmm17, 16",
+                32
+            ),
+        }
+        let _ = (a0, a4, w0, w1, n);
+        c = [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15];
+    }
+    let acc = [
+        [c[0], c[1]],
+        [c[2], c[3]],
+        [c[4], c[5]],
+        [c[6], c[7]],
+        [c[8], c[9]],
+        [c[10], c[11]],
+        [c[12], c[13]],
+        [c[14], c[15]],
+    ];
+    dot_tile_store::<x86::Avx512F32, H, 8, 2>(p, b0, (i, j), &acc, kv)
+}
+
+/// The strip kernel with AVX2: tiles of 4 x 2 (16 registers in all).
+///
+/// # Safety
+/// As `dot_share`; the CPU has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn strip_avx2<H: BElem<x86::Avx2F32>>(p: &Args<f32>, b: *const H, j0: usize, j1: usize) {
+    strip_region!(tile_avx2, H, 4, 2, p, b, j0, j1)
+}
+
+/// One AVX2 register tile of the strip kernel.
+///
+/// # Safety
+/// As `dot_tile`; the CPU has AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+unsafe fn tile_avx2<H: BElem<x86::Avx2F32>, const MR: usize, const NR: usize>(
+    p: &Args<f32>,
+    b: *const H,
+    i: usize,
+    j: usize,
+) {
+    dot_tile::<x86::Avx2F32, H, MR, NR>(p, b, i, j)
 }
 
 thread_local! {
@@ -661,7 +899,11 @@ mod tests {
         // across several conversion / xᵀ blocks
         for &(m, n, k) in &[
             (1, 37, 70),
+            (2, 3, 15),
             (5, 50, 1030),
+            (8, 41, 100),
+            (11, 9, 16),
+            (14, 33, 48),
             (16, 24, 64),
             (17, 49, 33),
             (33, 30, 200),
@@ -728,6 +970,36 @@ mod tests {
             };
             assert_eq!(run(WRows::BF16(&wb)), run(WRows::F32(&wbf)), "bf16 m{m}");
             assert_eq!(run(WRows::F16(&wh)), run(WRows::F32(&whf)), "f16 m{m}");
+        }
+    }
+
+    #[test]
+    fn every_strip_tile_gives_the_bits_of_the_two_row_tile() {
+        // 8-row tiles (assembly on AVX-512), 6- and 4-row tiles and the ragged last column
+        // against the same rows taken two at a time: one order of sums whatever the tile
+        for &(m, n, k) in &[(14, 33, 100), (12, 5, 800), (8, 7, 31)] {
+            let x = fill(m * k, 7);
+            for dt in ["f32", "f16", "bf16"] {
+                let wf = fill(n * k, 8);
+                let (wh, wb): (Vec<f16>, Vec<bf16>) = (
+                    wf.iter().map(|&v| f16::from_f32(v)).collect(),
+                    wf.iter().map(|&v| bf16::from_f32(v)).collect(),
+                );
+                let w = match dt {
+                    "f32" => WRows::F32(&wf),
+                    "f16" => WRows::F16(&wh),
+                    _ => WRows::BF16(&wb),
+                };
+                let mut all = vec![0f32; m * n];
+                xwt(m, n, k, &x, k, w, k, &mut all, n, false).unwrap();
+                for i in (0..m).step_by(2) {
+                    let mut two = vec![0f32; 2 * n];
+                    xwt(2, n, k, &x[i * k..], k, w, k, &mut two, n, false).unwrap();
+                    for (t, (&a, &b)) in all[i * n..(i + 2) * n].iter().zip(&two).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{dt} m {m} row {} col {}", i + t / n, t % n);
+                    }
+                }
+            }
         }
     }
 
