@@ -79,6 +79,8 @@ impl Dense<'_> {
 /// Rows from which the `xt` kernel beats the strip kernel (`kfrun bench decode`, Zen 4:
 /// m = 12 strip 80-130 GFLOP/s vs xt 50-90; m = 16 about even).
 const XT_MIN_M: usize = 16;
+/// Columns of x's rows per block of the strip kernel for long rows (a multiple of 16).
+const STRIP_KC: usize = 512;
 /// Weight rows per block: a multiple of every tile's NW (6, 8, 12).
 const NB: usize = 24;
 /// Bytes of the xᵀ block (KC x m) kept in L2 while a weight block meets it.
@@ -228,9 +230,29 @@ unsafe fn dot_share<H>(isa: Isa, p: &Args<f32>, b: *const H, j0: usize, j1: usiz
 where
     H: BElem<x86::Avx512F32> + BElem<x86::Avx2F32> + BElem<Portable<f32>>,
 {
+    if p.m > 1 && isa != Isa::Portable {
+        // x's rows in blocks of STRIP_KC columns when all of k would not stay in L1 next to
+        // the strip: every strip re-reads x, and from L2 the 8 x 2 tile loses a third of its
+        // rate (`kfrun bench decode`, mlp down K = 3072, m = 8, Zen 4). A block after the
+        // first adds its sums to C's, so the blocks fix one order of sums for every dtype.
+        let kc = if p.k > 2 * STRIP_KC { STRIP_KC } else { p.k };
+        let mut k0 = 0;
+        while k0 < p.k {
+            let pk = Args {
+                k: kc.min(p.k - k0),
+                a: p.a.add(k0),
+                accumulate: p.accumulate || k0 > 0,
+                ..*p
+            };
+            match isa {
+                Isa::Avx512 => strip_avx512::<H>(&pk, b.add(k0), j0, j1),
+                _ => strip_avx2::<H>(&pk, b.add(k0), j0, j1),
+            }
+            k0 += kc;
+        }
+        return;
+    }
     match isa {
-        Isa::Avx512 if p.m > 1 => strip_avx512::<H>(p, b, j0, j1),
-        Isa::Avx2 if p.m > 1 => strip_avx2::<H>(p, b, j0, j1),
         Isa::Avx512 => dot_avx512::<x86::Avx512F32, H>(p, b, 0, p.m, j0, j1),
         Isa::Avx2 => dot_avx2::<x86::Avx2F32, H>(p, b, 0, p.m, j0, j1),
         Isa::Portable => dot_portable::<Portable<f32>, H>(p, b, 0, p.m, j0, j1),
@@ -975,9 +997,10 @@ mod tests {
 
     #[test]
     fn every_strip_tile_gives_the_bits_of_the_two_row_tile() {
-        // 8-row tiles (assembly on AVX-512), 6- and 4-row tiles and the ragged last column
+        // 8-row tiles (assembly on AVX-512), 6- and 4-row tiles, the ragged last column and
+        // k in blocks (k = 1100)
         // against the same rows taken two at a time: one order of sums whatever the tile
-        for &(m, n, k) in &[(14, 33, 100), (12, 5, 800), (8, 7, 31)] {
+        for &(m, n, k) in &[(14, 33, 100), (12, 5, 1100), (8, 7, 31)] {
             let x = fill(m * k, 7);
             for dt in ["f32", "f16", "bf16"] {
                 let wf = fill(n * k, 8);
