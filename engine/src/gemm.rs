@@ -756,31 +756,36 @@ macro_rules! rows_dispatch {
     }};
 }
 
-/// Hints the cache line at `p` into L1. Never faults, so `p` may point anywhere.
+/// Hints the cache line at `p` into L1 (`L2 = false`) or into L2 only (`L2 = true`: for
+/// streams read far ahead, where L1 prefetches would hold the few L1 miss buffers and stall
+/// the loads of the data in use). Never faults, so `p` may point anywhere.
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+fn prefetch_to<const L2: bool, T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetch instructions never fault and do not dereference in the language
     // sense; SSE is part of the x86_64 baseline.
     unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+        if L2 {
+            _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+        }
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
 }
 
-/// Hints the cache line at `p` into L2 (not L1). For streams read far ahead: L1 prefetches
-/// that far hold the few L1 miss buffers and stall the loads of the data in use. Never
-/// faults, so `p` may point anywhere.
+/// `prefetch_to` into L1.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    prefetch_to::<false, T>(p)
+}
+
+/// `prefetch_to` into L2.
 #[inline(always)]
 fn prefetch_l2<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: as `prefetch`.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    prefetch_to::<true, T>(p)
 }
 
 /// Dot kind, one register tile: rows [i, i+MR) x columns [j, j+NR), all of k. B is read
