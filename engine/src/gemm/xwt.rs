@@ -468,7 +468,9 @@ unsafe fn tile_8x2_avx512<H: BElem<x86::Avx512F32>>(
             ),
         }
         let _ = (a0, a4, w0, w1, n);
-        c = [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15];
+        c = [
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15,
+        ];
     }
     let acc = [
         [c[0], c[1]],
@@ -1019,7 +1021,13 @@ mod tests {
                     let mut two = vec![0f32; 2 * n];
                     xwt(2, n, k, &x[i * k..], k, w, k, &mut two, n, false).unwrap();
                     for (t, (&a, &b)) in all[i * n..(i + 2) * n].iter().zip(&two).enumerate() {
-                        assert_eq!(a.to_bits(), b.to_bits(), "{dt} m {m} row {} col {}", i + t / n, t % n);
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{dt} m {m} row {} col {}",
+                            i + t / n,
+                            t % n
+                        );
                     }
                 }
             }
