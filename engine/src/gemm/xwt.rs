@@ -1034,6 +1034,69 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_strip_kernel_of_every_isa_this_cpu_has_matches_f64() {
+        // `xwt` runs only the widest ISA found; the AVX2 tiles (4 x 2) serve CPUs without
+        // AVX-512, so they are called here directly wherever this CPU has AVX2
+        let mut isas = vec![];
+        if is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            isas.push(Isa::Avx2);
+        }
+        if isas.is_empty() {
+            eprintln!(
+                "skipped: this CPU has neither AVX-512 nor AVX2 (the strip kernel needs one)"
+            );
+            return;
+        }
+        for &(m, n, k) in &[(15, 9, 1100), (5, 7, 40), (8, 13, 33)] {
+            let x = fill(m * k, 9);
+            let wf = fill(n * k, 10);
+            let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            for &isa in &isas {
+                for (dt, exact) in [("f32", &wf), ("bf16", &wbf)] {
+                    let want = reference(m, n, k, &x, k, exact, k, &[], n, false);
+                    let mut c = vec![f32::NAN; m * n];
+                    let p = Args {
+                        m,
+                        k,
+                        a: x.as_ptr(),
+                        a_s: k,
+                        b: core::ptr::null(),
+                        b_s: k,
+                        c: c.as_mut_ptr(),
+                        c_rs: n,
+                        c_cs: 1,
+                        accumulate: false,
+                    };
+                    // SAFETY: x holds m rows of k, W n rows of k, C m rows of n; `isa` was
+                    // detected on this CPU above.
+                    unsafe {
+                        if dt == "f32" {
+                            dot_share(isa, &p, wf.as_ptr(), 0, n)
+                        } else {
+                            dot_share(isa, &p, wb.as_ptr(), 0, n)
+                        }
+                    }
+                    for (t, (&got, &r)) in c.iter().zip(&want).enumerate() {
+                        assert!(
+                            (got as f64 - r).abs() <= 1e-5 * (k as f64).sqrt() + 1e-5 * r.abs(),
+                            "{isa:?} {dt} m{m} n{n} k{k}: C[{}] = {got}, want {r}",
+                            t
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn refuses_operands_that_do_not_hold_the_shape() {
         let x = vec![0f32; 10];
