@@ -6,8 +6,8 @@
 #   tools/recipes/default_model.sh [WORK_DIR]      (default WORK_DIR: runs/default)
 #
 # On the 2-core development VM: data ~30 s, teacher ~1 h (configs/small-default.json: the small recipe time-boxed to 3000 updates),
-# distillation ~4.3 h on one thread (configs/distill-default.json: stage 1 at lr 1e-3, M = 4 noise windows, 1500 updates,
-# k2 1600, k4 800; docs/KFORCING-notes.md has the study behind it). The student is distilled from the
+# distillation ~5.5 h on one thread (configs/distill-default.json: stage 1 at lr 1e-3, M = 4 noise windows, 1500 updates,
+# k2 1600, k4 1600; docs/KFORCING-notes.md has the study behind it). The student is distilled from the
 # f16 teacher it ships with. Needs network access to the package registries once (kfrun data
 # fetch); everything after that is offline.
 set -euo pipefail
