@@ -788,6 +788,17 @@ fn prefetch_l2<T>(p: *const T) {
     prefetch_to::<true, T>(p)
 }
 
+/// How many B rows ahead a dot tile of `nr` rows prefetches (into L2): two strips, four for
+/// 16-bit elements (the same distance in bytes).
+#[inline(always)]
+const fn prefetch_rows_ahead(elem_bytes: usize, nr: usize) -> usize {
+    if elem_bytes == 2 {
+        4 * nr
+    } else {
+        2 * nr
+    }
+}
+
 /// Dot kind, one register tile: rows [i, i+MR) x columns [j, j+NR), all of k. B is read
 /// from `b` (`p.b` retyped: f32 / f64 as is, or 16-bit weights widened in registers).
 #[allow(clippy::needless_range_loop)]
@@ -803,12 +814,7 @@ unsafe fn dot_tile<S: Simd, H: BElem<S>, const MR: usize, const NR: usize>(
     let b = b.add(j * p.b_s);
     let mut acc = [[S::zero(); NR]; MR];
     let kv = k / S::W * S::W;
-    // two strips ahead (four for 16-bit weights: the same distance in bytes), into L2
-    let ahead = if core::mem::size_of::<H>() == 2 {
-        4 * NR
-    } else {
-        2 * NR
-    };
+    let ahead = prefetch_rows_ahead(core::mem::size_of::<H>(), NR);
     let mut kk = 0;
     while kk < kv {
         let mut bv = [S::zero(); NR];

@@ -18,7 +18,7 @@
 
 use super::quant::{xwt_q, QFormat};
 #[cfg(target_arch = "x86_64")]
-use super::{dot_avx2, dot_avx512, dot_tile, dot_tile_store, x86, Stored};
+use super::{dot_avx2, dot_avx512, dot_tile, dot_tile_store, prefetch_rows_ahead, x86, Stored};
 use super::{dot_portable, split, Args, BElem, Elem, HalfSimd, Isa, Portable, Simd, PAR_MIN_WORK};
 use anyhow::{ensure, Result};
 use half::{bf16, f16};
@@ -373,9 +373,8 @@ unsafe fn tile_8x2_avx512<H: BElem<x86::Avx512F32>>(
     let mut c = [z; 16];
     if kv > 0 {
         let eb = core::mem::size_of::<H>();
-        // two strips ahead (four for 16-bit weights: the same distance in bytes), as
-        // `dot_tile`, into L2
-        let pf = if eb == 2 { 8 } else { 4 } * b_s * eb;
+        // as far ahead as `dot_tile`, in bytes
+        let pf = prefetch_rows_ahead(eb, 2) * b_s * eb;
         let (s, s3) = (a_s * 4, a_s * 12);
         let (mut a0, mut a4) = (a, a.add(4 * a_s));
         let (mut w0, mut w1) = (b0 as *const u8, b0.add(b_s) as *const u8);
