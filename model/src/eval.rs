@@ -18,7 +18,12 @@
 //!   (its sequential inverse-CDF samples, feeding its own tokens); `agree_tokens` is the
 //!   fraction of positions where the student's token equals the teacher's, `agree_windows`
 //!   the fraction of windows where all of them do. For K = 1 this is exactly the stage-1
-//!   target of distillation.
+//!   target of distillation;
+//! - judge perplexity (with a [`Judge`]: `kfrun eval --judge`): an independent model with its
+//!   own tokenizer scores the text, as the paper scores with GPT-2-Large. Each prompt and its
+//!   continuation are detokenised, retokenised with the judge's tokenizer (prompt and
+//!   continuation separately, so the scored tokens are exactly the continuation's), and the
+//!   judge's mean NLL per judge token of the continuation is exponentiated.
 
 use crate::data::TokenShard;
 use crate::ddit::Ddit;
@@ -97,6 +102,12 @@ pub struct EvalRow {
     pub entropy_std: f64,
     pub agree_tokens: Option<f64>,
     pub agree_windows: Option<f64>,
+    /// The judge's perplexity of the continuations (per judge token), with a [`Judge`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_ppl: Option<f64>,
+    /// Judge tokens scored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_tokens: Option<usize>,
     /// Generated tokens evaluated.
     pub tokens: usize,
     /// Forward passes of the generation (prefill included).
@@ -192,16 +203,90 @@ fn teacher_nll(be: &Models, prompts: &[Vec<u32>], gens: &[Vec<u32>]) -> Result<V
             for (j, &tok) in g.iter().enumerate() {
                 let pos = p.len() - 1 + j;
                 let row = &lv[(r * t + pos) * v..(r * t + pos + 1) * v];
-                let m = row
-                    .iter()
-                    .map(|&x| x as f64)
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-                nll.push(lse - row[tok as usize] as f64);
+                nll.push(log_sum_exp(row) - row[tok as usize] as f64);
             }
         }
     }
     Ok(nll)
+}
+
+/// An independent scorer (module docs): a model and its own tokenizer, and the tokenizer
+/// that decodes the evaluated models' ids.
+pub struct Judge<'a> {
+    pub model: &'a Ddit,
+    pub tokenizer: &'a Tokenizer,
+    /// The teacher's and student's tokenizer.
+    pub source: &'a Tokenizer,
+}
+
+impl Judge<'_> {
+    /// The judge's ids of one prompt and its continuation: both detokenised together (a
+    /// character split across the boundary stays whole), the continuation's text is what
+    /// follows the prompt's text, and each part is retokenised on its own.
+    fn retokenise(&self, prompt: &[u32], gen: &[u32]) -> Result<(Vec<u32>, Vec<u32>)> {
+        let ptxt = self.source.decode(prompt)?;
+        let full = self.source.decode(&[prompt, gen].concat())?;
+        let gtxt = match full.strip_prefix(ptxt.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => self.source.decode(gen)?,
+        };
+        Ok((self.tokenizer.encode(&ptxt)?, self.tokenizer.encode(&gtxt)?))
+    }
+
+    /// (summed NLL, judge tokens) of the continuations. Rows of a chunk are padded on the
+    /// right: under the causal mask padding never reaches a scored position.
+    pub fn nll(&self, prompts: &[Vec<u32>], gens: &[Vec<u32>]) -> Result<(f64, usize)> {
+        let _ng = no_grad();
+        let max_len = self.model.cfg.max_seq_len;
+        let mut rows = Vec::with_capacity(prompts.len());
+        for (p, g) in prompts.iter().zip(gens) {
+            let (jp, jg) = self.retokenise(p, g)?;
+            ensure!(
+                !jp.is_empty(),
+                "judge: a prompt is empty in the judge's tokens"
+            );
+            ensure!(
+                jp.len() + jg.len() <= max_len,
+                "judge: a sample is {} judge tokens, more than the judge's max_seq_len {max_len}",
+                jp.len() + jg.len()
+            );
+            rows.push((jp, jg));
+        }
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        for chunk in rows.chunks(8) {
+            let t = chunk
+                .iter()
+                .map(|(p, g)| p.len() + g.len())
+                .max()
+                .unwrap_or(0);
+            let mut ids = Vec::with_capacity(chunk.len() * t);
+            for (p, g) in chunk {
+                ids.extend(p.iter().chain(g));
+                ids.resize(ids.len() + t - p.len() - g.len(), 0);
+            }
+            let x = Tensor::from_vec(ids, &[chunk.len(), t], self.model.device())?;
+            let lv = self.model.forward_train(&x)?.to_vec::<f32>()?;
+            let v = lv.len() / (chunk.len() * t);
+            for (r, (p, g)) in chunk.iter().enumerate() {
+                for (j, &tok) in g.iter().enumerate() {
+                    let pos = p.len() - 1 + j;
+                    let row = &lv[(r * t + pos) * v..(r * t + pos + 1) * v];
+                    sum += log_sum_exp(row) - row[tok as usize] as f64;
+                    n += 1;
+                }
+            }
+        }
+        Ok((sum, n))
+    }
+}
+
+/// `ln(sum(exp(row)))` in f64.
+fn log_sum_exp(row: &[f32]) -> f64 {
+    let m = row
+        .iter()
+        .map(|&x| x as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
 }
 
 /// Unigram entropy (nats) of a token sequence's histogram.
@@ -283,6 +368,7 @@ pub fn agreement(
 #[allow(clippy::too_many_arguments)]
 fn row(
     be: &Models,
+    judge: Option<&Judge>,
     prompts: &[Vec<u32>],
     gens: &[Vec<u32>],
     mode: &str,
@@ -295,6 +381,7 @@ fn row(
     let gen_nll = nll.iter().sum::<f64>() / nll.len().max(1) as f64;
     let ent: Vec<f64> = gens.iter().map(|g| unigram_entropy(g)).collect();
     let (entropy_mean, entropy_std) = mean_std(&ent);
+    let judged = judge.map(|j| j.nll(prompts, gens)).transpose()?;
     Ok(EvalRow {
         mode: mode.into(),
         k,
@@ -305,17 +392,20 @@ fn row(
         entropy_std,
         agree_tokens: None,
         agree_windows: None,
+        judge_ppl: judged.map(|(s, n)| (s / n.max(1) as f64).exp()),
+        judge_tokens: judged.map(|(_, n)| n),
         tokens: nll.len(),
         passes,
         gen_secs: secs,
     })
 }
 
-/// Evaluates AR and every student configuration (module docs), the models on any one device.
-/// `on_row` sees each row as it is done (for progress).
+/// Evaluates AR and every student configuration (module docs), the models on any one device,
+/// and scores each with `judge` when given. `on_row` sees each row as it is done (progress).
 pub fn evaluate(
     teacher: &Ddit,
     student: &Pflm,
+    judge: Option<&Judge>,
     prompts: &[Vec<u32>],
     opts: &EvalOptions,
     on_row: &mut dyn FnMut(&EvalRow),
@@ -359,6 +449,7 @@ pub fn evaluate(
     let g = be.generate_ar(prompts, &base)?;
     let r = row(
         be,
+        judge,
         prompts,
         &g.tokens,
         "ar",
@@ -379,7 +470,7 @@ pub fn evaluate(
             };
             let g = be.generate_pflm(prompts, &o)?;
             let secs = t0.elapsed().as_secs_f64();
-            let mut r = row(be, prompts, &g.tokens, "pflm", k, p, g.passes, secs)?;
+            let mut r = row(be, judge, prompts, &g.tokens, "pflm", k, p, g.passes, secs)?;
             let vs = teacher.cfg.vocab_size;
             let (t, w, n) = agreement(be, vs, prompts, &g.tokens, k, opts)?;
             r.agree_tokens = Some(t as f64 / r.tokens.max(1) as f64);
@@ -393,13 +484,24 @@ pub fn evaluate(
 
 /// The rows as a Markdown table.
 pub fn markdown(rows: &[EvalRow]) -> String {
-    let mut s = String::from(
-        "| mode | K | penalty | gen. ppl | entropy (mean ± sd) | agree tokens | agree windows | passes |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    let judged = rows.iter().any(|r| r.judge_ppl.is_some());
+    let (jh, jl) = if judged {
+        (" judge ppl |", "---:|")
+    } else {
+        ("", "")
+    };
+    let mut s = format!(
+        "| mode | K | penalty | gen. ppl |{jh} entropy (mean ± sd) | agree tokens | agree windows | passes |\n|---|---:|---:|---:|{jl}---:|---:|---:|---:|\n",
     );
     let f = |x: Option<f64>| x.map_or("—".to_string(), |v| format!("{v:.3}"));
     for r in rows {
+        let jc = match (judged, r.judge_ppl) {
+            (false, _) => String::new(),
+            (true, Some(j)) => format!(" {j:.2} |"),
+            (true, None) => " — |".into(),
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.3} ± {:.3} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.2} |{jc} {:.3} ± {:.3} | {} | {} | {} |\n",
             r.mode,
             r.k,
             r.freq_penalty,

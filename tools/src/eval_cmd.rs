@@ -1,12 +1,13 @@
 //! `kfrun eval`: quality of a teacher / student pair on held-out prompts (kf_model::eval):
 //! generative perplexity under the teacher, unigram entropy per sample, push-forward
-//! agreement, for AR and the student at K = 1..k with a frequency-penalty sweep. A Markdown
+//! agreement, for AR and the student at K = 1..k with a frequency-penalty sweep, and with
+//! `--judge` the perplexity under an independent model with its own tokenizer. A Markdown
 //! table on stdout, JSON (options + rows) to `--json`.
 
 use anyhow::{bail, ensure, Context, Result};
 use kf_model::checkpoint;
 use kf_model::data::TokenData;
-use kf_model::eval::{document_prompts, evaluate, markdown, text_prompts, EvalOptions};
+use kf_model::eval::{document_prompts, evaluate, markdown, text_prompts, EvalOptions, Judge};
 use kf_model::pflm::Pflm;
 use kf_model::weights::WeightStore;
 use kf_model::Ddit;
@@ -56,6 +57,11 @@ pub struct Args {
     tau: f64,
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
+    /// An independent judge (a GGUF file, a Hugging Face directory or a model directory,
+    /// with its own tokenizer): scores every configuration's text after retokenising it, as
+    /// the paper scores with GPT-2-Large (the "judge ppl" column).
+    #[arg(long)]
+    judge: Option<PathBuf>,
     /// Write the options and rows as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -93,6 +99,23 @@ pub fn run(a: &Args) -> Result<()> {
     );
     let student = Pflm::load_with(&a.student, WeightStore::Exact)?;
     let tok = checkpoint::read_tokenizer(&a.teacher, &teacher.cfg)?;
+    let judge = match &a.judge {
+        None => None,
+        Some(p) => {
+            let load = || -> Result<_> {
+                // f32 weights: the judge scores, so it computes exactly
+                let m = Ddit::load(p)?;
+                ensure!(
+                    m.cfg.k.is_none(),
+                    "it is a k = {} student; a judge is an AR model",
+                    m.cfg.k.unwrap_or(0)
+                );
+                let t = checkpoint::read_tokenizer(p, &m.cfg)?;
+                Ok((m, t))
+            };
+            Some(load().with_context(|| format!("--judge {}", p.display()))?)
+        }
+    };
     let (prompts, source) = match (&a.data, &a.prompts_file) {
         (Some(d), _) => {
             let data = TokenData::open(d)?;
@@ -143,31 +166,48 @@ pub fn run(a: &Args) -> Result<()> {
         student.k
     );
     // on a kernel device the matrices keep their file's precision (as kfrun generate)
-    let (teacher, student) = if device.is_cpu() {
-        (teacher, student)
+    let (teacher, student, judge) = if device.is_cpu() {
+        (teacher, student, judge)
     } else {
         let store = WeightStore::Exact;
-        let moved = || -> Result<(Ddit, Pflm)> {
+        let moved = || -> Result<_> {
             Ok((
                 teacher.to_device_with(device, store)?,
                 student.to_device_with(device, store)?,
+                judge
+                    .map(|(m, t)| Ok::<_, anyhow::Error>((m.to_device(device)?, t)))
+                    .transpose()?,
             ))
         };
-        moved().with_context(|| format!("moving teacher and student to {device}"))?
+        moved().with_context(|| format!("moving the models to {device}"))?
     };
-    let rows = evaluate(&teacher, &student, &prompts, &opts, &mut |r| {
-        eprintln!(
-            "  {} K={} penalty {}: gen. ppl {:.2}, entropy {:.3}{} ({:.1} s)",
-            r.mode,
-            r.k,
-            r.freq_penalty,
-            r.gen_ppl,
-            r.entropy_mean,
-            r.agree_tokens
-                .map_or(String::new(), |t| format!(", agreement {t:.3}")),
-            r.gen_secs
-        )
-    })?;
+    let judge = judge.as_ref().map(|(model, tokenizer)| Judge {
+        model,
+        tokenizer,
+        source: &tok,
+    });
+    let rows = evaluate(
+        &teacher,
+        &student,
+        judge.as_ref(),
+        &prompts,
+        &opts,
+        &mut |r| {
+            eprintln!(
+                "  {} K={} penalty {}: gen. ppl {:.2}{}, entropy {:.3}{} ({:.1} s)",
+                r.mode,
+                r.k,
+                r.freq_penalty,
+                r.gen_ppl,
+                r.judge_ppl
+                    .map_or(String::new(), |j| format!(", judge ppl {j:.2}")),
+                r.entropy_mean,
+                r.agree_tokens
+                    .map_or(String::new(), |t| format!(", agreement {t:.3}")),
+                r.gen_secs
+            )
+        },
+    )?;
     print!("{}", markdown(&rows));
     if let Some(p) = &a.json {
         let j = serde_json::json!({
@@ -180,6 +220,7 @@ pub fn run(a: &Args) -> Result<()> {
             "max_new": a.max_new,
             "tau": a.tau,
             "seed": a.seed,
+            "judge": a.judge,
             "rows": rows,
         });
         kf_engine::fs::write_atomic(p, serde_json::to_string_pretty(&j)?.as_bytes())
