@@ -63,20 +63,37 @@ KF_ROPE(float, f32)
 KF_ROPE(__half, f16)
 KF_ROPE(__nv_bfloat16, bf16)
 
-// The tables of `np` positions: cos_t[r, j] = cos(pos[r] * base^(-2j/D)),
-// sin_t likewise, j < D/2, computed in double (as kf_ops::rope::rope_tables)
-// and rounded to f32 once. Grid-stride over the np * D/2 entries.
-extern "C" __global__ void rope_tables_f32(const unsigned* __restrict__ pos, float* __restrict__ cos_t,
-                                           float* __restrict__ sin_t, size_t np, unsigned d, double base) {
+// The tables of `np` positions: cos_t[r, j] = cos(pos[r] * f[j]), sin_t
+// likewise, j < D/2, with f[j] = base^(-2j/D), divided by div[j] when SCALED
+// (a model's RoPE scaling: kf_ops::rope::RopeFreqs), computed in double (as
+// kf_ops::rope::rope_tables) and rounded to f32 once. Grid-stride over the
+// np * D/2 entries.
+template <bool SCALED>
+__device__ __forceinline__ void kf_rope_tables(const unsigned* __restrict__ pos, float* __restrict__ cos_t,
+                                               float* __restrict__ sin_t, size_t np, unsigned d, double base,
+                                               const double* __restrict__ div) {
     const unsigned half = d >> 1;
     const size_t total = np * half;
     for (size_t i = kf_gid(); i < total; i += kf_gstride()) {
         const size_t r = i / half;
         const unsigned j = (unsigned)(i - r * half);
-        const double angle = (double)pos[r] * pow(base, -(double)(2 * j) / (double)d);
+        double f = pow(base, -(double)(2 * j) / (double)d);
+        if (SCALED) f = f / div[j];
+        const double angle = (double)pos[r] * f;
         double s, c;
         sincos(angle, &s, &c);
         cos_t[i] = (float)c;
         sin_t[i] = (float)s;
     }
+}
+
+extern "C" __global__ void rope_tables_f32(const unsigned* __restrict__ pos, float* __restrict__ cos_t,
+                                           float* __restrict__ sin_t, size_t np, unsigned d, double base) {
+    kf_rope_tables<false>(pos, cos_t, sin_t, np, d, base, nullptr);
+}
+
+extern "C" __global__ void rope_tables_scaled_f32(const unsigned* __restrict__ pos, float* __restrict__ cos_t,
+                                                  float* __restrict__ sin_t, size_t np, unsigned d, double base,
+                                                  const double* __restrict__ div) {
+    kf_rope_tables<true>(pos, cos_t, sin_t, np, d, base, div);
 }

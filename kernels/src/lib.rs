@@ -61,7 +61,7 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "rope",
         ptx: include_str!("../../ptx/rope.ptx"),
-        entries: entries!("rope_fwd", "rope_bwd"; "rope_tables_f32"),
+        entries: entries!("rope_fwd", "rope_bwd"; "rope_tables_f32", "rope_tables_scaled_f32"),
     },
     Family {
         name: "gelu",

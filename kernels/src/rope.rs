@@ -1,6 +1,6 @@
 //! Launch shapes of the RoPE family (kernels/rope.cu): `rope_fwd_<dtype>` /
 //! `rope_bwd_<dtype>` run one block per (b, t) row over its H * D/2 pairs;
-//! `rope_tables_f32` is a grid-stride loop over the table entries.
+//! `rope_tables_f32` / `rope_tables_scaled_f32` are grid-stride loops over the table entries.
 //! Letters: B batch, T time, H heads, D head dim, P table rows.
 
 use crate::LaunchConfig;

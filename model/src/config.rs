@@ -4,6 +4,7 @@
 //! Letters: L layers, d model width, H heads, D = d / H head dim, V vocabulary.
 
 use anyhow::{bail, ensure, Context, Result};
+use kf_ops::rope::RopeFreqs;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -81,6 +82,103 @@ pub struct DditConfig {
     /// Beginning of sequence: prepended to every prompt when set (Llama family).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
+    /// RoPE scaling (Llama family; absent = plain RoPE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// How a pretrained model stretches RoPE over a longer context: frequency `j`,
+/// `base^(-2j/D)`, is divided by a factor ([`RopeScaling::divisors`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (positions compressed `factor` times).
+    Linear { factor: f64 },
+    /// Llama 3.1's: wavelengths longer than `original_max_position_embeddings /
+    /// low_freq_factor` divided by `factor`, shorter than `.. / high_freq_factor` kept, a
+    /// smooth blend between (Hugging Face's `rope_type: "llama3"`, the divisors llama.cpp's
+    /// converter writes as `rope_freqs.weight`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// One divisor per frequency (a GGUF file's `rope_freqs.weight`).
+    Factors { factors: Vec<f64> },
+}
+
+impl RopeScaling {
+    /// The D/2 divisors of the frequencies of head dim `d` at `base`.
+    pub fn divisors(&self, base: f64, d: usize) -> Vec<f64> {
+        let half = d / 2;
+        match self {
+            RopeScaling::Linear { factor } => vec![*factor; half],
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: lo,
+                high_freq_factor: hi,
+                original_max_position_embeddings: old,
+            } => (0..half)
+                .map(|j| {
+                    let wavelen = 2.0 * std::f64::consts::PI * base.powf((2 * j) as f64 / d as f64);
+                    if wavelen < old / hi {
+                        1.0
+                    } else if wavelen > old / lo {
+                        *factor
+                    } else {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    }
+                })
+                .collect(),
+            RopeScaling::Factors { factors } => factors.clone(),
+        }
+    }
+
+    /// Errors name the parameter and the rule it breaks.
+    fn validate(&self, d: usize) -> Result<()> {
+        let pos = |what: &str, v: f64| {
+            ensure!(
+                v.is_finite() && v > 0.0,
+                "rope_scaling: {what} must be finite and > 0, got {v}"
+            );
+            Ok(())
+        };
+        match self {
+            RopeScaling::Linear { factor } => pos("factor", *factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                pos("factor", *factor)?;
+                pos("low_freq_factor", *low_freq_factor)?;
+                pos(
+                    "original_max_position_embeddings",
+                    *original_max_position_embeddings,
+                )?;
+                ensure!(
+                    high_freq_factor.is_finite() && high_freq_factor > low_freq_factor,
+                    "rope_scaling: high_freq_factor ({high_freq_factor}) must be above low_freq_factor ({low_freq_factor})"
+                );
+                Ok(())
+            }
+            RopeScaling::Factors { factors } => {
+                ensure!(
+                    factors.len() == d / 2,
+                    "rope_scaling: {} factors for head dim {d} (one per frequency: {})",
+                    factors.len(),
+                    d / 2
+                );
+                for &f in factors {
+                    pos("every factor", f)?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 impl DditConfig {
@@ -115,7 +213,19 @@ impl DditConfig {
             ffn_dim: None,
             tie_embeddings: false,
             bos_token_id: None,
+            rope_scaling: None,
         })
+    }
+
+    /// The rotation's frequencies: `rope_base`, divided as `rope_scaling` says.
+    pub fn rope(&self) -> RopeFreqs {
+        RopeFreqs {
+            base: self.rope_base,
+            div: self
+                .rope_scaling
+                .as_ref()
+                .map(|s| s.divisors(self.rope_base, self.head_dim()).into()),
+        }
     }
 
     /// Head dimension D = d / H.
@@ -168,6 +278,9 @@ impl DditConfig {
             "rope_base must be finite and > 1, got {}",
             self.rope_base
         );
+        if let Some(r) = &self.rope_scaling {
+            r.validate(self.head_dim())?;
+        }
         ensure!(
             self.ln_eps.is_finite() && self.ln_eps >= 0.0,
             "ln_eps must be finite and >= 0, got {}",
@@ -343,5 +456,57 @@ mod tests {
         bad.mask_token_id = Some(3);
         bad.eos_token_id = Some(3);
         assert!(bad.validate().is_err());
+    }
+
+    /// Llama 3's divisors against Hugging Face's form of the rule (smoothed inverse
+    /// frequencies, not divisors) at Llama 3.1 8B's settings; the config round-trips
+    /// through JSON and bad settings are named.
+    #[test]
+    fn rope_scaling_divisors_and_json() {
+        let (base, d) = (500000.0f64, 128usize);
+        let s = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let div = s.divisors(base, d);
+        for (j, &v) in div.iter().enumerate() {
+            let inv = 1.0 / base.powf((2 * j) as f64 / d as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / inv;
+            let scaled = if wavelen < 8192.0 / 4.0 {
+                inv
+            } else if wavelen > 8192.0 / 1.0 {
+                inv / 8.0
+            } else {
+                let sm = (8192.0 / wavelen - 1.0) / (4.0 - 1.0);
+                (1.0 - sm) * inv / 8.0 + sm * inv
+            };
+            assert!(
+                (v - inv / scaled).abs() < 1e-12 * v,
+                "j {j}: {v} vs {}",
+                inv / scaled
+            );
+        }
+        // short wavelengths kept (j <= 28), long ones divided by 8 (j >= 35), blended between
+        assert!(div[..29].iter().all(|&v| v == 1.0));
+        assert!(div[35..].iter().all(|&v| v == 8.0));
+        assert!(div[29..35]
+            .windows(2)
+            .all(|w| 1.0 < w[0] && w[0] < w[1] && w[1] < 8.0));
+        let mut c = DditConfig::preset("tiny").unwrap();
+        c.rope_scaling = Some(s);
+        let back: DditConfig = serde_json::from_str(&c.to_json().unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(c.rope().div.unwrap().len(), c.head_dim() / 2);
+        let j = r#"{"n_layers": 2, "d_model": 64, "n_heads": 4, "vocab_size": 512, "max_seq_len": 128,
+            "rope_scaling": {"type": "linear", "factr": 2.0}}"#;
+        assert!(serde_json::from_str::<DditConfig>(j).is_err());
+        c.rope_scaling = Some(RopeScaling::Linear { factor: 0.0 });
+        assert!(c.validate().unwrap_err().to_string().contains("factor"));
+        c.rope_scaling = Some(RopeScaling::Factors {
+            factors: vec![1.0; 3],
+        });
+        assert!(c.validate().unwrap_err().to_string().contains("3 factors"));
     }
 }

@@ -598,7 +598,7 @@ impl Ddit {
         }
         let fused = cfg.arch == Arch::Ddit;
         // the rotation's tables once for every layer of the pass
-        let ra = RopeAt::new(pos, cfg.head_dim(), cfg.rope_base)?;
+        let ra = RopeAt::new(pos, cfg.head_dim(), &cfg.rope())?;
         self.blocks(h0, |layer, qkv| match cache.as_deref_mut() {
             Some(c) => {
                 let q = ra.apply(&qkv.q()?)?;
@@ -609,7 +609,7 @@ impl Ddit {
             // the fused op: same values as rope + attention on the q, k, v views, but
             // its backward writes one [B, T, 3, H, D] gradient (no zero-padded
             // per-part gradients summed on the tape)
-            None if fused => rope_attention(&qkv.packed()?, pos, cfg.rope_base, attn),
+            None if fused => rope_attention(&qkv.packed()?, pos, ra.freqs(), attn),
             None => {
                 let q = ra.apply(&qkv.q()?)?;
                 let k = ra.apply(&qkv.k()?)?;
@@ -690,6 +690,7 @@ impl Ddit {
             "ragged pass: inference only (run it under no_grad())"
         );
         let dev = self.device();
+        let freqs = cfg.rope();
         let mut pos = Vec::with_capacity(seqs.len());
         for (i, s) in seqs.iter().enumerate() {
             let c = &s.cache;
@@ -712,7 +713,7 @@ impl Ddit {
                 );
             }
             let p = Tensor::from_vec(s.pos.clone(), &[1, s.pos.len()], dev)?;
-            pos.push(RopeAt::new(&p, hd, cfg.rope_base)?);
+            pos.push(RopeAt::new(&p, hd, &freqs)?);
         }
         self.blocks(h0, |layer, qkv| {
             let out = Tensor::zeros(&[1, r, nh, hd], self.dtype(), dev)?;

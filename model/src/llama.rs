@@ -8,8 +8,12 @@
 //! and gate/up stacked into one matrix each. llama.cpp's converter permutes the rows of
 //! `attn_q` / `attn_k` within each head for its interleaved RoPE; the GGUF importer undoes
 //! that permutation (row `h·D + 2j + s` of the file is row `h·D + s·D/2 + j` here).
+//!
+//! RoPE scaling: Hugging Face's `rope_scaling` (linear, llama3) and GGUF's linear type and
+//! `rope_freqs.weight` divisors (Llama 3.1's scaling as llama.cpp stores it) become the
+//! config's `rope_scaling` ([`RopeScaling`]); yarn and the others are one clear error.
 
-use crate::config::{Arch, DditConfig};
+use crate::config::{Arch, DditConfig, RopeScaling};
 use crate::ddit::{Ddit, QMat};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::gemm::QFormat;
@@ -131,14 +135,8 @@ pub fn config_from_gguf(g: &Gguf) -> Result<DditConfig> {
             .map(|a| a.len())
             .with_context(|| format!("{p}: tokenizer.ggml.tokens is not an array"))?,
     };
-    if let Some(v) = g.get("llama.rope.scaling.type") {
-        let t = v.as_str().unwrap_or("?");
-        ensure!(
-            t == "none",
-            "{p}: RoPE scaling \"{t}\" is not supported yet (plain RoPE only)"
-        );
-    }
     ensure!(n_heads >= 1, "{p}: llama.attention.head_count is 0");
+    let rope_scaling = gguf_rope_scaling(g, d_model / n_heads)?;
     if let Some(v) = g.get("llama.rope.dimension_count") {
         let rd = v.as_u64().unwrap_or(0) as usize;
         ensure!(
@@ -174,10 +172,108 @@ pub fn config_from_gguf(g: &Gguf) -> Result<DditConfig> {
         } else {
             None
         },
+        rope_scaling,
     };
     cfg.validate()
         .with_context(|| format!("{p}: the llama.* metadata"))?;
     Ok(cfg)
+}
+
+/// A GGUF file's RoPE scaling: `llama.rope.scaling.type` "linear" (with
+/// `llama.rope.scaling.factor`) and the per-frequency divisors of a `rope_freqs.weight`
+/// tensor (how llama.cpp stores Llama 3.1's scaling); both multiply. Other types (yarn,
+/// longrope) are one clear error.
+fn gguf_rope_scaling(g: &Gguf, hd: usize) -> Result<Option<RopeScaling>> {
+    let p = g.path().display();
+    let linear = match g.get("llama.rope.scaling.type") {
+        None => None,
+        Some(v) => match v.as_str() {
+            Some("none") => None,
+            Some("linear") => Some(meta_f64(g, "llama.rope.scaling.factor", f64::NAN)?),
+            t => bail!(
+                "{p}: RoPE scaling {} is not supported (none, linear, and Llama 3's rope_freqs.weight are)",
+                t.map_or("(not a string)".to_string(), |t| format!("\"{t}\""))
+            ),
+        },
+    };
+    let factors = match g.tensor_info("rope_freqs.weight") {
+        None => None,
+        Some(info) => {
+            ensure!(
+                info.shape == [hd / 2],
+                "{p}: rope_freqs.weight has shape {:?}, the head dim {hd} needs [{}]",
+                info.shape,
+                hd / 2
+            );
+            let v = g.tensor_f32("rope_freqs.weight")?.to_vec::<f32>()?;
+            Some(v.into_iter().map(f64::from).collect::<Vec<f64>>())
+        }
+    };
+    Ok(match (linear, factors) {
+        (None, None) => None,
+        (Some(factor), None) => Some(RopeScaling::Linear { factor }),
+        (l, Some(f)) => Some(RopeScaling::Factors {
+            factors: f.into_iter().map(|v| v * l.unwrap_or(1.0)).collect(),
+        }),
+    })
+}
+
+/// A Hugging Face `rope_scaling` (null, or an object whose `rope_type` — older files:
+/// `type` — is "default", "linear" or "llama3"); other types are one clear error.
+fn hf_rope_scaling(v: &serde_json::Value) -> Result<Option<RopeScaling>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let ty = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .with_context(|| format!("rope_scaling {v}: no rope_type"))?;
+    let num = |key: &str| {
+        v.get(key)
+            .and_then(|x| x.as_f64())
+            .with_context(|| format!("rope_scaling {v}: {key} is missing or not a number"))
+    };
+    Ok(match ty {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => {
+            bail!("rope_scaling type \"{other}\" is not supported (default, linear and llama3 are)")
+        }
+    })
+}
+
+/// [`hf_rope_scaling`]'s inverse for the writer.
+fn hf_rope_scaling_json(s: &Option<RopeScaling>) -> Result<serde_json::Value> {
+    Ok(match s {
+        None => serde_json::Value::Null,
+        Some(RopeScaling::Linear { factor }) => {
+            serde_json::json!({ "rope_type": "linear", "factor": factor })
+        }
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => serde_json::json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        }),
+        Some(RopeScaling::Factors { .. }) => bail!(
+            "a RoPE scaling given as per-frequency factors (a GGUF file's rope_freqs.weight) has no Hugging Face config form"
+        ),
+    })
 }
 
 /// Undoes llama.cpp's per-head row permutation of `attn_q` / `attn_k` (module docs):
@@ -447,12 +543,10 @@ pub fn config_from_hf(dir: &Path) -> Result<DditConfig> {
         matches!(mt, "llama" | "mistral"),
         "{p}: model_type \"{mt}\" is not supported (only the Llama family: \"llama\")"
     );
-    if let Some(s) = &hf.rope_scaling {
-        ensure!(
-            s.is_null(),
-            "{p}: rope_scaling {s} is not supported yet (plain RoPE only)"
-        );
-    }
+    let rope_scaling = match &hf.rope_scaling {
+        Some(v) => hf_rope_scaling(v).with_context(|| format!("{p}"))?,
+        None => None,
+    };
     ensure!(
         !hf.attention_bias.unwrap_or(false) && !hf.mlp_bias.unwrap_or(false),
         "{p}: attention_bias / mlp_bias are not supported (Llama without biases only)"
@@ -482,6 +576,7 @@ pub fn config_from_hf(dir: &Path) -> Result<DditConfig> {
         ffn_dim: Some(hf.intermediate_size),
         tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
         bos_token_id: None,
+        rope_scaling,
     };
     cfg.validate().with_context(|| format!("{p}"))?;
     Ok(cfg)
@@ -642,6 +737,8 @@ pub fn save_hf(model: &Ddit, dir: &Path, dtype: DType) -> Result<()> {
         cfg.arch == Arch::Llama,
         "only a Llama-family model can be written as a Hugging Face LlamaForCausalLM"
     );
+    // refused before anything is written
+    let rope_scaling = hf_rope_scaling_json(&cfg.rope_scaling)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (d, hd, f) = (cfg.d_model, cfg.head_dim(), cfg.ffn());
     let (nh, hk) = (cfg.n_heads, cfg.kv_heads());
@@ -693,7 +790,7 @@ pub fn save_hf(model: &Ddit, dir: &Path, dtype: DType) -> Result<()> {
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.ln_eps,
         "rope_theta": cfg.rope_base,
-        "rope_scaling": null,
+        "rope_scaling": rope_scaling,
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,

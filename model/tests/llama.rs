@@ -187,9 +187,11 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-#[test]
-fn gguf_and_hugging_face_files_load_the_same_model() {
-    let m = model(true, 4);
+/// A GGUF tensor to write: name, type, shape, bytes.
+type GgufTensor = (String, GgmlType, Vec<usize>, Vec<u8>);
+
+/// The GGUF form of a Llama model as llama.cpp writes it (q/k rows permuted, f32 tensors).
+fn gguf_of(m: &Ddit) -> (Vec<(String, GgufValue)>, Vec<GgufTensor>) {
     let c = &m.cfg;
     let (d, hd, f, nh, hk) = (c.d_model, c.head_dim(), c.ffn(), c.n_heads, c.kv_heads());
     let p = |n: &str| m.param(n).unwrap().to_vec::<f32>().unwrap();
@@ -274,6 +276,13 @@ fn gguf_and_hugging_face_files_load_the_same_model() {
         ),
         ("llama.vocab_size".into(), u(c.vocab_size as u32)),
     ];
+    (meta, tensors)
+}
+
+#[test]
+fn gguf_and_hugging_face_files_load_the_same_model() {
+    let m = model(true, 4);
+    let (meta, tensors) = gguf_of(&m);
     let dir = std::env::temp_dir().join(format!("kf-llama-import-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("tiny.gguf");
@@ -456,4 +465,99 @@ fn the_llama_backbone_runs_on_the_emulator() {
             "{n}: gradients differ by {worst} (max |g| {scale})"
         );
     }
+}
+
+/// RoPE scaling from both file kinds: a Hugging Face config's llama3 `rope_scaling` and a
+/// GGUF file's `rope_freqs.weight` (the divisors llama.cpp's converter writes for it) give the
+/// model's logits; the scaling changes them; linear scaling is read from GGUF metadata;
+/// unsupported kinds are one clear error and the HF writer refuses explicit factors
+/// before writing anything.
+#[test]
+fn rope_scaling_loads_from_gguf_and_hugging_face_files() {
+    use kf_model::config::RopeScaling;
+    let mut c = cfg(true);
+    // head dim 8, base 1e5: wavelengths 6.3, 112, 1986, 35325 against 256 / 4 and 256 / 1:
+    // one frequency kept, one blended, two divided by 8
+    let llama3 = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 256.0,
+    };
+    c.rope_scaling = Some(llama3.clone());
+    let m = model_with(c.clone(), 4);
+    let div = llama3.divisors(c.rope_base, c.head_dim());
+    assert_eq!((div[0], div[2], div[3]), (1.0, 8.0, 8.0));
+    assert!(div[1] > 1.0 && div[1] < 8.0, "{div:?}");
+    let x = ids(40, 5);
+    let want = logits(&m, &x);
+    let mut plain = c.clone();
+    plain.rope_scaling = None;
+    let unscaled = Ddit::from_params(&plain, m.params().to_vec()).unwrap();
+    let moved = want
+        .iter()
+        .zip(&logits(&unscaled, &x))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-3, "the scaling changed nothing ({moved})");
+    let dir = std::env::temp_dir().join(format!("kf-llama-rope-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Hugging Face: rope_scaling {"rope_type": "llama3", ...} both ways
+    let hf = dir.join("hf");
+    llama::save_hf(&m, &hf, DType::F32).unwrap();
+    let h = Ddit::load(&hf).unwrap();
+    assert_eq!(h.cfg.rope_scaling, Some(llama3));
+    assert_eq!(logits(&h, &x), want);
+    // GGUF: the divisors as rope_freqs.weight
+    let (meta, mut tensors) = gguf_of(&m);
+    let d32: Vec<f32> = div.iter().map(|&v| v as f32).collect();
+    tensors.push((
+        "rope_freqs.weight".into(),
+        GgmlType::F32,
+        vec![div.len()],
+        f32_bytes(&d32),
+    ));
+    let path = dir.join("scaled.gguf");
+    write_gguf(&path, &meta, &tensors).unwrap();
+    let g = Ddit::load(&path).unwrap();
+    assert!(matches!(
+        g.cfg.rope_scaling,
+        Some(RopeScaling::Factors { .. })
+    ));
+    let err = want
+        .iter()
+        .zip(&logits(&g, &x))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    // rope_base and the divisors went through f32
+    assert!(err < 1e-4, "GGUF rope_freqs differs by {err}");
+    // our own format keeps the factors; Hugging Face's has no form for them
+    let ours = dir.join("ours");
+    g.save(&ours, DType::F32).unwrap();
+    assert_eq!(Ddit::load(&ours).unwrap().cfg, g.cfg);
+    let e = format!(
+        "{:#}",
+        llama::save_hf(&g, &dir.join("hf2"), DType::F32).unwrap_err()
+    );
+    assert!(e.contains("no Hugging Face config form"), "{e}");
+    assert!(!dir.join("hf2").exists());
+    // linear scaling from the metadata; yarn refused by name
+    let (mut meta, tensors) = gguf_of(&m);
+    meta.push((
+        "llama.rope.scaling.type".into(),
+        GgufValue::Str("linear".into()),
+    ));
+    meta.push(("llama.rope.scaling.factor".into(), GgufValue::F32(2.0)));
+    write_gguf(&path, &meta, &tensors).unwrap();
+    let g = Ddit::load(&path).unwrap();
+    assert_eq!(
+        g.cfg.rope_scaling,
+        Some(RopeScaling::Linear { factor: 2.0 })
+    );
+    let n = meta.len();
+    meta[n - 2].1 = GgufValue::Str("yarn".into());
+    write_gguf(&path, &meta, &tensors).unwrap();
+    let e = format!("{:#}", Ddit::load(&path).unwrap_err());
+    assert!(e.contains("RoPE scaling \"yarn\" is not supported"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

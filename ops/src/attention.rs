@@ -1550,7 +1550,7 @@ fn bwd_head_impl<T: Kern, const F: bool>(cx: &BwdCx<T>, b: usize, h: usize) -> H
 
 /// Attention straight from a fused projection: `qkv [B, T, 3, H, D]` (q | k | v, the layout of
 /// the model's QKV linear viewed 5-d; any strides with a unit last one), RoPE (rotate-half,
-/// `rope_base`) applied to q and k at positions `pos` (u32 `[T]` or `[B, T]`), then
+/// `freqs`) applied to q and k at positions `pos` (u32 `[T]` or `[B, T]`), then
 /// `attention(rope(q), rope(k), v, p)` -> out [B, T, H, D]. The same values as the composed ops;
 /// the difference is the backward: it writes dq, dk (rotated back) and dv into ONE
 /// [B, T, 3, H, D] gradient, where the composed ops pay two rope backwards and three
@@ -1558,7 +1558,7 @@ fn bwd_head_impl<T: Kern, const F: bool>(cx: &BwdCx<T>, b: usize, h: usize) -> H
 pub fn rope_attention(
     qkv: &Tensor,
     pos: &Tensor,
-    rope_base: f64,
+    freqs: &crate::rope::RopeFreqs,
     p: &AttnParams,
 ) -> Result<Tensor> {
     ensure!(
@@ -1567,15 +1567,15 @@ pub fn rope_attention(
         qkv.shape()
     );
     if let Some(on) = bridge::device_of("rope_attention", &[qkv, pos])? {
-        return rope_attention_on(&on, qkv, pos, rope_base, p);
+        return rope_attention_on(&on, qkv, pos, freqs, p);
     }
     let dt = float_dtype("rope_attention", &[qkv])?;
     let (q, k, v) = {
         let _g = kf_engine::autograd::no_grad();
         let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
         (
-            crate::rope::rope(&part(0)?, pos, rope_base)?,
-            crate::rope::rope(&part(1)?, pos, rope_base)?,
+            crate::rope::rope(&part(0)?, pos, freqs)?,
+            crate::rope::rope(&part(1)?, pos, freqs)?,
             part(2)?,
         )
     };
@@ -1583,7 +1583,7 @@ pub fn rope_attention(
     crate::dispatch_float!(
         "rope_attention",
         dt,
-        rope_attention_t::<T>(qkv, pos, rope_base, p, (q, k, v), dims)
+        rope_attention_t::<T>(qkv, pos, freqs, p, (q, k, v), dims)
     )
 }
 
@@ -1689,7 +1689,7 @@ fn rope_attention_on(
     on: &bridge::OnDevice,
     qkv: &Tensor,
     pos: &Tensor,
-    rope_base: f64,
+    freqs: &crate::rope::RopeFreqs,
     p: &AttnParams,
 ) -> Result<Tensor> {
     let dev = &*on.dev;
@@ -1702,7 +1702,7 @@ fn rope_attention_on(
     let x = bridge::dt(qkv)?;
     let pos_t = pos;
     let pos = bridge::dt(&pos.reshape(&[pos.numel()])?)?;
-    let (cos, sin) = crate::rope::launch::rope_tables(dev, &pos, d, rope_base)?;
+    let (cos, sin) = crate::rope::launch::rope_tables(dev, &pos, d, freqs)?;
     let strides = [t * 3 * h * d, 3 * h * d, d];
     let rope_part = |i: usize| {
         crate::rope::launch::rope_view(dev, &x.buf, i * h * d, [b, t, h, d], strides, &cos, &sin)
@@ -1738,7 +1738,7 @@ fn rope_attention_on(
         k: bridge::back(on, k)?,
         lse: bridge::back(on, out.lse)?,
         pos: pos_t.clone(),
-        rope_base,
+        freqs: freqs.clone(),
         params: p.clone(),
     });
     Ok(bridge::back(on, out.o)?.rewrap(Some(node)))
@@ -1747,7 +1747,7 @@ fn rope_attention_on(
 fn rope_attention_t<T: Kern>(
     qkv: &Tensor,
     pos: &Tensor,
-    rope_base: f64,
+    freqs: &crate::rope::RopeFreqs,
     p: &AttnParams,
     (q, k, v): (Tensor, Tensor, Tensor),
     dims: Dims,
@@ -1760,7 +1760,7 @@ fn rope_attention_t<T: Kern>(
             k,
             lse,
             pos: pos.clone(),
-            rope_base,
+            freqs: freqs.clone(),
             params: p.clone(),
         }) as Arc<dyn BackwardOp>
     });
@@ -1774,7 +1774,7 @@ struct RopeAttentionBackward {
     k: Tensor,
     lse: Tensor,
     pos: Tensor,
-    rope_base: f64,
+    freqs: crate::rope::RopeFreqs,
     params: AttnParams,
 }
 
@@ -1821,7 +1821,7 @@ fn rope_attention_bwd_on(
     let gr = attention_bwd_on(on, (&s.q, &s.k, v), out, &s.lse, g, &s.params)?;
     let d = s.q.shape()[3];
     let pos = bridge::dt(&s.pos.reshape(&[s.pos.numel()])?)?;
-    let (cos, sin) = crate::rope::launch::rope_tables(dev, &pos, d, s.rope_base)?;
+    let (cos, sin) = crate::rope::launch::rope_tables(dev, &pos, d, &s.freqs)?;
     let dq = crate::rope::launch::rope_bwd(dev, &gr.dq, &cos, &sin)?;
     let dk = crate::rope::launch::rope_bwd(dev, &gr.dk, &cos, &sin)?;
     let dqkv = Tensor::zeros(s.qkv.shape(), kf_engine::DType::F32, on.device)?;
@@ -1853,7 +1853,7 @@ fn rope_attention_bwd<T: Kern>(
     );
     let heads = backward_heads::<T>(&s.q, &s.k, v, out, &s.lse, g, &s.params, dims, simd_ok())?;
     // the inverse rotation (negated angles) of every position row
-    let (cos, sin) = crate::rope::tables_t::<T>(&s.pos, d, s.rope_base, true)?;
+    let (cos, sin) = crate::rope::tables_t::<T>(&s.pos, d, &s.freqs, true)?;
     let batched = s.pos.rank() == 2;
     let half = d / 2;
     let row = nh * d;
@@ -1915,10 +1915,10 @@ mod tests {
                 .unwrap()
                 .to_dtype(dt)
                 .unwrap();
-            let fused = rope_attention(&x, &pos, 1e4, &p).unwrap();
+            let fused = rope_attention(&x, &pos, &crate::rope::RopeFreqs::plain(1e4), &p).unwrap();
             let part = |i: usize| x.narrow(2, i, 1).unwrap().squeeze(2).unwrap();
-            let q = rope(&part(0), &pos, 1e4).unwrap();
-            let k = rope(&part(1), &pos, 1e4).unwrap();
+            let q = rope(&part(0), &pos, &crate::rope::RopeFreqs::plain(1e4)).unwrap();
+            let k = rope(&part(1), &pos, &crate::rope::RopeFreqs::plain(1e4)).unwrap();
             let composed = attention(&q, &k, &part(2), &p).unwrap();
             assert_eq!(fused.to_vec_f64().unwrap(), composed.to_vec_f64().unwrap());
             let gf = fused.backward_with(seed.clone()).unwrap();
@@ -1929,7 +1929,7 @@ mod tests {
             );
         }
         let bad = Tensor::zeros(&[1, 2, 2, 1, 4], DType::F32, Device::Cpu).unwrap();
-        assert!(rope_attention(&bad, &pos, 1e4, &p).is_err());
+        assert!(rope_attention(&bad, &pos, &crate::rope::RopeFreqs::plain(1e4), &p).is_err());
     }
     use kf_engine::{DType, Device};
 

@@ -13,13 +13,62 @@ use kf_engine::autograd::should_record;
 use kf_engine::{BackwardOp, DType, Float, OutBuf, Tensor};
 use std::sync::Arc;
 
-/// `(cos, sin)` of `angle[r, j] = pos[r] * base^(-2j/D)` for `j < D/2`, each
+/// The rotation's frequencies: `f[j] = base^(-2j/D)`, divided by `div[j]` when the model
+/// scales its RoPE (linear, Llama 3 or a GGUF file's `rope_freqs`: a longer context from the
+/// same angles); `div` has one entry per frequency, D/2.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeFreqs {
+    pub base: f64,
+    pub div: Option<Arc<[f64]>>,
+}
+
+impl RopeFreqs {
+    /// Plain RoPE of `base`.
+    pub fn plain(base: f64) -> RopeFreqs {
+        RopeFreqs { base, div: None }
+    }
+
+    /// The frequencies of head dim `d`.
+    pub fn inv_freq(&self, d: usize) -> Vec<f64> {
+        (0..d / 2)
+            .map(|j| {
+                let f = self.base.powf(-((2 * j) as f64) / d as f64);
+                match &self.div {
+                    Some(div) => f / div[j],
+                    None => f,
+                }
+            })
+            .collect()
+    }
+
+    /// Errors unless usable at head dim `d`: a finite base > 0, D/2 finite divisors > 0.
+    pub fn check(&self, op: &str, d: usize) -> Result<()> {
+        ensure!(
+            self.base.is_finite() && self.base > 0.0,
+            "{op}: base must be finite and > 0, got {}",
+            self.base
+        );
+        if let Some(div) = &self.div {
+            ensure!(
+                div.len() == d / 2,
+                "{op}: {} frequency divisors for head dim {d} (want {})",
+                div.len(),
+                d / 2
+            );
+            ensure!(
+                div.iter().all(|v| v.is_finite() && *v > 0.0),
+                "{op}: frequency divisors must be finite and > 0"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `(cos, sin)` of `angle[r, j] = pos[r] * f[j]` ([`RopeFreqs`]) for `j < D/2`, each
 /// of shape `[len(pos), D/2]`, in f64. `d` must be even.
-pub fn rope_tables(pos: &[u32], d: usize, base: f64) -> (Vec<f64>, Vec<f64>) {
+pub fn rope_tables(pos: &[u32], d: usize, freqs: &RopeFreqs) -> (Vec<f64>, Vec<f64>) {
     let half = d / 2;
-    let inv_freq: Vec<f64> = (0..half)
-        .map(|j| base.powf(-((2 * j) as f64) / d as f64))
-        .collect();
+    let inv_freq = freqs.inv_freq(d);
     let mut cos = Vec::with_capacity(pos.len() * half);
     let mut sin = Vec::with_capacity(pos.len() * half);
     for &p in pos {
@@ -37,7 +86,7 @@ pub fn rope_tables(pos: &[u32], d: usize, base: f64) -> (Vec<f64>, Vec<f64>) {
 /// `out[j + D/2] = x[j + D/2] cos + x[j] sin`. `x` may be a strided view
 /// (e.g. q narrowed out of a `[B, T, 3H, D]` qkv) whose last dimension has
 /// stride 1; it is read in place. The output is contiguous.
-pub fn rope(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
+pub fn rope(x: &Tensor, pos: &Tensor, freqs: &RopeFreqs) -> Result<Tensor> {
     let op = "rope";
     ensure!(
         x.rank() == 4,
@@ -51,8 +100,8 @@ pub fn rope(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
             "{op}: positions must be [T] or [B, T] = [{b}, {t}], got {:?}",
             pos.shape()
         );
-        let (cos, sin) = tables_on(&on, pos, d, base)?;
-        return rope_on(&on, x, pos, base, &cos, &sin);
+        let (cos, sin) = tables_on(&on, pos, d, freqs)?;
+        return rope_on(&on, x, pos, freqs, &cos, &sin);
     }
     let dt = float_dtype(op, &[x])?;
     ensure!(
@@ -71,22 +120,19 @@ pub fn rope(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
         pos.shape(),
         x.shape()
     );
-    ensure!(
-        base.is_finite() && base > 0.0,
-        "{op}: base must be finite and > 0, got {base}"
-    );
-    dispatch_float!(op, dt, rope_t::<T>(x, pos, base))
+    freqs.check(op, d)?;
+    dispatch_float!(op, dt, rope_t::<T>(x, pos, freqs))
 }
 
 /// Tables cast to `T`, with sin negated for the inverse rotation.
 pub(crate) fn tables_t<T: Float>(
     pos: &Tensor,
     d: usize,
-    base: f64,
+    freqs: &RopeFreqs,
     inverse: bool,
 ) -> Result<(Vec<T>, Vec<T>)> {
     let p = pos.to_vec::<u32>()?;
-    let (c, s) = rope_tables(&p, d, base);
+    let (c, s) = rope_tables(&p, d, freqs);
     let sg = if inverse { -1.0 } else { 1.0 };
     Ok((
         c.into_iter().map(T::from_f64).collect(),
@@ -99,7 +145,7 @@ pub(crate) fn tables_t<T: Float>(
 fn rotate<T: Float>(
     x: &Tensor,
     pos: &Tensor,
-    base: f64,
+    freqs: &RopeFreqs,
     inverse: bool,
     node: Option<Arc<dyn BackwardOp>>,
 ) -> Result<Tensor> {
@@ -109,7 +155,7 @@ fn rotate<T: Float>(
     let numel = b * t * h * d;
     let mut out = OutBuf::<T>::uninit(numel);
     if numel > 0 {
-        let (cos, sin) = tables_t::<T>(pos, d, base, inverse)?;
+        let (cos, sin) = tables_t::<T>(pos, d, freqs, inverse)?;
         let batched_pos = pos.rank() == 2;
         // read x in place when its last dim is unit-stride, else copy once
         let xv = if x.strides()[3] == 1 {
@@ -158,16 +204,16 @@ pub(crate) fn rotate_row<T: Float>(x: &[T], o: &mut [T], c: &[T], s: &[T]) {
     }
 }
 
-fn rope_t<T: Float>(x: &Tensor, pos: &Tensor, base: f64) -> Result<Tensor> {
-    let node = should_record(&[x]).then(|| node::<T>(x, pos, base));
-    rotate::<T>(x, pos, base, false, node)
+fn rope_t<T: Float>(x: &Tensor, pos: &Tensor, freqs: &RopeFreqs) -> Result<Tensor> {
+    let node = should_record(&[x]).then(|| node::<T>(x, pos, freqs));
+    rotate::<T>(x, pos, freqs, false, node)
 }
 
-fn node<T: Float>(x: &Tensor, pos: &Tensor, base: f64) -> Arc<dyn BackwardOp> {
+fn node<T: Float>(x: &Tensor, pos: &Tensor, freqs: &RopeFreqs) -> Arc<dyn BackwardOp> {
     Arc::new(RopeBackward::<T> {
         x: x.clone(),
         pos: pos.clone(),
-        base,
+        freqs: freqs.clone(),
         _t: std::marker::PhantomData,
     })
 }
@@ -177,7 +223,7 @@ fn node<T: Float>(x: &Tensor, pos: &Tensor, base: f64) -> Arc<dyn BackwardOp> {
 /// [`RopeAt::apply`] is [`rope`].
 pub struct RopeAt {
     pos: Tensor,
-    base: f64,
+    freqs: RopeFreqs,
     tables: Option<(
         bridge::OnDevice,
         usize,
@@ -188,19 +234,24 @@ pub struct RopeAt {
 
 impl RopeAt {
     /// The tables of `pos` ([T] or [B, T]) for head dim `d`.
-    pub fn new(pos: &Tensor, d: usize, base: f64) -> Result<RopeAt> {
+    pub fn new(pos: &Tensor, d: usize, freqs: &RopeFreqs) -> Result<RopeAt> {
         let tables = match bridge::device_of("rope", &[pos])? {
             Some(on) => {
-                let (c, s) = tables_on(&on, pos, d, base)?;
+                let (c, s) = tables_on(&on, pos, d, freqs)?;
                 Some((on, d, c, s))
             }
             None => None,
         };
         Ok(RopeAt {
             pos: pos.clone(),
-            base,
+            freqs: freqs.clone(),
             tables,
         })
+    }
+
+    /// The frequencies the tables were made with.
+    pub fn freqs(&self) -> &RopeFreqs {
+        &self.freqs
     }
 
     /// [`rope`] of `x [B, T, H, D]` at these positions.
@@ -212,10 +263,10 @@ impl RopeAt {
                 && s[3] == *d
                 && (self.pos.shape() == [s[1]] || self.pos.shape() == [s[0], s[1]]);
             if fits {
-                return rope_on(on, x, &self.pos, self.base, cos, sin);
+                return rope_on(on, x, &self.pos, &self.freqs, cos, sin);
             }
         }
-        rope(x, &self.pos, self.base)
+        rope(x, &self.pos, &self.freqs)
     }
 }
 
@@ -225,7 +276,7 @@ fn rope_on(
     on: &bridge::OnDevice,
     x: &Tensor,
     pos: &Tensor,
-    base: f64,
+    freqs: &RopeFreqs,
     cos: &crate::kdev::DTensor,
     sin: &crate::kdev::DTensor,
 ) -> Result<Tensor> {
@@ -246,7 +297,7 @@ fn rope_on(
     } else {
         launch::rope(&*on.dev, &bridge::dt(x)?, cos, sin)?
     };
-    bridge::back_recorded(on, y, &[x], || node::<f32>(x, pos, base))
+    bridge::back_recorded(on, y, &[x], || node::<f32>(x, pos, freqs))
 }
 
 /// The cos / sin tables of device positions `pos` ([T] or [B, T]) on their device.
@@ -254,17 +305,17 @@ fn tables_on(
     on: &bridge::OnDevice,
     pos: &Tensor,
     d: usize,
-    base: f64,
+    freqs: &RopeFreqs,
 ) -> Result<(crate::kdev::DTensor, crate::kdev::DTensor)> {
     let pos = bridge::dt(&pos.reshape(&[pos.numel()])?)?;
-    launch::rope_tables(&*on.dev, &pos, d, base)
+    launch::rope_tables(&*on.dev, &pos, d, freqs)
 }
 
 /// The rotation is orthogonal: `dx` is `g` rotated by the negated angles.
 struct RopeBackward<T> {
     x: Tensor,
     pos: Tensor,
-    base: f64,
+    freqs: RopeFreqs,
     _t: std::marker::PhantomData<T>,
 }
 
@@ -286,11 +337,11 @@ impl<T: Float> BackwardOp for RopeBackward<T> {
             );
         }
         if let Some(on) = bridge::device_of("rope backward", &[g, &self.pos])? {
-            let (cos, sin) = tables_on(&on, &self.pos, g.shape()[3], self.base)?;
+            let (cos, sin) = tables_on(&on, &self.pos, g.shape()[3], &self.freqs)?;
             let dx = launch::rope_bwd(&*on.dev, &bridge::dt(g)?, &cos, &sin)?;
             return Ok(vec![Some(bridge::back(&on, dx)?), None]);
         }
-        let dx = rotate::<T>(g, &self.pos, self.base, true, None)?;
+        let dx = rotate::<T>(g, &self.pos, &self.freqs, true, None)?;
         Ok(vec![Some(dx), None])
     }
 }
@@ -304,16 +355,31 @@ mod tests {
     fn bad_inputs_are_errors() {
         let x = Tensor::zeros(&[1, 2, 1, 3], DType::F32, Device::Cpu).unwrap();
         let p = Tensor::from_vec(vec![0u32, 1], &[2], Device::Cpu).unwrap();
-        assert!(rope(&x, &p, 1e4).unwrap_err().to_string().contains("even"));
+        assert!(rope(&x, &p, &RopeFreqs::plain(1e4))
+            .unwrap_err()
+            .to_string()
+            .contains("even"));
         let x = Tensor::zeros(&[1, 2, 1, 4], DType::F32, Device::Cpu).unwrap();
         let p3 = Tensor::from_vec(vec![0u32, 1, 2], &[3], Device::Cpu).unwrap();
-        assert!(rope(&x, &p3, 1e4).is_err());
+        assert!(rope(&x, &p3, &RopeFreqs::plain(1e4)).is_err());
         let pf = Tensor::zeros(&[2], DType::F32, Device::Cpu).unwrap();
-        assert!(rope(&x, &pf, 1e4).is_err());
+        assert!(rope(&x, &pf, &RopeFreqs::plain(1e4)).is_err());
         let x3 = Tensor::zeros(&[2, 1, 4], DType::F32, Device::Cpu).unwrap();
-        assert!(rope(&x3, &p, 1e4).is_err());
-        assert!(rope(&x, &p, 0.0).is_err());
-        assert!(rope(&x, &p, 1e4).is_ok());
+        assert!(rope(&x3, &p, &RopeFreqs::plain(1e4)).is_err());
+        assert!(rope(&x, &p, &RopeFreqs::plain(0.0)).is_err());
+        // divisors: one per frequency, finite and > 0
+        let div = |v: Vec<f64>| RopeFreqs {
+            base: 1e4,
+            div: Some(v.into()),
+        };
+        assert!(rope(&x, &p, &div(vec![2.0]))
+            .unwrap_err()
+            .to_string()
+            .contains("divisors"));
+        assert!(rope(&x, &p, &div(vec![2.0, 0.0])).is_err());
+        assert!(rope(&x, &p, &div(vec![2.0, f64::NAN])).is_err());
+        assert!(rope(&x, &p, &div(vec![2.0, 3.0])).is_ok());
+        assert!(rope(&x, &p, &RopeFreqs::plain(1e4)).is_ok());
     }
 
     #[test]
@@ -326,8 +392,11 @@ mod tests {
         let k = qkv.narrow(2, h, h).unwrap();
         assert!(!k.is_contiguous());
         let p = Tensor::from_vec(vec![5u32, 0, 3], &[t], Device::Cpu).unwrap();
-        let a = rope(&k, &p, 1e4).unwrap().to_vec::<f64>().unwrap();
-        let bb = rope(&k.contiguous().unwrap(), &p, 1e4)
+        let a = rope(&k, &p, &RopeFreqs::plain(1e4))
+            .unwrap()
+            .to_vec::<f64>()
+            .unwrap();
+        let bb = rope(&k.contiguous().unwrap(), &p, &RopeFreqs::plain(1e4))
             .unwrap()
             .to_vec::<f64>()
             .unwrap();
@@ -356,12 +425,13 @@ pub mod launch {
     pub type RopeTables = (DTensor, DTensor);
 
     /// The RoPE tables of u32 positions `pos [P]` at head dim `d` (even): `(cos, sin)`, each
-    /// `[P, d/2]` f32 (the `rope_tables_f32` kernel; within one f32 ulp of the CPU's f64 tables).
+    /// `[P, d/2]` f32 (the `rope_tables_f32` kernel, `rope_tables_scaled_f32` with the
+    /// divisors uploaded when `freqs` scales; within one f32 ulp of the CPU's f64 tables).
     pub fn rope_tables<D: KernelDevice + ?Sized>(
         dev: &D,
         pos: &DTensor,
         d: usize,
-        base: f64,
+        freqs: &super::RopeFreqs,
     ) -> Result<RopeTables> {
         let op = "rope_tables";
         pos.expect_dtype(op, "positions", DType::U32)?;
@@ -369,27 +439,31 @@ pub mod launch {
             d >= 2 && d.is_multiple_of(2),
             "{op}: head dim {d} must be even and >= 2"
         );
-        ensure!(
-            base.is_finite() && base > 0.0,
-            "{op}: base {base} must be positive"
-        );
+        freqs.check(op, d)?;
         let np = pos.numel();
         let cos = DTensor::uninit(dev, &[np, d / 2], DType::F32)?;
         let sin = DTensor::uninit(dev, &[np, d / 2], DType::F32)?;
         if np > 0 {
-            run(
-                dev,
-                "rope_tables_f32",
-                rope::tables_config(np, d),
-                &[
-                    KArg::Buf(&pos.buf),
-                    KArg::Buf(&cos.buf),
-                    KArg::Buf(&sin.buf),
-                    KArg::U64(np as u64),
-                    KArg::U32(d as u32),
-                    KArg::F64(base),
-                ],
-            )?;
+            let div = match &freqs.div {
+                Some(v) => Some(DTensor::from_slice(dev, v, &[v.len()])?),
+                None => None,
+            };
+            let mut args = vec![
+                KArg::Buf(&pos.buf),
+                KArg::Buf(&cos.buf),
+                KArg::Buf(&sin.buf),
+                KArg::U64(np as u64),
+                KArg::U32(d as u32),
+                KArg::F64(freqs.base),
+            ];
+            let entry = match &div {
+                Some(v) => {
+                    args.push(KArg::Buf(&v.buf));
+                    "rope_tables_scaled_f32"
+                }
+                None => "rope_tables_f32",
+            };
+            run(dev, entry, rope::tables_config(np, d), &args)?;
         }
         Ok((cos, sin))
     }

@@ -298,7 +298,7 @@ fn attention<D: KernelDevice + ?Sized>(bn: &mut Bencher<'_, D>, sz: &Size) -> Re
     let sh = |a: &[usize]| format!("{a:?}");
     let pos: Vec<u32> = (0..t as u32).collect();
     let pos = DTensor::from_slice(dev, &pos, &[t])?;
-    let (cos, sin) = kl::rope_tables(dev, &pos, hd, 10000.0)?;
+    let (cos, sin) = kl::rope_tables(dev, &pos, hd, &kf_ops::rope::RopeFreqs::plain(10000.0))?;
     let q = bn.up(r * d, &[b, t, h, hd], 9)?;
     let k = bn.up(r * d, &[b, t, h, hd], 10)?;
     let vv = bn.up(r * d, &[b, t, h, hd], 11)?;

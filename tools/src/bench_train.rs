@@ -580,7 +580,7 @@ fn breakdown_ours(cfg: &TrainConfig, mcfg: &DditConfig, reps: usize) -> Result<(
         qkv.reshape(&[b, t, 3, nh, hd])?.narrow(2, i, 1)?.squeeze(2)
     };
     let eps = mcfg.ln_eps;
-    let base = mcfg.rope_base;
+    let freqs = mcfg.rope();
     let mut rows = Vec::new();
     let mut row =
         |name: &'static str, calls: usize, f: &mut dyn FnMut() -> Result<Tensor>| -> Result<()> {
@@ -606,13 +606,15 @@ fn breakdown_ours(cfg: &TrainConfig, mcfg: &DditConfig, reps: usize) -> Result<(
     row("linear qkv", l, &mut || linear(&x, &w_qkv, None))?;
     // the model runs rope + attention as one op on the qkv view (rope_attention); the
     // separate rows stay for comparison with JAX's, the fused row is what an update pays
-    row("rope (q or k)", 2 * l, &mut || rope(&part(0)?, &pos, base))?;
+    row("rope (q or k)", 2 * l, &mut || {
+        rope(&part(0)?, &pos, &freqs)
+    })?;
     row("attention", l, &mut || {
         attention(&q, &k, &part(2)?, &attn_p)
     })?;
     let qkv5 = qkv.reshape(&[b, t, 3, nh, hd])?;
     row("rope+attention", l, &mut || {
-        rope_attention(&qkv5, &pos, base, &attn_p)
+        rope_attention(&qkv5, &pos, &freqs, &attn_p)
     })?;
     row("linear out", l, &mut || linear(&x, &w_o, None))?;
     row("residual add", 2 * l, &mut || add(&x, &x2))?;

@@ -234,8 +234,8 @@ fn positions(n: usize, seed: u64) -> Vec<u32> {
 }
 
 /// `rope_tables` of the CPU op, cast to f32 as the CPU op casts them.
-fn host_tables(pos: &[u32], d: usize) -> (Vec<f32>, Vec<f32>) {
-    let (c, s) = kf_ops::rope::rope_tables(pos, d, ROPE_BASE);
+fn host_tables(pos: &[u32], d: usize, freqs: &kf_ops::rope::RopeFreqs) -> (Vec<f32>, Vec<f32>) {
+    let (c, s) = kf_ops::rope::rope_tables(pos, d, freqs);
     (
         c.iter().map(|&v| v as f32).collect(),
         s.iter().map(|&v| v as f32).collect(),
@@ -283,7 +283,7 @@ fn rope_forward_and_backward_match_the_cpu_op_bit_for_bit() {
                 let sfx = st.suffix();
                 let seed = (b * 1000 + t * 100 + h * 10 + d) as u64;
                 let pos = positions(if batched { b * t } else { t }, seed);
-                let (c, s) = host_tables(&pos, d);
+                let (c, s) = host_tables(&pos, d, &kf_ops::rope::RopeFreqs::plain(ROPE_BASE));
                 let (cb, sb) = (DeviceBuffer::from_slice(&c), DeviceBuffer::from_slice(&s));
                 let pt = if batched {
                     Tensor::from_vec(pos.clone(), &[b, t], Device::Cpu).unwrap()
@@ -308,7 +308,9 @@ fn rope_forward_and_backward_match_the_cpu_op_bit_for_bit() {
                     batched,
                 );
                 let xvar = xv.var();
-                let cpu = kf_ops::rope::rope(&xvar, &pt, ROPE_BASE).unwrap();
+                let cpu =
+                    kf_ops::rope::rope(&xvar, &pt, &kf_ops::rope::RopeFreqs::plain(ROPE_BASE))
+                        .unwrap();
                 // the same f32 products and differences, rounded once to storage
                 compare(
                     &format!("{name} fwd"),
@@ -343,46 +345,58 @@ fn rope_forward_and_backward_match_the_cpu_op_bit_for_bit() {
     }
 }
 
+/// Both table kernels: plain, and scaled (every frequency divided by its own factor, as a
+/// Llama 3 file's rope_freqs; `rope_tables_scaled_f32`).
 #[test]
 fn rope_device_tables_match_the_host_tables() {
     for d in [2, 6, 64, 128] {
-        for np in [1, 7, 300] {
-            let pos = positions(np, (np * d) as u64);
-            let (c, s) = host_tables(&pos, d);
-            let half = d / 2;
-            let (pb, cb, sb) = (
-                DeviceBuffer::from_slice(&pos),
-                DeviceBuffer::uninit(4 * np * half),
-                DeviceBuffer::uninit(4 * np * half),
-            );
-            launch(
-                "rope_tables_f32",
-                rope::tables_config(np, d),
-                &[
+        for scaled in [false, true] {
+            let div: Vec<f64> = (0..d / 2).map(|j| 1.0 + 0.37 * j as f64).collect();
+            let freqs = kf_ops::rope::RopeFreqs {
+                base: ROPE_BASE,
+                div: scaled.then(|| div.clone().into()),
+            };
+            for np in [1, 7, 300] {
+                let pos = positions(np, (np * d) as u64);
+                let (c, s) = host_tables(&pos, d, &freqs);
+                let half = d / 2;
+                let (pb, cb, sb, db) = (
+                    DeviceBuffer::from_slice(&pos),
+                    DeviceBuffer::uninit(4 * np * half),
+                    DeviceBuffer::uninit(4 * np * half),
+                    DeviceBuffer::from_slice(&div),
+                );
+                let mut args = vec![
                     Arg::Buf(&pb),
                     Arg::Buf(&cb),
                     Arg::Buf(&sb),
                     Arg::U64(np as u64),
                     Arg::U32(d as u32),
                     Arg::F64(ROPE_BASE),
-                ],
-            )
-            .unwrap();
-            let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-            compare(
-                &format!("rope cos D={d} P={np}"),
-                &f32s(&cb),
-                &f(&c),
-                ONE_F32_ULP,
-            )
-            .unwrap();
-            compare(
-                &format!("rope sin D={d} P={np}"),
-                &f32s(&sb),
-                &f(&s),
-                ONE_F32_ULP,
-            )
-            .unwrap();
+                ];
+                let entry = if scaled {
+                    args.push(Arg::Buf(&db));
+                    "rope_tables_scaled_f32"
+                } else {
+                    "rope_tables_f32"
+                };
+                launch(entry, rope::tables_config(np, d), &args).unwrap();
+                let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+                compare(
+                    &format!("{entry} cos D={d} P={np}"),
+                    &f32s(&cb),
+                    &f(&c),
+                    ONE_F32_ULP,
+                )
+                .unwrap();
+                compare(
+                    &format!("{entry} sin D={d} P={np}"),
+                    &f32s(&sb),
+                    &f(&s),
+                    ONE_F32_ULP,
+                )
+                .unwrap();
+            }
         }
     }
 }

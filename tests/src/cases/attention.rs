@@ -433,7 +433,7 @@ fn attention_cases() -> Vec<Case> {
 /// `rope_ref` of the q and k blocks, then the attention reference on (q, k, v). Gradients are
 /// checked with respect to qkv (the one [B, T, 3, H, D] gradient the op writes).
 fn rope_attention_case(s: Spec, batched_pos: bool, seed: u64, grad: bool) -> Case {
-    use super::norm::{rope_ref, ROPE_BASE};
+    use super::norm::{plain_rope, rope_ref};
     assert!(s.tq == s.tk && s.q_start == 0 && s.layout == Layout::Separate);
     let (b, t, h, d) = (s.b, s.tk, s.h, s.d);
     let mut g = Gen::new(seed);
@@ -465,7 +465,7 @@ fn rope_attention_case(s: Spec, batched_pos: bool, seed: u64, grad: bool) -> Cas
             Ok(vec![rope_attention(
                 &ts[0],
                 &ts[1],
-                ROPE_BASE,
+                &plain_rope(),
                 &sf.params(),
             )?])
         },
@@ -476,8 +476,8 @@ fn rope_attention_case(s: Spec, batched_pos: bool, seed: u64, grad: bool) -> Cas
                     .collect()
             };
             let shape = [b, t, h, d];
-            let q = rope_ref(&part(0), &x[1], shape, batched_pos);
-            let k = rope_ref(&part(1), &x[1], shape, batched_pos);
+            let q = rope_ref(&part(0), &x[1], shape, batched_pos, None);
+            let k = rope_ref(&part(1), &x[1], shape, batched_pos, None);
             vec![reference(&sr, &[q, k, part(2)])]
         },
     )

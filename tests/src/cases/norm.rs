@@ -10,6 +10,11 @@ use kf_engine::Tensor;
 const EPS: f64 = 1e-5;
 /// The RoPE base of the backbone.
 pub(crate) const ROPE_BASE: f64 = 10000.0;
+
+/// Plain RoPE at [`ROPE_BASE`].
+pub(crate) fn plain_rope() -> kf_ops::rope::RopeFreqs {
+    kf_ops::rope::RopeFreqs::plain(ROPE_BASE)
+}
 /// GPT-2's vocabulary: the real size a logits row has.
 const BIG_V: usize = 50257;
 
@@ -141,7 +146,7 @@ pub fn rope() -> Vec<Case> {
         [Case::refused(
             "rope x [1, 2, 1, 4], positions [3]",
             vec![filled(&[1, 2, 1, 4]), indices(&[3])],
-            |t| Ok(vec![kf_ops::rope::rope(&t[0], &t[1], ROPE_BASE)?]),
+            |t| Ok(vec![kf_ops::rope::rope(&t[0], &t[1], &plain_rope())?]),
             "rope",
         )],
     )
@@ -318,8 +323,15 @@ fn layer_norm_cases(bias: bool) -> Vec<Case> {
 
 // ------------------------------------------------------------------------ rope
 
-/// Naive rotate-half rope of a contiguous `[B, T, H, D]` buffer.
-pub(crate) fn rope_ref(x: &[f64], pos: &[f64], shape: [usize; 4], batched_pos: bool) -> Vec<f64> {
+/// Naive rotate-half rope of a contiguous `[B, T, H, D]` buffer; frequency j divided by
+/// `div[j]` when given (a scaled RoPE).
+pub(crate) fn rope_ref(
+    x: &[f64],
+    pos: &[f64],
+    shape: [usize; 4],
+    batched_pos: bool,
+    div: Option<&[f64]>,
+) -> Vec<f64> {
     let [b, t, h, d] = shape;
     let half = d / 2;
     let mut out = vec![0.0; x.len()];
@@ -333,7 +345,8 @@ pub(crate) fn rope_ref(x: &[f64], pos: &[f64], shape: [usize; 4], batched_pos: b
             for hi in 0..h {
                 let o = ((bi * t + ti) * h + hi) * d;
                 for j in 0..half {
-                    let theta = p / ROPE_BASE.powf(2.0 * j as f64 / d as f64);
+                    let theta =
+                        p / ROPE_BASE.powf(2.0 * j as f64 / d as f64) / div.map_or(1.0, |v| v[j]);
                     let (c, s) = (theta.cos(), theta.sin());
                     let (x1, x2) = (x[o + j], x[o + j + half]);
                     out[o + j] = x1 * c - x2 * s;
@@ -348,14 +361,23 @@ pub(crate) fn rope_ref(x: &[f64], pos: &[f64], shape: [usize; 4], batched_pos: b
 fn rope_cases() -> Vec<Case> {
     let mut cases = vec![];
     for &d in &[2usize, 8, 64, 128] {
-        // (B, T, H, batched positions, strided view out of a [B, T, 3H, D] qkv)
-        for &(b, t, h, batched, strided) in &[
-            (1usize, 1usize, 1usize, false, false),
-            (2, 5, 3, false, false),
-            (2, 5, 3, true, false),
-            (2, 4, 2, true, true),
-            (1, 6, 2, false, true),
+        // (B, T, H, batched positions, strided view out of a [B, T, 3H, D] qkv, scaled:
+        // every frequency divided by its own factor, as a Llama 3 file's rope_freqs)
+        for &(b, t, h, batched, strided, scaled) in &[
+            (1usize, 1usize, 1usize, false, false, false),
+            (2, 5, 3, false, false, false),
+            (2, 5, 3, true, false, false),
+            (2, 4, 2, true, true, false),
+            (1, 6, 2, false, true, false),
+            (2, 5, 3, true, false, true),
+            (2, 4, 2, false, true, true),
         ] {
+            let div: Option<Vec<f64>> =
+                scaled.then(|| (0..d / 2).map(|j| 1.0 + 0.37 * j as f64).collect());
+            let freqs = kf_ops::rope::RopeFreqs {
+                base: ROPE_BASE,
+                div: div.clone().map(Into::into),
+            };
             let mut g = Gen::new((d * 1000 + b * 100 + t * 10 + h) as u64 + batched as u64);
             let np = if batched { b * t } else { t };
             // non-monotonic positions, repeats, 0, and a large one
@@ -373,9 +395,10 @@ fn rope_cases() -> Vec<Case> {
             };
             let x = g.normal_vec(xshape.iter().product(), 1.0);
             let name = format!(
-                "rope B={b} T={t} H={h} D={d} pos={}{}",
+                "rope B={b} T={t} H={h} D={d} pos={}{}{}",
                 if batched { "[B,T]" } else { "[T]" },
-                if strided { " k-view of qkv" } else { "" }
+                if strided { " k-view of qkv" } else { "" },
+                if scaled { " scaled" } else { "" }
             );
             let n = b * t * h * d;
             cases.push(
@@ -388,7 +411,7 @@ fn rope_cases() -> Vec<Case> {
                         } else {
                             ts[0].clone()
                         };
-                        Ok(vec![kf_ops::rope::rope(&x, &ts[1], ROPE_BASE)?])
+                        Ok(vec![kf_ops::rope::rope(&x, &ts[1], &freqs)?])
                     },
                     move |v: &[Vec<f64>]| {
                         let x: Vec<f64> = if strided {
@@ -399,7 +422,7 @@ fn rope_cases() -> Vec<Case> {
                         } else {
                             v[0].clone()
                         };
-                        vec![rope_ref(&x, &v[1], [b, t, h, d], batched)]
+                        vec![rope_ref(&x, &v[1], [b, t, h, d], batched, div.as_deref())]
                     },
                 )
                 .grad(&[0])
