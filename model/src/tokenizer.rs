@@ -24,6 +24,8 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
     TokenizerImpl,
@@ -31,6 +33,11 @@ use tokenizers::{
 
 /// The end-of-text token: document separator in the shards and EOS of generation.
 pub const EOS_TOKEN: &str = "<|endoftext|>";
+
+/// llama.cpp's split regex of the "llama-bpe" pre-tokenizer (Llama 3).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// llama.cpp's split regex of the "qwen2" pre-tokenizer: Llama 3's with single digits.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Token strings recognised as end-of-sequence, in order of preference.
 const EOS_CANDIDATES: [&str; 4] = [EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>"];
@@ -219,8 +226,9 @@ impl Tokenizer {
     /// Builds the tokenizer of a GGUF file from its `tokenizer.ggml.*` metadata:
     /// `tokenizer.ggml.model` must be "gpt2" (byte-level BPE: `tokens`, `merges` as "a b"
     /// strings, optional `token_type`), with `tokenizer.ggml.pre` "gpt-2" (GPT-2's split
-    /// regex) or "smollm" (each digit split off first, then GPT-2's regex), as llama.cpp
-    /// does. Control tokens (type 3) become special added tokens and user-defined ones
+    /// regex), "smollm" (each digit split off first, then GPT-2's regex), "llama-bpe" (Llama
+    /// 3's regex: numbers in runs of up to 3 digits, case-insensitive contractions) or
+    /// "qwen2" (the same with single digits), as llama.cpp does. Control tokens (type 3) become special added tokens and user-defined ones
     /// (type 4) plain added tokens, so their text in the input maps to their id. EOS is
     /// `tokenizer.ggml.eos_token_id`. Other models and pre-tokenizers are clear errors.
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
@@ -245,11 +253,14 @@ impl Tokenizer {
                 .as_str()
                 .ok_or_else(|| anyhow!("tokenizer.ggml.pre is not a string"))?,
         };
-        let split_digits = match pre {
-            "gpt-2" => false,
-            "smollm" => true,
+        // (split digits first, a split regex in front of the byte-level step)
+        let (split_digits, regex) = match pre {
+            "gpt-2" => (false, None),
+            "smollm" => (true, None),
+            "llama-bpe" | "llama3" => (false, Some(LLAMA3_SPLIT)),
+            "qwen2" => (false, Some(QWEN2_SPLIT)),
             p => bail!(
-                "pre-tokenizer tokenizer.ggml.pre = {p:?} is not supported yet (only \"gpt-2\" and \"smollm\")"
+                "pre-tokenizer tokenizer.ggml.pre = {p:?} is not supported yet (gpt-2, smollm, llama-bpe and qwen2 are)"
             ),
         };
         let tokens = meta_array(g, "tokenizer.ggml.tokens")?;
@@ -318,7 +329,8 @@ impl Tokenizer {
         let byte_level = ByteLevel::default()
             .add_prefix_space(false)
             .trim_offsets(true)
-            .use_regex(true);
+            // GPT-2's regex unless another one splits first
+            .use_regex(regex.is_none());
         let mut tk: TokenizerImpl<
             BPE,
             NormalizerWrapper,
@@ -326,7 +338,15 @@ impl Tokenizer {
             PostProcessorWrapper,
             DecoderWrapper,
         > = TokenizerImpl::new(bpe);
-        if split_digits {
+        if let Some(re) = regex {
+            let split = Split::new(
+                SplitPattern::Regex(re.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| anyhow!("cannot build the {pre} split regex: {e}"))?;
+            tk.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), byte_level.into()])));
+        } else if split_digits {
             tk.with_pre_tokenizer(Some(Sequence::new(vec![
                 Digits::new(true).into(),
                 byte_level.into(),

@@ -173,9 +173,9 @@ fn unsupported_tokenizers_and_templates_are_clear_errors() {
         e.contains("SentencePiece") && e.contains("not supported"),
         "{e}"
     );
-    let e = err(vec![("tokenizer.ggml.pre".into(), s("llama-bpe"))]);
+    let e = err(vec![("tokenizer.ggml.pre".into(), s("tekken"))]);
     assert!(
-        e.contains("llama-bpe") && e.contains("not supported"),
+        e.contains("\"tekken\"") && e.contains("not supported") && e.contains("llama-bpe"),
         "{e}"
     );
     let e = err(vec![(
@@ -208,4 +208,50 @@ fn unsupported_tokenizers_and_templates_are_clear_errors() {
     assert!(e.contains("not one kfrun can render"), "{e}");
     let (g, _) = load(tiny(vec![])).unwrap();
     assert!(apply_chat_template(&g, "hi").is_err());
+}
+
+/// The pre-tokenizers beyond GPT-2's split text as llama.cpp's regexes do: Llama 3's
+/// ("llama-bpe": case-insensitive contractions, numbers in runs of up to three digits, no
+/// space glued to a number) and Qwen 2's (single digits). Pieces in byte-level form.
+#[test]
+fn llama3_and_qwen2_pre_tokenizers_split_like_llama_cpp() {
+    use tokenizers::PreTokenizer;
+    let text = "I'VE 12345 cats\n\n  ok!!";
+    let pieces = |pre: &str| -> Vec<String> {
+        let (_, tok) = load(tiny(vec![(
+            "tokenizer.ggml.pre".into(),
+            GgufValue::Str(pre.into()),
+        )]))
+        .unwrap();
+        let mut s = tokenizers::PreTokenizedString::from(text);
+        tok.inner()
+            .get_pre_tokenizer()
+            .unwrap()
+            .pre_tokenize(&mut s)
+            .unwrap();
+        s.get_splits(
+            tokenizers::OffsetReferential::Original,
+            tokenizers::OffsetType::Byte,
+        )
+        .into_iter()
+        .map(|(p, _, _)| p.to_string())
+        .collect()
+    };
+    let bl = |v: &[&str]| -> Vec<String> {
+        v.iter()
+            .map(|p| p.replace(' ', "Ġ").replace('\n', "Ċ"))
+            .collect()
+    };
+    assert_eq!(
+        pieces("gpt-2"),
+        bl(&["I", "'", "VE", " 12345", " cats", "\n\n ", " ok", "!!"])
+    );
+    assert_eq!(
+        pieces("llama-bpe"),
+        bl(&["I", "'VE", " ", "123", "45", " cats", "\n\n", " ", " ok", "!!"])
+    );
+    assert_eq!(
+        pieces("qwen2"),
+        bl(&["I", "'VE", " ", "1", "2", "3", "4", "5", " cats", "\n\n", " ", " ok", "!!"])
+    );
 }
