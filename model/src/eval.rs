@@ -294,7 +294,8 @@ pub fn unigram_entropy(tokens: &[u32]) -> f64 {
     if tokens.is_empty() {
         return 0.0;
     }
-    let mut c = std::collections::HashMap::<u32, usize>::new();
+    // ordered, so the sum runs in one order and a rerun gives the same bits
+    let mut c = std::collections::BTreeMap::<u32, usize>::new();
     for &t in tokens {
         *c.entry(t).or_default() += 1;
     }
