@@ -19,8 +19,13 @@
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use kf_engine::gguf::{Gguf, GgufValue};
 use std::path::{Path, PathBuf};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{BpeTrainerBuilder, Vocab, BPE};
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -38,6 +43,18 @@ pub const EOS_TOKEN: &str = "<|endoftext|>";
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// llama.cpp's split regex of the "qwen2" pre-tokenizer: Llama 3's with single digits.
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// SentencePiece's space ("▁", U+2581).
+const SPM_SPACE: &str = "\u{2581}";
+
+/// The tokenizer under construction (our normaliser / pre-tokenizer / decoder wrappers).
+type Tk = TokenizerImpl<
+    BPE,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 
 /// Token strings recognised as end-of-sequence, in order of preference.
 const EOS_CANDIDATES: [&str; 4] = [EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>"];
@@ -240,29 +257,10 @@ impl Tokenizer {
 
     fn build_from_gguf(g: &Gguf) -> Result<Tokenizer> {
         let model = meta_str(g, "tokenizer.ggml.model")?;
-        match model {
-            "gpt2" => {}
-            "llama" => bail!(
-                "tokenizer.ggml.model \"llama\" (SentencePiece) is not supported yet, only \"gpt2\" (byte-level BPE)"
-            ),
-            m => bail!("tokenizer.ggml.model {m:?} is not supported (only \"gpt2\", byte-level BPE)"),
-        }
-        let pre = match g.get("tokenizer.ggml.pre") {
-            None => "gpt-2",
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| anyhow!("tokenizer.ggml.pre is not a string"))?,
-        };
-        // (split digits first, a split regex in front of the byte-level step)
-        let (split_digits, regex) = match pre {
-            "gpt-2" => (false, None),
-            "smollm" => (true, None),
-            "llama-bpe" | "llama3" => (false, Some(LLAMA3_SPLIT)),
-            "qwen2" => (false, Some(QWEN2_SPLIT)),
-            p => bail!(
-                "pre-tokenizer tokenizer.ggml.pre = {p:?} is not supported yet (gpt-2, smollm, llama-bpe and qwen2 are)"
-            ),
-        };
+        ensure!(
+            matches!(model, "gpt2" | "llama"),
+            "tokenizer.ggml.model {model:?} is not supported (\"gpt2\", byte-level BPE, and \"llama\", SentencePiece BPE, are)"
+        );
         let tokens = meta_array(g, "tokenizer.ggml.tokens")?;
         ensure!(!tokens.is_empty(), "tokenizer.ggml.tokens is empty");
         ensure!(
@@ -306,55 +304,11 @@ impl Tokenizer {
                 _ => {}
             }
         }
-        let merges = meta_array(g, "tokenizer.ggml.merges")?
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let s = m
-                    .as_str()
-                    .ok_or_else(|| anyhow!("tokenizer.ggml.merges[{i}] is not a string"))?;
-                // like llama.cpp: the separator is the first space after the first character
-                let first = s.chars().next().map_or(0, char::len_utf8);
-                let sp = s[first..]
-                    .find(' ')
-                    .map(|p| p + first)
-                    .ok_or_else(|| anyhow!("tokenizer.ggml.merges[{i}] = {s:?} has no space"))?;
-                Ok((s[..sp].to_string(), s[sp + 1..].to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| anyhow!("cannot build the BPE model: {e}"))?;
-        let byte_level = ByteLevel::default()
-            .add_prefix_space(false)
-            .trim_offsets(true)
-            // GPT-2's regex unless another one splits first
-            .use_regex(regex.is_none());
-        let mut tk: TokenizerImpl<
-            BPE,
-            NormalizerWrapper,
-            PreTokenizerWrapper,
-            PostProcessorWrapper,
-            DecoderWrapper,
-        > = TokenizerImpl::new(bpe);
-        if let Some(re) = regex {
-            let split = Split::new(
-                SplitPattern::Regex(re.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| anyhow!("cannot build the {pre} split regex: {e}"))?;
-            tk.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), byte_level.into()])));
-        } else if split_digits {
-            tk.with_pre_tokenizer(Some(Sequence::new(vec![
-                Digits::new(true).into(),
-                byte_level.into(),
-            ])));
+        let mut tk = if model == "gpt2" {
+            Self::gpt2_from_gguf(g, vocab)?
         } else {
-            tk.with_pre_tokenizer(Some(byte_level));
-        }
-        tk.with_decoder(Some(ByteLevelDecoder::default()));
+            Self::spm_from_gguf(g, vocab, &types)?
+        };
         let (special, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|t| t.special);
         tk.add_special_tokens(&special);
         tk.add_tokens(&plain);
@@ -382,6 +336,157 @@ impl Tokenizer {
             }
         };
         Ok(t)
+    }
+
+    /// The byte-level BPE of a "gpt2" GGUF vocabulary: its merges, the pre-tokenizer
+    /// `tokenizer.ggml.pre` names, the byte-level decoder.
+    fn gpt2_from_gguf(g: &Gguf, vocab: Vocab) -> Result<Tk> {
+        let pre = match g.get("tokenizer.ggml.pre") {
+            None => "gpt-2",
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| anyhow!("tokenizer.ggml.pre is not a string"))?,
+        };
+        // (split digits first, a split regex in front of the byte-level step)
+        let (split_digits, regex) = match pre {
+            "gpt-2" => (false, None),
+            "smollm" => (true, None),
+            "llama-bpe" | "llama3" => (false, Some(LLAMA3_SPLIT)),
+            "qwen2" => (false, Some(QWEN2_SPLIT)),
+            p => bail!(
+                "pre-tokenizer tokenizer.ggml.pre = {p:?} is not supported yet (gpt-2, smollm, llama-bpe and qwen2 are)"
+            ),
+        };
+        let merges = meta_array(g, "tokenizer.ggml.merges")?
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let s = m
+                    .as_str()
+                    .ok_or_else(|| anyhow!("tokenizer.ggml.merges[{i}] is not a string"))?;
+                // like llama.cpp: the separator is the first space after the first character
+                let first = s.chars().next().map_or(0, char::len_utf8);
+                let sp = s[first..]
+                    .find(' ')
+                    .map(|p| p + first)
+                    .ok_or_else(|| anyhow!("tokenizer.ggml.merges[{i}] = {s:?} has no space"))?;
+                Ok((s[..sp].to_string(), s[sp + 1..].to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| anyhow!("cannot build the BPE model: {e}"))?;
+        let byte_level = ByteLevel::default()
+            .add_prefix_space(false)
+            .trim_offsets(true)
+            // GPT-2's regex unless another one splits first
+            .use_regex(regex.is_none());
+        let mut tk = Tk::new(bpe);
+        if let Some(re) = regex {
+            let split = Split::new(
+                SplitPattern::Regex(re.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| anyhow!("cannot build the {pre} split regex: {e}"))?;
+            tk.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), byte_level.into()])));
+        } else if split_digits {
+            tk.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level.into(),
+            ])));
+        } else {
+            tk.with_pre_tokenizer(Some(byte_level));
+        }
+        tk.with_decoder(Some(ByteLevelDecoder::default()));
+        Ok(tk)
+    }
+
+    /// The SentencePiece BPE of a "llama" GGUF vocabulary, as llama.cpp tokenizes it: the
+    /// text with a space in front (`tokenizer.ggml.add_space_prefix`, default on) and every
+    /// space as "▁" is one word; adjacent pieces merge while their concatenation is a
+    /// token, the highest `tokenizer.ggml.scores` first (ties: leftmost), and what no token
+    /// covers falls back to its bytes (<0xXX> tokens). As `tokenizers` BPE: every split of a
+    /// token into two tokens is a merge, ranked by the merged token's score.
+    fn spm_from_gguf(g: &Gguf, vocab: Vocab, types: &[i64]) -> Result<Tk> {
+        let scores = meta_array(g, "tokenizer.ggml.scores")?;
+        ensure!(
+            scores.len() == types.len(),
+            "tokenizer.ggml.scores has {} entries for {} tokens",
+            scores.len(),
+            types.len()
+        );
+        let scores: Vec<f64> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_f64()
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| anyhow!("tokenizer.ggml.scores[{i}] is not a finite number"))
+            })
+            .collect::<Result<_>>()?;
+        let add_prefix = g
+            .get("tokenizer.ggml.add_space_prefix")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true);
+        // pieces that merge: normal, user-defined and unused tokens (not control, unknown
+        // or byte tokens)
+        let mergeable = |id: u32| matches!(types[id as usize], 1 | 4 | 5);
+        let mut ranked: Vec<(f64, u32, String, String)> = vec![];
+        for (tok, &id) in &vocab {
+            if !mergeable(id) {
+                continue;
+            }
+            for (at, _) in tok.char_indices().skip(1) {
+                let (l, r) = tok.split_at(at);
+                if vocab.get(l).is_some_and(|&i| mergeable(i))
+                    && vocab.get(r).is_some_and(|&i| mergeable(i))
+                {
+                    ranked.push((scores[id as usize], id, l.to_string(), r.to_string()));
+                }
+            }
+        }
+        // best score first; one token's splits together, left split first
+        ranked.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then(a.1.cmp(&b.1))
+                .then(a.2.len().cmp(&b.2.len()))
+        });
+        let merges = ranked.into_iter().map(|(_, _, l, r)| (l, r)).collect();
+        let unk = types
+            .iter()
+            .position(|&t| t == TOKEN_TYPE_UNKNOWN)
+            .and_then(|i| vocab.iter().find(|(_, &v)| v as usize == i))
+            .map(|(t, _)| t.clone());
+        let mut b = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .byte_fallback(true)
+            .fuse_unk(true);
+        if let Some(u) = unk {
+            b = b.unk_token(u);
+        }
+        let bpe = b
+            .build()
+            .map_err(|e| anyhow!("cannot build the BPE model: {e}"))?;
+        let mut tk = Tk::new(bpe);
+        let space = Replace::new(" ", SPM_SPACE).map_err(tk_err)?;
+        let mut norm: Vec<NormalizerWrapper> = vec![];
+        if add_prefix {
+            norm.push(Prepend::new(SPM_SPACE.into()).into());
+        }
+        norm.push(space.into());
+        tk.with_normalizer(Some(NormalizerSequence::new(norm)));
+        let mut dec: Vec<DecoderWrapper> = vec![
+            Replace::new(SPM_SPACE, " ").map_err(tk_err)?.into(),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+        ];
+        if add_prefix {
+            dec.push(Strip::new(' ', 1, 0).into());
+        }
+        tk.with_decoder(Some(DecoderSequence::new(dec)));
+        Ok(tk)
     }
 
     /// Where the tokenizer was loaded from, if from a file.
@@ -451,6 +556,7 @@ impl Tokenizer {
 }
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
+const TOKEN_TYPE_UNKNOWN: i64 = 2;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
