@@ -291,6 +291,8 @@ impl Tokenizer {
         };
         let mut vocab = Vocab::default();
         let mut added = Vec::new();
+        // the first unknown-type token: SentencePiece's unk
+        let mut unk = None;
         for (id, tok) in tokens.iter().enumerate() {
             let s = tok
                 .as_str()
@@ -301,13 +303,14 @@ impl Tokenizer {
             match types[id] {
                 TOKEN_TYPE_CONTROL => added.push(AddedToken::from(s.to_string(), true)),
                 TOKEN_TYPE_USER_DEFINED => added.push(AddedToken::from(s.to_string(), false)),
+                TOKEN_TYPE_UNKNOWN if unk.is_none() => unk = Some(s.to_string()),
                 _ => {}
             }
         }
         let mut tk = if model == "gpt2" {
             Self::gpt2_from_gguf(g, vocab)?
         } else {
-            Self::spm_from_gguf(g, vocab, &types)?
+            Self::spm_from_gguf(g, vocab, &types, unk)?
         };
         let (special, plain): (Vec<_>, Vec<_>) = added.into_iter().partition(|t| t.special);
         tk.add_special_tokens(&special);
@@ -409,7 +412,7 @@ impl Tokenizer {
     /// token, the highest `tokenizer.ggml.scores` first (ties: leftmost), and what no token
     /// covers falls back to its bytes (<0xXX> tokens). As `tokenizers` BPE: every split of a
     /// token into two tokens is a merge, ranked by the merged token's score.
-    fn spm_from_gguf(g: &Gguf, vocab: Vocab, types: &[i64]) -> Result<Tk> {
+    fn spm_from_gguf(g: &Gguf, vocab: Vocab, types: &[i64], unk: Option<String>) -> Result<Tk> {
         let scores = meta_array(g, "tokenizer.ggml.scores")?;
         ensure!(
             scores.len() == types.len(),
@@ -454,11 +457,6 @@ impl Tokenizer {
                 .then(a.2.len().cmp(&b.2.len()))
         });
         let merges = ranked.into_iter().map(|(_, _, l, r)| (l, r)).collect();
-        let unk = types
-            .iter()
-            .position(|&t| t == TOKEN_TYPE_UNKNOWN)
-            .and_then(|i| vocab.iter().find(|(_, &v)| v as usize == i))
-            .map(|(t, _)| t.clone());
         let mut b = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .byte_fallback(true)
