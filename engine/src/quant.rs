@@ -3,6 +3,8 @@
 //! 256-element K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K), with ggml's block layouts
 //! (all little endian) and ggml's order of float operations, so results equal ggml's
 //! reference dequantization bit for bit. Large tensors are split over rayon threads.
+//! The other way, [`quantize`] rounds f32 values into the block formats the integer decode
+//! kernels read (Q8_0, Q4_0, Q4_1), the method written from the formats' definitions.
 
 use anyhow::{bail, Result};
 use half::{bf16, f16};
@@ -58,6 +60,93 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
         run(out, bytes);
     }
     Ok(())
+}
+
+/// Whether [`quantize`] can write `ty`.
+pub fn can_quantize(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
+}
+
+/// Rounds `x` (a whole number of 32-element blocks, each block along a row) into blocks
+/// of `ty` (Q8_0, Q4_0 or Q4_1), the layouts [`dequantize`] reads. Per block: Q8_0 scales
+/// by max|x| / 127 and rounds to nearest (halves away from zero); Q4_0 maps the
+/// value of largest magnitude to -8 (scale max / -8, 16 levels); Q4_1 spans [min, max]
+/// in 15 steps. The quotients use the f32 scale; the stored scale is its f16 rounding.
+/// Non-finite input is refused (its blocks would dequantize to garbage).
+pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>> {
+    let f: fn(&[f32], &mut [u8]) = match ty {
+        GgmlType::Q8_0 => quant_q8_0,
+        GgmlType::Q4_0 => quant_q4_0,
+        GgmlType::Q4_1 => quant_q4_1,
+        _ => bail!("quantizing to {ty} is not supported (Q8_0, Q4_0 or Q4_1)"),
+    };
+    let (be, bb) = (ty.block_elems(), ty.block_bytes());
+    if !x.len().is_multiple_of(be) {
+        bail!(
+            "{} elements are not a whole number of {ty} blocks ({be} elements each)",
+            x.len()
+        );
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        bail!("cannot quantize to {ty}: element {i} is {}", x[i]);
+    }
+    let mut out = vec![0u8; x.len() / be * bb];
+    let blocks = PAR_CHUNK_ELEMS / be;
+    out.par_chunks_mut(blocks * bb)
+        .zip(x.par_chunks(blocks * be))
+        .for_each(|(o, x)| {
+            for (o, x) in o.chunks_exact_mut(bb).zip(x.chunks_exact(be)) {
+                f(x, o);
+            }
+        });
+    Ok(out)
+}
+
+/// `1 / d`, 0 for a zero scale (an all-zero block).
+fn inv(d: f32) -> f32 {
+    if d == 0.0 {
+        0.0
+    } else {
+        1.0 / d
+    }
+}
+
+fn quant_q8_0(x: &[f32], o: &mut [u8]) {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = inv(d);
+    o[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    for (q, v) in o[2..].iter_mut().zip(x) {
+        *q = (v * id).round() as i8 as u8;
+    }
+}
+
+fn quant_q4_0(x: &[f32], o: &mut [u8]) {
+    // the signed value of largest magnitude becomes level 0 (-8 after the offset)
+    let max = x
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = max / -8.0;
+    let id = inv(d);
+    o[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    let q = |v: f32| ((v * id + 8.5) as u8).min(15);
+    for j in 0..16 {
+        o[2 + j] = q(x[j]) | (q(x[j + 16]) << 4);
+    }
+}
+
+fn quant_q4_1(x: &[f32], o: &mut [u8]) {
+    let (lo, hi) = x
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let d = (hi - lo) / 15.0;
+    let id = inv(d);
+    o[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    o[2..4].copy_from_slice(&f16::from_f32(lo).to_le_bytes());
+    let q = |v: f32| (((v - lo) * id + 0.5) as u8).min(15);
+    for j in 0..16 {
+        o[4 + j] = q(x[j]) | (q(x[j + 16]) << 4);
+    }
 }
 
 /// Dequantizes one block `x` (exactly `block_bytes` long) into `y` (`block_elems` long).
@@ -539,5 +628,77 @@ mod tests {
         assert!(dequantize(GgmlType::Q4_0, &[0u8; 18], &mut out[..31]).is_err());
         let e = dequantize(GgmlType::IQ2_XXS, &[0u8; 66], &mut vec![0f32; 256]).unwrap_err();
         assert!(e.to_string().contains("IQ2_XXS"));
+    }
+
+    #[test]
+    fn quantize_round_trips_within_half_a_step() {
+        // values on a grid the formats hold exactly come back exactly; random values
+        // within half a quantization step (plus the f16 scale's rounding)
+        // Q8_0: amax = 127 / 8, so d = 1/8 exactly and every value is q * d
+        let g8: Vec<f32> = (0..32).map(|j| (j * 8 - 127) as f32 * 0.125).collect();
+        let y = deq(GgmlType::Q8_0, &quantize(GgmlType::Q8_0, &g8).unwrap());
+        assert_eq!(y, g8);
+        // Q4_1: min -2, max 1.75 = min + 15 * 0.25
+        let g41: Vec<f32> = (0..32).map(|j| (j % 16) as f32 * 0.25 - 2.0).collect();
+        let y = deq(GgmlType::Q4_1, &quantize(GgmlType::Q4_1, &g41).unwrap());
+        assert_eq!(y, g41);
+        // Q4_0: the largest magnitude 2 maps to level 0 (d = -0.25): x = (q - 8) * d
+        let g4: Vec<f32> = (0..32).map(|j| ((j % 16) as f32 - 8.0) * -0.25).collect();
+        let y = deq(GgmlType::Q4_0, &quantize(GgmlType::Q4_0, &g4).unwrap());
+        assert_eq!(y, g4);
+        let mut s = 7u64;
+        let x: Vec<f32> = (0..32 * 64)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+            })
+            .collect();
+        for (ty, levels) in [
+            (GgmlType::Q8_0, 254.0),
+            (GgmlType::Q4_0, 8.0),
+            (GgmlType::Q4_1, 15.0),
+        ] {
+            let y = deq(ty, &quantize(ty, &x).unwrap());
+            for (blk, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
+                let (lo, hi) = xb
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                let amax = lo.abs().max(hi.abs());
+                // half a step of the format for this block, plus the f16 scale's error;
+                // Q4_0 reaches only 7 steps on the side opposite its largest magnitude,
+                // where a value may be clamped a whole step (amax / 8) away
+                let tol = match ty {
+                    GgmlType::Q4_1 => 0.5 * (hi - lo) / levels,
+                    GgmlType::Q4_0 => amax / 8.0,
+                    _ => amax / levels,
+                };
+                for (a, w) in yb.iter().zip(xb) {
+                    assert!(
+                        (a - w).abs() <= tol + 2e-3 * amax,
+                        "{ty} block {blk}: {a} vs {w} (tolerance {tol})"
+                    );
+                }
+            }
+        }
+        let zeros = quantize(GgmlType::Q4_1, &[0.0; 32]).unwrap();
+        assert_eq!(deq(GgmlType::Q4_1, &zeros), vec![0.0; 32]);
+    }
+
+    #[test]
+    fn quantize_refuses_what_it_cannot_write() {
+        let e = quantize(GgmlType::Q8_0, &[0.0; 31])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("whole number"), "{e}");
+        let e = quantize(GgmlType::Q6_K, &[0.0; 256])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not supported"), "{e}");
+        let mut x = vec![0.0f32; 32];
+        x[3] = f32::NAN;
+        let e = quantize(GgmlType::Q4_0, &x).unwrap_err().to_string();
+        assert!(e.contains("element 3"), "{e}");
     }
 }

@@ -31,6 +31,7 @@ use crate::weights::{self, WeightStore};
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::autograd::{grad_enabled, should_record, BackwardOp};
 use kf_engine::gemm::{xwt, QFormat, WRows};
+use kf_engine::gguf::GgmlType;
 use kf_engine::{io, DType, Device, Float, Tensor};
 use kf_ops::attention::{attention, rope_attention, AttnParams, AttnPattern};
 use kf_ops::embedding::embedding;
@@ -450,6 +451,65 @@ impl Ddit {
         Ok(())
     }
 
+    /// The matrices a pass multiplies activations by, as parameter indices: per layer the
+    /// attention and MLP projections, then the output head (the embedding table when the
+    /// head is tied to it).
+    fn matrix_indices(&self) -> Vec<usize> {
+        let which: &[usize] = match self.cfg.arch {
+            Arch::Ddit => &[QKV, OUT, MLP0_W, MLP2_W],
+            Arch::Llama => &[QKV, OUT, GATE_UP, DOWN],
+        };
+        let mut v: Vec<usize> = (0..self.cfg.n_layers)
+            .flat_map(|l| which.iter().map(move |&w| self.block_idx(l, w)))
+            .collect();
+        v.push(match self.cfg.arch {
+            Arch::Llama if self.cfg.tie_embeddings => 0,
+            _ => self.final_idx() + 1,
+        });
+        v
+    }
+
+    /// A copy whose weight matrices (projections and head) are rounded to ggml blocks of
+    /// `format` and multiplied from those blocks on the CPU (activations rounded to 8-bit
+    /// blocks, the integer kernels: 4.5-8.5 bits read a weight instead of 16 or 32). Its
+    /// f32 parameters hold the blocks' exact dequantization, so every other path (a
+    /// device, the tape, saving) computes the same model. Rows along K must be whole
+    /// blocks of 32.
+    pub fn quantized(&self, format: QFormat) -> Result<Ddit> {
+        let ty = match format {
+            QFormat::Q8_0 => GgmlType::Q8_0,
+            QFormat::Q4_0 => GgmlType::Q4_0,
+            QFormat::Q4_1 => GgmlType::Q4_1,
+        };
+        let mut m = self.to_dtype(DType::F32)?;
+        m.set_trainable(false);
+        for i in m.matrix_indices() {
+            let (name, t) = &m.params[i];
+            let (rows, cols) = (t.shape()[0], t.shape()[1]);
+            ensure!(
+                cols.is_multiple_of(kf_engine::gemm::QK),
+                "cannot quantize {name} [{rows}, {cols}] to {format}: its rows are not whole blocks of {}",
+                kf_engine::gemm::QK
+            );
+            let bytes = kf_engine::quant::quantize(ty, &t.to_vec::<f32>()?)
+                .with_context(|| format!("quantizing {name} to {format}"))?;
+            let mut deq = vec![0f32; rows * cols];
+            kf_engine::quant::dequantize(ty, &bytes, &mut deq)?;
+            let name = name.clone();
+            m.params[i].1 = Tensor::from_vec(deq, &[rows, cols], Device::Cpu)?;
+            m.set_quantized(
+                &name,
+                QMat {
+                    format,
+                    bytes,
+                    rows,
+                    cols,
+                },
+            )?;
+        }
+        Ok(m)
+    }
+
     /// Parameters multiplied from stored blocks on the CPU.
     pub fn n_quantized(&self) -> usize {
         self.quant.len()
@@ -656,11 +716,11 @@ impl Ddit {
                 self.lin(Some(&h), &swiglu(&gu)?, self.block_idx(layer, DOWN), None)?
             } else {
                 // the first bias in the GELU's pass (one kernel on a device)
-                let m = linear(&x, self.block(layer, MLP0_W), None)?;
-                linear_residual(
-                    &h,
+                let m = self.lin(None, &x, self.block_idx(layer, MLP0_W), None)?;
+                self.lin(
+                    Some(&h),
                     &bias_gelu_tanh(&m, self.block(layer, MLP0_B))?,
-                    self.block(layer, MLP2_W),
+                    self.block_idx(layer, MLP2_W),
                     Some(self.block(layer, MLP2_B)),
                 )?
             };
@@ -743,7 +803,7 @@ impl Ddit {
             return mask_logit(self.lin(None, &x, w, None)?, self.cfg.mask_token_id);
         }
         let x = layer_norm(h, self.p(f), None, self.cfg.ln_eps)?;
-        let logits = linear(&x, self.p(f + 1), Some(self.p(f + 2)))?;
+        let logits = self.lin(None, &x, f + 1, Some(self.p(f + 2)))?;
         mask_logit(logits, self.cfg.mask_token_id)
     }
 }

@@ -491,6 +491,13 @@ impl Pflm {
         Pflm::from_parts(self.backbone.with_tables_in(dtype)?, noise, self.k)
     }
 
+    /// A copy whose backbone's weight matrices are multiplied from ggml blocks of `format`
+    /// on the CPU (see `Ddit::quantized`); the noise encoder stays as it is.
+    pub fn quantized(&self, format: kf_engine::gemm::QFormat) -> Result<Pflm> {
+        let noise = self.noise.to_dtype(DType::F32)?;
+        Pflm::from_parts(self.backbone.quantized(format)?, noise, self.k)
+    }
+
     fn attn(&self, pattern: AttnPattern, q_start: usize, key_skip: Vec<usize>) -> AttnParams {
         let mut a = self.backbone.attn_params(q_start, key_skip);
         a.pattern = pattern;

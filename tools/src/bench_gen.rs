@@ -21,6 +21,7 @@
 //! the same length: no EOS, so token values do not change the work); both columns and the
 //! ratio are printed. Without python3 or torch, ours are still printed with the reason.
 
+use crate::weights_arg::ServeAs;
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::{DType, Device, Tensor};
 use kf_model::checkpoint;
@@ -74,9 +75,10 @@ pub struct Args {
     #[arg(long, default_value = "python3")]
     python: String,
     /// Serve the weight matrices and the embedding table as f32, f16 or bf16 (rounded;
-    /// activations and sums stay f32). Default: the model file's precision for --model,
-    /// f32 for --arch.
-    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    /// activations and sums stay f32), or the matrices as ggml blocks q8_0, q4_0 or q4_1
+    /// (rounded; integer kernels, CPU only). Default: the model file's precision for
+    /// --model, f32 for --arch.
+    #[arg(long, value_parser = crate::weights_arg::VALUES)]
     dtype: Option<String>,
 }
 
@@ -263,19 +265,13 @@ pub fn measure(
     Ok((times, passes, if tracked { peak_rss_mb() } else { None }))
 }
 
-/// `--dtype` as a DType.
-fn dtype(a: &Args) -> Result<Option<DType>> {
-    a.dtype
-        .as_deref()
-        .map(|d| {
-            DType::from_safetensors_name(&d.to_uppercase())
-                .with_context(|| format!("--dtype {d}: expected f32, f16 or bf16"))
-        })
-        .transpose()
-}
-
 fn load(a: &Args) -> Result<(Ddit, Pflm, String)> {
-    load_pair(a.model.as_ref(), a.arch.as_deref(), a.k, dtype(a)?)
+    load_pair(
+        a.model.as_ref(),
+        a.arch.as_deref(),
+        a.k,
+        ServeAs::of(a.dtype.as_deref())?,
+    )
 }
 
 /// The student of `--model`, or random weights of preset `--arch` with window `k`, cast to
@@ -284,7 +280,7 @@ pub fn load_pair(
     model: Option<&PathBuf>,
     arch: Option<&str>,
     k: usize,
-    dtype: Option<DType>,
+    dtype: Option<ServeAs>,
 ) -> Result<(Ddit, Pflm, String)> {
     match (model, arch) {
         (Some(dir), _) => {
@@ -298,7 +294,7 @@ pub fn load_pair(
             let pf = Pflm::load_with(dir, WeightStore::Exact)?;
             let pf = match dtype {
                 Some(d) => {
-                    let pf = pf.with_tables_in(d)?;
+                    let pf = d.pflm(&pf)?;
                     kf_engine::storage::pool::clear();
                     pf
                 }
@@ -313,7 +309,7 @@ pub fn load_pair(
             ensure!(k >= 1, "--k must be at least 1");
             let mut pf = Pflm::from_teacher(Ddit::init(&cfg, 0)?, k, 0)?;
             if let Some(d) = dtype {
-                pf = pf.with_tables_in(d)?;
+                pf = d.pflm(&pf)?;
                 // the f32 weights just dropped would sit in the buffer pool, counted in RSS
                 kf_engine::storage::pool::clear();
             }
@@ -330,6 +326,9 @@ pub fn load_pair(
 
 pub fn run(threads: usize, a: &Args) -> Result<()> {
     let device = crate::device_arg::select_device(&a.device)?;
+    if let Some(d) = ServeAs::of(a.dtype.as_deref())? {
+        d.check_device(device)?;
+    }
     check_args(a)?;
     let (ar, pf, label) = load(a)?;
     let cfg = ar.cfg.clone();

@@ -10,8 +10,8 @@
 
 use crate::bench_gen::{load_pair, measure, median, GenShape};
 use crate::serve_cmd::Background;
+use crate::weights_arg::ServeAs;
 use anyhow::{ensure, Context, Result};
-use kf_engine::DType;
 use kf_model::batch::{Model, SeqParams};
 use kf_model::serve::{Engine, EngineOptions, Event};
 use kf_model::tokenizer::Tokenizer;
@@ -52,8 +52,9 @@ pub struct Args {
     /// Seconds per (model, clients) level at most: clients send no new request after it.
     #[arg(long, default_value_t = 120.0)]
     time_limit: f64,
-    /// Weights as f32, f16 or bf16 (default: the file's precision; f32 for --arch).
-    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    /// Weights as f32, f16 or bf16, or the matrices as ggml blocks q8_0, q4_0 or q4_1
+    /// (default: the file's precision; f32 for --arch).
+    #[arg(long, value_parser = crate::weights_arg::VALUES)]
     dtype: Option<String>,
     /// Write the rows as JSON here.
     #[arg(long)]
@@ -272,11 +273,7 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         a.time_limit.is_finite() && a.time_limit > 0.0,
         "--time-limit must be > 0 seconds"
     );
-    let dtype = a
-        .dtype
-        .as_deref()
-        .map(|d| DType::from_safetensors_name(&d.to_uppercase()).context("--dtype"))
-        .transpose()?;
+    let dtype = ServeAs::of(a.dtype.as_deref())?;
     let (ar, pf, what) = load_pair(a.model.as_ref(), a.arch.as_deref(), a.k, dtype)?;
     let tok_path = a.tokenizer.clone().unwrap_or_else(|| match &a.model {
         Some(d) => d.join("tokenizer.json"),

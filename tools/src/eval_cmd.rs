@@ -4,6 +4,7 @@
 //! `--judge` the perplexity under an independent model with its own tokenizer. A Markdown
 //! table on stdout, JSON (options + rows) to `--json`.
 
+use crate::weights_arg::ServeAs;
 use anyhow::{bail, ensure, Context, Result};
 use kf_model::checkpoint;
 use kf_model::data::TokenData;
@@ -62,6 +63,11 @@ pub struct Args {
     /// the paper scores with GPT-2-Large (the "judge ppl" column).
     #[arg(long)]
     judge: Option<PathBuf>,
+    /// Serve the student's weight matrices as f32, f16 or bf16, or as ggml blocks q8_0,
+    /// q4_0 or q4_1 (integer kernels, CPU only): the quality a rounded student keeps. The
+    /// teacher and the judge score at their own precision [default: the file's].
+    #[arg(long, value_parser = crate::weights_arg::VALUES)]
+    student_dtype: Option<String>,
     /// Write the options and rows as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -98,6 +104,18 @@ pub fn run(a: &Args) -> Result<()> {
         a.student.display()
     );
     let student = Pflm::load_with(&a.student, WeightStore::Exact)?;
+    let student = match ServeAs::of(a.student_dtype.as_deref())? {
+        Some(d) => {
+            d.check_device(device)?;
+            d.pflm(&student).with_context(|| {
+                format!(
+                    "--student-dtype {}",
+                    a.student_dtype.as_deref().unwrap_or("")
+                )
+            })?
+        }
+        None => student,
+    };
     let tok = checkpoint::read_tokenizer(&a.teacher, &teacher.cfg)?;
     let judge = match &a.judge {
         None => None,
@@ -213,6 +231,7 @@ pub fn run(a: &Args) -> Result<()> {
         let j = serde_json::json!({
             "teacher": a.teacher,
             "student": a.student,
+            "student_dtype": a.student_dtype,
             "data": a.data,
             "prompts_file": a.prompts_file,
             "prompts": prompts.len(),

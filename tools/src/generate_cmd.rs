@@ -11,6 +11,7 @@
 //! streamed to stdout token by token; with more, each sequence is printed as `[s] text`
 //! when it finishes. Progress and timing go to stderr.
 
+use crate::weights_arg::ServeAs;
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::Device;
 use kf_model::checkpoint;
@@ -65,6 +66,11 @@ pub struct Args {
     /// far) from its logits before the argmax.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     freq_penalty: f64,
+    /// Serve the weight matrices as f32, f16 or bf16 (rounded; activations and sums stay
+    /// f32), or as ggml blocks q8_0, q4_0 or q4_1 (rounded; integer kernels on the CPU, a
+    /// GGUF file's own blocks are replaced) [default: the file's precision and blocks].
+    #[arg(long, value_parser = crate::weights_arg::VALUES)]
+    dtype: Option<String>,
     /// Wrap each prompt as one user turn of the GGUF file's chat template (a chat model
     /// such as SmolLM2-Instruct; ChatML templates).
     #[arg(long)]
@@ -198,6 +204,16 @@ pub fn run(a: &Args) -> Result<()> {
         );
     }
     let model = load_model(a)?;
+    let model = match ServeAs::of(a.dtype.as_deref())? {
+        Some(d) => {
+            d.check_device(device)?;
+            match &model {
+                Model::Ar(m) => Model::Ar(d.ddit(m)?),
+                Model::Pflm(m) => Model::Pflm(d.pflm(m)?),
+            }
+        }
+        None => model,
+    };
     let k = match &model {
         Model::Ar(_) => 1,
         Model::Pflm(m) => a.k.unwrap_or(m.k),

@@ -32,6 +32,7 @@ mod models_cmd;
 mod progress;
 mod serve_cmd;
 mod train_cmd;
+mod weights_arg;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

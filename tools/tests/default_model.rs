@@ -198,3 +198,48 @@ fn eval_on_the_emulated_kernels_equals_the_cpu() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--dtype q8_0`: the shipped student with its matrices in 8-bit blocks (integer kernels)
+/// writes nearly the f16 student's greedy text; 4-bit blocks run too; a kernel device is
+/// refused in one sentence (its copy would be the dequantized f32 model).
+#[test]
+fn the_student_in_blocks_writes_the_f16_students_text() {
+    let gen = |dtype: Option<&str>| {
+        let mut args = vec![
+            "--threads",
+            "1",
+            "generate",
+            "--prompt",
+            "Once upon a time",
+            "--max-new",
+            "32",
+            "--tau",
+            "0",
+        ];
+        if let Some(d) = dtype {
+            args.extend(["--dtype", d]);
+        }
+        let (ok, out, err) = run(&args);
+        assert!(ok, "generate --dtype {dtype:?} failed: {err}");
+        out.split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let f16 = gen(None);
+    let q8 = gen(Some("q8_0"));
+    let same = f16.iter().zip(&q8).filter(|(a, b)| a == b).count();
+    assert!(
+        same * 4 >= f16.len() * 3,
+        "q8_0 text departs from f16's: {same} of {} words equal\nf16: {f16:?}\nq8_0: {q8:?}",
+        f16.len()
+    );
+    assert!(gen(Some("q4_1")).len() > 4);
+    let (ok, _, err) = run(&[
+        "generate", "--prompt", "x", "--dtype", "q8_0", "--device", "emu",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("--dtype q8_0") && err.contains("CPU only") && err.lines().count() == 1,
+        "{err}"
+    );
+}
