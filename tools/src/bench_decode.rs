@@ -2,7 +2,8 @@
 //! Linear weight of the paper architecture (qkv, attention out, MLP up / down, head), at
 //! m = 1..512 rows, with the weights streamed from memory as in a real step: every call takes
 //! the next of enough copies of W to exceed the caches. Printed per dtype of W (f32, f16,
-//! bf16; activations and sums f32): GFLOP/s streamed, the same product with W hot in cache,
+//! bf16, activations and sums f32; or ggml blocks q8_0 / q4_0 / q4_1, the integer kernels
+//! with activations rounded to 8-bit blocks): GFLOP/s streamed, the same product with W hot in cache,
 //! their ratio, the GB/s at which W is read, and numpy/OpenBLAS on the same streamed f32
 //! weights (a child process on the same threads). For f32 also the general GEMM route
 //! (`gemm`, what `linear` used before the decode kernels) as a reference in the same run.
@@ -11,7 +12,8 @@
 use crate::bench_gemm::{fill, run_numpy, time_median_of};
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
-use kf_engine::gemm::{xwt, WRows};
+use kf_engine::gemm::{xwt, QFormat, WRows};
+use kf_engine::gguf::GgmlType;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -28,11 +30,13 @@ const STREAM_BYTES: usize = 256 << 20;
 /// W up to this size is also timed hot (it stays in L2/L3 between calls).
 const HOT_MAX_BYTES: usize = 16 << 20;
 const RUNS: usize = 5;
+/// What `--dtype` takes.
+const DTYPES: [&str; 6] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"];
 const MIN_RUN: Duration = Duration::from_millis(40);
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Weight dtypes, comma-separated (f32, f16, bf16).
+    /// Weight dtypes, comma-separated (f32, f16, bf16, q8_0, q4_0, q4_1).
     #[arg(long, default_value = "f32,bf16,f16", value_delimiter = ',')]
     dtype: Vec<String>,
     /// Rows of x (batch x tokens per step), comma-separated.
@@ -58,12 +62,25 @@ enum Pool {
     F32(Vec<Vec<f32>>),
     F16(Vec<Vec<f16>>),
     BF16(Vec<Vec<bf16>>),
+    Blocks(QFormat, Vec<Vec<u8>>),
+}
+
+/// Bytes a weight of `dtype` takes per element.
+fn elem_bytes(dtype: &str) -> f64 {
+    match dtype {
+        "f32" => 4.0,
+        "f16" | "bf16" => 2.0,
+        "q8_0" => 34.0 / 32.0,
+        "q4_0" => 18.0 / 32.0,
+        _ => 20.0 / 32.0,
+    }
 }
 
 impl Pool {
     fn new(dtype: &str, n: usize, k: usize) -> Result<Pool> {
         let base = fill(n * k, 7);
-        let bytes = n * k * if dtype == "f32" { 4 } else { 2 };
+        let bytes = (n * k) as f64 * elem_bytes(dtype);
+        let bytes = bytes as usize;
         let copies = STREAM_BYTES.div_ceil(bytes).max(2);
         Ok(match dtype {
             "f32" => Pool::F32(vec![base; copies]),
@@ -75,7 +92,15 @@ impl Pool {
                 base.iter().map(|&v| bf16::from_f32(v)).collect();
                 copies
             ]),
-            other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+            q => {
+                let (f, ty) = match q {
+                    "q8_0" => (QFormat::Q8_0, GgmlType::Q8_0),
+                    "q4_0" => (QFormat::Q4_0, GgmlType::Q4_0),
+                    "q4_1" => (QFormat::Q4_1, GgmlType::Q4_1),
+                    other => bail!("--dtype {other}: expected {}", DTYPES.join(", ")),
+                };
+                Pool::Blocks(f, vec![kf_engine::quant::quantize(ty, &base)?; copies])
+            }
         })
     }
     fn copies(&self) -> usize {
@@ -83,6 +108,7 @@ impl Pool {
             Pool::F32(v) => v.len(),
             Pool::F16(v) => v.len(),
             Pool::BF16(v) => v.len(),
+            Pool::Blocks(_, v) => v.len(),
         }
     }
     fn get(&self, i: usize) -> WRows<'_> {
@@ -90,6 +116,9 @@ impl Pool {
             Pool::F32(v) => WRows::F32(&v[i]),
             Pool::F16(v) => WRows::F16(&v[i]),
             Pool::BF16(v) => WRows::BF16(&v[i]),
+            Pool::Blocks(QFormat::Q8_0, v) => WRows::Q8_0(&v[i]),
+            Pool::Blocks(QFormat::Q4_0, v) => WRows::Q4_0(&v[i]),
+            Pool::Blocks(QFormat::Q4_1, v) => WRows::Q4_1(&v[i]),
         }
     }
 }
@@ -108,7 +137,7 @@ struct Row {
 
 impl Row {
     fn gb_s(&self) -> f64 {
-        let bytes = (self.n * self.k) as f64 * if self.dtype == "f32" { 4.0 } else { 2.0 };
+        let bytes = (self.n * self.k) as f64 * elem_bytes(&self.dtype);
         // GFLOP/s -> calls/s -> bytes of W/s
         self.streamed * 1e9 / (2.0 * (self.m * self.n * self.k) as f64) * bytes / 1e9
     }
@@ -129,8 +158,8 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
         bail!("--ms: {m} rows is outside 1..=4096");
     }
     for d in &a.dtype {
-        if !["f32", "f16", "bf16"].contains(&d.as_str()) {
-            bail!("--dtype {d}: expected f32, f16 or bf16");
+        if !DTYPES.contains(&d.as_str()) {
+            bail!("--dtype {d}: expected {}", DTYPES.join(", "));
         }
     }
     let copy = crate::bench_gen::copy_bandwidth();
@@ -144,7 +173,7 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
     for &&(name, k, n) in &shapes {
         for dtype in &a.dtype {
             let pool = Pool::new(dtype, n, k)?;
-            let hot_ok = n * k * if dtype == "f32" { 4 } else { 2 } <= HOT_MAX_BYTES;
+            let hot_ok = (n * k) as f64 * elem_bytes(dtype) <= HOT_MAX_BYTES as f64;
             for &m in &a.ms {
                 let x = fill(m * k, 11);
                 let mut c = vec![0f32; m * n];
