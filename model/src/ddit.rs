@@ -510,6 +510,34 @@ impl Ddit {
         Ok(m)
     }
 
+    /// The bytes of the parameters as an inference pass reads them: a matrix kept in
+    /// blocks counts its blocks (its f32 dequantization is never read on the CPU).
+    pub fn weight_bytes(&self) -> weights::WeightBytes {
+        let mut wb = weights::WeightBytes::default();
+        for (i, (name, t)) in self.params.iter().enumerate() {
+            match self.quant.get(&i) {
+                Some(q) => {
+                    wb.total += q.bytes.len();
+                    wb.blocks += q.bytes.len();
+                }
+                None => wb.add(
+                    t.numel() * t.dtype().size(),
+                    t.dtype(),
+                    weights::is_matrix(name, t),
+                ),
+            }
+        }
+        // parameter 0 is the embedding table; a tied Llama head reads it whole every step
+        let tied = self.cfg.arch == Arch::Llama && self.cfg.tie_embeddings;
+        if !tied {
+            wb.gathered = match self.quant.get(&0) {
+                Some(q) => q.bytes.len(),
+                None => self.params[0].1.numel() * self.params[0].1.dtype().size(),
+            };
+        }
+        wb
+    }
+
     /// Parameters multiplied from stored blocks on the CPU.
     pub fn n_quantized(&self) -> usize {
         self.quant.len()

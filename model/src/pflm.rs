@@ -463,6 +463,20 @@ impl Pflm {
         v
     }
 
+    /// The bytes of the parameters as an inference pass reads them (`Ddit::weight_bytes`,
+    /// then the noise encoder's).
+    pub fn weight_bytes(&self) -> weights::WeightBytes {
+        let mut wb = self.backbone.weight_bytes();
+        for (name, t) in self.noise.params() {
+            wb.add(
+                t.numel() * t.dtype().size(),
+                t.dtype(),
+                weights::is_matrix(name, t),
+            );
+        }
+        wb
+    }
+
     pub fn set_trainable(&mut self, on: bool) {
         self.backbone.set_trainable(on);
         self.noise.set_trainable(on);

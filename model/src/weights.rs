@@ -149,6 +149,12 @@ pub struct WeightBytes {
     pub total: usize,
     /// Bytes of the weight matrices by storage: (f32, f16, bf16).
     pub matrices: (usize, usize, usize),
+    /// Bytes of the matrices a pass reads as ggml blocks (`Ddit::quantized`, GGUF files
+    /// kept quantized), counted in `total` instead of their f32 copies.
+    pub blocks: usize,
+    /// Bytes of an embedding table a pass only gathers rows from (not the head's weight):
+    /// counted in `total`, but a decode step does not read it whole.
+    pub gathered: usize,
 }
 
 impl WeightBytes {
@@ -160,7 +166,11 @@ impl WeightBytes {
         }
         wb
     }
-    pub(crate) fn add(&mut self, bytes: usize, dtype: DType, matrix: bool) {
+    /// Bytes a decode step reads in full: every parameter but a gathered embedding table.
+    pub fn read_per_step(&self) -> usize {
+        self.total - self.gathered
+    }
+    pub fn add(&mut self, bytes: usize, dtype: DType, matrix: bool) {
         self.total += bytes;
         if matrix {
             match dtype {
@@ -173,11 +183,16 @@ impl WeightBytes {
     /// "f16 weight matrices, 29.4 MB in all" and the like.
     pub fn describe(&self) -> String {
         let (f, h, b) = self.matrices;
-        let kinds: Vec<&str> = [(f, "f32"), (h, "f16"), (b, "bf16")]
-            .iter()
-            .filter(|(n, _)| *n > 0)
-            .map(|(_, s)| *s)
-            .collect();
+        let kinds: Vec<&str> = [
+            (f, "f32"),
+            (h, "f16"),
+            (b, "bf16"),
+            (self.blocks, "ggml-block"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(_, s)| *s)
+        .collect();
         format!(
             "{} weight matrices, {:.1} MB of parameters in all",
             if kinds.is_empty() {

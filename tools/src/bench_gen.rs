@@ -27,7 +27,7 @@ use kf_engine::{DType, Device, Tensor};
 use kf_model::checkpoint;
 use kf_model::generate::{generate, GenerateOptions};
 use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
-use kf_model::weights::{WeightBytes, WeightStore};
+use kf_model::weights::WeightStore;
 use kf_model::{Ddit, DditConfig};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -362,14 +362,17 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
     };
     let (machine, device_name) = probe_machine(device, threads)?;
     // the parameters as the decode reads them (tables at the served precision)
+    // what a step reads whole: every parameter but the gathered embedding table
     let (weight_bytes, weight_desc) = {
-        let wb = WeightBytes::of(&pf.params());
-        (wb.total as f64, wb.describe())
+        let wb = pf.weight_bytes();
+        (wb.read_per_step() as f64, wb.describe())
     };
     let rows = measure_rows(a, &ar, &pf, &machine, weight_bytes)?;
     // batch-1 AR: achieved weight-read bandwidth
     let b1 = rows.iter().find(|r| r.mode == "ar" && r.batch == 1);
-    let read_gb_s = b1.map(|r| weight_bytes * r.tokens_per_s / 1e9);
+    // (the AR runs read the backbone only, not the noise encoder)
+    let ar_bytes = ar.weight_bytes().read_per_step() as f64;
+    let read_gb_s = b1.map(|r| ar_bytes * r.tokens_per_s / 1e9);
     print_table(&rows);
     let peer = match &a.peer {
         Some(_) => Some(torch_peer(a, &cfg, pf.k, threads)),
@@ -380,8 +383,8 @@ pub fn run(threads: usize, a: &Args) -> Result<()> {
     }
     if let Some(g) = read_gb_s {
         println!(
-            "batch-1 AR decode reads the weights ({:.0} MB, {weight_desc}) at {g:.1} GB/s = {:.0}% of the measured copy bandwidth ({:.1} GB/s)",
-            weight_bytes / 1e6,
+            "batch-1 AR decode reads {:.0} MB a step (every parameter but the gathered embedding table; {weight_desc}) at {g:.1} GB/s = {:.0}% of the measured copy bandwidth ({:.1} GB/s)",
+            ar_bytes / 1e6,
             100.0 * g / machine.copy_gb_s,
             machine.copy_gb_s
         );

@@ -104,8 +104,8 @@ impl Model {
     /// Bytes of the parameters, matrices by storage.
     fn weight_bytes(&self) -> WeightBytes {
         match self {
-            Model::Ar(m) => WeightBytes::of(m.params()),
-            Model::Pflm(m) => WeightBytes::of(&m.params()),
+            Model::Ar(m) => m.weight_bytes(),
+            Model::Pflm(m) => m.weight_bytes(),
         }
     }
 }
