@@ -38,7 +38,10 @@ fn generation_bench_rows_and_plot() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("batch-1 AR decode reads the weights"), "{out}");
+    assert!(
+        out.contains("batch-1 AR decode reads") && out.contains("MB a step"),
+        "{out}"
+    );
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = j["rows"].as_array().unwrap();
@@ -65,6 +68,41 @@ fn generation_bench_rows_and_plot() {
     }
     assert!(j["machine"]["copy_gb_s"].as_f64().unwrap() > 0.0);
     assert!(std::fs::read_to_string(&svg).unwrap().contains("K = 2"));
+    // the matrices in 8-bit blocks: a step reads about a quarter of the f32 bytes
+    let qjson = dir.join("q.json");
+    let o = kfrun(&[
+        "bench",
+        "--arch",
+        "tiny",
+        "--k",
+        "2",
+        "--batches",
+        "1",
+        "--runs",
+        "1",
+        "--max-new",
+        "5",
+        "--dtype",
+        "q8_0",
+        "--json",
+        qjson.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let q: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&qjson).unwrap()).unwrap();
+    let (wq, wf) = (
+        q["weight_bytes"].as_f64().unwrap(),
+        j["weight_bytes"].as_f64().unwrap(),
+    );
+    assert!(
+        wq < 0.5 * wf && wq > 0.2 * wf,
+        "q8_0 {wq} vs f32 {wf} bytes a step"
+    );
+    let bad = kfrun(&[
+        "bench", "--arch", "tiny", "--dtype", "q4_0", "--device", "emu",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("CPU only"));
     let bad = kfrun(&["bench"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--arch"));
