@@ -37,6 +37,16 @@ impl Model {
     /// Loads the model in `dir` (a student when its config.json has `"k"`), keeping 16-bit
     /// matrices as stored, and moves it to `device`.
     pub fn load(dir: &Path, device: Device) -> Result<Model> {
+        Model::load_then(dir, device, Ok)
+    }
+
+    /// [`Model::load`] with `change` applied on the CPU before the model moves to `device`
+    /// (`kfrun serve --dtype`: the matrices rounded to other weights).
+    pub fn load_then(
+        dir: &Path,
+        device: Device,
+        change: impl FnOnce(Model) -> Result<Model>,
+    ) -> Result<Model> {
         let cfg = checkpoint::read_config(dir)?;
         let store = WeightStore::Exact;
         let m = match cfg.k {
@@ -47,6 +57,7 @@ impl Model {
             }
             Some(_) => Model::Pflm(Pflm::load_with(dir, store)?),
         };
+        let m = change(m)?;
         if device.is_cpu() {
             return Ok(m);
         }

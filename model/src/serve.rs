@@ -199,7 +199,17 @@ impl Engine {
     /// Loads the model in `dir` ([`Model::load`]) and its tokenizer (when the directory has
     /// one), then starts the scheduler.
     pub fn load(dir: &Path, device: Device, opts: EngineOptions) -> Result<Engine> {
-        let model = Model::load(dir, device)?;
+        Engine::load_then(dir, device, opts, Ok)
+    }
+
+    /// [`Engine::load`] with the model changed on the CPU first (see [`Model::load_then`]).
+    pub fn load_then(
+        dir: &Path,
+        device: Device,
+        opts: EngineOptions,
+        change: impl FnOnce(Model) -> Result<Model>,
+    ) -> Result<Engine> {
+        let model = Model::load_then(dir, device, change)?;
         let tok = if crate::llama::is_gguf(dir) {
             Some(checkpoint::read_tokenizer(dir, model.cfg())?)
         } else {

@@ -139,11 +139,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     // The main thread is worker 0: the ops it calls run their first share on it, and only
     // `threads` threads compete for the cores (an outside caller would sleep on every
-    // parallel call and wake for the next one: a context switch per product of a decode step)
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .use_current_thread()
-        .build_global()
+    // parallel call and wake for the next one: a context switch per product of a decode step).
+    // Not for the server: its main thread runs the HTTP runtime and never takes rayon work,
+    // while the scheduler thread calls the ops; with it as worker 0 the pool lost a worker,
+    // and with --threads 1 every parallel op of a step waited for it forever.
+    let serving = matches!(
+        cli.cmd,
+        Cmd::Serve(_)
+            | Cmd::Bench {
+                which: Some(BenchCmd::Serve(_)),
+                ..
+            }
+    );
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads);
+    let pool = if serving {
+        pool
+    } else {
+        pool.use_current_thread()
+    };
+    pool.build_global()
         .map_err(|e| anyhow::anyhow!("cannot start {threads} worker threads: {e}"))?;
     match cli.cmd {
         Cmd::Inspect { file, json } => inspect::run(&file, json),

@@ -7,6 +7,7 @@
 //! `--shutdown-grace`; the rest end with finish_reason "shutdown"), exit 0.
 
 use crate::device_arg::select_device;
+use crate::weights_arg::ServeAs;
 use anyhow::{Context, Result};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -41,6 +42,10 @@ pub struct Args {
     /// the CPU emulator: slow, a check only).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Serve the weight matrices as f32, f16 or bf16, or as ggml blocks q8_0, q4_0 or q4_1
+    /// (rounded; integer kernels, CPU only) [default: the file's precision].
+    #[arg(long, value_parser = crate::weights_arg::VALUES)]
+    pub dtype: Option<String>,
     /// Sequences advanced together per decode step at most.
     #[arg(long, default_value_t = 64)]
     pub max_batch: usize,
@@ -67,8 +72,15 @@ pub fn run(a: &Args) -> Result<()> {
         max_queue: a.max_queue,
         ..EngineOptions::default()
     };
-    let engine = Engine::load(&a.model, device, opts)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let serve_as = ServeAs::of(a.dtype.as_deref())?;
+    if let Some(d) = serve_as {
+        d.check_device(device)?;
+    }
+    let engine = Engine::load_then(&a.model, device, opts, |m| match serve_as {
+        Some(d) => d.model(m),
+        None => Ok(m),
+    })
+    .with_context(|| format!("loading {}", a.model.display()))?;
     let tok = engine.tokenizer().cloned().with_context(|| {
         format!(
             "{} has no tokenizer.json: the server takes text prompts",

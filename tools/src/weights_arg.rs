@@ -1,4 +1,4 @@
-//! `--dtype` of the commands that serve a model (generate, bench, bench serve): how its
+//! `--dtype` of the commands that serve a model (generate, serve, bench, bench serve): how its
 //! weight matrices are held for inference. f32 / f16 / bf16: the matrices and the
 //! embedding table stored so (rounded; activations and sums stay f32). q8_0 / q4_0 / q4_1:
 //! the projections and the head rounded to ggml blocks and multiplied by the integer
@@ -8,6 +8,7 @@
 use anyhow::{bail, Result};
 use kf_engine::gemm::QFormat;
 use kf_engine::{DType, Device};
+use kf_model::batch::Model;
 use kf_model::ddit::Ddit;
 use kf_model::pflm::Pflm;
 
@@ -58,6 +59,14 @@ impl ServeAs {
             ServeAs::Float(d) => m.with_tables_in(d),
             ServeAs::Blocks(f) => m.quantized(f),
         }
+    }
+
+    /// An AR model or a student, served as asked.
+    pub fn model(self, m: Model) -> Result<Model> {
+        Ok(match m {
+            Model::Ar(m) => Model::Ar(self.ddit(&m)?),
+            Model::Pflm(m) => Model::Pflm(self.pflm(&m)?),
+        })
     }
 
     pub fn pflm(self, m: &Pflm) -> Result<Pflm> {

@@ -25,8 +25,20 @@ struct Server {
 
 impl Server {
     fn start(which: &str, extra: &[&str]) -> Server {
+        Server::start_on(2, which, extra)
+    }
+
+    /// `start` with `threads` worker threads.
+    fn start_on(threads: usize, which: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kfrun"))
-            .args(["--threads", "2", "serve", "--port", "0", "--model"])
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "serve",
+                "--port",
+                "0",
+                "--model",
+            ])
             .arg(model(which))
             .args(extra)
             .stdout(Stdio::piped())
@@ -508,6 +520,27 @@ fn fuzzed_requests_never_crash_or_leak() {
         codes.contains_key(&200) && codes.contains_key(&400),
         "{codes:?}"
     );
+}
+
+/// One worker thread, and the student's matrices in 8-bit blocks (`--dtype q8_0`): the
+/// scheduler's parallel ops once waited forever for the main thread (a rayon worker busy
+/// with the HTTP runtime); both requests finish.
+#[test]
+fn one_thread_and_blocks_serve() {
+    let srv = Server::start_on(1, "student", &["--dtype", "q8_0"]);
+    let req = json!({"prompt": ["Once upon a time", "The king"], "max_tokens": 12, "seed": 1});
+    let (code, v) = srv.post(&req);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 24, "{v}");
+    let bad = Command::new(env!("CARGO_BIN_EXE_kfrun"))
+        .args([
+            "serve", "--port", "0", "--dtype", "q4_1", "--device", "emu", "--model",
+        ])
+        .arg(model("student"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("CPU only"));
 }
 
 /// `--device emu` (the CUDA kernels on the CPU emulator) serves the CPU's text: the same
