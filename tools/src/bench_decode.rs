@@ -12,7 +12,7 @@
 use crate::bench_gemm::{fill, run_numpy, time_median_of};
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
-use kf_engine::gemm::{xwt, QFormat, WRows};
+use kf_engine::gemm::{xwt, QFormat, WRows, QK};
 use kf_engine::gguf::GgmlType;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -65,14 +65,22 @@ enum Pool {
     Blocks(QFormat, Vec<Vec<u8>>),
 }
 
+/// The block format of a `--dtype` name (none for the float dtypes).
+fn blocks_of(dtype: &str) -> Option<(QFormat, GgmlType)> {
+    match dtype {
+        "q8_0" => Some((QFormat::Q8_0, GgmlType::Q8_0)),
+        "q4_0" => Some((QFormat::Q4_0, GgmlType::Q4_0)),
+        "q4_1" => Some((QFormat::Q4_1, GgmlType::Q4_1)),
+        _ => None,
+    }
+}
+
 /// Bytes a weight of `dtype` takes per element.
 fn elem_bytes(dtype: &str) -> f64 {
-    match dtype {
-        "f32" => 4.0,
-        "f16" | "bf16" => 2.0,
-        "q8_0" => 34.0 / 32.0,
-        "q4_0" => 18.0 / 32.0,
-        _ => 20.0 / 32.0,
+    match (dtype, blocks_of(dtype)) {
+        (_, Some((f, _))) => f.block_bytes() as f64 / QK as f64,
+        ("f32", _) => 4.0,
+        _ => 2.0,
     }
 }
 
@@ -92,15 +100,12 @@ impl Pool {
                 base.iter().map(|&v| bf16::from_f32(v)).collect();
                 copies
             ]),
-            q => {
-                let (f, ty) = match q {
-                    "q8_0" => (QFormat::Q8_0, GgmlType::Q8_0),
-                    "q4_0" => (QFormat::Q4_0, GgmlType::Q4_0),
-                    "q4_1" => (QFormat::Q4_1, GgmlType::Q4_1),
-                    other => bail!("--dtype {other}: expected {}", DTYPES.join(", ")),
-                };
-                Pool::Blocks(f, vec![kf_engine::quant::quantize(ty, &base)?; copies])
-            }
+            q => match blocks_of(q) {
+                Some((f, ty)) => {
+                    Pool::Blocks(f, vec![kf_engine::quant::quantize(ty, &base)?; copies])
+                }
+                None => bail!("--dtype {q}: expected {}", DTYPES.join(", ")),
+            },
         })
     }
     fn copies(&self) -> usize {
