@@ -71,6 +71,13 @@ impl Model {
     pub fn cfg(&self) -> &DditConfig {
         &self.backbone().cfg
     }
+    /// The bytes of the parameters as a pass reads them (`Ddit::weight_bytes`).
+    pub fn weight_bytes(&self) -> crate::weights::WeightBytes {
+        match self {
+            Model::Ar(m) => m.weight_bytes(),
+            Model::Pflm(m) => m.weight_bytes(),
+        }
+    }
     /// The transformer that runs every pass.
     pub fn backbone(&self) -> &Ddit {
         match self {

@@ -14,12 +14,12 @@
 use crate::weights_arg::ServeAs;
 use anyhow::{bail, ensure, Context, Result};
 use kf_engine::Device;
+use kf_model::batch::Model;
 use kf_model::checkpoint;
 use kf_model::generate::{generate, GenerateOptions, Generated};
-use kf_model::pflm::{generate_pflm, Pflm, PflmGenerateOptions};
+use kf_model::pflm::{generate_pflm, PflmGenerateOptions};
 use kf_model::tokenizer::Tokenizer;
-use kf_model::weights::{WeightBytes, WeightStore};
-use kf_model::{Ddit, DditConfig};
+use kf_model::DditConfig;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -77,43 +77,11 @@ pub struct Args {
     chat: bool,
 }
 
-/// The loaded model: AR teacher or k-token student.
-enum Model {
-    Ar(Ddit),
-    Pflm(Pflm),
-}
-
-impl Model {
-    fn cfg(&self) -> &DditConfig {
-        match self {
-            Model::Ar(m) => &m.cfg,
-            Model::Pflm(m) => m.cfg(),
-        }
-    }
-    /// A copy on kernel device `device`, the matrices kept at the precision they were read
-    /// at (an f16 file serves from f16 matrices: half the bytes a decode step reads; the
-    /// maths stays f32).
-    fn to_device(&self, device: Device) -> Result<Model> {
-        let store = WeightStore::Exact;
-        match self {
-            Model::Ar(m) => m.to_device_with(device, store).map(Model::Ar),
-            Model::Pflm(m) => m.to_device_with(device, store).map(Model::Pflm),
-        }
-        .with_context(|| format!("moving the model to {device}"))
-    }
-    /// Bytes of the parameters, matrices by storage.
-    fn weight_bytes(&self) -> WeightBytes {
-        match self {
-            Model::Ar(m) => m.weight_bytes(),
-            Model::Pflm(m) => m.weight_bytes(),
-        }
-    }
-}
-
 /// The model of `--model`: an AR teacher, or a PFLM student (checked against `--k` and
-/// `--freq-penalty`), on the CPU.
-fn load_model(a: &Args) -> Result<Model> {
-    Ok(match checkpoint::read_config(&a.model)?.k {
+/// `--freq-penalty`), its matrices as `--dtype` asks, on `device` (kf_model::batch::Model:
+/// 16-bit matrices stay 16-bit, on every device).
+fn load_model(a: &Args, device: Device) -> Result<Model> {
+    match checkpoint::read_config(&a.model)?.k {
         None => {
             ensure!(
                 a.k.is_none(),
@@ -125,10 +93,6 @@ fn load_model(a: &Args) -> Result<Model> {
                 "--freq-penalty applies to a PFLM student's argmax; {} is an AR model (sampling)",
                 a.model.display()
             );
-            // an f16 / bf16 file serves from 16-bit tables, on every device
-            let m = Ddit::load_with(&a.model, WeightStore::Exact)?;
-            checkpoint::check_finite(&checkpoint::weights_path(&a.model), m.params())?;
-            Model::Ar(m)
         }
         Some(trained) => {
             if let Some(k) = a.k {
@@ -138,8 +102,15 @@ fn load_model(a: &Args) -> Result<Model> {
                     a.model.display()
                 );
             }
-            Model::Pflm(Pflm::load_with(&a.model, WeightStore::Exact)?)
         }
+    }
+    let serve_as = ServeAs::of(a.dtype.as_deref())?;
+    if let Some(d) = serve_as {
+        d.check_device(device)?;
+    }
+    Model::load_then(&a.model, device, |m| match serve_as {
+        Some(d) => d.model(m),
+        None => Ok(m),
     })
 }
 
@@ -203,25 +174,10 @@ pub fn run(a: &Args) -> Result<()> {
             "no --model given and the default model {DEFAULT_MODEL} is not here: run from the repository root (it ships there), or pass --model DIR"
         );
     }
-    let model = load_model(a)?;
-    let model = match ServeAs::of(a.dtype.as_deref())? {
-        Some(d) => {
-            d.check_device(device)?;
-            match &model {
-                Model::Ar(m) => Model::Ar(d.ddit(m)?),
-                Model::Pflm(m) => Model::Pflm(d.pflm(m)?),
-            }
-        }
-        None => model,
-    };
+    let model = load_model(a, device)?;
     let k = match &model {
         Model::Ar(_) => 1,
         Model::Pflm(m) => a.k.unwrap_or(m.k),
-    };
-    let model = if device.is_cpu() {
-        model
-    } else {
-        model.to_device(device)?
     };
     let cfg = model.cfg();
     let tok = checkpoint::read_tokenizer(&a.model, cfg)?;
