@@ -12,38 +12,43 @@ fn kfrun(args: &[&str]) -> std::process::Output {
         .expect("kfrun runs")
 }
 
+/// `kfrun bench ARGS --json FILE`, which must succeed: its stdout and the parsed JSON.
+fn bench_json(args: &[&str], json: &std::path::Path) -> (String, serde_json::Value) {
+    let o = kfrun(&[args, &["--json", json.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (String::from_utf8_lossy(&o.stdout).into_owned(), j)
+}
+
 #[test]
 fn generation_bench_rows_and_plot() {
     let dir = std::env::temp_dir().join(format!("kfrun-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let (json, svg) = (dir.join("b.json"), dir.join("b.svg"));
-    let o = kfrun(&[
+    let tiny = [
         "bench",
         "--arch",
         "tiny",
         "--k",
         "2",
-        "--batches",
-        "1,3",
         "--runs",
         "1",
         "--max-new",
         "5",
-        "--json",
-        json.to_str().unwrap(),
-        "--plot",
-        svg.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    let out = String::from_utf8_lossy(&o.stdout);
+    ];
+    let (out, j) = bench_json(
+        &[
+            &tiny[..],
+            &["--batches", "1,3", "--plot", svg.to_str().unwrap()],
+        ]
+        .concat(),
+        &json,
+    );
     assert!(
         out.contains("batch-1 AR decode reads") && out.contains("MB a step"),
         "{out}"
     );
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = j["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2 * 3, "AR + K = 1, 2 at two batch sizes");
     for r in rows {
@@ -70,26 +75,10 @@ fn generation_bench_rows_and_plot() {
     assert!(std::fs::read_to_string(&svg).unwrap().contains("K = 2"));
     // the matrices in 8-bit blocks: a step reads about a quarter of the f32 bytes
     let qjson = dir.join("q.json");
-    let o = kfrun(&[
-        "bench",
-        "--arch",
-        "tiny",
-        "--k",
-        "2",
-        "--batches",
-        "1",
-        "--runs",
-        "1",
-        "--max-new",
-        "5",
-        "--dtype",
-        "q8_0",
-        "--json",
-        qjson.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let q: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&qjson).unwrap()).unwrap();
+    let (_, q) = bench_json(
+        &[&tiny[..], &["--batches", "1", "--dtype", "q8_0"]].concat(),
+        &qjson,
+    );
     let (wq, wf) = (
         q["weight_bytes"].as_f64().unwrap(),
         j["weight_bytes"].as_f64().unwrap(),
@@ -119,24 +108,23 @@ fn generation_bench_runs_on_the_emulated_kernels() {
         .parent()
         .unwrap();
     let json = std::env::temp_dir().join(format!("kfrun-bench-emu-{}.json", std::process::id()));
-    let o = kfrun(&[
-        "bench",
-        "--model",
-        root.join("models/default/student").to_str().unwrap(),
-        "--batches",
-        "1",
-        "--max-new",
-        "4",
-        "--runs",
-        "1",
-        "--device",
-        "emu",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let student = root.join("models/default/student");
+    let (_, j) = bench_json(
+        &[
+            "bench",
+            "--model",
+            student.to_str().unwrap(),
+            "--batches",
+            "1",
+            "--max-new",
+            "4",
+            "--runs",
+            "1",
+            "--device",
+            "emu",
+        ],
+        &json,
+    );
     assert_eq!(j["device"], "emu");
     let rows = j["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 5, "AR + PFLM K = 1..4: {rows:?}");
